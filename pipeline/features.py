@@ -1,0 +1,159 @@
+"""Audio decoding and Whisper log-mel features: pure functions shared by the packer and inference.
+
+Decoding follows ``librosa.load(path, sr=16000)`` exactly (soundfile first, channel mean, soxr at
+librosa's default ``soxr_hq``), so shards hold what the seed computed on the fly. Files libsndfile
+cannot read fall back to ``librosa.load`` itself (audioread), as librosa does.
+
+The log-mel reproduces ``transformers.WhisperFeatureExtractor`` but computes only the frames that see
+audio. The extractor zero-pads every clip to 30 s (480,000 samples) before its STFT, so with ``n``
+samples of audio only the first ``valid_frames(n) = min(3000, ceil((n + 200) / 160))`` frames differ
+from silence; every later frame is log10(1e-10) = -10 before the dynamic-range floor, i.e. one
+constant per clip, ``pad_value``. Storing the valid frames plus ``pad_value`` is lossless with respect
+to the extractor and several times cheaper to compute and store.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from typing import BinaryIO
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+
+# Whisper's fixed audio front end (openai/whisper audio.py).
+SAMPLE_RATE = 16000
+N_FFT = 400  # 25 ms window at 16 kHz
+HOP_LENGTH = 160  # 10 ms hop at 16 kHz
+CHUNK_LENGTH = 30  # seconds: the encoder's fixed input window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480,000 samples in one window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames the encoder expects
+LOG_FLOOR = -10.0  # log10 of the 1e-10 power clamp: the log-mel of a zero frame
+DYNAMIC_RANGE = 8.0  # the extractor floors log-mel at (max - 8)
+
+# soxr "HQ" is what librosa.resample calls for its default res_type "soxr_hq".
+RESAMPLE_QUALITY = "HQ"
+
+
+class AudioDecodeError(ValueError):
+    """Audio that cannot be decoded or holds nothing to describe (the message says why)."""
+
+
+def decode_audio(source: str | bytes | BinaryIO, sr: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """Decode a file path, bytes or file object to float32 mono at ``sr``, as ``librosa.load`` does.
+
+    Returns ``(audio [samples], original_sample_rate)``. Raises ``AudioDecodeError`` for unreadable,
+    empty or non-finite audio.
+    """
+    data = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        y, orig_sr = soundfile.read(data, dtype="float32", always_2d=True)  # [samples, channels]
+        y = y.mean(axis=1, dtype=np.float32) if y.shape[1] > 1 else y[:, 0]
+    except Exception as sf_error:  # libsndfile could not read it: librosa's own fallback (audioread)
+        y, orig_sr = _decode_with_librosa(data, sf_error)
+    if y.size == 0:
+        raise AudioDecodeError("zero-length audio")
+    if not np.isfinite(y).all():
+        raise AudioDecodeError("audio holds NaN or inf samples")
+    if orig_sr != sr:
+        y = soxr.resample(y, orig_sr, sr, quality=RESAMPLE_QUALITY)
+    return np.ascontiguousarray(y, dtype=np.float32), int(orig_sr)
+
+
+def _decode_with_librosa(data, sf_error: Exception) -> tuple[np.ndarray, int]:
+    import librosa  # imported lazily: only files libsndfile rejects come here
+
+    if hasattr(data, "seek"):
+        data.seek(0)
+    try:
+        y, orig_sr = librosa.load(data, sr=None, mono=True)
+    except Exception as error:
+        raise AudioDecodeError(f"cannot decode audio ({type(sf_error).__name__}: {sf_error}; "
+                               f"librosa fallback: {type(error).__name__}: {error})") from error
+    return y.astype(np.float32, copy=False), int(orig_sr)
+
+
+def valid_frames(num_samples: int) -> int:
+    """Mel frames that see audio when ``num_samples`` are zero-padded to 30 s (centred STFT)."""
+    return min(N_FRAMES, math.ceil((num_samples + N_FFT // 2) / HOP_LENGTH))
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filters(n_mels: int) -> torch.Tensor:
+    """The extractor's own Slaney mel filter bank, ``[n_mels, 1 + N_FFT // 2]`` float32."""
+    from transformers import WhisperFeatureExtractor
+
+    filters = WhisperFeatureExtractor(feature_size=n_mels).mel_filters  # [201, n_mels] float64
+    return torch.from_numpy(np.ascontiguousarray(filters.T, dtype=np.float32))
+
+
+@functools.lru_cache(maxsize=1)
+def _hann_window() -> torch.Tensor:
+    return torch.hann_window(N_FFT)
+
+
+def log_mel(audio: np.ndarray, n_mels: int = 80) -> tuple[np.ndarray, float]:
+    """Whisper log-mel of 16-kHz mono ``audio`` on its valid frames only.
+
+    Returns ``(mel [n_mels, valid_frames] float32, pad_value)``: padding ``mel`` to ``N_FRAMES`` with
+    ``pad_value`` gives ``WhisperFeatureExtractor(feature_size=n_mels)(audio)`` for the (at most 30 s
+    of) audio. Longer audio is cut to 30 s first, as the extractor does.
+    """
+    audio = audio[:N_SAMPLES]
+    n = len(audio)
+    if n == 0:
+        raise AudioDecodeError("zero-length audio")
+    frames = valid_frames(n)
+    # Zero-extend far enough that the STFT's right-edge reflection only mirrors zeros (it does in
+    # the extractor's 30-s padded input too), but never past the 30-s edge, where the extractor
+    # reflects real samples.
+    length = min(N_SAMPLES, max(n + N_FFT // 2 + 1, (frames - 1) * HOP_LENGTH + N_FFT // 2 + 1))
+    wave = torch.zeros(length, dtype=torch.float32)
+    wave[:n] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    stft = torch.stft(wave, N_FFT, HOP_LENGTH, window=_hann_window(), return_complex=True)
+    power = stft[:, :frames].abs().square().contiguous()  # [201, frames]
+    log_spec = (mel_filters(n_mels) @ power).clamp_(min=1e-10).log10_()  # [n_mels, frames]
+    peak = float(log_spec.max())
+    if frames < N_FRAMES:  # the all-zero padding frames take part in the extractor's max
+        peak = max(peak, LOG_FLOOR)
+    floor = peak - DYNAMIC_RANGE
+    log_spec = torch.maximum(log_spec, torch.tensor(floor)).add_(4.0).div_(4.0)
+    pad_value = (max(LOG_FLOOR, floor) + 4.0) / 4.0
+    return log_spec.numpy(), float(pad_value)
+
+
+def pad_mel(mel: np.ndarray | torch.Tensor, pad_value: float, n_frames: int = N_FRAMES):
+    """Pad ``mel [n_mels, frames]`` on the right to ``n_frames`` with ``pad_value`` (the extractor's
+    output for the silent rest of the 30-s window). Works on numpy arrays and tensors alike."""
+    frames = mel.shape[-1]
+    if frames > n_frames:
+        raise ValueError(f"mel has {frames} frames, more than the {n_frames} Whisper takes")
+    if isinstance(mel, torch.Tensor):
+        out = mel.new_full((*mel.shape[:-1], n_frames), pad_value)
+    else:
+        out = np.full((*mel.shape[:-1], n_frames), pad_value, dtype=mel.dtype)
+    out[..., :frames] = mel
+    return out
+
+
+def clip_features(audio: np.ndarray, n_mels: int = 80) -> dict:
+    """Everything a shard stores about one decoded 16-kHz clip, except captions and source fields.
+
+    Raises ``AudioDecodeError`` for empty or silent clips: a log-mel of pure silence is a constant
+    the model cannot caption, and it nearly always means a broken file.
+    """
+    if len(audio) == 0:
+        raise AudioDecodeError("zero-length audio")
+    head = audio[:N_SAMPLES]
+    if not np.any(head):
+        raise AudioDecodeError("silent audio (every sample is zero)")
+    mel, pad_value = log_mel(head, n_mels)
+    return {
+        "mel": mel.astype(np.float16),  # [n_mels, valid_frames]
+        "pad_value": pad_value,
+        "seconds": round(len(audio) / SAMPLE_RATE, 6),
+        "truncated": len(audio) > N_SAMPLES,
+    }

@@ -1,0 +1,79 @@
+"""Features against the references: librosa.load for decoding, WhisperFeatureExtractor for log-mel."""
+
+import io
+
+import librosa
+import numpy as np
+import pytest
+from transformers import WhisperFeatureExtractor
+
+from pipeline.features import (N_FRAMES, AudioDecodeError, clip_features, decode_audio, log_mel, pad_mel,
+                               valid_frames)
+from tests.conftest import write_audio
+
+
+@pytest.mark.parametrize("suffix,sr,channels", [(".wav", 16000, 1), (".flac", 44100, 2), (".ogg", 22050, 1),
+                                                (".mp3", 48000, 2), (".wav", 8000, 3)])
+def test_decode_matches_librosa_load(tmp_path, suffix, sr, channels):
+    path = write_audio(tmp_path / f"clip{suffix}", seconds=1.3, sr=sr, channels=channels)
+    ours, orig_sr = decode_audio(str(path))
+    ref, _ = librosa.load(str(path), sr=16000)  # soundfile + mono mean + soxr_hq: the seed's path
+    assert orig_sr == sr
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    # Bytes (as read from a shard member) decode the same as the path.
+    np.testing.assert_array_equal(decode_audio(path.read_bytes())[0], ours)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+@pytest.mark.parametrize("n", [1, 199, 201, 16000, 16161, 479999, 480000, 520000])
+def test_log_mel_matches_whisper_feature_extractor(n, n_mels):
+    rng = np.random.default_rng(n)
+    t = np.arange(n) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * 330 * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+    ref = WhisperFeatureExtractor(feature_size=n_mels)(audio, sampling_rate=16000, return_tensors="np")
+    ref = ref.input_features[0]  # [n_mels, 3000]
+    mel, pad_value = log_mel(audio, n_mels)
+    assert mel.shape == (n_mels, valid_frames(n))
+    np.testing.assert_allclose(pad_mel(mel, pad_value), ref, atol=1e-5)
+    stored = pad_mel(mel.astype(np.float16), pad_value).astype(np.float32)  # what a shard holds
+    np.testing.assert_allclose(stored, ref, atol=2e-3)
+
+
+def test_clip_features_of_real_files_match_the_seed_path(tmp_path):
+    # The seed: librosa.load(sr=16000) then the extractor on the (30-s padded) clip.
+    fe = WhisperFeatureExtractor(feature_size=80)
+    for i, (suffix, sr, seconds) in enumerate([(".flac", 44100, 2.0), (".mp3", 22050, 3.1), (".ogg", 48000, 31.0)]):
+        path = write_audio(tmp_path / f"c{i}{suffix}", seconds=seconds, sr=sr, channels=2, freq=200 + 300 * i)
+        audio, _ = decode_audio(str(path))
+        feats = clip_features(audio)
+        seed_audio, _ = librosa.load(str(path), sr=16000)
+        ref = fe(seed_audio, sampling_rate=16000, return_tensors="np").input_features[0]
+        assert feats["mel"].dtype == np.float16
+        assert feats["truncated"] == (seconds > 30)
+        np.testing.assert_allclose(pad_mel(feats["mel"], feats["pad_value"]).astype(np.float32), ref, atol=2e-3)
+
+
+def test_bad_audio_raises_clear_errors(tmp_path):
+    with pytest.raises(AudioDecodeError, match="silent"):
+        clip_features(np.zeros(16000, dtype=np.float32))
+    with pytest.raises(AudioDecodeError, match="zero-length"):
+        clip_features(np.zeros(0, dtype=np.float32))
+    with pytest.raises(AudioDecodeError, match="cannot decode"):
+        decode_audio(b"this is not audio at all" * 10)
+    empty = io.BytesIO()
+    import soundfile
+    soundfile.write(empty, np.zeros(0, dtype=np.float32), 16000, format="WAV")
+    with pytest.raises(AudioDecodeError, match="zero-length"):
+        decode_audio(empty.getvalue())
+
+
+def test_pad_mel_works_on_tensors_and_rejects_overlong():
+    import torch
+
+    mel = torch.zeros(80, 10, dtype=torch.float16)
+    out = pad_mel(mel, -0.25)
+    assert out.shape == (80, N_FRAMES) and out.dtype == torch.float16
+    assert float(out[0, -1]) == -0.25
+    with pytest.raises(ValueError, match="more than"):
+        pad_mel(np.zeros((80, N_FRAMES + 1)), 0.0)
