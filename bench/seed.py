@@ -1,0 +1,27 @@
+"""The seed's per-clip feature path, kept verbatim as the baseline every benchmark compares with.
+
+The seed computed features on the fly for each item: ``librosa.load`` (soundfile, then
+``librosa.resample`` to 16 kHz with soxr_hq) and ``WhisperFeatureExtractor`` on the clip, which pads
+it to 30 s. In transformers 5 the extractor's ``__call__`` runs a torch STFT when torch is installed;
+``numpy=True`` calls its numpy path (``_np_extract_fbank_features``), what older releases ran.
+"""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+from transformers import WhisperFeatureExtractor
+
+SAMPLE_RATE = 16000
+
+
+def seed_features(path: str, extractor: WhisperFeatureExtractor, numpy: bool = False) -> np.ndarray:
+    """``[n_mels, 3000]`` float32 features of one audio file, as the seed computed them."""
+    audio, sr = librosa.load(path, sr=None)
+    if sr != SAMPLE_RATE:
+        audio = librosa.resample(audio, orig_sr=sr, target_sr=SAMPLE_RATE)
+    if numpy:  # the extractor pads with zeros to 30 s, then runs its numpy STFT
+        padded = np.zeros(extractor.n_samples, dtype=np.float32)
+        padded[: len(audio)] = audio[: extractor.n_samples]
+        return extractor._np_extract_fbank_features(padded[None], "cpu")[0]
+    return extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]

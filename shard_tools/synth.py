@@ -1,0 +1,123 @@
+"""A synthetic audio-captioning corpus whose captions can be learnt from the sound.
+
+Each clip is one of four sound kinds (a steady tone, a rising chirp, noise, a click train) at a low or
+high pitch and a short or long duration; its captions name all three ("a short high rising chirp"),
+so a model that learns gets them right and the most common caption does not. Clips come in mixed
+formats, sample rates and channel counts, as real corpora do, in the layout the packer reads:
+
+    ROOT/train/00000.flac + 00000.json  ({"text": [caption, paraphrase]})
+    ROOT/validation/...
+
+``python -m shard_tools.synth ROOT --train 480 --validation 64`` writes one; the same generator with
+``--min-seconds 1 --max-seconds 30`` makes the benchmark corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import scipy.signal
+import soundfile
+from tqdm import tqdm
+
+KINDS = ("tone", "rising chirp", "noise", "click train")
+PITCHES = {"low": (150.0, 400.0), "high": (1500.0, 3500.0)}  # Hz ranges a clip's pitch is drawn from
+DURATIONS = {"short": (1.0, 1.8), "long": (2.6, 3.5)}  # seconds
+# (suffix, soundfile format, subtype): the formats the packer must read.
+FORMATS = ((".wav", "WAV", "PCM_16"), (".flac", "FLAC", "PCM_16"), (".ogg", "OGG", "VORBIS"),
+           (".mp3", "MP3", "MPEG_LAYER_III"))
+SAMPLE_RATES = (16000, 22050, 44100, 48000)
+
+
+def render(kind: str, pitch_hz: float, seconds: float, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """One mono clip ``[samples]`` float32 in [-1, 1]."""
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    if kind == "tone":
+        wave = np.sin(2 * np.pi * pitch_hz * t)
+    elif kind == "rising chirp":  # an octave and a half upwards over the clip
+        freq = pitch_hz * (2 ** (1.5 * t / seconds))
+        wave = np.sin(2 * np.pi * np.cumsum(freq) / sr)
+    elif kind == "noise":  # white noise through a one-pole filter centred on the pitch band
+        white = rng.standard_normal(n)
+        alpha = np.exp(-2 * np.pi * pitch_hz / sr)
+        low = scipy.signal.lfilter([1 - alpha], [1, -alpha], white)  # y[i] = a*y[i-1] + (1-a)*x[i]
+        wave = low if pitch_hz < 1000 else white - low
+        wave /= np.abs(wave).max() + 1e-9
+    elif kind == "click train":  # short decaying bursts of the pitch, 8 per second
+        wave = np.zeros(n)
+        burst = np.sin(2 * np.pi * pitch_hz * t[: sr // 50]) * np.exp(-t[: sr // 50] * 300)
+        for start in range(0, n - len(burst), sr // 8):
+            wave[start:start + len(burst)] += burst
+    else:
+        raise ValueError(f"unknown sound kind {kind!r}")
+    fade = min(n // 10, sr // 100)  # 10-ms fades: no click at the edges
+    envelope = np.ones(n)
+    envelope[:fade] = np.linspace(0, 1, fade)
+    envelope[n - fade:] = np.linspace(1, 0, fade)
+    return (0.5 * wave * envelope + 0.005 * rng.standard_normal(n)).astype(np.float32)
+
+
+def captions_for(kind: str, pitch: str, duration: str) -> list[str]:
+    """Two references per clip, as captioning corpora have several (Clotho has five)."""
+    other = {"low": "low-pitched", "high": "high-pitched"}[pitch]
+    return [f"a {duration} {pitch} {kind}", f"a {other} {kind}, {duration}"]
+
+
+def make_clip(index: int, seed: int, min_seconds: float | None, max_seconds: float | None):
+    """Deterministic clip ``index``: (mono audio, sample rate, channels, format, captions)."""
+    rng = np.random.default_rng([seed, index])
+    kind = KINDS[rng.integers(len(KINDS))]
+    pitch = ("low", "high")[rng.integers(2)]
+    duration = ("short", "long")[rng.integers(2)]
+    lo, hi = DURATIONS[duration] if min_seconds is None else (min_seconds, max_seconds)
+    seconds = float(rng.uniform(lo, hi))
+    sr = SAMPLE_RATES[rng.integers(len(SAMPLE_RATES))]
+    audio = render(kind, float(rng.uniform(*PITCHES[pitch])), seconds, sr, rng)
+    channels = int(rng.integers(1, 3))
+    fmt = FORMATS[rng.integers(len(FORMATS))]
+    return audio, sr, channels, fmt, captions_for(kind, pitch, duration)
+
+
+def write_split(directory: Path, count: int, seed: int, min_seconds=None, max_seconds=None,
+                desc: str = "") -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(count), desc=desc or f"synth {directory.name}", unit="clip", leave=False):
+        audio, sr, channels, (suffix, fmt, subtype), captions = make_clip(i, seed, min_seconds, max_seconds)
+        data = audio if channels == 1 else np.stack([audio, 0.8 * audio], axis=1)  # [samples, channels]
+        soundfile.write(str(directory / f"{i:05d}{suffix}"), data, sr, format=fmt, subtype=subtype)
+        (directory / f"{i:05d}.json").write_text(json.dumps({"text": captions}))
+    return count
+
+
+def make_corpus(root: str | Path, train: int = 480, validation: int = 64, seed: int = 0,
+                min_seconds: float | None = None, max_seconds: float | None = None) -> Path:
+    """Write ``root/train`` and ``root/validation``; the splits use different seeds (no shared clip)."""
+    root = Path(root)
+    write_split(root / "train", train, seed, min_seconds, max_seconds)
+    if validation:
+        write_split(root / "validation", validation, seed + 1_000_003, min_seconds, max_seconds)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root")
+    parser.add_argument("--train", type=int, default=480)
+    parser.add_argument("--validation", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-seconds", type=float, help="draw durations uniformly from this range "
+                        "instead of the short/long classes (benchmark corpora)")
+    parser.add_argument("--max-seconds", type=float)
+    args = parser.parse_args(argv)
+    if (args.min_seconds is None) != (args.max_seconds is None):
+        parser.error("--min-seconds and --max-seconds go together")
+    make_corpus(args.root, args.train, args.validation, args.seed, args.min_seconds, args.max_seconds)
+    print(f"wrote {args.train} train and {args.validation} validation clips under {args.root}")
+
+
+if __name__ == "__main__":
+    main()
