@@ -1,0 +1,331 @@
+"""Caption streams of shards (or raw audio files) with a Whisper model, write JSONL, and score.
+
+    python infer_stream.py --model_name tiny --shards 'data/test/{000..009}.tar' --output preds.jsonl
+    accelerate launch infer_stream.py --model_name outputs/run/final --shards data/test --resume
+    python infer_stream.py --model_name outputs/run/final --audio my_sounds/ --print
+
+Why it is built this way:
+- Shards come through ``pipeline.stream.make_loader(train=False)``, already split per rank; the rows
+  the loader adds as padding (``is_pad``) are dropped, so padding never reaches the output.
+- ``--audio`` decodes and featurises files in DataLoader workers with ``pipeline.features`` — the
+  packer's own code — so a file captioned directly gets the caption its packed shard would.
+- Each rank appends its rows to its own part file, flushed per batch; the main process merges the
+  parts into the output (atomically, each key once). A killed run leaves its part files behind and
+  ``--resume`` counts their keys as done, so nothing is generated twice.
+- ``generate`` gets ``language="en", task="translate"`` (not ``forced_decoder_ids``), greedy unless
+  ``--num_beams`` > 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline import metrics
+from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
+from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_name", required=True, help="'tiny', a local checkpoint folder or a Hub id")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", help="shard URLs: brace/range pattern, glob, folder, index.json, http(s)://, pipe:")
+    source.add_argument("--audio", nargs="+", help="audio files and/or folders (searched recursively)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_dataloader_workers", type=int, default=4)
+    parser.add_argument("--output", default="preds.jsonl")
+    parser.add_argument("--num_beams", type=int, default=1, help="1: greedy (default); >1: beam search")
+    parser.add_argument("--max_new_tokens", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16")
+    parser.add_argument("--print", action="store_true", help="also print the list of result rows")
+    parser.add_argument("--resume", action="store_true", help="skip keys already in --output (and in part files)")
+    parser.add_argument("--metrics-out", dest="metrics_out", help="write the scores here as JSON")
+    parser.add_argument("--metrics", default=",".join(metrics.GROUPS),
+                        help=f"metric groups to compute, comma-separated (default: all of {','.join(metrics.GROUPS)})")
+    args = parser.parse_args(argv)
+    args.metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    unknown = set(args.metrics) - set(metrics.GROUPS)
+    if unknown:
+        parser.error(f"--metrics: unknown group(s) {sorted(unknown)}; choose from {','.join(metrics.GROUPS)}")
+    if args.batch_size < 1 or args.num_beams < 1:
+        parser.error("--batch_size and --num_beams must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generate() repeats configuration warnings on every batch
+    accelerator = Accelerator(cpu=launched_without_cuda())
+    try:
+        processor = load_processor(args.model_name)
+        model = load_model(args.model_name, processor)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = model.to(accelerator.device, dtype=dtype).eval()
+
+    output = Path(args.output)
+    done = prepare_output(output, args.resume, accelerator)
+    batches, expected, stream_skipped = make_batches(args, processor, accelerator)
+    if accelerator.is_main_process:
+        print(f"captioning on {accelerator.num_processes} process(es), device {accelerator.device}"
+              + (f"; {len(done)} keys already done" if args.resume else ""), flush=True)
+
+    start = time.perf_counter()
+    generated, errors = run_generation(model, processor, batches, done, args, accelerator, expected, dtype)
+    generated = sum(gather(accelerator, generated))
+    skipped = sum(gather(accelerator, errors + stream_skipped()))
+    elapsed = time.perf_counter() - start
+    if accelerator.is_main_process:
+        rows = merge_outputs(output, args.resume)
+        if skipped:
+            print(f"{skipped} inputs skipped (errors reported above)", file=sys.stderr)
+        if args.print:
+            print(rows)
+        report_scores(rows, args)
+        print(f"{generated} clips in {elapsed:.1f} s ({generated / max(elapsed, 1e-9):.1f} clips/s)", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def launched_without_cuda() -> bool:
+    """True under a multi-process launch (accelerate launch, torchrun) on a machine without CUDA.
+    accelerate 1.15 only sets up a CPU process group (gloo) when told ``cpu=True``; otherwise every
+    process would run alone, each captioning its 1/world share as if it were everything."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def gather(accelerator, value: int) -> list[int]:
+    """``value`` from every rank (a collective: every rank must call it)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: shards or audio files, both as batches {"input_features", "keys", "captions", "is_pad"}
+
+
+def make_batches(args, processor, accelerator):
+    """``(batches, clips this rank expects, stream_skipped() -> int)`` for ``--shards`` or ``--audio``."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pin = accelerator.device.type == "cuda"
+    if args.shards:
+        from pipeline.stream import make_loader
+
+        loader = make_loader(args.shards, processor.tokenizer, batch_size=args.batch_size, train=False,
+                             rank=rank, world_size=world, num_workers=args.num_dataloader_workers, pin_memory=pin)
+        return loader, loader.dataset.rank_samples, lambda: loader.skipped
+    files = find_audio(args.audio)[rank::world]  # no collectives per batch, so ranks need not be even
+    loader = DataLoader(AudioFiles(files, processor.feature_extractor.feature_size), batch_size=args.batch_size,
+                        num_workers=args.num_dataloader_workers, collate_fn=collate_audio, pin_memory=pin)
+    return loader, len(files), lambda: 0  # bad files come back in batch["errors"]
+
+
+def find_audio(inputs: list[str]) -> list[tuple[str, str]]:
+    """``(key, path)`` for every file named and every audio file under every folder named, sorted.
+    The key is the path as found (e.g. ``my_sounds/dogs/a.wav``), unique among the inputs."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                print(f"warning: no audio files ({' '.join(AUDIO_SUFFIXES)}) under {item}", file=sys.stderr)
+            paths += found
+        else:
+            paths.append(item)  # named explicitly: tried whatever its suffix; a missing file is reported
+    unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
+    if not unique:
+        raise SystemExit(f"error: no audio files found in {inputs}")
+    return [(p, p) for p in unique]
+
+
+class AudioFiles(Dataset):
+    """Decode + Whisper log-mel per file (``pipeline.features``, as the packer); runs in workers.
+    A file that cannot be decoded yields ``{"__key__", "error"}`` instead of features."""
+
+    def __init__(self, files: list[tuple[str, str]], n_mels: int):
+        self.files, self.n_mels = files, n_mels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        key, path = self.files[index]
+        try:
+            audio, _ = decode_audio(path)
+            clip = clip_features(audio, self.n_mels)
+        except (AudioDecodeError, OSError) as error:
+            return {"__key__": key, "error": f"{path}: {error}"}
+        mel = pad_mel(clip["mel"], clip["pad_value"])  # [n_mels, 3000] float16, as a shard sample
+        return {"__key__": key, "features": torch.from_numpy(mel)}
+
+
+def collate_audio(samples: list[dict]) -> dict:
+    """Stack the decoded clips; pass the failures on as ``errors`` (messages naming the file)."""
+    good = [s for s in samples if "error" not in s]
+    n_mels = good[0]["features"].shape[0] if good else 0
+    features = (torch.stack([s["features"] for s in good]) if good  # [B, n_mels, 3000] float16
+                else torch.empty(0, n_mels, 0, dtype=torch.float16))
+    return {"input_features": features, "keys": [s["__key__"] for s in good], "captions": [[] for _ in good],
+            "is_pad": torch.zeros(len(good), dtype=torch.bool), "errors": [s["error"] for s in samples if "error" in s]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def run_generation(model, processor, batches, done: set, args, accelerator, expected: int, dtype) -> tuple[int, int]:
+    """Caption every real, not-yet-done clip; append its row to this rank's part file.
+    Returns ``(clips captioned, inputs reported as errors)``."""
+    generate_kwargs = {"language": LANGUAGE, "task": TASK, "do_sample": False, "num_beams": args.num_beams}
+    if args.max_new_tokens:
+        generate_kwargs["max_new_tokens"] = args.max_new_tokens
+    count = errors = 0
+    bar = tqdm(total=expected, unit="clip", desc="captioning", disable=not accelerator.is_local_main_process)
+    with open_part(Path(args.output), accelerator.process_index) as out, torch.inference_mode():
+        for batch in batches:
+            for error in batch.get("errors", ()):
+                print(f"skipped {error}", file=sys.stderr, flush=True)
+            errors += len(batch.get("errors", ()))
+            real = [i for i, pad in enumerate(batch["is_pad"].tolist()) if not pad]
+            keep = [i for i in real if batch["keys"][i] not in done]
+            bar.update(len(real) + len(batch.get("errors", ())))
+            if not keep:
+                continue
+            features = batch["input_features"][keep].to(accelerator.device, dtype=dtype)  # [b, n_mels, 3000]
+            tokens = model.generate(input_features=features, **generate_kwargs)  # [b, T], prompt stripped
+            captions = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            for i, caption in zip(keep, captions):
+                refs = list(batch["captions"][i])
+                out.write(json.dumps({"key": batch["keys"][i], "pred_caption": caption.strip(),
+                                      "gt_caption": refs[0] if refs else None, "gt_captions": refs}) + "\n")
+            out.flush()  # a killed run keeps every finished batch for --resume
+            count += len(keep)
+    bar.close()
+    return count, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: per-rank part files, merged by the main process
+
+
+def part_files(output: Path) -> list[str]:
+    return sorted(glob.glob(glob.escape(str(output)) + ".part-*"))
+
+
+def open_part(output: Path, rank: int):
+    """This rank's part file for appending. A killed run may have left half a line at its end: start
+    on a fresh line so that fragment stays a line of its own (ignored, its clip captioned again)."""
+    path = Path(f"{output}.part-{rank:05d}")
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            ends_cleanly = f.read(1) == b"\n"
+        if not ends_cleanly:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
+    return open(path, "a", encoding="utf-8")
+
+
+def prepare_output(output: Path, resume: bool, accelerator) -> set[str]:
+    """Keys already captioned (``--resume``: in the output and in part files a killed run left);
+    without ``--resume`` stale part files are removed so they cannot leak into the new output."""
+    if accelerator.is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for path in part_files(output):
+                print(f"removing {path} left by an earlier run (pass --resume to keep its rows)", file=sys.stderr)
+                os.remove(path)
+    accelerator.wait_for_everyone()
+    done = set()
+    if resume:
+        for path in ([str(output)] if output.exists() else []) + part_files(output):
+            done.update(row["key"] for row in read_rows(path))
+    accelerator.wait_for_everyone()  # nobody appends to a part file before every rank has read them
+    return done
+
+
+def read_rows(path: str | Path):
+    """The JSON rows of a JSONL file; a line that is not a row (a write cut off by a kill) is
+    reported and ignored, so its clip counts as not done."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                print(f"warning: {path}:{number} is not a JSON row ({error}; an interrupted write?): ignored",
+                      file=sys.stderr)
+                continue
+            if not isinstance(row, dict) or "key" not in row:
+                print(f"warning: {path}:{number} has no 'key': ignored", file=sys.stderr)
+                continue
+            yield row
+
+
+def merge_outputs(output: Path, resume: bool) -> list[dict]:
+    """Write ``output`` = earlier rows (``--resume``) + this run's part files sorted by key, each key
+    once, atomically; remove the part files. Returns the rows."""
+    parts = part_files(output)
+    old = list(read_rows(output)) if resume and output.exists() else []
+    new = sorted((row for path in parts for row in read_rows(path)), key=lambda row: row["key"])
+    rows, seen = [], set()
+    for row in old + new:
+        if row["key"] not in seen:
+            seen.add(row["key"])
+            rows.append(row)
+    if len(rows) < len(old) + len(new):
+        print(f"warning: {len(old) + len(new) - len(rows)} duplicate keys dropped while merging", file=sys.stderr)
+    write_atomic(output, "".join(json.dumps(row) + "\n" for row in rows))
+    for path in parts:
+        os.remove(path)
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
+def report_scores(rows: list[dict], args) -> None:
+    """Print (and with ``--metrics-out`` save) the metrics of every row that has references."""
+    scored = [row for row in rows if row["gt_captions"]]
+    if scored:
+        result = metrics.score([row["pred_caption"] for row in scored], [row["gt_captions"] for row in scored],
+                               metrics=args.metrics)
+        print(metrics.format_table(result), flush=True)
+    else:
+        result = metrics.not_scored(0, "no reference captions in the input")
+        print("no reference captions: nothing to score", flush=True)
+    if args.metrics_out:
+        path = Path(args.metrics_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

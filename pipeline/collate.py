@@ -1,0 +1,162 @@
+"""Batches from decoded samples: padded log-mels, labels, captions, padding marks.
+
+Why it looks like this:
+
+* Features are padded to Whisper's 3000 frames with each clip's own ``pad_value``
+  (``pipeline.features.pad_mel``): that is exactly what ``WhisperFeatureExtractor`` gives the
+  silent rest of the 30-s window, and the encoder only accepts the full window. They stay float16
+  (half the bytes through worker queues and pinned memory); the training loop casts on the device.
+* Labels are the tokenizer ids *without* the leading ``<|startoftranscript|>``: the model shifts
+  labels right and prepends ``decoder_start_token_id`` itself, so keeping it would train on a doubled
+  start token. Padding is -100 chosen by each caption's *length*, never by token id, because
+  ``<|endoftext|>`` is both the end of every caption (which must be learned) and the pad id.
+* Captions: training draws one caption per visit with a hash of ``(seed, epoch, key)``, so the
+  draw does not depend on worker count, batch position or process; evaluation labels use the first
+  caption and every batch keeps all captions as references.
+* SpecAugment (off by default) masks time and frequency bands with the clip's ``pad_value``: that
+  is the clip's own silence level, the value the encoder already sees in every padded tail, so a
+  mask looks like "no sound here" instead of a constant the model never meets (a clip mean would
+  also be dragged towards ``pad_value`` by the long padded tail of short clips). Time masks fall
+  inside the clip's valid frames; the masks are seeded by ``(seed, epoch, key)``.
+* Padding samples (``"__pad__": True``: rank padding or replacements for skipped samples) give a
+  ``pad_value`` of silence, all -100 labels, no captions, key ``""`` and ``is_pad`` True.
+
+A sample dict is ``{"__key__": str, "mel": float16 [n_mels, frames] (numpy or torch; "mel.npy" is
+also accepted), "json": dict with "captions" and "pad_value"}`` or ``{"__key__": "", "__pad__": True}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import numpy as np
+import torch
+
+from pipeline.features import LOG_FLOOR, N_FRAMES, pad_mel
+
+IGNORE_INDEX = -100  # ignored by torch's cross-entropy and by the HF Whisper loss
+SILENCE_PAD_VALUE = (LOG_FLOOR + 4.0) / 4.0  # the extractor's value for an all-silent window (-1.5)
+SPEC_AUGMENT_KEYS = {"time_masks", "time_width", "freq_masks", "freq_width"}
+
+
+def _hash64(*parts) -> int:
+    """A stable 64-bit hash of ``parts`` (Python's ``hash`` changes with PYTHONHASHSEED)."""
+    text = "\x1f".join(str(p) for p in parts).encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def caption_index(seed: int, epoch: int, key: str, count: int) -> int:
+    """Which of ``count`` captions training uses for ``key`` in ``epoch``."""
+    return _hash64("caption", seed, epoch, key) % count
+
+
+class Collator:
+    """``Collator(tokenizer, train=True, seed=0)(samples, epoch)`` -> batch dict (see module doc):
+    ``input_features`` float16 ``[B, n_mels, 3000]``, ``labels`` int64 ``[B, T]``, ``keys``,
+    ``captions``, ``is_pad`` bool ``[B]``, ``meta``."""
+
+    def __init__(self, tokenizer, train: bool = True, seed: int = 0, max_label_tokens: int = 448,
+                 spec_augment: dict | None = None, n_mels: int = 80, n_frames: int = N_FRAMES):
+        if spec_augment:
+            unknown = set(spec_augment) - SPEC_AUGMENT_KEYS
+            if unknown:
+                raise ValueError(f"spec_augment: unknown keys {sorted(unknown)}; allowed {sorted(SPEC_AUGMENT_KEYS)}")
+        if max_label_tokens < 1:
+            raise ValueError(f"max_label_tokens must be positive, got {max_label_tokens}")
+        self.tokenizer = tokenizer
+        self.train, self.seed = train, seed
+        self.max_label_tokens = max_label_tokens
+        self.spec_augment = dict(spec_augment) if spec_augment else None
+        self.n_mels, self.n_frames = n_mels, n_frames
+
+    def __call__(self, samples: list[dict], epoch: int = 0) -> dict:
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        is_pad = [bool(s.get("__pad__")) for s in samples]
+        real = [s for s, pad in zip(samples, is_pad) if not pad]
+        metas = [s["json"] for s in real]
+        keys = [s["__key__"] for s in real]
+        features = self._features(samples, is_pad, epoch)  # [B, n_mels, n_frames] float16
+        labels = self._labels(metas, keys, is_pad, epoch)  # [B, T] int64
+        real_iter = iter(zip(keys, metas))
+        rows = [("", {}) if pad else next(real_iter) for pad in is_pad]
+        return {
+            "input_features": features,
+            "labels": labels,
+            "keys": [key for key, _ in rows],
+            "captions": [list(meta.get("captions", [])) for _, meta in rows],
+            "is_pad": torch.tensor(is_pad, dtype=torch.bool),  # [B]
+            "meta": [meta for _, meta in rows],
+        }
+
+    # -------------------------------------------------------------------------------- features
+
+    def _features(self, samples: list[dict], is_pad: list[bool], epoch: int) -> torch.Tensor:
+        mels = [None if pad else _mel(s) for s, pad in zip(samples, is_pad)]
+        n_mels = {m.shape[0] for m in mels if m is not None}
+        if len(n_mels) > 1:
+            keys = [s["__key__"] for s in samples]
+            raise ValueError(f"samples in one batch have different n_mels {sorted(n_mels)}: {keys}")
+        n_mels = n_mels.pop() if n_mels else self.n_mels
+        out = torch.empty(len(samples), n_mels, self.n_frames, dtype=torch.float16)  # [B, n_mels, 3000]
+        for i, (sample, mel) in enumerate(zip(samples, mels)):
+            if mel is None:
+                out[i].fill_(SILENCE_PAD_VALUE)
+                continue
+            pad_value = float(sample["json"]["pad_value"])
+            out[i] = torch.from_numpy(pad_mel(mel, pad_value, self.n_frames))
+            if self.train and self.spec_augment:
+                self._mask(out[i], mel.shape[1], pad_value, _hash64("specaug", self.seed, epoch, sample["__key__"]))
+        return out
+
+    def _mask(self, mel: torch.Tensor, frames: int, fill: float, seed: int) -> None:
+        """SpecAugment in place on ``mel [n_mels, n_frames]``: time masks within the valid frames."""
+        rng = np.random.default_rng(seed)
+        n_mels = mel.shape[0]
+        opts = self.spec_augment
+        for _ in range(int(opts.get("time_masks", 0))):
+            width = int(rng.integers(0, min(int(opts.get("time_width", 0)), frames) + 1))
+            start = int(rng.integers(0, frames - width + 1))
+            mel[:, start:start + width] = fill
+        for _ in range(int(opts.get("freq_masks", 0))):
+            width = int(rng.integers(0, min(int(opts.get("freq_width", 0)), n_mels) + 1))
+            start = int(rng.integers(0, n_mels - width + 1))
+            mel[start:start + width, :] = fill
+
+    # ---------------------------------------------------------------------------------- labels
+
+    def _caption(self, meta: dict, key: str, epoch: int) -> str:
+        captions = meta["captions"]
+        if self.train and len(captions) > 1:
+            return captions[caption_index(self.seed, epoch, key, len(captions))]
+        return captions[0]
+
+    def _labels(self, metas: list[dict], keys: list[str], is_pad: list[bool], epoch: int) -> torch.Tensor:
+        texts = [self._caption(meta, key, epoch) for meta, key in zip(metas, keys)]
+        ids = self.tokenizer(texts).input_ids if texts else []
+        rows = []
+        for key, row in zip(keys, ids):
+            row = row[1:]  # drop <|startoftranscript|>: the model prepends decoder_start itself
+            if len(row) > self.max_label_tokens:
+                warnings.warn(f"caption of '{key}' has {len(row)} label tokens; cut to max_label_tokens="
+                              f"{self.max_label_tokens}", stacklevel=3)
+                row = row[:self.max_label_tokens]
+            rows.append(row)
+        width = max((len(r) for r in rows), default=1)
+        labels = torch.full((len(is_pad), width), IGNORE_INDEX, dtype=torch.int64)  # [B, T]
+        real_rows = iter(rows)
+        for i, pad in enumerate(is_pad):
+            if not pad:
+                row = next(real_rows)
+                labels[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+        return labels
+
+
+def _mel(sample: dict) -> np.ndarray:
+    mel = sample["mel"] if "mel" in sample else sample["mel.npy"]
+    if isinstance(mel, torch.Tensor):
+        mel = mel.numpy()
+    if mel.ndim != 2:
+        raise ValueError(f"mel of '{sample['__key__']}' has shape {mel.shape}, expected [n_mels, frames]")
+    return mel.astype(np.float16, copy=False)

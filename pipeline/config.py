@@ -1,0 +1,306 @@
+"""Typed run configuration: YAML files composed by a defaults list, then Hydra-style overrides.
+
+Why not Hydra itself: the seed's commands only need Hydra's override grammar and a defaults list, and
+Hydra takes over the working directory, logging and ``sys.argv``, which fights ``accelerate launch``.
+So the pieces are small and explicit:
+
+- ``configs/main.yaml`` has ``defaults: [data, model, trainer, paths, _self_]``; each entry names a
+  YAML file beside it; later entries (and ``_self_``, the main file's own keys, last by default) win.
+- The dataclasses below are OmegaConf structured schemas: every valid key, its type and its default.
+  An unknown key or a value of the wrong type is a ``ConfigError`` naming the key and listing the valid
+  keys of its section.
+- Overrides follow Hydra's grammar: ``key=value`` sets a key, ``+key=value`` adds a key the YAML files
+  do not set (an error when they do, as in Hydra), ``++key=value`` sets it either way. Values are YAML
+  (``true``, ``16``, ``1e-5``, ``null``, ``[a, b]``); a value that is not valid YAML stays a string.
+- ``${paths.output_dir}/run`` interpolations resolve after all overrides, so ``paths.output_dir=X``
+  moves everything that refers to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_MAIN = CONFIG_DIR / "main.yaml"
+SCHEDULERS = ("linear", "cosine", "constant")
+ON_ERROR = ("skip", "raise")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied; the message says which and why."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: Optional[str] = None     # URLs: 'data/train/<000..099>.tar', a folder, index.json, glob
+    val_shards: Optional[str] = None
+    shuffle_buffer: int = 500
+    max_label_tokens: int = 448
+    on_error: str = "skip"                 # skip | raise: a damaged sample
+    max_skip_fraction: float = 0.05
+    verify: bool = False                   # check local shards against index.json's sha256 first
+    spec_augment: bool = False             # SpecAugment in the data loader (on the log-mel, per clip)
+    spec_time_masks: int = 2
+    spec_time_width: int = 50
+    spec_freq_masks: int = 2
+    spec_freq_width: int = 10
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"                     # tiny | a local checkpoint folder | a Hub id
+    attn_implementation: str = "sdpa"      # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False
+    freeze_encoder: bool = False
+    dropout: float = 0.0
+    apply_spec_augment: bool = False       # the model's own SpecAugment (HF WhisperConfig fields)
+    mask_time_prob: float = 0.05
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    mask_feature_min_masks: int = 0
+    torch_compile: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "${paths.output_dir}/whisper-caption"
+    seed: int = 42
+    per_device_train_batch_size: int = 16  # the global batch when split_batches is true
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    split_batches: bool = False
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "linear"      # linear | cosine | constant (after warmup)
+    warmup_steps: int = 500
+    max_steps: int = 5000                  # > 0 wins over num_train_epochs
+    num_train_epochs: float = 1.0
+    bf16: bool = False
+    fp16: bool = False
+    logging_steps: int = 10
+    eval_steps: int = 500
+    eval_max_batches: int = 50
+    eval_metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge_l", "cider_d"])
+    generation_max_new_tokens: int = 64
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None  # keep the newest N checkpoints; null keeps all
+    resume_from_checkpoint: Optional[str] = None  # latest | a checkpoint folder
+    max_bad_steps: int = 10                # NaN/inf losses in a row before the run stops
+    dataloader_num_workers: int = 2
+    dataloader_prefetch_factor: int = 2
+    dataloader_pin_memory: bool = True
+    dataloader_persistent_workers: bool = False
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    data_dir: str = "data"
+
+
+@dataclass
+class RunConfig:
+    data_config: DataConfig = field(default_factory=DataConfig)
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    trainer_config: TrainerConfig = field(default_factory=TrainerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+SECTIONS = {"data_config": DataConfig, "model_config": ModelConfig, "trainer_config": TrainerConfig,
+            "paths": PathsConfig}
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+
+class _YamlLoader(yaml.SafeLoader):
+    """safe_load, plus ``1e-5`` read as a float (YAML 1.1 wants ``1.0e-5``; Hydra and OmegaConf do not)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """An override's value, typed as YAML; ``key=`` is the empty string, as in Hydra."""
+    if text == "":
+        return ""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError:
+        return text  # not YAML (e.g. a URL pattern with braces): the literal string
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def compose_files(main_file: str | os.PathLike) -> dict:
+    """The main file merged with the files its ``defaults`` list names (relative to its folder)."""
+    main_file = Path(main_file)
+    own = _read_yaml(main_file)
+    defaults = own.pop("defaults", [])
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"{main_file}: 'defaults' must be a list of file names, got {defaults!r}")
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    merged = OmegaConf.create({})
+    for entry in defaults:
+        part = own if entry == "_self_" else _read_yaml(main_file.parent / (
+            entry if entry.endswith((".yaml", ".yml")) else f"{entry}.yaml"))
+        merged = OmegaConf.merge(merged, OmegaConf.create(part))
+    return OmegaConf.to_container(merged, resolve=False)
+
+
+# ------------------------------------------------------------------------------------------- schema
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section '{section}'; valid sections: {', '.join(SECTIONS)}")
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def check_key(key: str) -> dataclasses.Field:
+    """The schema field for ``section.name``, or a ConfigError listing the section's valid keys."""
+    parts = key.split(".")
+    fields = _section_fields(parts[0])
+    if len(parts) != 2 or parts[1] not in fields:
+        raise ConfigError(f"unknown config key '{key}'; valid keys of '{parts[0]}': "
+                          + ", ".join(sorted(fields)))
+    return fields[parts[1]]
+
+
+def _flat_keys(tree: dict, where: str = "") -> list[str]:
+    keys = []
+    for name, value in tree.items():
+        key = f"{where}{name}"
+        if isinstance(value, dict) and where == "":
+            keys += _flat_keys(value, f"{key}.")
+        else:
+            keys.append(key)
+    return keys
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return getattr(f.type, "__name__", None) or str(f.type).replace("typing.", "")
+
+
+def _set(cfg: DictConfig, key: str, value: Any, origin: str) -> None:
+    f = check_key(key)
+    try:
+        OmegaConf.update(cfg, key, value, merge=False)
+    except OmegaConfBaseException as error:
+        section = key.split(".")[0]
+        typed = ", ".join(f"{name}: {_type_name(g)}" for name, g in _section_fields(section).items())
+        raise ConfigError(f"{origin}: wrong type for '{key}' (expected {_type_name(f)}, got {value!r}): "
+                          f"{str(error).splitlines()[0]}\nvalid keys of '{section}': {typed}") from None
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+_OVERRIDE = re.compile(r"^(\+\+|\+)?([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)$", re.DOTALL)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``'++trainer_config.bf16=true'`` → ``('++', 'trainer_config.bf16', True)``."""
+    match = _OVERRIDE.match(text)
+    if not match:
+        raise ConfigError(f"cannot parse override '{text}': expected key=value, +key=value or ++key=value "
+                          f"(e.g. trainer_config.max_steps=100)")
+    prefix, key, value = match.groups()
+    return prefix or "", key, parse_value(value)
+
+
+def load_config(config_file: str | os.PathLike | None = None, overrides: list[str] = (),
+                values: dict[str, Any] | None = None) -> RunConfig:
+    """Compose ``config_file`` (default ``configs/main.yaml``), apply ``overrides`` (Hydra grammar),
+    then ``values`` (already typed, e.g. ``{"data_config.train_shards": url}`` from a CLI flag), resolve
+    interpolations and return the typed, validated config."""
+    config_file = Path(config_file or DEFAULT_MAIN)
+    from_files = compose_files(config_file)
+    cfg = OmegaConf.structured(RunConfig)
+    present = set(_flat_keys(from_files))
+    for key in present:
+        check_key(key)
+    for key in sorted(present):
+        section, name = key.split(".")
+        _set(cfg, key, from_files[section][name], f"{config_file}")
+    for text in overrides:
+        prefix, key, value = parse_override(text)
+        check_key(key)
+        if prefix == "+" and key in present:
+            raise ConfigError(f"override '{text}': '{key}' is already set by the config files; use "
+                              f"'{key}=...' to change it or '++{key}=...' to add or change it")
+        _set(cfg, key, value, f"override '{text}'")
+    for key, value in (values or {}).items():
+        _set(cfg, key, value, f"option {key}")
+    try:
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot resolve the config: {str(error).splitlines()[0]}") from None
+    validate(run)
+    return run
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across keys and of allowed values, each with the key in the message."""
+    tc, dc = cfg.trainer_config, cfg.data_config
+    problems = []
+    if tc.lr_scheduler_type not in SCHEDULERS:
+        problems.append(f"trainer_config.lr_scheduler_type={tc.lr_scheduler_type!r}: choose from {SCHEDULERS}")
+    if dc.on_error not in ON_ERROR:
+        problems.append(f"data_config.on_error={dc.on_error!r}: choose from {ON_ERROR}")
+    if tc.bf16 and tc.fp16:
+        problems.append("trainer_config.bf16 and trainer_config.fp16 are both true: pick one")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "eval_steps", "save_steps", "max_bad_steps"):
+        if getattr(tc, key) < 1:
+            problems.append(f"trainer_config.{key}={getattr(tc, key)}: must be at least 1")
+    if tc.max_steps <= 0 and tc.num_train_epochs <= 0:
+        problems.append("trainer_config.max_steps and num_train_epochs are both <= 0: set one")
+    if tc.push_to_hub and not tc.hub_model_id:
+        problems.append("trainer_config.push_to_hub=true needs trainer_config.hub_model_id")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as out:
+        out.write(to_yaml(cfg))
+    os.replace(tmp, path)

@@ -1,0 +1,446 @@
+"""Shard streaming for training and inference: every rank and worker exactly once, deterministically
+and resumably.
+
+The epoch plan (all of it a pure function of ``(seed, epoch)`` and the shard sample counts):
+
+1. **Shard order.** Training permutes the shards with ``numpy.random.default_rng((seed, epoch))``
+   (never Python's ``hash``); evaluation keeps the listed order. Concatenated, the shards give one
+   global sequence of the split's N samples.
+2. **Ranks.** The sequence is cut into ``world_size`` contiguous near-equal ranges. Every rank has
+   ``L = ceil(N / world_size)`` slots; a rank with one sample fewer gets a marked padding sample, so
+   every rank yields exactly ``ceil(L / batch_size)`` batches of the same sizes (no DDP hang, and
+   no sample dropped or doubled whatever the shard count: fewer shards than ranks × workers just
+   means ranges that start and end inside shards).
+3. **Workers.** A rank's batches are split into contiguous ranges, one per dataloader worker
+   (the first ``B % W`` workers get one more). A worker reads only the shards overlapping its
+   range and seeks over the members before its start (nothing read, nothing decoded). Batches are
+   collated inside the worker, so the ``DataLoader`` runs with ``batch_size=None``; with
+   ``in_order`` it hands out worker batches round-robin, dropping workers that are done. That
+   order is canonical: worker ``w``'s ``j``-th batch comes at (lap ``j``, position ``w``).
+4. **Shuffle.** A worker's sample stream is shuffled in blocks of ``shuffle_buffer`` samples,
+   each permuted by a generator seeded from ``(seed, epoch, rank, worker, block)``. Memory is one
+   block of raw samples; unlike a webdataset-style reservoir, the state after k samples is known
+   by arithmetic, which is what makes resume exact and cheap. Locality is the price: a block mixes
+   the samples of one or two shards, and the shard permutation does the rest of the mixing.
+5. **Resume.** ``state_dict`` counts the batches ``StreamLoader`` actually *handed to the caller*
+   (prefetched batches do not count). After k batches, the round-robin above says how many
+   batches each worker had delivered and whose turn is next (``resume_position``); physical worker
+   ``p`` then plays logical worker ``(next + p) mod W`` starting at that worker's count, so the
+   fresh ``DataLoader`` (which always starts with worker 0) continues the exact sequence. A worker
+   skips whole shuffle blocks by arithmetic and re-reads only the block it stops in.
+   The position reaches workers through a shared-memory tensor read at the start of each
+   iteration, so it works with ``persistent_workers`` too.
+6. **Faults.** A truncated tar, a corrupt member (bad npy or JSON, missing member), an
+   unreachable URL or a sha256 mismatch is reported with URL and key; with ``on_error="skip"`` the
+   lost samples become marked padding samples (batch counts stay equal on every rank) counted in
+   ``loader.skipped``, and more than ``max_skip_fraction`` of a rank's samples skipped in one epoch
+   raises ``StreamError``; ``on_error="raise"`` raises at once. ``np.load(allow_pickle=False)``
+   only: shard content is never unpickled.
+
+Memory per process: the plan is O(number of shards) integers; samples stream from the tar reader
+through one shuffle block. Batches depend on ``num_workers`` (it sets the worker ranges), so a
+saved position can only be resumed with the same seed, world size, batch size and worker count;
+``load_state_dict`` checks that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.collate import Collator
+from pipeline.features import N_FRAMES
+from pipeline.urls import Shard, ShardReadError, expand_urls, iter_samples, open_url, resolve_shards
+
+STATE_VERSION = 1
+ON_ERROR = ("skip", "raise")
+RESUME_KEYS = ("seed", "world_size", "num_workers", "batch_size", "num_samples", "train", "shuffle_buffer")
+
+
+class StreamError(RuntimeError):
+    """A shard fault in strict mode, too many skipped samples, or a state that does not fit."""
+
+
+class StreamWarning(UserWarning):
+    """A skipped shard or sample (URL, key and reason in the message)."""
+
+
+class SampleError(ValueError):
+    """One sample whose members cannot be decoded."""
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) for p in parts])
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's view of one epoch."""
+
+    order: np.ndarray  # [num_shards] shard indices in epoch order
+    offsets: np.ndarray  # [num_shards + 1] global position of each shard in that order
+    start: int  # global position of this rank's first sample
+    real: int  # real samples of this rank (slots after them are padding)
+    slots: int  # samples per rank, padding included: ceil(N / world_size)
+    num_batches: int  # ceil(slots / batch_size), the same on every rank
+
+
+def plan_epoch(counts: list[int], seed: int, epoch: int, train: bool, rank: int, world_size: int,
+               batch_size: int) -> RankPlan:
+    counts = np.asarray(counts, dtype=np.int64)
+    order = _rng(seed, epoch, 0).permutation(len(counts)) if train else np.arange(len(counts))
+    offsets = np.concatenate([[0], np.cumsum(counts[order])])
+    total = int(offsets[-1])
+    start, end = rank * total // world_size, (rank + 1) * total // world_size
+    slots = -(-total // world_size)
+    return RankPlan(order, offsets, start, end - start, slots, -(-slots // batch_size))
+
+
+def worker_split(num_batches: int, num_workers: int, worker: int) -> tuple[int, int]:
+    """``(first batch, batch count)`` of logical ``worker``: contiguous, the first
+    ``num_batches % num_workers`` workers one batch more (non-increasing counts)."""
+    base, extra = divmod(num_batches, num_workers)
+    return worker * base + min(worker, extra), base + (worker < extra)
+
+
+def resume_position(num_batches: int, num_workers: int, delivered: int) -> tuple[int, list[int]]:
+    """After ``delivered`` batches of the round-robin order: ``(logical worker whose turn is next,
+    batches each logical worker has delivered)``."""
+    base, extra = divmod(num_batches, num_workers)
+    if delivered < base * num_workers:
+        lap, turn = divmod(delivered, num_workers)
+    else:
+        lap, turn = base, delivered - base * num_workers
+    return turn, [lap + (w < turn) for w in range(num_workers)]
+
+
+# ---------------------------------------------------------------------------------------- decode
+
+
+def decode_sample(raw: dict, n_mels: int | None = None) -> dict:
+    """Raw tar members -> ``{"__key__", "__url__", "mel" float16 [n_mels, frames], "json"}``;
+    ``SampleError`` naming URL and key for anything that does not follow docs/FORMAT.md."""
+    key, url = raw["__key__"], raw["__url__"]
+    where = f"{url}: sample '{key}'"
+    missing = [m for m in ("mel.npy", "json") if m not in raw]
+    if missing:
+        raise SampleError(f"{where} lacks member(s) {missing}")
+    try:
+        meta = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SampleError(f"{where}: json is not valid UTF-8 JSON ({error})") from error
+    captions = meta.get("captions") if isinstance(meta, dict) else None
+    if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
+        raise SampleError(f"{where}: json needs 'captions', a non-empty list of non-empty strings")
+    if not isinstance(meta.get("pad_value"), (int, float)) or not math.isfinite(meta["pad_value"]):
+        raise SampleError(f"{where}: json needs a finite number 'pad_value'")
+    try:
+        mel = np.load(io.BytesIO(raw["mel.npy"]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise SampleError(f"{where}: mel.npy is not a plain .npy array ({error})") from error
+    if mel.ndim != 2 or mel.dtype.kind != "f" or not 1 <= mel.shape[1] <= N_FRAMES:
+        raise SampleError(f"{where}: mel.npy is {mel.dtype} {mel.shape}, expected float16 [n_mels, 1..{N_FRAMES}]")
+    if n_mels is not None and mel.shape[0] != n_mels:
+        raise SampleError(f"{where}: mel.npy has {mel.shape[0]} mel bins, the split has {n_mels}")
+    if not np.isfinite(mel).all():
+        raise SampleError(f"{where}: mel.npy holds NaN or inf")
+    return {"__key__": key, "__url__": url, "mel": mel.astype(np.float16, copy=False), "json": meta}
+
+
+def _pad(reason: str) -> dict:
+    """A padding sample: ``reason`` is "rank" (equal batch counts) or "skip" (replaces a lost one)."""
+    return {"__key__": "", "__pad__": reason}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- dataset
+
+
+class ShardStream(IterableDataset):
+    """The per-rank iterable of collated batches for one epoch (see the module doc). Iterated by a
+    ``DataLoader(batch_size=None)``; each batch carries ``"_skipped"`` (samples replaced by padding
+    in it), which ``StreamLoader`` removes. ``set_position(epoch, batches)`` chooses where the next
+    iteration starts, in every worker."""
+
+    def __init__(self, shards: list[Shard], collator: Collator, *, batch_size: int, train: bool, seed: int,
+                 rank: int, world_size: int, shuffle_buffer: int = 500, on_error: str = "skip",
+                 verify: bool = False, n_mels: int | None = None):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if batch_size < 1 or shuffle_buffer < 1 or seed < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1, shuffle_buffer >= 1, seed >= 0 and 0 <= rank < world_size; "
+                             f"got {batch_size}, {shuffle_buffer}, {seed}, rank {rank} of {world_size}")
+        self.shards, self.collator = list(shards), collator
+        self.counts = [s.samples for s in self.shards]
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.on_error, self.verify, self.n_mels = shuffle_buffer, on_error, verify, n_mels
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches delivered]
+        self._verified: set[str] = set()
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def plan(self, epoch: int) -> RankPlan:
+        return plan_epoch(self.counts, self.seed, epoch, self.train, self.rank, self.world_size, self.batch_size)
+
+    @property
+    def num_batches(self) -> int:
+        return self.plan(0).num_batches
+
+    @property
+    def rank_samples(self) -> int:
+        return self.plan(0).real
+
+    def set_position(self, epoch: int, batches: int) -> None:
+        self._position[0], self._position[1] = epoch, batches
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, physical = (info.num_workers, info.id) if info else (1, 0)
+        epoch, delivered = (int(v) for v in self._position.tolist())
+        return self.worker_batches(epoch, delivered, workers, physical)
+
+    def worker_batches(self, epoch: int, delivered: int, workers: int, physical: int) -> Iterator[dict]:
+        """The batches physical worker ``physical`` of ``workers`` yields when the rank has already
+        delivered ``delivered`` batches of ``epoch``."""
+        plan = self.plan(epoch)
+        if delivered >= plan.num_batches:
+            return
+        turn, done = resume_position(plan.num_batches, workers, delivered)
+        logical = (turn + physical) % workers
+        first, count = worker_split(plan.num_batches, workers, logical)
+        lo, hi = first * self.batch_size, min((first + count) * self.batch_size, plan.slots)
+        start = lo + done[logical] * self.batch_size
+        n_mels, batch = self.n_mels, []
+        for item in self._ordered(plan, epoch, logical, lo, hi, start):
+            sample = self._decode(item, n_mels)
+            n_mels = n_mels or (sample.get("mel") is not None and sample["mel"].shape[0]) or None
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, epoch)
+                batch = []
+        if batch:
+            yield self._collate(batch, epoch)
+
+    def _collate(self, samples: list[dict], epoch: int) -> dict:
+        batch = self.collator(samples, epoch)
+        batch["_skipped"] = sum(s.get("__pad__") == "skip" for s in samples)
+        return batch
+
+    # -------------------------------------------------------------------------------- ordering
+
+    def _ordered(self, plan: RankPlan, epoch: int, worker: int, lo: int, hi: int, start: int) -> Iterator[dict]:
+        """Raw samples of rank slots ``[start, hi)`` in delivery order; blocks are aligned on ``lo``."""
+        if not self.train:
+            yield from self._slots(plan, start, hi)
+            return
+        size = self.shuffle_buffer
+        block, drop = divmod(start - lo, size)
+        for block_lo in range(lo + block * size, hi, size):
+            items = list(self._slots(plan, block_lo, min(block_lo + size, hi)))
+            order = _rng(self.seed, epoch, 1, self.rank, worker, block).permutation(len(items))
+            for j in order[drop:]:
+                yield items[j]
+                items[j] = None  # release the sample as soon as it is handed on
+            drop, block = 0, block + 1
+
+    def _slots(self, plan: RankPlan, lo: int, hi: int) -> Iterator[dict]:
+        """Rank slots ``[lo, hi)`` in plan order: real samples, then this rank's padding."""
+        real_hi = min(hi, plan.real)
+        if lo < real_hi:
+            yield from self._read_range(plan, plan.start + lo, plan.start + real_hi)
+        for _ in range(max(lo, plan.real), hi):
+            yield _pad("rank")
+
+    def _read_range(self, plan: RankPlan, lo: int, hi: int) -> Iterator[dict]:
+        """Global positions ``[lo, hi)``: only the shards that overlap them, entered mid-shard."""
+        i = int(np.searchsorted(plan.offsets, lo, side="right")) - 1
+        while lo < hi:
+            shard = self.shards[plan.order[i]]
+            skip, count = lo - int(plan.offsets[i]), min(hi, int(plan.offsets[i + 1])) - lo
+            yield from self._read_shard(shard, skip, count)
+            lo, i = lo + count, i + 1
+
+    def _read_shard(self, shard: Shard, skip: int, count: int) -> Iterator[dict]:
+        """Exactly ``count`` items from ``shard`` after its first ``skip`` samples; samples lost to a
+        fault are reported and replaced by skip-padding."""
+        got, last_key = 0, None
+        try:
+            self._check_sha256(shard)
+            with open_url(shard.url) as stream:
+                for raw in iter_samples(stream, shard.url, skip=skip, limit=count):
+                    got, last_key = got + 1, raw["__key__"]
+                    yield raw
+            if got < count:
+                raise ShardReadError(f"{shard.url}: shard ended after {skip + got} samples, "
+                                     f"but its index entry says {shard.samples}")
+        except (OSError, ValueError, EOFError) as error:  # ShardReadError and what a backend raises
+            after = f" after key '{last_key}'" if last_key else f" at sample {skip}"
+            self._fault(f"{error} ({count - got} planned sample(s) lost{after})")
+            for _ in range(count - got):
+                yield _pad("skip")
+
+    def _check_sha256(self, shard: Shard) -> None:
+        if not (self.verify and shard.sha256) or shard.url in self._verified or "://" in shard.url:
+            return
+        actual = _sha256(shard.url)
+        if actual != shard.sha256:
+            raise ShardReadError(f"{shard.url}: sha256 {actual} does not match index.json ({shard.sha256})")
+        self._verified.add(shard.url)
+
+    def _decode(self, item: dict, n_mels: int | None) -> dict:
+        if item.get("__pad__"):
+            return item
+        try:
+            return decode_sample(item, n_mels)
+        except SampleError as error:
+            self._fault(str(error))
+            return _pad("skip")
+
+    def _fault(self, message: str) -> None:
+        if self.on_error == "raise":
+            raise StreamError(message)
+        warnings.warn(message, StreamWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------- loader
+
+
+class StreamLoader:
+    """Batches of one rank, epoch after epoch, with an exact resumable position (module doc).
+
+    Iterating yields the remaining batches of the current epoch (``infinite``: then the next epochs,
+    forever); finishing an epoch moves to the next one, so iterating again or ``set_epoch(e + 1)``
+    both continue. ``set_epoch(e)`` with the current epoch keeps the position (a resumed
+    position survives the usual ``loader.set_epoch(epoch)`` at the top of a training loop)."""
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int = 0, prefetch_factor: int | None = 2,
+                 pin_memory: bool = False, persistent_workers: bool = False, infinite: bool = False,
+                 max_skip_fraction: float = 0.05):
+        self.dataset = dataset
+        self.num_workers, self.infinite, self.max_skip_fraction = num_workers, infinite, max_skip_fraction
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                  prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                                  pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
+                                  in_order=True)
+        self.epoch, self.batches, self.skipped, self.epoch_skipped = 0, 0, 0, 0
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        return self.dataset.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches, self.epoch_skipped = epoch, 0, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            if self.batches >= len(self):
+                self.set_epoch(self.epoch + 1)
+            self.dataset.set_position(self.epoch, self.batches)
+            for batch in self._loader:
+                self._count_skips(batch.pop("_skipped"))
+                self.batches += 1
+                yield batch
+            if self.batches != len(self):
+                raise StreamError(f"epoch {self.epoch} ended after {self.batches} of {len(self)} batches "
+                                  f"on rank {self.dataset.rank}: the workers did not follow the plan")
+            self.set_epoch(self.epoch + 1)
+            if not self.infinite:
+                return
+
+    def _count_skips(self, count: int) -> None:
+        self.skipped += count
+        self.epoch_skipped += count
+        limit = self.max_skip_fraction * self.dataset.rank_samples
+        if self.epoch_skipped > limit:
+            raise StreamError(f"{self.epoch_skipped} of {self.dataset.rank_samples} samples of rank "
+                              f"{self.dataset.rank} were skipped in epoch {self.epoch}, more than "
+                              f"max_skip_fraction={self.max_skip_fraction}; see the warnings above for URLs and keys")
+
+    def state_dict(self) -> dict:
+        """JSON-able position: the same on every rank except the skip counts."""
+        ds = self.dataset
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": ds.seed,
+                "world_size": ds.world_size, "num_workers": self.num_workers, "batch_size": ds.batch_size,
+                "num_samples": ds.num_samples, "train": ds.train, "shuffle_buffer": ds.shuffle_buffer,
+                "skipped": self.skipped, "epoch_skipped": self.epoch_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken; ``StreamError`` if it belongs to a different
+        plan (seed, world size, workers, batch size, split size or shuffle settings)."""
+        mine = self.state_dict()
+        if state.get("version") != STATE_VERSION:
+            raise StreamError(f"loader state version {state.get('version')!r}, this code reads {STATE_VERSION}")
+        wrong = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in RESUME_KEYS if state.get(k) != mine[k]]
+        if wrong:
+            raise StreamError("cannot resume the data stream, its plan changed: " + "; ".join(wrong))
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.skipped, self.epoch_skipped = int(state.get("skipped", 0)), int(state.get("epoch_skipped", 0))
+
+
+# ------------------------------------------------------------------------------------------ make
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("give both rank and world_size, or neither")
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1:
+        warnings.warn(f"WORLD_SIZE={env_world} but torch.distributed is not initialised yet: taking RANK and "
+                      f"WORLD_SIZE from the environment (create the Accelerator before the loader)", StreamWarning)
+        return int(os.environ.get("RANK", "0")), env_world
+    return 0, 1
+
+
+def make_loader(urls, tokenizer, batch_size: int = 16, train: bool = True, seed: int = 0, infinite: bool = False,
+                rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                prefetch_factor: int = 2, pin_memory: bool = False, persistent_workers: bool = False,
+                shuffle_buffer: int = 500, on_error: str = "skip", max_skip_fraction: float = 0.05,
+                spec_augment: dict | None = None, max_label_tokens: int = 448, verify: bool = False) -> StreamLoader:
+    """The per-rank loader for ``urls`` (see docs of ``expand_urls``); ``verify`` checks local shards
+    against the sha256 in index.json before reading them (once per process)."""
+    rank, world_size = _rank_and_world(rank, world_size)
+    shards, info = resolve_shards(expand_urls(urls), progress=rank == 0)
+    if sum(s.samples for s in shards) == 0:
+        raise StreamError(f"no samples in {urls!r} ({len(shards)} shard(s))")
+    if num_workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers
+    n_mels = info["n_mels"]
+    collator = Collator(tokenizer, train=train, seed=seed, max_label_tokens=max_label_tokens,
+                        spec_augment=spec_augment, n_mels=n_mels or 80)
+    dataset = ShardStream(shards, collator, batch_size=batch_size, train=train, seed=seed, rank=rank,
+                          world_size=world_size, shuffle_buffer=shuffle_buffer, on_error=on_error,
+                          verify=verify, n_mels=n_mels)
+    return StreamLoader(dataset, num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                        persistent_workers=persistent_workers, infinite=infinite,
+                        max_skip_fraction=max_skip_fraction)

@@ -1,0 +1,411 @@
+"""Pack an audio-captioning dataset into WebDataset shards of Whisper log-mel features.
+
+    python -m shard_tools.pack DATASET [--out data] [--workers N] [--n-mels 80|128] ...
+    python -m shard_tools.pack --manifest captions.csv --audio-field audio_file --caption-field caption_text
+    python -m shard_tools.pack --from-shards 'raw/{000..009}.tar' --audio-field flac --caption-field json.text
+    python -m shard_tools.pack --hf-dataset NAME_OR_DIR --caption-field caption
+
+Output (docs/FORMAT.md): ``OUT/<split>/000.tar …`` for a dataset of split folders, ``OUT/000.tar …``
+for a flat one (or ``OUT/<--split>/``), each with ``index.json`` (written last) and ``rejects.jsonl``.
+
+Pipeline: ``sources`` lists the inputs of each split in a fixed order (paths and captions only, cheap);
+a pool of ``--workers`` processes decodes, resamples and computes the features of each clip and sends
+back only the two members' bytes; the main process writes the shards in input order. The results
+come back in input order whatever the number of workers (``apply_async`` on chunks of inputs with a
+bounded number of chunks in flight: ordered like ``Pool.imap``, but it never reads the whole input
+ahead, which matters when raw-audio shards put the audio itself in the input stream), so the shards
+are byte-identical for any ``--workers``. Workers run torch on one thread and are forked from a
+forkserver that has imported torch and the features once; ``--workers 1`` computes in-process.
+
+``--part I --num-parts N`` packs the I-th of N contiguous, disjoint slices of every split into
+``OUT/<split>/part-I-of-N/`` (its own ``000.tar …``, ``index.json`` and ``rejects.jsonl``), so parts
+never collide, wherever they run. The part that completes last (all N part indexes present) writes
+``OUT/<split>/index.json`` naming the shards ``part-I-of-N/000.tar`` (names are relative to the index)
+and the combined ``rejects.jsonl``; parts packed on other machines and copied together get it with
+one ``--resume`` of any part, which only verifies and merges.
+
+Crash safety: shards are renamed into place only when complete and ``.progress.json`` records each
+one; ``--resume`` keeps the shards that still match it (size and sha256) and packs the rest,
+producing the same bytes as an uninterrupted run (see ``writer``).
+
+Exit status: 0; 1 when more than ``--max-reject-fraction`` of the inputs were rejected (all that
+could be packed still is); 2 for a usage error (bad arguments, missing input, unresumable output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from pipeline.features import AudioDecodeError, clip_features, decode_audio, mel_filters
+from shard_tools import sources, writer
+
+# Defaults of --audio-field / --caption-field per input layout.
+DEFAULT_AUDIO_FIELD = {"manifest": "audio_file", "hf": "audio", "shards": None}
+DEFAULT_CAPTION_FIELD = {"folder": "text", "manifest": "caption_text", "shards": "json.text", "hf": "text"}
+SHARD_FILE = re.compile(r"^\d{3,}\.tar$")
+MB = 1_000_000
+# Imported once by the forkserver, so that each forked worker starts with them loaded (a failed
+# import there only costs start-up time). Not this module: the workers re-run the main module.
+WORKER_PRELOAD = ["pipeline.features", "transformers.models.whisper.feature_extraction_whisper"]
+
+
+class PackError(Exception):
+    """A usage problem reported as one line (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def init_worker(n_mels: int) -> None:
+    """Once per worker: one torch thread (the pool gives the parallelism), filters built up front."""
+    torch.set_num_threads(1)
+    mel_filters(n_mels)
+
+
+def encode(item: dict, n_mels: int) -> dict:
+    """A record -> ``{"__key__", "members", "seconds", "truncated"}``, or a reject (passed through,
+    or made here for audio that does not decode or is empty or silent)."""
+    if sources.is_reject(item):
+        return item
+    try:
+        audio, orig_sr = decode_audio(item["audio"])  # [samples] float32 at 16 kHz
+        feats = clip_features(audio, n_mels)  # mel [n_mels, valid_frames] float16
+    except (AudioDecodeError, OSError) as error:
+        return sources.reject(item["source"], item["split"], str(error))
+    meta = {"captions": item["captions"], "source": item["source"], "seconds": feats["seconds"],
+            "orig_sample_rate": orig_sr, "pad_value": feats["pad_value"], "truncated": feats["truncated"],
+            "extra": item["extra"]}
+    return {"__key__": item["__key__"], "members": writer.sample_members(item["__key__"], feats["mel"], meta),
+            "seconds": feats["seconds"], "truncated": feats["truncated"]}
+
+
+def encode_chunk(items: list[dict], n_mels: int) -> list[dict]:
+    return [encode(item, n_mels) for item in items]
+
+
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, n_mels: int):
+    """A pool of ``workers`` processes, or None to compute in this process (``workers <= 1``) with
+    torch on one thread, as in the workers, so the bytes do not depend on the worker count."""
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        init_worker(n_mels)
+        try:
+            yield None
+        finally:
+            torch.set_num_threads(threads)
+        return
+    context = multiprocessing.get_context("forkserver")  # never fork a parent whose torch has run
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    with context.Pool(workers, initializer=init_worker, initargs=(n_mels,)) as pool:
+        yield pool
+
+
+def encoded(items: Iterable[dict], pool, workers: int, n_mels: int, chunksize: int) -> Iterator[dict]:
+    """``encode`` over ``items``, results in input order, at most 4 chunks per worker in flight."""
+    if pool is None:
+        yield from (encode(item, n_mels) for item in items)
+        return
+    work = functools.partial(encode_chunk, n_mels=n_mels)
+    in_flight = 4 * workers
+    pending = collections.deque()
+    for chunk in chunks(items, chunksize):
+        pending.append(pool.apply_async(work, (chunk,)))
+        if len(pending) >= in_flight:
+            yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
+
+
+def chunk_size(total: int | None, workers: int) -> int:
+    """Inputs per task: enough to make the per-task overhead small, few enough to balance workers."""
+    if total is None:
+        return 8
+    return max(1, min(16, total // (4 * max(1, workers))))
+
+
+# ----------------------------------------------------------------------------- one split
+
+@dataclass
+class SplitResult:
+    directory: Path
+    samples: int
+    seconds: float
+    shards: int
+    bytes: int
+    truncated: int
+    rejected: int
+    packed_now: int  # clips encoded in this run (not kept from an earlier one)
+
+
+def split_directory(out: Path, split: str, part: int, num_parts: int) -> Path:
+    directory = out / split if split else out
+    return directory / f"part-{part}-of-{num_parts}" if num_parts > 1 else directory
+
+
+def prepare_directory(directory: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an earlier one's output unless told to resume or overwrite."""
+    existing = [p for p in directory.iterdir() if SHARD_FILE.match(p.name)
+                or p.name in (writer.INDEX_FILE, writer.PROGRESS_FILE)] if directory.is_dir() else []
+    if existing and not resume and not overwrite:
+        raise PackError(f"{directory} already holds shards from an earlier run: pass --resume to continue "
+                        "it or --overwrite to replace it")
+    if overwrite:
+        for path in existing:
+            path.unlink()
+    if directory.is_dir():
+        for path in directory.glob("*.tmp"):  # debris of a killed run
+            path.unlink()
+
+
+def resume_state(directory: Path, settings: dict) -> tuple[list[dict], list[dict], bool]:
+    """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file."""
+    progress = writer.load_progress(directory)
+    if progress is None:
+        return [], [], False
+    if progress["settings"] != settings:
+        changed = sorted(k for k in settings.keys() | progress["settings"].keys()
+                         if settings.get(k) != progress["settings"].get(k))
+        raise PackError(f"cannot resume {directory}: it was packed with other settings or inputs "
+                        f"({', '.join(changed)} differ); pass --overwrite to pack it again")
+    kept = writer.intact_prefix(directory, progress["shards"])
+    if progress["complete"] and len(kept) == len(progress["shards"]):
+        return kept, progress["rejects"], True
+    start = kept[-1]["next_input"] if kept else 0
+    return kept, [r for r in progress["rejects"] if r["input"] < start], False
+
+
+def pack_split(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool) -> SplitResult:
+    """Pack one split (of one part) into ``directory``; returns its totals."""
+    prepare_directory(directory, args.resume, args.overwrite)
+    shards, rejects, complete = resume_state(directory, settings) if args.resume else ([], [], False)
+    packed_now = 0
+    if not complete:
+        (directory / writer.INDEX_FILE).unlink(missing_ok=True)  # the split is incomplete until the end
+        packed_now = write_shards(split_input, directory, settings, args, pool, shards, rejects)
+        writer.save_progress(directory, settings, shards, rejects, complete=True)
+    remove_stale_shards(directory, {s["name"] for s in shards})
+    truncated = sum(s["truncated"] for s in shards)
+    writer.write_rejects(directory / writer.REJECTS_FILE, rejects)
+    writer.write_json(directory / writer.INDEX_FILE,
+                      writer.index_dict(split_input.name, args.n_mels, shards, truncated, len(rejects)))
+    return SplitResult(directory, sum(s["samples"] for s in shards), sum(s["seconds"] for s in shards), len(shards),
+                       sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now)
+
+
+def write_shards(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool,
+                 shards: list[dict], rejects: list[dict]) -> int:
+    """Encode the inputs after the kept shards and write the rest; ``shards`` and ``rejects`` grow
+    in place and are saved to the progress file after every shard. Returns the clips encoded."""
+    start = shards[-1]["next_input"] if shards else 0
+
+    def on_shard(entry: dict) -> None:
+        shards.append(entry)
+        writer.save_progress(directory, settings, shards, rejects, complete=False)
+
+    shard_writer = writer.ShardWriter(directory, args.samples_per_shard or None,
+                                      int(args.max_shard_mb * MB) if args.max_shard_mb else None,
+                                      first_shard=len(shards), on_shard=on_shard)
+    items = itertools.islice(split_input.items(), start, None)
+    results = encoded(items, pool, args.workers, args.n_mels, chunk_size(split_input.total, args.workers))
+    bar = tqdm(total=split_input.total, initial=start, unit="clip", desc=split_input.name or "pack",
+               dynamic_ncols=True, mininterval=0.5)
+    consumed, packed = start, 0
+    try:
+        for position, result in enumerate(results, start):
+            if sources.is_reject(result):
+                rejects.append({**result, "input": position})
+            else:
+                shard_writer.add(result["__key__"], result["members"], result["seconds"], result["truncated"],
+                                 position)
+                packed += 1
+            consumed = position + 1
+            bar.update()
+        shard_writer.close(next_input=consumed)
+    except BaseException:
+        shard_writer.abort()
+        raise
+    finally:
+        bar.close()
+    return packed
+
+
+def remove_stale_shards(directory: Path, names: set[str]) -> None:
+    """Shards an earlier run left beyond this run's last one would be read by brace patterns."""
+    for path in directory.iterdir():
+        if SHARD_FILE.match(path.name) and path.name not in names:
+            path.unlink()
+
+
+def merge_parts(split_dir: Path, split: str, num_parts: int, n_mels: int) -> Path | None:
+    """When all ``num_parts`` part indexes exist, write ``split_dir/index.json`` over all their
+    shards (names ``part-I-of-N/000.tar``) and the combined ``rejects.jsonl``; None otherwise."""
+    parts = [split_dir / f"part-{i}-of-{num_parts}" for i in range(num_parts)]
+    if not all((part / writer.INDEX_FILE).is_file() for part in parts):
+        return None
+    shards, truncated, rejected, reject_lines = [], 0, 0, []
+    for part in parts:
+        index = json.loads((part / writer.INDEX_FILE).read_text(encoding="utf-8"))
+        shards += [{**entry, "name": f"{part.name}/{entry['name']}"} for entry in index["shards"]]
+        truncated += index["totals"]["truncated"]
+        rejected += index["totals"]["rejected"]
+        reject_lines.append((part / writer.REJECTS_FILE).read_bytes())
+    writer.write_atomic(split_dir / writer.REJECTS_FILE, b"".join(reject_lines))
+    writer.write_json(split_dir / writer.INDEX_FILE, writer.index_dict(split, n_mels, shards, truncated, rejected))
+    return split_dir / writer.INDEX_FILE
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shard_tools.pack", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_argument_group("input (a DATASET folder or one of the options)")
+    source.add_argument("dataset", nargs="?", help="folder of split folders (train/, validation/, …) or a "
+                        "flat folder: audio with a .txt or .json caption beside each file")
+    source.add_argument("--manifest", help="JSONL or CSV manifest; audio paths relative to it")
+    source.add_argument("--from-shards", help="raw-audio WebDataset shards, e.g. 'raw/{000..009}.tar'")
+    source.add_argument("--hf-dataset", help="Hugging Face dataset name or local dataset directory "
+                        "(needs the optional 'datasets' package)")
+    source.add_argument("--audio-field", help="manifest column / shard member extension / HF column of the "
+                        "audio (defaults: audio_file, the first audio member, audio)")
+    source.add_argument("--caption-field", help="caption field: a dotted path, several joined by commas, a "
+                        "list field for several captions (defaults: text for folders and HF, caption_text "
+                        "for manifests, json.text for shards)")
+    source.add_argument("--split", help="pack only this split (split folders, HF), or the output split name "
+                        "of a single-split input (flat folder, manifest, shards)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="data", type=Path, help="output folder")
+    out.add_argument("--n-mels", type=int, default=80, choices=(80, 128), help="mel bins (128 for large-v3)")
+    out.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (0: no limit)")
+    out.add_argument("--max-shard-mb", type=float, help="largest shard size in MB (10^6 bytes)")
+    out.add_argument("--max-reject-fraction", type=float, default=0.1,
+                     help="exit with status 1 when more than this fraction of the inputs is rejected")
+    out.add_argument("--resume", action="store_true", help="keep the complete shards of an interrupted "
+                     "run (checked by sha256) and pack the rest")
+    out.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run")
+    run = parser.add_argument_group("parallelism")
+    run.add_argument("--workers", type=int, default=default_workers(), help="worker processes")
+    run.add_argument("--part", type=int, default=0, help="pack slice I of --num-parts (0-based)")
+    run.add_argument("--num-parts", type=int, default=1, help="number of disjoint slices (machines)")
+    return parser
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def input_layout(args) -> str:
+    chosen = [name for name, value in (("folder", args.dataset), ("manifest", args.manifest),
+                                       ("shards", args.from_shards), ("hf", args.hf_dataset)) if value]
+    if len(chosen) != 1:
+        raise PackError("give exactly one input: a DATASET folder, --manifest, --from-shards or --hf-dataset")
+    return chosen[0]
+
+
+def open_inputs(args, layout: str) -> list[sources.SplitInput]:
+    captions = sources.parse_fields(args.caption_field or DEFAULT_CAPTION_FIELD[layout])
+    audio_field = args.audio_field or DEFAULT_AUDIO_FIELD.get(layout)
+    common = {"part": args.part, "num_parts": args.num_parts, "split": args.split}
+    if layout == "folder":
+        return sources.folder_inputs(args.dataset, captions, **common)
+    if layout == "manifest":
+        return sources.manifest_inputs(args.manifest, audio_field, captions, **common)
+    if layout == "shards":
+        return sources.shard_inputs(args.from_shards, audio_field, captions, **common)
+    return sources.hf_inputs(args.hf_dataset, audio_field, captions, **common)
+
+
+def validate(args) -> None:
+    if not 0 <= args.part < args.num_parts:
+        raise PackError(f"--part {args.part} must be in 0..{args.num_parts - 1} (--num-parts {args.num_parts})")
+    if args.samples_per_shard < 0 or (args.max_shard_mb is not None and args.max_shard_mb <= 0):
+        raise PackError("--samples-per-shard must be >= 0 and --max-shard-mb > 0")
+    if not args.samples_per_shard and not args.max_shard_mb:
+        raise PackError("--samples-per-shard 0 needs --max-shard-mb")
+    if args.workers < 1:
+        raise PackError("--workers must be at least 1")
+    if args.resume and args.overwrite:
+        raise PackError("--resume and --overwrite exclude each other")
+
+
+def run_settings(args, layout: str, split_input: sources.SplitInput) -> dict:
+    """What determines a split's bytes: a resumed run must match it exactly."""
+    return {"layout": layout, "inputs": split_input.fingerprint, "split": split_input.name, "n_mels": args.n_mels,
+            "samples_per_shard": args.samples_per_shard, "max_shard_mb": args.max_shard_mb,
+            "part": args.part, "num_parts": args.num_parts, "format_version": writer.FORMAT_VERSION}
+
+
+def summary_line(name: str, r: SplitResult, elapsed: float) -> str:
+    return (f"{name}: {r.samples} clips, {r.seconds / 3600:.2f} h, {r.shards} shards, {r.bytes / MB:.1f} MB, "
+            f"{r.packed_now / elapsed:.1f} clips/s, truncated {r.truncated}, rejected {r.rejected}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        layout = input_layout(args)
+        split_inputs = open_inputs(args, layout)
+    except (PackError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = []
+    start = time.perf_counter()
+    try:
+        with worker_pool(args.workers, args.n_mels) as pool:
+            for split_input in split_inputs:
+                t0 = time.perf_counter()
+                directory = split_directory(args.out, split_input.name, args.part, args.num_parts)
+                result = pack_split(split_input, directory, run_settings(args, layout, split_input), args, pool)
+                results.append((split_input, result, time.perf_counter() - t0))
+                if args.num_parts > 1 and merge_parts(directory.parent, split_input.name, args.num_parts, args.n_mels):
+                    print(f"all {args.num_parts} parts of {directory.parent} are complete: wrote its index.json")
+    except PackError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return report(results, time.perf_counter() - start, args.max_reject_fraction)
+
+
+def report(results: list, elapsed: float, max_reject_fraction: float) -> int:
+    """Print the closing summary; 1 when too many inputs were rejected."""
+    for split_input, result, seconds in results:
+        print(summary_line(str(result.directory), result, seconds))
+    total = SplitResult(Path(), *(sum(getattr(r, f) for _, r, _ in results)
+                                  for f in ("samples", "seconds", "shards", "bytes", "truncated", "rejected",
+                                            "packed_now")))
+    print(summary_line("total", total, elapsed))
+    inputs = total.samples + total.rejected
+    if inputs and total.rejected / inputs > max_reject_fraction:
+        where = ", ".join(str(r.directory / writer.REJECTS_FILE) for _, r, _ in results if r.rejected)
+        print(f"error: {total.rejected} of {inputs} inputs ({total.rejected / inputs:.1%}) were rejected, more "
+              f"than --max-reject-fraction {max_reject_fraction}; the reasons are in {where}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from shard_tools import pack  # run the importable module: workers then unpickle pack.encode_chunk
+
+    sys.exit(pack.main())

@@ -1,0 +1,439 @@
+"""Input layouts for the packer: each turns a dataset into per-split streams of records and rejects.
+
+Every layout yields, in a deterministic order, two kinds of dict:
+
+- a record ``{"__key__", "source", "split", "audio", "captions", "extra"}``: ``audio`` is a file path
+  (str) or the encoded file's bytes, left undecoded so that decoding runs in the packer's workers;
+  ``captions`` is a non-empty list of stripped strings; ``extra`` the input's own JSON/manifest fields
+  other than the caption and audio fields;
+- a reject ``{"source", "split", "reason"}`` for an input that cannot be packed (no caption, no audio,
+  an empty caption, a JSON without the caption field, an unreadable caption file or shard).
+
+Decoding failures (corrupt, zero-length or silent audio) only show when the audio is decoded, so the
+packer's workers turn those records into rejects.
+
+Layouts (one ``SplitInput`` per output split):
+
+- folder: ``ROOT/<split>/**/clip.wav`` when ROOT holds no audio itself, else a flat folder (split "");
+  the caption sits beside the audio in ``clip.json`` (preferred) or ``clip.txt`` (whole file);
+- manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
+  rows naming the same audio file are merged into one record with all their captions (AudioCaps
+  lists one caption per row);
+- raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
+  the sample (``json.text``), read with webdataset's own tar iterator;
+- a Hugging Face dataset (optional ``datasets`` package), by Hub name or local directory.
+
+Folder, manifest and HF inputs are sorted by ``source``; raw shards keep their order (shards as the
+pattern expands, members as stored), which is just as deterministic and needs no buffering. A
+``--part I --num-parts N`` run takes the I-th contiguous slice of each split (of the shard list for
+raw shards), so parts are disjoint and together cover every input.
+
+Caption fields are dotted paths (``meta.caption``: a literal key with dots wins); several fields may
+be joined with commas (``caption_1,caption_2`` for Clotho's CSV). A field holding a list gives
+several captions; blank entries of such a list are dropped, and a clip with no caption left is
+rejected as "empty caption".
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".m4a"})
+CAPTION_SUFFIXES = (".json", ".txt")  # in order of preference when both sit beside one clip
+KEY_HASH_DIGITS = 10
+
+
+@dataclass(frozen=True)
+class SplitInput:
+    """One output split of one part: its name ("" for a flat output), how many inputs it has (for
+    the progress bar; None when streaming raw shards), a factory of its ordered item stream, and a
+    fingerprint of what the inputs are (``--resume`` refuses to continue over changed inputs)."""
+
+    name: str
+    total: int | None
+    items: Callable[[], Iterator[dict]]
+    fingerprint: str
+
+
+def fingerprint(obj) -> str:
+    """SHA-256 of a JSON-able description of the inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be used; the message is the reject reason."""
+
+
+# ----------------------------------------------------------------------------- keys and fields
+
+def make_key(source: str) -> str:
+    """The FORMAT.md key: the source without its extension, characters outside ``[A-Za-z0-9_-]``
+    replaced by ``_``, then ``-`` and 10 hex digits of the SHA-1 of the full source."""
+    stem = posixpath.splitext(source)[0]
+    slug = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    return f"{slug}-{hashlib.sha1(source.encode('utf-8')).hexdigest()[:KEY_HASH_DIGITS]}"
+
+
+def parse_fields(spec: str) -> list[str]:
+    """``"a,b.c"`` -> ``["a", "b.c"]``: the caption fields, each a dotted path."""
+    fields = [f.strip() for f in spec.split(",") if f.strip()]
+    if not fields:
+        raise ValueError(f"no field named in {spec!r}")
+    return fields
+
+
+def lookup(obj, path: str):
+    """The value at dotted ``path`` in nested dicts; the longest literal key matches first, so
+    ``{"json.text": …}`` and ``{"json": {"text": …}}`` both answer ``json.text``. KeyError if absent."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        head = ".".join(parts[:i])
+        if isinstance(obj, dict) and head in obj:
+            return obj[head] if i == len(parts) else lookup(obj[head], ".".join(parts[i:]))
+    raise KeyError(path)
+
+
+def without(obj: dict, paths: Iterable[str]) -> dict:
+    """A copy of ``obj`` without the leaves at ``paths`` (those that exist)."""
+    out = copy.deepcopy(obj)
+    for path in paths:
+        parent, leaf = _parent_of(out, path)
+        if parent is not None:
+            del parent[leaf]
+    return out
+
+
+def _parent_of(obj, path: str):
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        head = ".".join(parts[:i])
+        if isinstance(obj, dict) and head in obj:
+            return (obj, head) if i == len(parts) else _parent_of(obj[head], ".".join(parts[i:]))
+    return None, None
+
+
+def captions_from(obj, fields: Sequence[str], where: str = "") -> list[str]:
+    """All captions at ``fields`` of ``obj``, stripped; CaptionError (the reject reason) otherwise."""
+    captions = []
+    for field in fields:
+        try:
+            value = lookup(obj, field)
+        except KeyError:
+            raise CaptionError(f"no caption field {field!r}{where}") from None
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) for v in values):
+            raise CaptionError(f"caption field {field!r}{where} is not a string or a list of strings")
+        captions += [v.strip() for v in values if v.strip()]
+    if not captions:
+        raise CaptionError("empty caption")
+    return captions
+
+
+def record(source: str, split: str, audio, captions: list[str], extra: dict) -> dict:
+    return {"__key__": make_key(source), "source": source, "split": split, "audio": audio,
+            "captions": captions, "extra": extra}
+
+
+def reject(source: str, split: str, reason: str) -> dict:
+    return {"source": source, "split": split, "reason": reason}
+
+
+def is_reject(item: dict) -> bool:
+    return "reason" in item
+
+
+def unique_keys(items: Iterable[dict]) -> Iterator[dict]:
+    """Pass items through; a record whose key was already seen becomes a reject (the same source
+    twice, or a 40-bit hash collision), so keys are unique within the split."""
+    seen: dict[str, str] = {}
+    for item in items:
+        if not is_reject(item):
+            key = item["__key__"]
+            if key in seen:
+                item = reject(item["source"], item["split"], f"duplicate key {key} (first from {seen[key]})")
+            else:
+                seen[key] = item["source"]
+        yield item
+
+
+def part_slice(seq: Sequence, part: int, num_parts: int) -> Sequence:
+    """The ``part``-th of ``num_parts`` contiguous, disjoint slices that together cover ``seq``."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} is not in 0..{num_parts - 1}")
+    n = len(seq)
+    return seq[part * n // num_parts:(part + 1) * n // num_parts]
+
+
+def listed(name: str, items: list[dict], part: int, num_parts: int) -> SplitInput:
+    """A SplitInput over an in-memory, already ordered item list (keys checked across all parts)."""
+    chosen = part_slice(list(unique_keys(items)), part, num_parts)
+    return SplitInput(name, len(chosen), lambda: iter(chosen), fingerprint(chosen))
+
+
+# ----------------------------------------------------------------------------- folder layout
+
+def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0, num_parts: int = 1,
+                  split: str | None = None) -> list[SplitInput]:
+    """Split folders (ROOT holds no audio itself) or a flat folder (output split ``split`` or "")."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    flat = any((root / e).is_file() and Path(e).suffix.lower() in AUDIO_SUFFIXES for e in entries)
+    if flat:
+        return [listed(split or "", folder_items(root, root, split or "", caption_fields), part, num_parts)]
+    names = [e for e in entries if (root / e).is_dir() and (split is None or e == split)]
+    if not names:
+        raise FileNotFoundError(f"{root} holds no audio files and no split folder"
+                                + (f" named {split!r}" if split else ""))
+    return [listed(name, folder_items(root, root / name, name, caption_fields), part, num_parts)
+            for name in names]
+
+
+def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequence[str]) -> list[dict]:
+    """Records and rejects for every audio and caption file under ``directory``, sorted by source."""
+    items = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        groups: dict[str, dict[str, list[str]]] = {}  # stem -> {"audio": [...], "caption": [...]}
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            stem, suffix = os.path.splitext(name)
+            kind = "audio" if suffix.lower() in AUDIO_SUFFIXES else "caption" if suffix.lower() in CAPTION_SUFFIXES else None
+            if kind:
+                groups.setdefault(stem, {"audio": [], "caption": []})[kind].append(name)
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for stem, group in groups.items():
+            items += _group_items(Path(dirpath), rel_dir, stem, group, split, caption_fields)
+    return sorted(items, key=lambda item: item["source"])
+
+
+def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: str,
+                 caption_fields: Sequence[str]) -> list[dict]:
+    def rel(name: str) -> str:
+        return name if rel_dir == "." else f"{rel_dir}/{name}"
+
+    by_suffix = {os.path.splitext(name)[1].lower(): name for name in group["caption"]}
+    caption_file = next((by_suffix[s] for s in CAPTION_SUFFIXES if s in by_suffix), None)
+    if not group["audio"]:
+        return [reject(rel(name), split, "caption without audio") for name in group["caption"]]
+    if caption_file is None:
+        return [reject(rel(name), split, f"audio without caption (no {stem}.txt or {stem}.json beside it)")
+                for name in group["audio"]]
+    try:
+        captions, extra = read_caption_file(directory / caption_file, caption_fields)
+    except CaptionError as error:
+        return [reject(rel(name), split, f"{caption_file}: {error}") for name in group["audio"]]
+    return [record(rel(name), split, str(directory / name), captions, extra) for name in group["audio"]]
+
+
+def read_caption_file(path: Path, caption_fields: Sequence[str]) -> tuple[list[str], dict]:
+    """``(captions, extra)`` from a ``.txt`` (the whole file) or ``.json`` (the caption fields)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CaptionError(f"cannot read caption file ({type(error).__name__}: {error})") from error
+    if path.suffix.lower() == ".txt":
+        if not text.strip():
+            raise CaptionError("empty caption")
+        return [text.strip()], {}
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CaptionError(f"invalid JSON ({error})") from error
+    if not isinstance(obj, dict):
+        raise CaptionError("JSON is not an object")
+    return captions_from(obj, caption_fields), without(obj, caption_fields)
+
+
+# ----------------------------------------------------------------------------- manifest layout
+
+def manifest_inputs(manifest: str | Path, audio_field: str, caption_fields: Sequence[str], part: int = 0,
+                    num_parts: int = 1, split: str | None = None) -> list[SplitInput]:
+    """One split (``split`` or "") from a JSONL or CSV manifest."""
+    return [listed(split or "", manifest_items(Path(manifest), audio_field, caption_fields, split or ""),
+                   part, num_parts)]
+
+
+def manifest_rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
+    """``(where, row or None, error)`` for each row of a ``.csv`` or JSON-lines manifest."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if path.suffix.lower() == ".csv":
+            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+                yield f"{path.name}:{i}", row, ""
+            return
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield f"{path.name}:{i}", None, f"invalid JSON line ({error})"
+                continue
+            yield f"{path.name}:{i}", row, "" if isinstance(row, dict) else "JSON line is not an object"
+
+
+def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], split: str) -> list[dict]:
+    """Records (rows of one audio file merged) and rejects, sorted by source."""
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    base = path.resolve().parent
+    merged: dict[str, dict] = {}
+    rejects = []
+    for where, row, error in manifest_rows(path):
+        audio = row.get(audio_field) if row is not None else None
+        if error or not isinstance(audio, str) or not audio.strip():
+            rejects.append(reject(where, split, error or f"row has no audio field {audio_field!r}"))
+            continue
+        source = posixpath.normpath(audio.strip().replace(os.sep, "/"))
+        try:
+            captions = captions_from(row, caption_fields)
+        except CaptionError as err:
+            rejects.append(reject(source, split, f"{where}: {err}"))
+            continue
+        if source in merged:
+            merged[source]["captions"] += captions
+            continue
+        file = base / source
+        if not file.is_file():
+            rejects.append(reject(source, split, f"{where}: audio file not found ({file})"))
+            continue
+        merged[source] = record(source, split, str(file), captions, without(row, [audio_field, *caption_fields]))
+    return sorted([*merged.values(), *rejects], key=lambda item: item["source"])
+
+
+# ----------------------------------------------------------------------------- raw-audio shards
+
+def shard_inputs(pattern: str, audio_field: str | None, caption_fields: Sequence[str], part: int = 0,
+                 num_parts: int = 1, split: str | None = None) -> list[SplitInput]:
+    """One split from raw-audio WebDataset shards named by a brace pattern (``raw/{000..009}.tar``)
+    or several patterns separated by spaces; part I takes the I-th contiguous slice of the shards."""
+    import braceexpand  # a dependency of webdataset
+
+    urls = [url for word in pattern.split() for url in braceexpand.braceexpand(word)]
+    if not urls:
+        raise ValueError(f"--from-shards {pattern!r} names no shard")
+    chosen = part_slice(urls, part, num_parts)
+    name = split or ""
+    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)),
+                       fingerprint([chosen, audio_field, caption_fields]))]
+
+
+def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Sequence[str],
+                split: str) -> Iterator[dict]:
+    """Records for the samples of each shard in order; an unreadable shard becomes a reject."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    for url in urls:
+        count = 0
+        try:
+            with gopen(url, "rb") as stream:
+                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+                for sample in group_by_keys(files):
+                    count += 1
+                    yield shard_sample_item(sample, audio_field, caption_fields, split)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as error:  # ValueError: duplicate member
+            yield reject(url, split, f"cannot read shard after {count} samples ({type(error).__name__}: {error})")
+
+
+def shard_sample_item(sample: dict, audio_field: str | None, caption_fields: Sequence[str], split: str) -> dict:
+    """A record or reject for one webdataset sample ``{"__key__", "__url__", ext: bytes}``."""
+    where = f"{sample['__url__']}#{sample['__key__']}"
+    exts = [e for e in sample if not e.startswith("__")]
+    audio_ext = audio_field or next((e for e in exts if f".{e}" in AUDIO_SUFFIXES), None)
+    if audio_ext not in sample:
+        return reject(where, split, f"sample has no audio member (.{audio_field or '/.'.join(sorted(AUDIO_SUFFIXES))})")
+    source = f"{where}.{audio_ext}"
+    try:
+        fields = decoded_members(sample, exclude=audio_ext)
+        captions = captions_from(fields, caption_fields)
+    except CaptionError as error:
+        return reject(source, split, str(error))
+    extra = without(fields.get("json", {}), [f[len("json."):] for f in caption_fields if f.startswith("json.")])
+    return record(source, split, sample[audio_ext], captions, extra if isinstance(extra, dict) else {})
+
+
+def decoded_members(sample: dict, exclude: str) -> dict:
+    """The sample's JSON members parsed and text members decoded, for caption lookup."""
+    fields = {}
+    for ext, data in sample.items():
+        if ext.startswith("__") or ext == exclude or not isinstance(data, bytes):
+            continue
+        last = ext.rsplit(".", 1)[-1]
+        try:
+            if last == "json":
+                fields[ext] = json.loads(data)
+            elif last in ("txt", "text", "caption"):
+                fields[ext] = data.decode("utf-8")
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CaptionError(f"member .{ext} cannot be read ({type(error).__name__}: {error})") from error
+    return fields
+
+
+# ----------------------------------------------------------------------------- Hugging Face datasets
+
+def hf_inputs(name: str, audio_field: str, caption_fields: Sequence[str], part: int = 0, num_parts: int = 1,
+              split: str | None = None) -> list[SplitInput]:
+    """Every split (or only ``split``) of a Hub dataset or a local dataset directory; audio is
+    taken undecoded (``Audio(decode=False)``: the file's bytes or its path)."""
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit("--hf-dataset needs the optional 'datasets' package: "
+                         "pip install 'whisper-caption-stream[hf]'") from None
+    local = Path(name)
+    if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(local))
+    else:
+        loaded = datasets.load_dataset(name)
+    if not isinstance(loaded, datasets.DatasetDict):
+        splits = {split or "": loaded}
+    elif split is None:
+        splits = dict(loaded)
+    elif split in loaded:
+        splits = {split: loaded[split]}
+    else:
+        raise ValueError(f"{name} has no split {split!r} (splits: {', '.join(loaded)})")
+    inputs = []
+    for split_name in sorted(splits):
+        table = splits[split_name]
+        if audio_field not in table.column_names:
+            raise ValueError(f"{name} split {split_name!r} has no audio column {audio_field!r} "
+                             f"(columns: {', '.join(table.column_names)})")
+        table = table.cast_column(audio_field, datasets.Audio(decode=False))
+        rows = part_slice(range(len(table)), part, num_parts)
+        inputs.append(SplitInput(split_name, len(rows), _hf_items(table, rows, split_name, audio_field, caption_fields),
+                                 fingerprint([table._fingerprint, rows.start, rows.stop, caption_fields])))
+    return inputs
+
+
+def _hf_items(table, rows: range, split: str, audio_field: str, caption_fields: Sequence[str]):
+    def items() -> Iterator[dict]:
+        for i in rows:
+            yield hf_row_item(table[i], f"{split}/{i:08d}" if split else f"{i:08d}", split, audio_field,
+                              caption_fields)
+    return items
+
+
+def hf_row_item(row: dict, source: str, split: str, audio_field: str, caption_fields: Sequence[str]) -> dict:
+    audio = row.get(audio_field) or {}
+    data = audio.get("bytes") or audio.get("path")
+    if not data:
+        return reject(source, split, f"row has no audio in column {audio_field!r}")
+    try:
+        captions = captions_from(row, caption_fields)
+    except CaptionError as error:
+        return reject(source, split, str(error))
+    extra = json.loads(json.dumps(without({k: v for k, v in row.items() if k != audio_field}, caption_fields),
+                                  default=str))
+    return record(source, split, data, captions, extra)

@@ -1,0 +1,219 @@
+"""Deterministic, crash-safe output of the packer: tar shards, ``index.json``, ``rejects.jsonl`` and
+the progress file that makes an interrupted run resumable (docs/FORMAT.md is the contract).
+
+Tar members are written block by block from ``tarfile.TarInfo.tobuf`` (GNU format, so keys longer
+than 100 characters still fit; mtime 0, uid/gid 0, mode 0o444, no user names), which is exactly what
+``tarfile`` writes but lets the writer know a shard's final size before adding a sample, for
+``--max-shard-mb``. A shard is written as ``NAME.tmp``, hashed while written, fsynced and renamed to
+``NAME`` only when complete, so a killed run leaves whole shards and at most one ``.tmp``.
+
+After every completed shard the packer saves ``.progress.json`` beside the shards: the settings, each
+shard's index entry plus the position of the first input it does not hold, and the rejects so far.
+``--resume`` keeps the leading shards whose size and sha256 still match, skips their inputs and packs
+the rest, which gives the same bytes as an uninterrupted run. ``index.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+FORMAT_NAME = "whisper-caption-stream"
+FORMAT_VERSION = 1
+PROGRESS_FILE = ".progress.json"
+INDEX_FILE = "index.json"
+REJECTS_FILE = "rejects.jsonl"
+INDEX_FIELDS = ("name", "samples", "seconds", "bytes", "sha256")  # one shard's entry in index.json
+TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive
+
+
+# ----------------------------------------------------------------------------- samples and tar bytes
+
+def sample_members(key: str, mel: np.ndarray, meta: dict) -> list[tuple[str, bytes]]:
+    """The two members of one sample: ``KEY.mel.npy`` (float16 ``[n_mels, frames]``) and ``KEY.json``."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(mel, dtype=np.float16), allow_pickle=False)
+    return [(f"{key}.mel.npy", buf.getvalue()),
+            (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))]
+
+
+def member_block(name: str, data: bytes) -> bytes:
+    """One tar member, header and zero-padded data, with fixed metadata."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    return header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def archive_size(content_bytes: int) -> int:
+    """Final tar size for ``content_bytes`` of member blocks: end blocks, padded to a whole record
+    (20 blocks), as ``tarfile`` and GNU tar write it."""
+    return -(-(content_bytes + TAR_END) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def shard_name(index: int) -> str:
+    """``000.tar``, ``001.tar``, … (at least three digits, more when needed)."""
+    return f"{index:03d}.tar"
+
+
+# ----------------------------------------------------------------------------- shards
+
+class ShardWriter:
+    """Fills ``directory/000.tar, 001.tar, …`` in the order samples arrive.
+
+    A shard is closed after ``samples_per_shard`` samples, or before a sample that would take it past
+    ``max_bytes`` (a sample larger than that alone gets a shard of its own). ``on_shard(entry)`` runs
+    after each shard is renamed into place; ``entry`` holds the index fields plus ``truncated`` and
+    ``next_input``, the position of the first input not in this or an earlier shard.
+    """
+
+    def __init__(self, directory: Path, samples_per_shard: int | None, max_bytes: int | None,
+                 first_shard: int = 0, on_shard: Callable[[dict], None] | None = None):
+        if not samples_per_shard and not max_bytes:
+            raise ValueError("a shard needs a sample limit, a size limit or both")
+        self.directory = Path(directory)
+        self.samples_per_shard = samples_per_shard
+        self.max_bytes = max_bytes
+        self.next_shard = first_shard
+        self.on_shard = on_shard
+        self._file = None
+
+    def add(self, key: str, members: list[tuple[str, bytes]], seconds: float, truncated: bool,
+            position: int) -> None:
+        """Append one sample, the input at ``position``."""
+        blocks = b"".join(member_block(name, data) for name, data in members)
+        if self._file is not None and self.max_bytes and archive_size(self._size + len(blocks)) > self.max_bytes:
+            self._finish(next_input=position)
+        if self._file is None:
+            self._open()
+        self._write(blocks)
+        self._samples += 1
+        self._seconds += seconds
+        self._truncated += int(truncated)
+        if self.samples_per_shard and self._samples >= self.samples_per_shard:
+            self._finish(next_input=position + 1)
+
+    def close(self, next_input: int) -> None:
+        """Complete the open shard, if any; ``next_input`` is the number of inputs consumed."""
+        if self._file is not None:
+            self._finish(next_input)
+
+    def abort(self) -> None:
+        """Drop the shard being written (its ``.tmp``), after an error."""
+        if self._file is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            self._file = None
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._name = shard_name(self.next_shard)
+        self._tmp = self.directory / f"{self._name}.tmp"
+        self._file = open(self._tmp, "wb")
+        self._sha = hashlib.sha256()
+        self._size = self._samples = self._truncated = 0
+        self._seconds = 0.0
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha.update(data)
+        self._size += len(data)
+
+    def _finish(self, next_input: int) -> None:
+        self._write(b"\0" * (archive_size(self._size) - self._size))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self.directory / self._name)
+        self.next_shard += 1
+        entry = {"name": self._name, "samples": self._samples, "seconds": round(self._seconds, 6),
+                 "bytes": self._size, "sha256": self._sha.hexdigest(), "truncated": self._truncated,
+                 "next_input": next_input}
+        if self.on_shard is not None:
+            self.on_shard(entry)
+
+
+# ----------------------------------------------------------------------------- index, rejects, progress
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` as ``path.tmp`` then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_rejects(path: Path, rejects: Iterable[dict]) -> None:
+    """``rejects.jsonl``: one ``{"path", "reason"}`` line per input that was not packed."""
+    lines = [json.dumps({"path": r["source"], "reason": r["reason"]}, ensure_ascii=False) + "\n" for r in rejects]
+    write_atomic(path, "".join(lines).encode("utf-8"))
+
+
+def feature_settings(n_mels: int) -> dict:
+    return {"kind": "whisper-log-mel", "n_mels": n_mels, "sample_rate": 16000, "n_fft": 400,
+            "hop_length": 160, "dtype": "float16"}
+
+
+def index_dict(split: str, n_mels: int, shards: list[dict], truncated: int, rejected: int) -> dict:
+    """The ``index.json`` of one split (FORMAT.md): settings, one entry per shard, totals."""
+    entries = [{field: shard[field] for field in INDEX_FIELDS} for shard in shards]
+    totals = {"shards": len(entries), "samples": sum(e["samples"] for e in entries),
+              "seconds": round(sum(e["seconds"] for e in entries), 6), "bytes": sum(e["bytes"] for e in entries),
+              "truncated": truncated, "rejected": rejected}
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "split": split, "features": feature_settings(n_mels),
+            "shards": entries, "totals": totals}
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def intact(directory: Path, entry: dict) -> bool:
+    """The shard named by ``entry`` exists with the recorded size and sha256."""
+    path = Path(directory) / entry["name"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]
+
+
+def intact_prefix(directory: Path, shards: list[dict]) -> list[dict]:
+    """The leading shards that are still intact (a later shard depends on every earlier one)."""
+    kept = []
+    for entry in shards:
+        if not intact(directory, entry):
+            break
+        kept.append(entry)
+    return kept
+
+
+def load_progress(directory: Path) -> dict | None:
+    path = Path(directory) / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:  # written atomically, so only a hand-edited file gets here
+        raise ValueError(f"{path} is not valid JSON ({error}); delete it and pack this split again") from error
+
+
+def save_progress(directory: Path, settings: dict, shards: list[dict], rejects: list[dict], complete: bool) -> None:
+    write_json(Path(directory) / PROGRESS_FILE,
+               {"settings": settings, "complete": complete, "shards": shards, "rejects": rejects})

@@ -1,0 +1,118 @@
+"""Run configuration: the YAML files, Hydra-grammar overrides, types, errors, interpolation, --config."""
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config, parse_override, save_config
+
+SEED_COMMAND = [  # the seed guide's command line, verbatim
+    "model_config.name=openai/whisper-small", "trainer_config.per_device_train_batch_size=16",
+    "++trainer_config.learning_rate=1e-5", "++trainer_config.bf16=true", "trainer_config.max_steps=25000",
+    "++trainer_config.save_total_limit=5", "++trainer_config.save_steps=5000",
+    "++trainer_config.dataloader_num_workers=16", "++trainer_config.dataloader_prefetch_factor=4",
+    "++trainer_config.split_batches=true", "++trainer_config.push_to_hub=true",
+    "++trainer_config.hub_model_id=someone/whisper-small-captions",
+]
+
+
+def test_defaults_train_the_builtin_tiny_model():
+    cfg = load_config()
+    assert cfg.model_config.name == "tiny" and cfg.model_config.attn_implementation == "sdpa"
+    assert cfg.model_config.torch_compile is False and cfg.model_config.gradient_checkpointing is False
+    assert cfg.trainer_config.output_dir == "outputs/whisper-caption"  # ${paths.output_dir}/whisper-caption
+    assert cfg.data_config.train_shards == "data/train"
+
+
+def test_seed_command_overrides_apply_with_yaml_types():
+    cfg = load_config(overrides=SEED_COMMAND)
+    tc = cfg.trainer_config
+    assert cfg.model_config.name == "openai/whisper-small"
+    assert tc.learning_rate == 1e-5 and isinstance(tc.learning_rate, float)
+    assert tc.bf16 is True and tc.split_batches is True and tc.push_to_hub is True
+    assert (tc.max_steps, tc.save_total_limit, tc.save_steps) == (25000, 5, 5000)
+    assert (tc.dataloader_num_workers, tc.dataloader_prefetch_factor) == (16, 4)
+    assert tc.hub_model_id == "someone/whisper-small-captions"
+
+
+def test_override_grammar_follows_hydra():
+    assert parse_override("++trainer_config.bf16=true") == ("++", "trainer_config.bf16", True)
+    assert parse_override("+model_config.dropout=0.1") == ("+", "model_config.dropout", 0.1)
+    assert parse_override("trainer_config.eval_metrics=[bleu, cider_d]") == (
+        "", "trainer_config.eval_metrics", ["bleu", "cider_d"])
+    assert parse_override("trainer_config.hub_model_id=") == ("", "trainer_config.hub_model_id", "")
+    assert parse_override("trainer_config.resume_from_checkpoint=null")[2] is None
+    # '+' adds a key the YAML files do not set; on one they set it is an error, as in Hydra
+    assert load_config(overrides=["+trainer_config.adam_beta2=0.98"]).trainer_config.adam_beta2 == 0.98
+    with pytest.raises(ConfigError, match=r"already set by the config files.*\+\+trainer_config.max_steps"):
+        load_config(overrides=["+trainer_config.max_steps=10"])
+    assert load_config(overrides=["++trainer_config.max_steps=10"]).trainer_config.max_steps == 10
+    with pytest.raises(ConfigError, match="cannot parse override"):
+        load_config(overrides=["max_steps"])
+
+
+def test_unknown_key_lists_the_valid_keys_of_its_section():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["trainer_config.learning_rat=1e-4"])
+    message = str(info.value)
+    assert "trainer_config.learning_rat" in message
+    assert "learning_rate" in message and "per_device_train_batch_size" in message and "save_steps" in message
+    with pytest.raises(ConfigError, match="valid sections: data_config, model_config, trainer_config, paths"):
+        load_config(overrides=["++optimizer.lr=1"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer_config.max_steps=many", "int"), ("trainer_config.max_steps=2.5", "int"),
+    ("trainer_config.bf16=perhaps", "bool"), ("model_config.dropout=[0.1]", "float"),
+])
+def test_wrong_type_names_key_and_expected_type(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    key = override.split("=")[0]
+    assert f"wrong type for '{key}' (expected {expected}" in str(info.value)
+    assert "valid keys of" in str(info.value)
+
+
+def test_values_checked_across_keys():
+    with pytest.raises(ConfigError, match="lr_scheduler_type='poly'"):
+        load_config(overrides=["trainer_config.lr_scheduler_type=poly"])
+    with pytest.raises(ConfigError, match="bf16 and trainer_config.fp16"):
+        load_config(overrides=["++trainer_config.bf16=true", "++trainer_config.fp16=true"])
+    with pytest.raises(ConfigError, match="hub_model_id"):
+        load_config(overrides=["++trainer_config.push_to_hub=true"])
+
+
+def test_interpolation_follows_overrides():
+    cfg = load_config(overrides=["paths.output_dir=/runs"])
+    assert cfg.trainer_config.output_dir == "/runs/whisper-caption"
+    cfg = load_config(overrides=["trainer_config.output_dir=${paths.output_dir}/my_experiment",
+                                 "paths.data_dir=/data"])
+    assert cfg.trainer_config.output_dir == "outputs/my_experiment" and cfg.data_config.train_shards == "/data/train"
+    with pytest.raises(ConfigError, match="paths.nowhere"):
+        load_config(overrides=["trainer_config.output_dir=${paths.nowhere}/x"])
+
+
+def test_other_main_file_with_its_own_defaults(tmp_path):
+    (tmp_path / "small.yaml").write_text("model_config:\n  name: openai/whisper-small\n  dropout: 0.1\n")
+    (tmp_path / "exp.yaml").write_text(
+        "defaults:\n  - small\n  - _self_\n"
+        "trainer_config:\n  output_dir: ${paths.output_dir}/exp\n  learning_rate: 3e-5\n"
+        "paths:\n  output_dir: /runs\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["model_config.dropout=0.2"])
+    assert cfg.model_config.name == "openai/whisper-small" and cfg.model_config.dropout == 0.2
+    assert cfg.trainer_config.output_dir == "/runs/exp" and cfg.trainer_config.learning_rate == 3e-5
+    assert cfg.trainer_config.max_steps == 5000  # schema default for keys no file sets
+    (tmp_path / "broken.yaml").write_text("defaults:\n  - missing\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "typo.yaml").write_text("trainer_config:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trainer_config.max_step'"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(overrides=SEED_COMMAND + ["paths.output_dir=/runs"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["trainer_config"]["output_dir"] == "/runs/whisper-caption"  # resolved, no ${...}
+    assert saved["trainer_config"]["learning_rate"] == 1e-5 and saved["model_config"]["name"] == "openai/whisper-small"
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -1,0 +1,178 @@
+"""infer_stream.py end to end: shards (local, HTTP, two processes), raw audio, resume, scores.
+
+Predictions are checked against ``WhisperForConditionalGeneration.generate`` on features read with
+plain tarfile (shards) or made by ``WhisperFeatureExtractor`` from ``librosa.load`` (raw audio).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import librosa
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor
+
+import infer_stream
+from pipeline import metrics
+from tests._infer_helpers import read_shards, reference_captions, serve_directory, write_sensitive_tiny
+from tests.conftest import write_audio, write_mel_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [5, 4, 4]  # 13 clips in 3 shards: divisible neither by 2 ranks nor by the batch size
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_sensitive_tiny(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_mel_shards(tmp_path_factory.mktemp("shards") / "test", SIZES, captions_per_clip=2)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir, shards) -> dict:
+    """key -> (reference caption, references) for greedy decoding."""
+    keys, features, captions = read_shards(shards)
+    preds = reference_captions(model_dir, features, max_new_tokens=MAX_NEW)
+    assert len(set(preds)) > 3, "the test model must caption different clips differently"
+    return {k: (p, c) for k, p, c in zip(keys, preds, captions)}
+
+
+def run(*args) -> int:
+    return infer_stream.main([str(a) for a in args])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_rows_match(rows: list[dict], expected: dict) -> None:
+    keys = [row["key"] for row in rows]
+    assert len(keys) == len(set(keys)), "duplicate keys in the output"
+    assert sorted(keys) == sorted(expected)
+    for row in rows:
+        pred, refs = expected[row["key"]]
+        assert row == {"key": row["key"], "pred_caption": pred, "gt_caption": refs[0], "gt_captions": refs}
+
+
+def test_shards_match_generate_and_are_scored(model_dir, shards, expected, tmp_path, capsys):
+    out, scores = tmp_path / "preds.jsonl", tmp_path / "metrics.json"
+    assert run("--model_name", model_dir, "--shards", Path(shards[0]).parent, "--batch_size", 4,
+               "--num_dataloader_workers", 0, "--max_new_tokens", MAX_NEW, "--output", out,
+               "--metrics-out", scores, "--metrics", "bleu,rouge_l,cider_d", "--print") == 0
+    rows = read_jsonl(out)
+    assert_rows_match(rows, expected)
+    stdout = capsys.readouterr().out
+    assert f"{len(expected)} clips in " in stdout and "clips/s)" in stdout
+    assert str(rows[0]) in stdout  # --print: the list of rows
+    saved = json.loads(scores.read_text())
+    direct = metrics.score([r["pred_caption"] for r in rows], [r["gt_captions"] for r in rows],
+                           metrics=("bleu", "rouge_l", "cider_d"))
+    assert saved == json.loads(json.dumps(direct))
+    assert saved["metrics"]["CIDEr_D"]["available"] and "not requested" in saved["metrics"]["METEOR"]["reason"]
+    assert "BLEU_1" in stdout and "METEOR" in stdout  # the printed table, unavailable rows included
+
+
+def test_http_shards_with_beam_search(model_dir, shards, tmp_path):
+    keys, features, captions = read_shards(shards)
+    beams = reference_captions(model_dir, features, max_new_tokens=MAX_NEW, num_beams=3)
+    out = tmp_path / "preds.jsonl"
+    with serve_directory(Path(shards[0]).parent) as base:
+        assert run("--model_name", model_dir, "--shards", base + "/{000..002}.tar", "--batch_size", 5,
+                   "--num_dataloader_workers", 1, "--max_new_tokens", MAX_NEW, "--num_beams", 3,
+                   "--output", out, "--metrics", "bleu") == 0
+    assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, beams, captions)})
+
+
+def test_raw_audio_matches_feature_extractor(model_dir, tmp_path, capsys):
+    folder = tmp_path / "sounds"
+    files = [write_audio(folder / "a.wav", 1.0, 16000, freq=300, seed=1),
+             write_audio(folder / "dogs" / "b.flac", 2.2, 44100, freq=700, channels=2, seed=2),
+             write_audio(folder / "c.mp3", 1.5, 22050, freq=1200, seed=3),
+             write_audio(tmp_path / "loose.wav", 0.7, 8000, freq=2000, seed=4)]
+    corrupt = folder / "broken.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio at all")
+    out = tmp_path / "preds.jsonl"
+    assert run("--model_name", model_dir, "--audio", folder, files[-1], "--batch_size", 2,
+               "--num_dataloader_workers", 2, "--max_new_tokens", MAX_NEW, "--output", out) == 0
+
+    extractor = WhisperFeatureExtractor(feature_size=80)
+    audio = [librosa.load(str(f), sr=16000)[0] for f in files]
+    features = torch.from_numpy(extractor(audio, sampling_rate=16000, return_tensors="np")["input_features"])
+    preds = reference_captions(model_dir, features, max_new_tokens=MAX_NEW)
+    assert len(set(preds)) == len(preds)
+    rows = {row["key"]: row for row in read_jsonl(out)}
+    assert rows == {str(f): {"key": str(f), "pred_caption": p, "gt_caption": None, "gt_captions": []}
+                    for f, p in zip(files, preds)}
+    captured = capsys.readouterr()
+    assert f"skipped {corrupt}" in captured.err and "1 inputs skipped" in captured.err
+    assert "no reference captions" in captured.out and "4 clips in " in captured.out
+
+
+def test_resume_after_a_killed_run(model_dir, shards, expected, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    common = ["--model_name", model_dir, "--batch_size", 3, "--num_dataloader_workers", 0,
+              "--max_new_tokens", MAX_NEW, "--output", out, "--metrics", "bleu"]
+    assert run(*common, "--shards", shards[0]) == 0  # the first shard only
+    first = read_jsonl(out)
+    assert sorted(r["key"] for r in first) == sorted(k for k in expected if k.startswith("s000_"))
+    # A run killed mid-way left two finished rows of shard 001 and half a line in its part file.
+    killed = [{"key": k, "pred_caption": "from the killed run", "gt_caption": None, "gt_captions": []}
+              for k in ("s001_0000", "s001_0001")]
+    Path(f"{out}.part-00000").write_text("".join(json.dumps(r) + "\n" for r in killed) + '{"key": "s001_00')
+    capsys.readouterr()
+
+    assert run(*common, "--shards", Path(shards[0]).parent, "--resume") == 0
+    rows = read_jsonl(out)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(expected)
+    assert rows[:len(first)] == first  # earlier rows kept as they were, new ones appended
+    assert [r for r in rows if r["key"] in ("s001_0000", "s001_0001")] == killed  # not generated again
+    new = len(expected) - len(first) - len(killed)
+    captured = capsys.readouterr()
+    assert f"{new} clips in " in captured.out and "duplicate" not in captured.err
+    assert "not a JSON row" in captured.err  # the cut-off line was reported, its clip captioned again
+    assert not list(tmp_path.glob("preds.jsonl.part-*"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_write_every_key_exactly_once(model_dir, shards, expected, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(ROOT / "infer_stream.py"), "--model_name", str(model_dir), "--shards", str(Path(shards[0]).parent),
+           "--batch_size", "4", "--num_dataloader_workers", "0", "--max_new_tokens", str(MAX_NEW),
+           "--output", str(out), "--metrics", "bleu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "captioning on 2 process(es)" in proc.stdout
+    assert f"{len(expected)} clips in " in proc.stdout and "duplicate" not in proc.stderr
+    assert_rows_match(read_jsonl(out), expected)
+
+
+def test_offline_hub_id_exits_2_with_the_reason(shards, tmp_path, capsys):
+    code = run("--model_name", "openai/whisper-no-such-model", "--shards", shards[0], "--output", tmp_path / "p.jsonl")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "openai/whisper-no-such-model" in err and "tiny" in err
+
+
+def test_bf16_runs(model_dir, shards, expected, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    assert run("--model_name", model_dir, "--shards", shards[1], "--bf16", "--num_dataloader_workers", 0,
+               "--max_new_tokens", 4, "--output", out, "--metrics", "bleu") == 0
+    assert sorted(r["key"] for r in read_jsonl(out)) == sorted(k for k in expected if k.startswith("s001_"))

@@ -1,0 +1,289 @@
+"""The stream's guarantees (issue 3), each checked against plain ``tarfile`` reads of the shards:
+exactly once over ranks x workers, equal batch counts, seeded shuffling independent of the hash seed,
+exact resume in a fresh process, infinite mode, faults, bounded memory, two ranks under accelerate."""
+
+import collections
+import io
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tarfile
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.stream import StreamError, StreamWarning, make_loader
+from tests.conftest import mel_sample_bytes, write_mel_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tar_keys(paths) -> list[str]:
+    """Sample keys in shard order, read with plain tarfile (the reference)."""
+    keys = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for name in tar.getnames():
+                if name.endswith(".json"):
+                    keys.append(name[:-len(".json")])
+    return keys
+
+
+def real_keys(batch) -> list[str]:
+    return [k for k, pad in zip(batch["keys"], batch["is_pad"].tolist()) if not pad]
+
+
+def simulate(dataset, epoch: int, workers: int, delivered: int = 0) -> list[dict]:
+    """What a DataLoader with ``workers`` workers yields: worker j-th batches round-robin by worker."""
+    streams = [list(dataset.worker_batches(epoch, delivered, workers, p)) for p in range(workers)]
+    return [s[j] for j in range(max(map(len, streams))) for s in streams if j < len(s)]
+
+
+def loader(urls, processor, **kwargs):
+    kwargs = {"batch_size": 2, "shuffle_buffer": 3, **kwargs}
+    return make_loader(urls, processor.tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("sizes", [[5], [3, 0, 7, 1, 12], [2, 9], [1, 1, 1]])
+def test_exactly_once_over_all_ranks_and_workers(tmp_path, tiny_processor, sizes):
+    paths = write_mel_shards(tmp_path / "train", sizes)
+    expected = collections.Counter(tar_keys(paths))
+    n = sum(sizes)
+    for world in range(1, 9):
+        for workers in range(1, 5):  # one logical worker is also what num_workers=0 runs
+            per_rank = [simulate(loader(paths, tiny_processor, rank=r, world_size=world).dataset, 0, workers)
+                        for r in range(world)]
+            seen = collections.Counter(k for batches in per_rank for b in batches for k in real_keys(b))
+            assert seen == expected, (world, workers)
+            sizes_per_rank = {tuple(len(b["keys"]) for b in batches) for batches in per_rank}
+            assert len(sizes_per_rank) == 1, (world, workers)  # same batch count and sizes on every rank
+            pads = [b for batches in per_rank for b in batches]
+            assert sum(int(b["is_pad"].sum()) for b in pads) == world * -(-n // world) - n
+            for b in pads:
+                rows = b["is_pad"]
+                assert all(k == "" for k, p in zip(b["keys"], rows.tolist()) if p)
+                assert (b["labels"][rows] == -100).all() and all(b["captions"][i] == [] for i in np.flatnonzero(rows))
+
+
+@pytest.mark.parametrize("world,rank,workers", [(1, 0, 0), (1, 0, 3), (3, 1, 2), (2, 1, 4)])
+def test_real_dataloader_workers_follow_the_plan(tmp_path, tiny_processor, world, rank, workers):
+    paths = write_mel_shards(tmp_path / "train", [2, 9])  # fewer shards than ranks x workers
+    real = loader(paths, tiny_processor, rank=rank, world_size=world, num_workers=workers)
+    got = [b["keys"] for b in real]
+    planned = [b["keys"] for b in simulate(real.dataset, 0, max(workers, 1))]
+    assert got == planned and len(got) == len(real)
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [6, 5, 7])
+    first = loader(paths, tiny_processor, seed=1)
+    epoch0 = [k for b in first for k in b["keys"]]
+    epoch1 = [k for b in first for k in b["keys"]]  # iterating again gives the next epoch
+    again = [k for b in loader(paths, tiny_processor, seed=1) for k in b["keys"]]
+    other_seed = [k for b in loader(paths, tiny_processor, seed=2) for k in b["keys"]]
+    assert epoch0 == again and sorted(epoch0) == sorted(epoch1) == sorted(tar_keys(paths))
+    assert epoch0 != epoch1 and epoch0 != other_seed
+    ordered = [k for b in loader(paths, tiny_processor, train=False) for k in b["keys"]]
+    assert ordered == tar_keys(paths)  # evaluation keeps the listed order
+
+
+def run_helper(args, hashseed: int) -> dict:
+    env = {**os.environ, "PYTHONHASHSEED": str(hashseed)}
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_stream_run.py"), *map(str, args)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_in_a_fresh_process_continues_exactly(tmp_path, tiny_processor, workers):
+    """Three processes with different hash seeds: the uninterrupted run, a run stopped after k batches
+    (mid-epoch, mid-shuffle-block) and a fresh one resumed from its state_dict; plus this process."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
+    urls, state = str(tmp_path / "train"), tmp_path / "state.json"
+    common = [urls, "--workers", workers, "--batch-size", 4, "--shuffle-buffer", 7]
+    full = run_helper(common + ["--take", 19], hashseed=1)
+    assert full["len"] == 8 and [b["epoch"] for b in full["batches"]] == [0] * 8 + [1] * 8 + [2] * 3
+    k = 5
+    head = run_helper(common + ["--take", k, "--state-out", state], hashseed=2)
+    assert head["state"]["epoch"] == 0 and head["state"]["batches"] == k
+    tail = run_helper(common + ["--take", 19 - k, "--state-in", state], hashseed=3)
+    assert head["batches"] + tail["batches"] == full["batches"]
+    if workers == 0:  # nothing before the resume point was decoded again
+        assert tail["decoded"] == sum(b["is_pad"].count(False) for b in tail["batches"])
+    here = loader(urls, tiny_processor, batch_size=4, shuffle_buffer=7, seed=3, num_workers=workers)
+    assert [b["keys"] for b in here] == [b["keys"] for b in full["batches"][:8]]
+    assert sorted(k for b in full["batches"][:8] for k in b["keys"]) == sorted(tar_keys(paths))
+
+
+def test_persistent_workers_follow_set_epoch_and_load_state_dict(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
+    reference = loader(paths, tiny_processor, infinite=True, num_workers=2)
+    expected = [b["keys"] for _, b in zip(range(2 * len(reference)), reference)]
+    persistent = loader(paths, tiny_processor, num_workers=2, persistent_workers=True)
+    stopped = [b["keys"] for _, b in zip(range(3), persistent)]  # break after 3 batches
+    assert stopped == expected[:3]
+    persistent.load_state_dict({**persistent.state_dict(), "epoch": 0, "batches": 5})
+    persistent.set_epoch(0)  # the usual call at the top of an epoch keeps a resumed position
+    rest = [b["keys"] for b in persistent]
+    persistent.set_epoch(1)
+    rest += [b["keys"] for b in persistent]
+    assert rest == expected[5:]
+
+
+def test_infinite_mode_runs_seeded_epochs_back_to_back(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [5, 6])
+    finite = loader(paths, tiny_processor)
+    epochs = []
+    for epoch in range(3):
+        finite.set_epoch(epoch)
+        epochs.append([b["keys"] for b in finite])
+    endless = loader(paths, tiny_processor, infinite=True)
+    n = len(endless)
+    got = [b["keys"] for _, b in zip(range(2 * n + 2), endless)]
+    assert got == epochs[0] + epochs[1] + epochs[2][:2]
+    assert endless.state_dict()["epoch"] == 2 and endless.state_dict()["batches"] == 2
+
+
+def collect(stream_loader) -> tuple[list[str], list[str], list[int]]:
+    """(real keys, warning messages, batch sizes) of one epoch."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(stream_loader)
+    messages = [str(w.message) for w in caught if issubclass(w.category, StreamWarning)]
+    return [k for b in batches for k in real_keys(b)], messages, [len(b["keys"]) for b in batches]
+
+
+def readable_keys(path) -> list[str]:
+    """Keys whose two members plain tarfile can still read from a damaged shard."""
+    members = collections.defaultdict(set)
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for info in tar:
+                tar.extractfile(info).read()
+                key, ext = info.name.split(".", 1)
+                members[key].add(ext)
+    except tarfile.TarError:
+        pass
+    return [k for k, exts in members.items() if exts == {"mel.npy", "json"}]
+
+
+def test_truncated_tar_is_reported_skipped_and_counted(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [6, 6, 6])
+    data = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(data[:len(data) * 6 // 10])
+    good = tar_keys([paths[0], paths[2]]) + readable_keys(paths[1])
+    keys, messages, sizes = [], [], []
+    for rank in range(2):
+        stream = loader(paths, tiny_processor, rank=rank, world_size=2, max_skip_fraction=0.5)
+        k, m, s = collect(stream)
+        keys, messages, sizes = keys + k, messages + m, sizes + [s]
+        assert stream.skipped == stream.state_dict()["skipped"]
+    assert sorted(keys) == sorted(good) and len(good) < 18
+    assert sizes[0] == sizes[1]
+    assert any("001.tar" in m and "truncated" in m for m in messages)
+    with pytest.raises(StreamError, match="001.tar"):
+        list(loader(paths, tiny_processor, on_error="raise"))
+    with pytest.raises(StreamError, match="max_skip_fraction"):
+        list(loader(paths, tiny_processor, max_skip_fraction=0.05))
+
+
+class _Boom:
+    """Unpickling this touches a marker file: proof that shard content was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_corrupt_members_are_skipped_without_unpickling(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [4, 5])
+    marker = tmp_path / "unpickled"
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([_Boom(str(marker))], dtype=object), allow_pickle=True)
+    members = []
+    for i in range(5):
+        key = f"s001_{i:04d}"
+        sample = mel_sample_bytes(key, 10, [f"caption {key}"], seed=i)
+        if i == 1:
+            sample[f"{key}.mel.npy"] = pickled.getvalue()
+        if i == 2:
+            sample[f"{key}.json"] = b"{not json"
+        if i == 3:
+            del sample[f"{key}.mel.npy"]
+        members += sample.items()
+    with tarfile.open(paths[1], "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = loader(paths, tiny_processor, max_skip_fraction=0.5)
+    keys, messages, _ = collect(stream)
+    assert sorted(keys) == sorted(tar_keys([paths[0]]) + ["s001_0000", "s001_0004"])
+    assert stream.skipped == 3 and not marker.exists()
+    for key in ("s001_0001", "s001_0002", "s001_0003"):
+        assert any(key in m and "001.tar" in m for m in messages), key
+    with pytest.raises(StreamError, match="s001_000[123]"):
+        list(loader(paths, tiny_processor, on_error="raise"))
+
+
+def test_missing_shard_and_sha256_mismatch_are_skipped(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [5, 5, 5])
+    os.remove(paths[2])
+    stream = loader(str(tmp_path / "train"), tiny_processor, max_skip_fraction=0.4, num_workers=2)
+    keys, _, sizes = collect(stream)  # worker warnings go to the workers' stderr
+    assert sorted(keys) == sorted(tar_keys(paths[:2])) and stream.skipped == 5 and len(sizes) == len(stream)
+    with pytest.raises(StreamError, match="002.tar"):
+        list(loader(paths, tiny_processor, on_error="raise"))
+    data = Path(paths[0]).read_bytes()
+    Path(paths[0]).write_bytes(data.replace(b"caption s000_0001 0", b"caption s000_0001 X"))
+    keys, messages, _ = collect(loader(paths[:2], tiny_processor, verify=True, max_skip_fraction=0.6))
+    assert sorted(keys) == sorted(tar_keys(paths[1:2])) and any("sha256" in m for m in messages)
+    keys, _, _ = collect(loader(paths[:2], tiny_processor, max_skip_fraction=0.6))
+    assert sorted(keys) == sorted(tar_keys(paths[:2]))  # without verify the edited shard still reads
+
+
+def test_memory_does_not_grow_with_the_split(tmp_path, tiny_processor):
+    def peak(shards: int) -> int:
+        paths = write_mel_shards(tmp_path / f"n{shards}", [40] * shards)
+        stream = loader(paths, tiny_processor, batch_size=4, shuffle_buffer=16)
+        tracemalloc.start()
+        for _ in stream:
+            pass
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size
+
+    small, large = peak(2), peak(20)  # 80 vs 800 samples (~6 KB of raw bytes each)
+    assert large < small * 1.3 + 200_000, (small, large)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_under_accelerate_launch(tmp_path):
+    paths = write_mel_shards(tmp_path / "train", [5, 2, 4])  # 11 samples: one rank gets a padding sample
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
+           str(ROOT / "tests" / "_stream_accel.py"), str(tmp_path / "train"), str(out), "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["sizes"] == ranks[1]["sizes"] and len(ranks[0]["sizes"]) == ranks[0]["len"]
+    assert ranks[0]["gathered_batches"] == [ranks[0]["len"]] * 2
+    assert collections.Counter(ranks[0]["keys"] + ranks[1]["keys"]) == collections.Counter(tar_keys(paths))

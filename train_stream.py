@@ -1,0 +1,695 @@
+"""Fine-tune Whisper for audio captioning on streamed shards, with a hand-written accelerate loop.
+
+    accelerate launch train_stream.py --shards 'data/train/<000..099>.tar' [--val-shards URLS] \
+        [--config configs/main.yaml] [key=value | +key=value | ++key=value ...]
+
+Read it top to bottom, like nanoGPT's train.py: 1 command line and config, 2 accelerator, 3 model,
+4 data, 5 optimizer and schedule, 6 loss and step, 7 evaluation, 8 checkpoints, 9 logging, 10 the loop,
+11 the end and main.
+
+Decisions, and why:
+- Loss: per micro-batch, the token mean of cross-entropy over labels != -100, which is exactly the loss
+  the HF model computes for that micro-batch (tests/test_train.py checks it). Under gradient
+  accumulation and DDP the gradient is the mean of the micro-batch means (every micro-batch weighs the
+  same however many tokens it holds), as in HF's Trainer before ``num_items_in_batch``. Padding samples
+  (``is_pad``) have only -100 labels, so they add nothing; an all-padding batch gives loss 0 whose
+  gradient is zero for every parameter, so DDP still sees every parameter in every step.
+- Data: ``make_loader`` is sharded per rank already and is not passed to ``accelerator.prepare``. It is
+  infinite: ``max_steps`` counts optimizer steps, and ``num_train_epochs`` is turned into steps from
+  ``len(loader)``. ``split_batches`` means the configured batch is the global one (divided by world size).
+- The learning rate is set each step from ``lr_at(step)``, a pure function, so the scheduler's state is
+  the step number the checkpoint holds.
+- One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, a bad-loss flag
+  and the stop (signal) flag, so every rank skips, saves and stops at the same step.
+- Checkpoints are written by our own code (safetensors model, optimizer, RNG per rank, the loader's
+  stream position per rank, step, config) into a temporary folder that is renamed when complete. They
+  assume a file system shared by all ranks (one node, or a shared mount across nodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers.models.whisper.modeling_whisper import (
+    WhisperDecoder,
+    WhisperDecoderLayer,
+    WhisperEncoder,
+    WhisperEncoderLayer,
+    shift_tokens_right,
+)
+
+from pipeline.config import ConfigError, RunConfig, load_config, save_config, to_yaml
+from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
+from pipeline.stream import StreamError, make_loader
+
+log = logging.getLogger("train_stream")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATS = ("loss", "samples", "tokens", "wait_s", "bad", "stop", "skipped")  # the per-step all-reduce
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. NaN losses in a row); the message says why and what to try."""
+
+
+# ------------------------------------------------------------------------ 1. command line and config
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "Overrides: key=value, +key=value, ++key=value (Hydra grammar, YAML values), "
+        "e.g. trainer_config.max_steps=1000 ++trainer_config.bf16=true. Keys: pipeline/config.py."))
+    parser.add_argument("--shards", help="training shard URLs (sets data_config.train_shards)")
+    parser.add_argument("--val-shards", help="validation shard URLs (sets data_config.val_shards)")
+    parser.add_argument("--config", help="main config file (default: configs/main.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        parser.error(f"unknown option(s) {bad}; overrides look like key=value")
+    return args, overrides
+
+
+def build_config(argv: list[str] | None) -> RunConfig:
+    args, overrides = parse_args(argv)
+    values = {"data_config.train_shards": args.shards, "data_config.val_shards": args.val_shards}
+    cfg = load_config(args.config, overrides, {k: v for k, v in values.items() if v is not None})
+    if not cfg.data_config.train_shards:
+        raise ConfigError("no training shards: pass --shards URLS or set data_config.train_shards")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ 2. accelerator
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    tc = cfg.trainer_config
+    precision = "bf16" if tc.bf16 else "fp16" if tc.fp16 else "no"
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.gradient_accumulation_steps)
+    if not logging.getLogger().handlers:  # keep handlers someone else set up (a caller, pytest)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    return accelerator
+
+
+def device_batch_size(batch_size: int, split_batches: bool, world_size: int, key: str) -> int:
+    """The batch each process loads: ``batch_size``, or its share of it with ``split_batches``."""
+    if not split_batches:
+        return batch_size
+    if batch_size % world_size:
+        raise ConfigError(f"trainer_config.{key}={batch_size} with split_batches=true must be divisible "
+                          f"by the number of processes ({world_size})")
+    return batch_size // world_size
+
+
+# ------------------------------------------------------------------------------------------ 3. model
+
+def build_model(cfg: RunConfig):
+    mc = cfg.model_config
+    processor = load_processor(mc.name)
+    model = load_model(mc.name, processor, attn_implementation=mc.attn_implementation)
+    apply_model_options(model, mc)
+    return processor, model
+
+
+def apply_model_options(model, mc) -> None:
+    """Dropout, SpecAugment, frozen encoder, gradient checkpointing on a loaded model.
+
+    SpecAugment fields are read from ``model.config`` at every forward; dropout is copied into the
+    modules when they are built, so it is set on them too (and in the config, for ``save_pretrained``).
+    """
+    for name in ("apply_spec_augment", "mask_time_prob", "mask_time_length", "mask_time_min_masks",
+                 "mask_feature_prob", "mask_feature_length", "mask_feature_min_masks", "dropout"):
+        setattr(model.config, name, getattr(mc, name))
+    for module in model.modules():
+        if isinstance(module, (WhisperEncoder, WhisperDecoder, WhisperEncoderLayer, WhisperDecoderLayer)):
+            module.dropout = mc.dropout
+    if mc.freeze_encoder:
+        model.model.encoder.requires_grad_(False)
+    if mc.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ------------------------------------------------------------------------------------------- 4. data
+
+def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: bool):
+    dc, tc = cfg.data_config, cfg.trainer_config
+    key = "per_device_train_batch_size" if train else "per_device_eval_batch_size"
+    batch_size = device_batch_size(getattr(tc, key), tc.split_batches, accelerator.num_processes, key)
+    spec = (dict(time_masks=dc.spec_time_masks, time_width=dc.spec_time_width, freq_masks=dc.spec_freq_masks,
+                 freq_width=dc.spec_freq_width) if dc.spec_augment and train else None)
+    return make_loader(
+        dc.train_shards if train else dc.val_shards, tokenizer, batch_size=batch_size, train=train,
+        seed=tc.seed, infinite=train, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        num_workers=tc.dataloader_num_workers, prefetch_factor=tc.dataloader_prefetch_factor,
+        pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
+        persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0,
+        shuffle_buffer=dc.shuffle_buffer, on_error=dc.on_error, max_skip_fraction=dc.max_skip_fraction,
+        spec_augment=spec, max_label_tokens=dc.max_label_tokens, verify=dc.verify)
+
+
+def total_steps(tc, batches_per_epoch: int) -> int:
+    if tc.max_steps > 0:
+        return tc.max_steps
+    return max(1, math.ceil(tc.num_train_epochs * batches_per_epoch / tc.gradient_accumulation_steps))
+
+
+# ---------------------------------------------------------------------------- 5. optimizer, schedule
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear, conv, embeddings); none on biases and LayerNorm (1-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def lr_at(step: int, tc, max_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then linear/cosine/constant."""
+    peak, warmup = tc.learning_rate, tc.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if tc.lr_scheduler_type == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if tc.lr_scheduler_type == "linear":
+        return peak * (1.0 - progress)
+    return peak
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------- 6. loss and a step
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token cross-entropy over ``labels != -100`` and the number of those tokens.
+
+    logits ``[B, T, V]``, labels ``[B, T]``. With no real token the sum is 0 and still depends on every
+    logit (zero gradient), which keeps DDP's gradient reduction in step on all-padding batches.
+    """
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return total, (labels != -100).sum()
+
+
+def forward_logits(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits ``[B, T, V]`` and labels ``[B, T]`` (padding samples all -100)."""
+    config = model.module.config if hasattr(model, "module") else model.config
+    features = batch["input_features"].to(device, torch.float32, non_blocking=True)  # [B, n_mels, 3000]
+    labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
+    labels = labels.masked_fill(batch["is_pad"].to(device)[:, None], -100)
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)  # [B, T]
+    logits = model(input_features=features, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    return logits, labels
+
+
+def compute_loss(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch loss (token mean, = HF's ``model(..., labels=labels).loss``) and its token count."""
+    logits, labels = forward_logits(model, batch, device)
+    total, tokens = caption_loss(logits, labels)
+    return total / tokens.clamp(min=1), tokens
+
+
+def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor) -> None:
+    """Forward and backward of one micro-batch inside ``accelerator.accumulate``; adds to ``stats``."""
+    with accelerator.accumulate(model):
+        loss, tokens = compute_loss(model, batch, accelerator.device)
+        accelerator.backward(loss)
+    loss = loss.detach().double()
+    stats[STATS.index("loss")] += loss
+    stats[STATS.index("bad")] += (~torch.isfinite(loss)).double()
+    stats[STATS.index("tokens")] += tokens
+    stats[STATS.index("samples")] += (~batch["is_pad"]).sum().to(stats.device)
+
+
+def optimizer_step(model, optimizer, accelerator: Accelerator, lr: float, max_grad_norm: float) -> torch.Tensor:
+    """Clip, step, zero; returns the gradient norm before clipping."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# ------------------------------------------------------------------------------------- 7. evaluation
+
+def load_scorer():
+    try:
+        from pipeline.metrics import score
+    except ImportError as error:
+        log.warning("caption metrics unavailable (%s): validation reports the loss only", error)
+        return None
+    return score
+
+
+@torch.no_grad()
+def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc, scorer) -> tuple[dict, list]:
+    """Validation loss (token mean over all ranks) and greedy captions on at most ``eval_max_batches``
+    batches per rank, gathered across ranks, padding samples left out, scored on the main process."""
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped.eval()
+    loader.load_state_dict(start_state)  # every evaluation reads the same batches from the start
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [CE sum, tokens]
+    rows = []
+    for _, batch in zip(range(tc.eval_max_batches), loader):
+        with accelerator.autocast():
+            logits, labels = forward_logits(unwrapped, batch, accelerator.device)
+            total, tokens = caption_loss(logits, labels)
+            ids = unwrapped.generate(batch["input_features"].to(accelerator.device, torch.float32),
+                                     language=LANGUAGE, task=TASK, do_sample=False, num_beams=1,
+                                     max_new_tokens=tc.generation_max_new_tokens)  # [B, T']
+        sums += torch.stack([total.double(), tokens.double()])
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        rows += [{"key": key, "prediction": text.strip(), "references": refs}
+                 for key, text, refs, pad in zip(batch["keys"], texts, batch["captions"], batch["is_pad"].tolist())
+                 if not pad]
+    unwrapped.train()
+    sums = accelerator.reduce(sums, "sum")
+    rows = gather_object(rows)
+    metrics = {"loss": (sums[0] / sums[1].clamp(min=1)).item(), "samples": float(len(rows))}
+    if scorer is not None and accelerator.is_main_process and rows:
+        result = scorer([r["prediction"] for r in rows], [r["references"] for r in rows], metrics=tuple(tc.eval_metrics))
+        metrics.update({name: m["value"] for name, m in result["metrics"].items() if m.get("available")})
+    return metrics, rows
+
+
+# ------------------------------------------------------------------------------------ 8. checkpoints
+
+def rng_state() -> dict:
+    """This process's random generators, as tensors and numbers (``torch.load(weights_only=True)`` safe)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy": [int(pos), int(has_gauss), float(cached)], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_json(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out, indent=1)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
+                    cfg: RunConfig) -> Path:
+    """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed."""
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        tmp.mkdir(parents=True)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        safetensors.torch.save_model(unwrapped, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes})
+        save_config(cfg, tmp / "config.yaml")
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+    write_json(tmp / f"loader_state_{rank}.json", loader.state_dict())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        rotate_checkpoints(output_dir, cfg.trainer_config.save_total_limit)
+        log.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate_checkpoints(output_dir: Path, keep: int | None) -> None:
+    if not keep or keep < 1:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+        log.info("removed %s (save_total_limit=%d)", old, keep)
+
+
+def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
+    """``latest`` → the newest ``checkpoint-N`` in ``output_dir`` (None if there is none), else a path."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            log.info("resume_from_checkpoint=latest: no checkpoint in %s, starting from scratch", output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"trainer_config.resume_from_checkpoint={spec}: not a checkpoint folder "
+                          f"(no trainer_state.json); use 'latest' or a checkpoint-STEP folder")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> int:
+    """Restore model, optimizer, scaler, this rank's RNG and stream position; returns the step."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise TrainingError(f"{path} was written by {state['world_size']} processes, this run has "
+                            f"{accelerator.num_processes}: the stream position cannot be continued exactly")
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    safetensors.torch.load_model(unwrapped, path / "model.safetensors", device=str(accelerator.device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rank = accelerator.process_index
+    set_rng_state(torch.load(path / f"rng_state_{rank}.pt", weights_only=True))
+    loader.load_state_dict(json.loads((path / f"loader_state_{rank}.json").read_text()))
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+# ---------------------------------------------------------------------------------------- 9. logging
+
+class MetricsLog:
+    """TensorBoard (tensorboardX), ``metrics.jsonl`` and the tqdm bar, on the main process only."""
+
+    def __init__(self, output_dir: Path, accelerator: Accelerator, max_steps: int, start_step: int):
+        self.main = accelerator.is_main_process
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", disable=not self.main, dynamic_ncols=True)
+        self.writer = self.jsonl = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(logdir=str(output_dir / "tensorboard"))
+            self.jsonl = open(output_dir / "metrics.jsonl", "a")
+
+    def log_metrics(self, step: int, metrics: dict, prefix: str) -> None:
+        if not self.main:
+            return
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        self.jsonl.write(json.dumps({"step": step, "prefix": prefix, **metrics}) + "\n")
+        self.jsonl.flush()
+        if prefix == "train":
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 wait=f"{metrics['data_wait']:.0%}", refresh=False)
+        else:
+            log.info("%s step %d: %s", prefix, step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.main:
+            self.writer.close()
+            self.jsonl.close()
+
+
+class Window:
+    """Sums of the reduced per-step statistics since the last log line (eval and save time excluded)."""
+
+    def __init__(self, micro_batches_per_step: int):
+        self.micro, self.start, self.paused = micro_batches_per_step, time.perf_counter(), 0.0
+        self.steps, self.sums, self.grad_norm = 0, dict.fromkeys(STATS, 0.0), 0.0
+
+    def add(self, values: dict, grad_norm: float) -> None:
+        self.steps += 1
+        self.grad_norm += grad_norm
+        for name in STATS:
+            self.sums[name] += values[name]
+
+    def metrics(self, lr: float, world_size: int, skipped: float) -> dict:
+        elapsed = time.perf_counter() - self.start - self.paused
+        return {"loss": self.sums["loss"] / (self.steps * self.micro), "lr": lr,
+                "grad_norm": self.grad_norm / self.steps, "samples_per_s": self.sums["samples"] / elapsed,
+                "tokens_per_s": self.sums["tokens"] / elapsed,
+                "data_wait": self.sums["wait_s"] / world_size / elapsed, "skipped": skipped}
+
+
+def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: int, start_step: int) -> dict:
+    tc = cfg.trainer_config
+    world = accelerator.num_processes
+    per_device = device_batch_size(tc.per_device_train_batch_size, tc.split_batches, world,
+                                   "per_device_train_batch_size")
+    info = {"world_size": world, "per_device_batch_size": per_device,
+            "gradient_accumulation_steps": tc.gradient_accumulation_steps,
+            "effective_batch_size": per_device * world * tc.gradient_accumulation_steps,
+            "max_steps": max_steps, "start_step": start_step, "train_samples": loader.num_samples,
+            "batches_per_epoch_per_rank": len(loader), "mixed_precision": accelerator.mixed_precision,
+            "model": cfg.model_config.name, "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "device": str(accelerator.device)}
+    epochs = max_steps * tc.gradient_accumulation_steps / max(1, len(loader))
+    log.info("world size %d | batch %d per device, %d effective (x%d accumulation) | %d steps (%.2f epochs) "
+             "| data: %d samples, %d batches per rank per epoch | model %s, %.1f M parameters (%.1f M trainable) "
+             "| %s on %s", world, per_device, info["effective_batch_size"], tc.gradient_accumulation_steps,
+             max_steps, epochs, loader.num_samples, len(loader), info["model"], info["parameters"] / 1e6,
+             info["trainable_parameters"] / 1e6, info["mixed_precision"], info["device"])
+    return info
+
+
+# ------------------------------------------------------------------------------------- 10. the loop
+
+class StopRequest:
+    """Set by SIGTERM or SIGINT: the loop saves a checkpoint at the end of the step and exits 0.
+    A second signal of the same kind has its default effect (stop at once)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+        log.warning("%s: saving a checkpoint at the end of this step, then stopping",
+                    signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    stop = StopRequest()
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def check_bad_step(local_bad: bool, keys: list[str], step: int, in_a_row: int, max_bad: int,
+                   accelerator: Accelerator) -> int:
+    """Warn about a skipped NaN/inf step; raise after ``max_bad`` in a row. Returns the new count."""
+    in_a_row += 1
+    if local_bad:
+        log.warning("rank %d: non-finite loss at step %d (keys %s): step skipped, %d in a row",
+                    accelerator.process_index, step, keys[:8], in_a_row)
+    elif accelerator.is_main_process:
+        log.warning("non-finite loss on another rank at step %d: step skipped, %d in a row", step, in_a_row)
+    if in_a_row >= max_bad:
+        raise TrainingError(f"{in_a_row} steps in a row with a NaN/inf loss (last at step {step}): lower "
+                            f"trainer_config.learning_rate, check the data, or use bf16 instead of fp16")
+    return in_a_row
+
+
+class Trainer:
+    """The loop's state between steps: what it trains, where it logs, and when it last saved."""
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, model, optimizer, processor, loader,
+                 val_loader, output_dir: Path, max_steps: int, stop: StopRequest):
+        self.cfg, self.tc, self.accelerator = cfg, cfg.trainer_config, accelerator
+        self.model, self.optimizer, self.processor = model, optimizer, processor
+        self.loader, self.val_loader, self.output_dir = loader, val_loader, output_dir
+        self.max_steps, self.stop = max_steps, stop
+        self.val_start = val_loader.state_dict() if val_loader is not None else None
+        self.scorer = load_scorer() if val_loader is not None else None
+        self.step = self.saved_step = self.evaluated_step = -1
+
+    def run(self, start_step: int, metrics_log: MetricsLog) -> bool:
+        """Train from ``start_step`` to ``max_steps``; True if stopped early by a signal."""
+        tc, accelerator = self.tc, self.accelerator
+        self.step = self.saved_step = start_step
+        batches, bad_in_a_row = iter(self.loader), 0
+        window = Window(accelerator.num_processes * tc.gradient_accumulation_steps)
+        while self.step < self.max_steps:
+            stats, keys = self.accumulate(batches)
+            stats[STATS.index("stop")] = float(self.stop.signum is not None)
+            stats[STATS.index("skipped")] = float(self.loader.skipped)
+            values = dict(zip(STATS, accelerator.reduce(stats.clone(), "sum").tolist()))
+            if values["bad"]:
+                self.optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row = check_bad_step(stats[STATS.index("bad")].item() > 0, keys, self.step,
+                                              bad_in_a_row, tc.max_bad_steps, accelerator)
+            else:
+                bad_in_a_row = 0
+                lr = lr_at(self.step, tc, self.max_steps)
+                norm = optimizer_step(self.model, self.optimizer, accelerator, lr, tc.max_grad_norm)
+                self.step += 1
+                metrics_log.bar.update(1)
+                window.add(values, norm.item())
+                if self.step % tc.logging_steps == 0:
+                    metrics_log.log_metrics(self.step, window.metrics(lr, accelerator.num_processes,
+                                                                      values["skipped"]), "train")
+                    window = Window(window.micro)
+                paused = time.perf_counter()
+                if self.val_loader is not None and self.step % tc.eval_steps == 0:
+                    self.evaluate(metrics_log)
+                if self.step % tc.save_steps == 0:
+                    self.save()
+                window.paused += time.perf_counter() - paused
+            if values["stop"]:
+                self.save()
+                return True
+        return False
+
+    def accumulate(self, batches) -> tuple[torch.Tensor, list[str]]:
+        """Forward/backward of ``gradient_accumulation_steps`` micro-batches; the local statistics."""
+        stats = torch.zeros(len(STATS), dtype=torch.float64, device=self.accelerator.device)
+        keys = []
+        for _ in range(self.tc.gradient_accumulation_steps):
+            waited = time.perf_counter()
+            batch = next(batches)
+            stats[STATS.index("wait_s")] += time.perf_counter() - waited
+            train_step(self.model, batch, self.accelerator, stats)
+            keys += batch["keys"]
+        return stats, keys
+
+    def evaluate(self, metrics_log: MetricsLog) -> None:
+        if self.evaluated_step == self.step:
+            return
+        metrics, rows = evaluate(self.model, self.val_loader, self.val_start, self.accelerator,
+                                 self.processor.tokenizer, self.tc, self.scorer)
+        if self.accelerator.is_main_process:
+            (self.output_dir / "eval").mkdir(exist_ok=True)
+            write_json(self.output_dir / "eval" / f"step-{self.step}.json", rows)
+        metrics_log.log_metrics(self.step, metrics, "eval")
+        self.evaluated_step = self.step
+
+    def save(self) -> None:
+        if self.saved_step != self.step:
+            save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.loader,
+                            self.accelerator, self.cfg)
+            self.saved_step = self.step
+
+
+# --------------------------------------------------------------------------------- 11. end and main
+
+def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, output_dir: Path) -> Path:
+    """``output_dir/final``: ``save_pretrained`` model, tokenizer and feature extractor, plus the config."""
+    final, tmp = output_dir / "final", output_dir / ".tmp-final"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_model(accelerator.unwrap_model(model, keep_torch_compile=False), processor, tmp)
+        save_config(cfg, tmp / "config.yaml")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        log.info("final model saved to %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def push_to_hub(folder: Path, repo_id: str, step: int) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"whisper-caption-stream, step {step}")
+    log.info("pushed %s to the Hub as %s", folder, repo_id)
+
+
+def prepare_run(cfg: RunConfig, accelerator: Accelerator):
+    """Model, processor, loaders, optimizer (model and optimizer through ``accelerator.prepare``)."""
+    tc = cfg.trainer_config
+    set_seed(tc.seed)
+    processor, model = build_model(cfg)
+    set_seed(tc.seed, device_specific=True)  # dropout and SpecAugment draws differ between ranks
+    loader = build_loader(cfg, processor.tokenizer, accelerator, train=True)
+    val_loader = build_loader(cfg, processor.tokenizer, accelerator, train=False) if cfg.data_config.val_shards else None
+    if cfg.model_config.torch_compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                                  betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return processor, model, optimizer, loader, val_loader
+
+
+def run(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest) -> int:
+    tc = cfg.trainer_config
+    output_dir = Path(tc.output_dir)
+    processor, model, optimizer, loader, val_loader = prepare_run(cfg, accelerator)
+    max_steps = total_steps(tc, len(loader))
+    checkpoint = find_checkpoint(output_dir, tc.resume_from_checkpoint)
+    if checkpoint is None and list_checkpoints(output_dir):
+        log.warning("%s already holds checkpoints; this run starts from scratch (set "
+                    "trainer_config.resume_from_checkpoint=latest to continue)", output_dir)
+    start_step = load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint else 0
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        write_json(output_dir / "run_info.json", banner(cfg, accelerator, model, loader, max_steps, start_step))
+        log.debug("config:\n%s", to_yaml(cfg))
+    accelerator.wait_for_everyone()
+    trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop)
+    metrics_log = MetricsLog(output_dir, accelerator, max_steps, start_step)
+    try:
+        if trainer.run(start_step, metrics_log):
+            log.info("stopped at step %d; continue with trainer_config.resume_from_checkpoint=latest", trainer.step)
+            return 0
+        if val_loader is not None:
+            trainer.evaluate(metrics_log)
+        trainer.save()
+    finally:
+        metrics_log.close()
+    final = save_final(model, processor, cfg, accelerator, output_dir)
+    if tc.push_to_hub and accelerator.is_main_process:
+        push_to_hub(final, tc.hub_model_id, trainer.step)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done (or stopped by a signal after saving), 1 the run failed, 2 bad config or model."""
+    try:
+        cfg = build_config(argv)
+    except ConfigError as error:
+        print(f"train_stream: {error}", file=sys.stderr)
+        return 2
+    accelerator = make_accelerator(cfg)
+    try:
+        with logging_redirect_tqdm(), stop_on_signals() as stop:
+            return run(cfg, accelerator, stop)
+    except (ConfigError, ModelLoadError) as error:
+        log.error("%s", error)
+        return 2
+    except (TrainingError, StreamError) as error:
+        log.error("%s", error)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
