@@ -14,6 +14,12 @@ Why it is built this way:
   ``--resume`` counts their keys as done, so nothing is generated twice.
 - ``generate`` gets ``language="en", task="translate"`` (not ``forced_decoder_ids``), greedy unless
   ``--num_beams`` > 1.
+
+Output: one JSON row per clip, ``{"key", "pred_caption", "gt_caption" (first reference or null),
+"gt_captions"}``; a fresh run writes them sorted by key, ``--resume`` keeps the earlier rows and appends
+the new ones. ``--audio`` keys are the file paths as found. Rows with references are scored with
+``pipeline.metrics`` (table on stdout, ``--metrics-out`` JSON); ``--metrics`` picks metric groups
+(METEOR alone costs ~8 s of JVM start-up).
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.metrics) - set(metrics.GROUPS)
     if unknown:
         parser.error(f"--metrics: unknown group(s) {sorted(unknown)}; choose from {','.join(metrics.GROUPS)}")
-    if args.batch_size < 1 or args.num_beams < 1:
-        parser.error("--batch_size and --num_beams must be at least 1")
+    if min(args.batch_size, args.num_beams, args.max_new_tokens or 1) < 1:
+        parser.error("--batch_size, --num_beams and --max_new_tokens must be at least 1")
     return args
 
 
@@ -69,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # generate() repeats configuration warnings on every batch
     accelerator = Accelerator(cpu=launched_without_cuda())
     try:
         processor = load_processor(args.model_name)
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    hf_logging.set_verbosity_error()  # after loading: generate() repeats config warnings on every batch
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = model.to(accelerator.device, dtype=dtype).eval()
 
@@ -313,7 +319,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def report_scores(rows: list[dict], args) -> None:
     """Print (and with ``--metrics-out`` save) the metrics of every row that has references."""
-    scored = [row for row in rows if row["gt_captions"]]
+    scored = [row for row in rows if row.get("gt_captions")]
     if scored:
         result = metrics.score([row["pred_caption"] for row in scored], [row["gt_captions"] for row in scored],
                                metrics=args.metrics)

@@ -59,7 +59,7 @@ from transformers.models.whisper.modeling_whisper import (
     shift_tokens_right,
 )
 
-from pipeline.config import ConfigError, RunConfig, load_config, save_config, to_yaml
+from pipeline.config import ConfigError, RunConfig, load_config, save_config
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
 
@@ -102,7 +102,14 @@ def build_config(argv: list[str] | None) -> RunConfig:
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     tc = cfg.trainer_config
     precision = "bf16" if tc.bf16 else "fp16" if tc.fp16 else "no"
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.gradient_accumulation_steps)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes and no CUDA GPU: DDP over gloo on the CPU (accelerate's --multi_gpu otherwise
+    # leaves every process alone, and each would train its own copy into the same output folder).
+    accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available(), mixed_precision=precision,
+                              gradient_accumulation_steps=tc.gradient_accumulation_steps)
+    if accelerator.num_processes != launched:
+        raise TrainingError(f"launched as {launched} processes (WORLD_SIZE) but accelerate set up "
+                            f"{accelerator.num_processes}: check the accelerate launch options")
     if not logging.getLogger().handlers:  # keep handlers someone else set up (a caller, pytest)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -145,7 +152,7 @@ def apply_model_options(model, mc) -> None:
         model.model.encoder.requires_grad_(False)
     if mc.gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ------------------------------------------------------------------------------------------- 4. data
@@ -287,7 +294,8 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     rows = gather_object(rows)
     metrics = {"loss": (sums[0] / sums[1].clamp(min=1)).item(), "samples": float(len(rows))}
     if scorer is not None and accelerator.is_main_process and rows:
-        result = scorer([r["prediction"] for r in rows], [r["references"] for r in rows], metrics=tuple(tc.eval_metrics))
+        result = scorer([r["prediction"] for r in rows], [r["references"] for r in rows],
+                        metrics=tuple(tc.eval_metrics))
         metrics.update({name: m["value"] for name, m in result["metrics"].items() if m.get("available")})
     return metrics, rows
 
@@ -572,8 +580,9 @@ class Trainer:
         keys = []
         for _ in range(self.tc.gradient_accumulation_steps):
             waited = time.perf_counter()
-            batch = next(batches)
-            stats[STATS.index("wait_s")] += time.perf_counter() - waited
+            with torch.random.fork_rng(devices=[]):  # a new DataLoader iterator draws worker seeds from
+                batch = next(batches)                # torch's RNG: keep that off the training RNG, or a
+            stats[STATS.index("wait_s")] += time.perf_counter() - waited  # resumed run's dropout differs
             train_step(self.model, batch, self.accelerator, stats)
             keys += batch["keys"]
         return stats, keys
@@ -630,7 +639,8 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
     processor, model = build_model(cfg)
     set_seed(tc.seed, device_specific=True)  # dropout and SpecAugment draws differ between ranks
     loader = build_loader(cfg, processor.tokenizer, accelerator, train=True)
-    val_loader = build_loader(cfg, processor.tokenizer, accelerator, train=False) if cfg.data_config.val_shards else None
+    val_loader = (build_loader(cfg, processor.tokenizer, accelerator, train=False)
+                  if cfg.data_config.val_shards else None)
     if cfg.model_config.torch_compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
@@ -653,7 +663,6 @@ def run(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
         write_json(output_dir / "run_info.json", banner(cfg, accelerator, model, loader, max_steps, start_step))
-        log.debug("config:\n%s", to_yaml(cfg))
     accelerator.wait_for_everyone()
     trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop)
     metrics_log = MetricsLog(output_dir, accelerator, max_steps, start_step)
@@ -679,8 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"train_stream: {error}", file=sys.stderr)
         return 2
-    accelerator = make_accelerator(cfg)
     try:
+        accelerator = make_accelerator(cfg)
         with logging_redirect_tqdm(), stop_on_signals() as stop:
             return run(cfg, accelerator, stop)
     except (ConfigError, ModelLoadError) as error:

@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -117,6 +118,11 @@ def _is_remote(url: str) -> bool:
 
 def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
+
+
+def local_path(url: str) -> str | None:
+    """The file path of a local shard URL (plain path or ``file://``), None for remote ones."""
+    return None if _is_remote(url) else _local_path(url)
 
 
 def _parent(url: str) -> str | None:
@@ -288,7 +294,10 @@ class _PipeStream(io.RawIOBase):
 
     def __init__(self, command: str):
         self.command = command
-        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # stderr goes to a file, not a pipe: a chatty command (progress output) would block on a full
+        # pipe nobody reads while we wait for its stdout.
+        self.errors = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.errors)
 
     def readable(self) -> bool:
         return True
@@ -298,7 +307,8 @@ class _PipeStream(io.RawIOBase):
         if n == 0:
             code = self.process.wait()
             if code != 0:
-                message = self.process.stderr.read().decode(errors="replace").strip()[-500:]
+                self.errors.seek(0)
+                message = self.errors.read().decode(errors="replace").strip()[-500:]
                 raise OSError(f"command exited with status {code}: {message}")
         return n
 
@@ -307,7 +317,7 @@ class _PipeStream(io.RawIOBase):
             self.process.kill()
         self.process.wait()
         self.process.stdout.close()
-        self.process.stderr.close()
+        self.errors.close()
         super().close()
 
 
@@ -351,6 +361,23 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
+def _guarded(method):
+    """Turn whatever a backend raises mid-read (http.client.IncompleteRead, socket timeouts, fsspec
+    and pipe errors) into ``ShardReadError`` naming the URL and the sample being read."""
+
+    def wrapper(self, *args):
+        try:
+            return method(self, *args)
+        except ShardReadError:
+            raise
+        except Exception as error:
+            key = args[-1]
+            where = f" in sample '{key}'" if key else ""
+            raise ShardReadError(f"{self.url}: read failed{where} ({type(error).__name__}: {error})") from error
+
+    return wrapper
+
+
 def _seekable(stream: BinaryIO) -> bool:
     try:
         return stream.seekable()
@@ -366,6 +393,8 @@ def _pax_path(data: bytes) -> str | None:
         if space < 0:
             break
         length = int(data[pos:space])
+        if length <= 0:
+            raise ValueError(f"pax record length {length}")
         key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "surrogateescape")
@@ -384,6 +413,7 @@ class _TarReader:
         where = f" in sample '{key}'" if key else ""
         raise ShardReadError(f"{self.url}: {reason}{where}")
 
+    @_guarded
     def next_header(self, key: str | None) -> tuple[str, int] | None:
         """``(name, size)`` of the next file member, or None at the end of the archive."""
         long_name = None
@@ -408,6 +438,7 @@ class _TarReader:
                 continue
             return (long_name or info.name), info.size
 
+    @_guarded
     def read_data(self, size: int, key: str | None) -> bytes:
         padded = -(-size // BLOCK) * BLOCK
         data = _read_exact(self.stream, padded)
@@ -415,6 +446,7 @@ class _TarReader:
             self._fail(f"truncated tar (member data has {len(data)} of {size} bytes)", key)
         return data[:size]
 
+    @_guarded
     def skip_data(self, size: int, key: str | None) -> None:
         padded = -(-size // BLOCK) * BLOCK
         if self.seekable:

@@ -24,7 +24,7 @@ never collide, wherever they run. The part that completes last (all N part index
 and the combined ``rejects.jsonl``; parts packed on other machines and copied together get it with
 one ``--resume`` of any part, which only verifies and merges.
 
-Crash safety: shards are renamed into place only when complete and ``.progress.json`` records each
+Crash safety: shards are renamed into place only when complete and ``.progress.jsonl`` records each
 one; ``--resume`` keeps the shards that still match it (size and sha256) and packs the rest,
 producing the same bytes as an uninterrupted run (see ``writer``).
 
@@ -181,12 +181,12 @@ def prepare_directory(directory: Path, resume: bool, overwrite: bool) -> None:
 
 def resume_state(directory: Path, settings: dict) -> tuple[list[dict], list[dict], bool]:
     """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file."""
-    progress = writer.load_progress(directory)
+    progress = writer.read_progress(directory)
     if progress is None:
         return [], [], False
     if progress["settings"] != settings:
-        changed = sorted(k for k in settings.keys() | progress["settings"].keys()
-                         if settings.get(k) != progress["settings"].get(k))
+        earlier = progress["settings"] or {}
+        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
         raise PackError(f"cannot resume {directory}: it was packed with other settings or inputs "
                         f"({', '.join(changed)} differ); pass --overwrite to pack it again")
     kept = writer.intact_prefix(directory, progress["shards"])
@@ -199,12 +199,13 @@ def resume_state(directory: Path, settings: dict) -> tuple[list[dict], list[dict
 def pack_split(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool) -> SplitResult:
     """Pack one split (of one part) into ``directory``; returns its totals."""
     prepare_directory(directory, args.resume, args.overwrite)
+    directory.mkdir(parents=True, exist_ok=True)  # even a split of rejects only gets its index
     shards, rejects, complete = resume_state(directory, settings) if args.resume else ([], [], False)
     packed_now = 0
     if not complete:
         (directory / writer.INDEX_FILE).unlink(missing_ok=True)  # the split is incomplete until the end
-        packed_now = write_shards(split_input, directory, settings, args, pool, shards, rejects)
-        writer.save_progress(directory, settings, shards, rejects, complete=True)
+        log = writer.ProgressLog(directory, settings, shards, rejects)
+        packed_now = write_shards(split_input, directory, args, pool, log, shards, rejects)
     remove_stale_shards(directory, {s["name"] for s in shards})
     truncated = sum(s["truncated"] for s in shards)
     writer.write_rejects(directory / writer.REJECTS_FILE, rejects)
@@ -214,15 +215,18 @@ def pack_split(split_input: sources.SplitInput, directory: Path, settings: dict,
                        sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now)
 
 
-def write_shards(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool,
+def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, log: writer.ProgressLog,
                  shards: list[dict], rejects: list[dict]) -> int:
     """Encode the inputs after the kept shards and write the rest; ``shards`` and ``rejects`` grow
-    in place and are saved to the progress file after every shard. Returns the clips encoded."""
+    in place and go to the progress log after every shard. Returns the clips encoded."""
     start = shards[-1]["next_input"] if shards else 0
+    logged = len(rejects)  # rejects already in the log
 
     def on_shard(entry: dict) -> None:
+        nonlocal logged
         shards.append(entry)
-        writer.save_progress(directory, settings, shards, rejects, complete=False)
+        log.add_shard(entry, rejects[logged:])
+        logged = len(rejects)
 
     shard_writer = writer.ShardWriter(directory, args.samples_per_shard or None,
                                       int(args.max_shard_mb * MB) if args.max_shard_mb else None,
@@ -243,6 +247,7 @@ def write_shards(split_input: sources.SplitInput, directory: Path, settings: dic
             consumed = position + 1
             bar.update()
         shard_writer.close(next_input=consumed)
+        log.finish(rejects[logged:])
     except BaseException:
         shard_writer.abort()
         raise
@@ -325,16 +330,22 @@ def input_layout(args) -> str:
 
 
 def open_inputs(args, layout: str) -> list[sources.SplitInput]:
-    captions = sources.parse_fields(args.caption_field or DEFAULT_CAPTION_FIELD[layout])
+    try:
+        captions = sources.parse_fields(args.caption_field or DEFAULT_CAPTION_FIELD[layout])
+    except ValueError as error:
+        raise PackError(f"--caption-field: {error}") from error
     audio_field = args.audio_field or DEFAULT_AUDIO_FIELD.get(layout)
     common = {"part": args.part, "num_parts": args.num_parts, "split": args.split}
-    if layout == "folder":
-        return sources.folder_inputs(args.dataset, captions, **common)
-    if layout == "manifest":
-        return sources.manifest_inputs(args.manifest, audio_field, captions, **common)
-    if layout == "shards":
-        return sources.shard_inputs(args.from_shards, audio_field, captions, **common)
-    return sources.hf_inputs(args.hf_dataset, audio_field, captions, **common)
+    try:
+        if layout == "folder":
+            return sources.folder_inputs(args.dataset, captions, **common)
+        if layout == "manifest":
+            return sources.manifest_inputs(args.manifest, audio_field, captions, **common)
+        if layout == "shards":
+            return sources.shard_inputs(args.from_shards, audio_field, captions, **common)
+        return sources.hf_inputs(args.hf_dataset, audio_field, captions, **common)
+    except (OSError, ValueError, ImportError) as error:  # a missing folder, manifest or 'datasets' package
+        raise PackError(str(error)) from error
 
 
 def validate(args) -> None:
@@ -367,17 +378,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(args)
         layout = input_layout(args)
-        split_inputs = open_inputs(args, layout)
-    except (PackError, OSError, ValueError) as error:
+    except PackError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = []
     start = time.perf_counter()
     try:
-        with worker_pool(args.workers, args.n_mels) as pool:
+        with worker_pool(args.workers, args.n_mels) as pool:  # workers start while the inputs are listed
+            split_inputs = open_inputs(args, layout)
             for split_input in split_inputs:
                 t0 = time.perf_counter()
                 directory = split_directory(args.out, split_input.name, args.part, args.num_parts)
+                if args.num_parts > 1:  # the merged index is stale while any part is being packed
+                    (directory.parent / writer.INDEX_FILE).unlink(missing_ok=True)
                 result = pack_split(split_input, directory, run_settings(args, layout, split_input), args, pool)
                 results.append((split_input, result, time.perf_counter() - t0))
                 if args.num_parts > 1 and merge_parts(directory.parent, split_input.name, args.num_parts, args.n_mels):

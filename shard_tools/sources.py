@@ -95,12 +95,10 @@ def parse_fields(spec: str) -> list[str]:
 def lookup(obj, path: str):
     """The value at dotted ``path`` in nested dicts; the longest literal key matches first, so
     ``{"json.text": …}`` and ``{"json": {"text": …}}`` both answer ``json.text``. KeyError if absent."""
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        head = ".".join(parts[:i])
-        if isinstance(obj, dict) and head in obj:
-            return obj[head] if i == len(parts) else lookup(obj[head], ".".join(parts[i:]))
-    raise KeyError(path)
+    parent, leaf = _parent_of(obj, path)
+    if parent is None:
+        raise KeyError(path)
+    return parent[leaf]
 
 
 def without(obj: dict, paths: Iterable[str]) -> dict:
@@ -113,7 +111,8 @@ def without(obj: dict, paths: Iterable[str]) -> dict:
     return out
 
 
-def _parent_of(obj, path: str):
+def _parent_of(obj, path: str) -> tuple[dict | None, str | None]:
+    """``(the dict holding the leaf of path, the leaf's key)``, or ``(None, None)``."""
     parts = path.split(".")
     for i in range(len(parts), 0, -1):
         head = ".".join(parts[:i])
@@ -122,17 +121,17 @@ def _parent_of(obj, path: str):
     return None, None
 
 
-def captions_from(obj, fields: Sequence[str], where: str = "") -> list[str]:
+def captions_from(obj, fields: Sequence[str]) -> list[str]:
     """All captions at ``fields`` of ``obj``, stripped; CaptionError (the reject reason) otherwise."""
     captions = []
     for field in fields:
         try:
             value = lookup(obj, field)
         except KeyError:
-            raise CaptionError(f"no caption field {field!r}{where}") from None
+            raise CaptionError(f"no caption field {field!r}") from None
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, str) for v in values):
-            raise CaptionError(f"caption field {field!r}{where} is not a string or a list of strings")
+            raise CaptionError(f"caption field {field!r} is not a string or a list of strings")
         captions += [v.strip() for v in values if v.strip()]
     if not captions:
         raise CaptionError("empty caption")
@@ -303,7 +302,7 @@ def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], 
         if source in merged:
             merged[source]["captions"] += captions
             continue
-        file = base / source
+        file = Path(os.path.normpath(base / source))
         if not file.is_file():
             rejects.append(reject(source, split, f"{where}: audio file not found ({file})"))
             continue
@@ -352,7 +351,8 @@ def shard_sample_item(sample: dict, audio_field: str | None, caption_fields: Seq
     exts = [e for e in sample if not e.startswith("__")]
     audio_ext = audio_field or next((e for e in exts if f".{e}" in AUDIO_SUFFIXES), None)
     if audio_ext not in sample:
-        return reject(where, split, f"sample has no audio member (.{audio_field or '/.'.join(sorted(AUDIO_SUFFIXES))})")
+        wanted = f".{audio_field}" if audio_field else " or ".join(sorted(AUDIO_SUFFIXES))
+        return reject(where, split, f"sample has no audio member ({wanted})")
     source = f"{where}.{audio_ext}"
     try:
         fields = decoded_members(sample, exclude=audio_ext)
@@ -388,9 +388,9 @@ def hf_inputs(name: str, audio_field: str, caption_fields: Sequence[str], part: 
     taken undecoded (``Audio(decode=False)``: the file's bytes or its path)."""
     try:
         import datasets
-    except ImportError:
-        raise SystemExit("--hf-dataset needs the optional 'datasets' package: "
-                         "pip install 'whisper-caption-stream[hf]'") from None
+    except ImportError as error:
+        raise ImportError("--hf-dataset needs the optional 'datasets' package: "
+                          "pip install 'whisper-caption-stream[hf]'") from error
     local = Path(name)
     if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
         loaded = datasets.load_from_disk(str(local))

@@ -7,8 +7,9 @@ than 100 characters still fit; mtime 0, uid/gid 0, mode 0o444, no user names), w
 ``--max-shard-mb``. A shard is written as ``NAME.tmp``, hashed while written, fsynced and renamed to
 ``NAME`` only when complete, so a killed run leaves whole shards and at most one ``.tmp``.
 
-After every completed shard the packer saves ``.progress.json`` beside the shards: the settings, each
-shard's index entry plus the position of the first input it does not hold, and the rejects so far.
+After every completed shard the packer appends a line to ``.progress.jsonl`` beside the shards: the
+shard's index entry plus the position of the first input it does not hold, and the rejects among its
+inputs (the first line holds the settings).
 ``--resume`` keeps the leading shards whose size and sha256 still match, skips their inputs and packs
 the rest, which gives the same bytes as an uninterrupted run. ``index.json`` is written last.
 """
@@ -27,7 +28,7 @@ import numpy as np
 
 FORMAT_NAME = "whisper-caption-stream"
 FORMAT_VERSION = 1
-PROGRESS_FILE = ".progress.json"
+PROGRESS_FILE = ".progress.jsonl"
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
 INDEX_FIELDS = ("name", "samples", "seconds", "bytes", "sha256")  # one shard's entry in index.json
@@ -204,16 +205,52 @@ def intact_prefix(directory: Path, shards: list[dict]) -> list[dict]:
     return kept
 
 
-def load_progress(directory: Path) -> dict | None:
+class ProgressLog:
+    """``.progress.jsonl``, appended (and fsynced) after every completed shard, so that saving it
+    costs the same for the thousandth shard as for the first. Lines: ``{"settings"}`` first, then
+    ``{"shard": entry, "rejects": [...]}`` per shard with the rejects among its inputs, and a final
+    ``{"complete": true, "rejects": [...]}``. A line cut short by a kill is ignored when read."""
+
+    def __init__(self, directory: Path, settings: dict, shards: list[dict], rejects: list[dict]):
+        """Start the log over with ``settings`` and the kept ``shards`` and their ``rejects``."""
+        self.path = Path(directory) / PROGRESS_FILE
+        lines, first = [{"settings": settings}], 0
+        for shard in shards:  # rejects are in input order: hand each shard those before its end
+            last = first
+            while last < len(rejects) and rejects[last]["input"] < shard["next_input"]:
+                last += 1
+            lines.append({"shard": shard, "rejects": rejects[first:last]})
+            first = last
+        write_atomic(self.path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
+
+    def add_shard(self, entry: dict, rejects: list[dict]) -> None:
+        self._append({"shard": entry, "rejects": rejects})
+
+    def finish(self, rejects: list[dict]) -> None:
+        self._append({"complete": True, "rejects": rejects})
+
+    def _append(self, line: dict) -> None:
+        with open(self.path, "ab") as f:
+            f.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_progress(directory: Path) -> dict | None:
+    """``{"settings", "shards", "rejects", "complete"}`` from ``.progress.jsonl``, None without one."""
     path = Path(directory) / PROGRESS_FILE
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:  # written atomically, so only a hand-edited file gets here
-        raise ValueError(f"{path} is not valid JSON ({error}); delete it and pack this split again") from error
-
-
-def save_progress(directory: Path, settings: dict, shards: list[dict], rejects: list[dict], complete: bool) -> None:
-    write_json(Path(directory) / PROGRESS_FILE,
-               {"settings": settings, "complete": complete, "shards": shards, "rejects": rejects})
+    progress = {"settings": None, "shards": [], "rejects": [], "complete": False}
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:  # the last line, cut short by a kill: nothing after it counts
+            break
+        if "settings" in line:
+            progress["settings"] = line["settings"]
+        if "shard" in line:
+            progress["shards"].append(line["shard"])
+        progress["rejects"] += line.get("rejects", [])
+        progress["complete"] = bool(line.get("complete"))
+    return progress

@@ -23,8 +23,18 @@ from tests._infer_helpers import read_shards, reference_captions, serve_director
 from tests.conftest import write_audio, write_mel_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = [5, 4, 4]  # 13 clips in 3 shards: divisible neither by 2 ranks nor by the batch size
+SIZES = [3, 2, 2]  # 7 clips in 3 shards: divisible neither by 2 ranks nor by the batch sizes
 MAX_NEW = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on 2 busy cores, two spinning threads made the tiny model's many small
+    ops about 3x slower. Restored afterwards for the rest of the session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +52,7 @@ def expected(model_dir, shards) -> dict:
     """key -> (reference caption, references) for greedy decoding."""
     keys, features, captions = read_shards(shards)
     preds = reference_captions(model_dir, features, max_new_tokens=MAX_NEW)
-    assert len(set(preds)) > 3, "the test model must caption different clips differently"
+    assert len(set(preds)) > 2, "the test model must caption different clips differently"
     return {k: (p, c) for k, p, c in zip(keys, preds, captions)}
 
 
@@ -82,12 +92,12 @@ def test_shards_match_generate_and_are_scored(model_dir, shards, expected, tmp_p
 
 
 def test_http_shards_with_beam_search(model_dir, shards, tmp_path):
-    keys, features, captions = read_shards(shards)
-    beams = reference_captions(model_dir, features, max_new_tokens=MAX_NEW, num_beams=3)
+    keys, features, captions = read_shards(shards[1:])
+    beams = reference_captions(model_dir, features, max_new_tokens=4, num_beams=2)
     out = tmp_path / "preds.jsonl"
     with serve_directory(Path(shards[0]).parent) as base:
-        assert run("--model_name", model_dir, "--shards", base + "/{000..002}.tar", "--batch_size", 5,
-                   "--num_dataloader_workers", 1, "--max_new_tokens", MAX_NEW, "--num_beams", 3,
+        assert run("--model_name", model_dir, "--shards", base + "/{001..002}.tar", "--batch_size", 3,
+                   "--num_dataloader_workers", 1, "--max_new_tokens", 4, "--num_beams", 2,
                    "--output", out, "--metrics", "bleu") == 0
     assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, beams, captions)})
 
@@ -119,7 +129,7 @@ def test_raw_audio_matches_feature_extractor(model_dir, tmp_path, capsys):
 
 def test_resume_after_a_killed_run(model_dir, shards, expected, tmp_path, capsys):
     out = tmp_path / "preds.jsonl"
-    common = ["--model_name", model_dir, "--batch_size", 3, "--num_dataloader_workers", 0,
+    common = ["--model_name", model_dir, "--batch_size", 2, "--num_dataloader_workers", 0,
               "--max_new_tokens", MAX_NEW, "--output", out, "--metrics", "bleu"]
     assert run(*common, "--shards", shards[0]) == 0  # the first shard only
     first = read_jsonl(out)
@@ -154,7 +164,7 @@ def test_two_processes_write_every_key_exactly_once(model_dir, shards, expected,
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(ROOT / "infer_stream.py"), "--model_name", str(model_dir), "--shards", str(Path(shards[0]).parent),
-           "--batch_size", "4", "--num_dataloader_workers", "0", "--max_new_tokens", str(MAX_NEW),
+           "--batch_size", "2", "--num_dataloader_workers", "0", "--max_new_tokens", str(MAX_NEW),
            "--output", str(out), "--metrics", "bleu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.stream import StreamError, StreamWarning, make_loader
+from pipeline.stream import StreamError, StreamWarning, make_loader, resume_position, worker_split
+from tests._stream_run import fingerprint
 from tests.conftest import mel_sample_bytes, write_mel_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,30 @@ def test_real_dataloader_workers_follow_the_plan(tmp_path, tiny_processor, world
     assert got == planned and len(got) == len(real)
 
 
+def test_resume_position_matches_a_round_robin_simulation():
+    for batches in range(0, 23):
+        for workers in range(1, 6):
+            counts = [worker_split(batches, workers, w)[1] for w in range(workers)]
+            assert sum(counts) == batches and counts == sorted(counts, reverse=True)
+            order = [w for j in range(max(counts)) for w in range(workers) if j < counts[w]]
+            for delivered in range(batches):
+                turn, done = resume_position(batches, workers, delivered)
+                assert turn == order[delivered]
+                assert done == [order[:delivered].count(w) for w in range(workers)]
+
+
+def test_interleave_mixes_shards_within_a_batch(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [24] * 4)
+
+    def shards_per_batch(interleave):
+        stream = loader(paths, tiny_processor, batch_size=8, shuffle_buffer=8, interleave=interleave)
+        batches = [b["keys"] for b in stream]
+        assert sorted(k for b in batches for k in b) == sorted(tar_keys(paths))
+        return np.mean([len({k.split("_")[0] for k in keys}) for keys in batches])
+
+    assert shards_per_batch(1) < 1.5 and shards_per_batch(4) == 4
+
+
 def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path, tiny_processor):
     paths = write_mel_shards(tmp_path / "train", [6, 5, 7])
     first = loader(paths, tiny_processor, seed=1)
@@ -93,33 +118,38 @@ def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path, tiny_processor):
     assert ordered == tar_keys(paths)  # evaluation keeps the listed order
 
 
-def run_helper(args, hashseed: int) -> dict:
-    env = {**os.environ, "PYTHONHASHSEED": str(hashseed)}
+def run_helper(args) -> dict:
+    """tests/_stream_run.py in a fresh interpreter, with a hash seed other than this process's."""
+    hashseed = str(int(os.environ.get("PYTHONHASHSEED", "0") or 0) + 1)
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "_stream_run.py"), *map(str, args)],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": hashseed}, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_in_a_fresh_process_continues_exactly(tmp_path, tiny_processor, workers):
-    """Three processes with different hash seeds: the uninterrupted run, a run stopped after k batches
-    (mid-epoch, mid-shuffle-block) and a fresh one resumed from its state_dict; plus this process."""
-    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
+    """Stop after k batches (mid-epoch, mid-shuffle-block), resume from the state_dict in a fresh
+    process with another hash seed: the batches (keys, features, labels with the caption drawn from
+    three) are those of the uninterrupted run, so the plan, the shuffle and the caption draw do not
+    depend on PYTHONHASHSEED; and (0 workers, where decoding is counted in-process) nothing before the
+    resume point is decoded again."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6], captions_per_clip=3)
     urls, state = str(tmp_path / "train"), tmp_path / "state.json"
-    common = [urls, "--workers", workers, "--batch-size", 4, "--shuffle-buffer", 7]
-    full = run_helper(common + ["--take", 19], hashseed=1)
-    assert full["len"] == 8 and [b["epoch"] for b in full["batches"]] == [0] * 8 + [1] * 8 + [2] * 3
+    settings = {"batch_size": 4, "shuffle_buffer": 7, "seed": 3, "num_workers": workers, "infinite": True}
+    endless = loader(urls, tiny_processor, **settings)
+    full = [fingerprint(b) | {"epoch": endless.epoch} for _, b in zip(range(19), endless)]
+    assert [b["epoch"] for b in full] == [0] * 8 + [1] * 8 + [2] * 3
+    assert sorted(k for b in full[:8] for k in b["keys"]) == sorted(tar_keys(paths))
     k = 5
-    head = run_helper(common + ["--take", k, "--state-out", state], hashseed=2)
-    assert head["state"]["epoch"] == 0 and head["state"]["batches"] == k
-    tail = run_helper(common + ["--take", 19 - k, "--state-in", state], hashseed=3)
-    assert head["batches"] + tail["batches"] == full["batches"]
-    if workers == 0:  # nothing before the resume point was decoded again
+    head = loader(urls, tiny_processor, **settings)
+    assert [fingerprint(b) | {"epoch": 0} for _, b in zip(range(k), head)] == full[:k]
+    state.write_text(json.dumps(head.state_dict()))
+    tail = run_helper([urls, "--workers", workers, "--batch-size", 4, "--shuffle-buffer", 7, "--take", len(full) - k,
+                       "--state-in", state])
+    assert tail["len"] == 8 and tail["batches"] == full[k:]
+    if workers == 0:
         assert tail["decoded"] == sum(b["is_pad"].count(False) for b in tail["batches"])
-    here = loader(urls, tiny_processor, batch_size=4, shuffle_buffer=7, seed=3, num_workers=workers)
-    assert [b["keys"] for b in here] == [b["keys"] for b in full["batches"][:8]]
-    assert sorted(k for b in full["batches"][:8] for k in b["keys"]) == sorted(tar_keys(paths))
 
 
 def test_persistent_workers_follow_set_epoch_and_load_state_dict(tmp_path, tiny_processor):
@@ -177,7 +207,7 @@ def readable_keys(path) -> list[str]:
 def test_truncated_tar_is_reported_skipped_and_counted(tmp_path, tiny_processor):
     paths = write_mel_shards(tmp_path / "train", [6, 6, 6])
     data = Path(paths[1]).read_bytes()
-    Path(paths[1]).write_bytes(data[:len(data) * 6 // 10])
+    Path(paths[1]).write_bytes(data[:len(data) * 6 // 10 + 100])  # mid-block: inside a member
     good = tar_keys([paths[0], paths[2]]) + readable_keys(paths[1])
     keys, messages, sizes = [], [], []
     for rank in range(2):
@@ -187,10 +217,10 @@ def test_truncated_tar_is_reported_skipped_and_counted(tmp_path, tiny_processor)
         assert stream.skipped == stream.state_dict()["skipped"]
     assert sorted(keys) == sorted(good) and len(good) < 18
     assert sizes[0] == sizes[1]
-    assert any("001.tar" in m and "truncated" in m for m in messages)
+    assert any("001.tar: truncated tar" in m for m in messages), messages
     with pytest.raises(StreamError, match="001.tar"):
         list(loader(paths, tiny_processor, on_error="raise"))
-    with pytest.raises(StreamError, match="max_skip_fraction"):
+    with pytest.raises(StreamError, match="max_skip_fraction"), pytest.warns(StreamWarning):
         list(loader(paths, tiny_processor, max_skip_fraction=0.05))
 
 
@@ -253,7 +283,7 @@ def test_missing_shard_and_sha256_mismatch_are_skipped(tmp_path, tiny_processor)
 
 def test_memory_does_not_grow_with_the_split(tmp_path, tiny_processor):
     def peak(shards: int) -> int:
-        paths = write_mel_shards(tmp_path / f"n{shards}", [40] * shards)
+        paths = write_mel_shards(tmp_path / f"n{shards}", [30] * shards)
         stream = loader(paths, tiny_processor, batch_size=4, shuffle_buffer=16)
         tracemalloc.start()
         for _ in stream:
@@ -262,7 +292,7 @@ def test_memory_does_not_grow_with_the_split(tmp_path, tiny_processor):
         tracemalloc.stop()
         return size
 
-    small, large = peak(2), peak(20)  # 80 vs 800 samples (~6 KB of raw bytes each)
+    small, large = peak(2), peak(12)  # 60 vs 360 samples (~4 KB of raw bytes each)
     assert large < small * 1.3 + 200_000, (small, large)
 
 

@@ -26,6 +26,15 @@ from tests.conftest import write_mel_shards
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on 2 shared cores, 2 OpenMP threads under load run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
@@ -73,6 +82,10 @@ def record_keys(monkeypatch, seen: list, signal_at: int | None = None) -> None:
         loader = make_loader(*args, **kwargs)
         return KeyRecorder(loader, seen, signal_at) if kwargs.get("train") else loader
     monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
+
+
+def child_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def free_port() -> int:
@@ -129,7 +142,7 @@ def test_model_options_apply(tiny_processor, shards):
     train_stream.apply_model_options(model, cfg.model_config)
     assert model.model.encoder.layers[0].dropout == 0.25 and model.model.decoder.dropout == 0.25
     assert model.config.apply_spec_augment and model.config.mask_time_prob == 0.3
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     groups = train_stream.param_groups(model, 0.01)
     assert groups[1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[1]["params"])
     assert not any(p is q for p in model.model.encoder.parameters() for g in groups for q in g["params"])
@@ -229,7 +242,7 @@ def test_two_process_run_gathers_validation_across_ranks(tmp_path, shards):
                      "trainer_config.per_device_train_batch_size=4", "++trainer_config.split_batches=true",
                      "trainer_config.eval_steps=3", "trainer_config.per_device_eval_batch_size=2",
                      "++trainer_config.eval_metrics=[bleu]", "++trainer_config.generation_max_new_tokens=4")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["per_device_batch_size"] == 2 and info["effective_batch_size"] == 4
@@ -247,7 +260,8 @@ def test_two_process_run_gathers_validation_across_ranks(tmp_path, shards):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
     out = tmp_path / "term"
     cmd = [sys.executable, str(ROOT / "train_stream.py"), *run_args(out, shards[0], "trainer_config.max_steps=100000")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]

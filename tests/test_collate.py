@@ -1,0 +1,107 @@
+"""Collator against the references: WhisperFeatureExtractor for padded features, the tokenizer for
+labels, and the HF model's own loss for the label shift."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from pipeline.collate import Collator
+from pipeline.features import clip_features, pad_mel
+from pipeline.model import load_model
+from tests.conftest import tone
+
+
+def clip_sample(key: str, seconds: float, captions: list[str], freq: float = 440.0) -> tuple[dict, np.ndarray]:
+    audio = tone(seconds, 16000, freq=freq)
+    feats = clip_features(audio)
+    meta = {"captions": captions, "pad_value": feats["pad_value"], "source": f"{key}.wav", "seconds": seconds}
+    return {"__key__": key, "mel": feats["mel"], "json": meta}, audio
+
+
+def test_features_are_padded_like_the_feature_extractor(tiny_processor):
+    samples, audios = zip(*[clip_sample("a", 1.3, ["x"]), clip_sample("b", 4.0, ["y"], 880.0),
+                            clip_sample("c", 0.2, ["z"], 300.0)])
+    batch = Collator(tiny_processor.tokenizer)(list(samples))
+    feats = batch["input_features"]
+    assert feats.dtype == torch.float16 and feats.shape == (3, 80, 3000)
+    reference = WhisperFeatureExtractor(feature_size=80)(list(audios), sampling_rate=16000,
+                                                         return_tensors="np").input_features  # [3, 80, 3000]
+    np.testing.assert_allclose(feats.float().numpy(), reference, atol=2e-3)
+    for row, sample in zip(feats, samples):  # exactly pad_mel with each clip's own pad_value
+        np.testing.assert_array_equal(row.numpy(), pad_mel(sample["mel"], sample["json"]["pad_value"]))
+
+
+def test_labels_are_tokenizer_ids_without_start_and_padded_by_length(tiny_processor):
+    tok = tiny_processor.tokenizer
+    captions = ["A dog barks.", "Rain falls on a tin roof while thunder rolls far away."]
+    samples = [clip_sample(f"k{i}", 1.0, [c])[0] for i, c in enumerate(captions)]
+    samples.append({"__key__": "", "__pad__": True})
+    batch = Collator(tok, train=False)(samples)
+    labels = batch["labels"]
+    assert labels.dtype == torch.int64
+    for row, caption in zip(labels, captions):
+        ids = tok(caption).input_ids
+        assert ids[:4] == [50258, 50259, 50358, 50363] and ids[-1] == 50257
+        expected = ids[1:] + [-100] * (labels.shape[1] - len(ids) + 1)
+        assert row.tolist() == expected  # the end-of-text (= pad id) is kept as a target
+    assert (labels[2] == -100).all() and batch["is_pad"].tolist() == [False, False, True]
+    assert batch["keys"] == ["k0", "k1", ""] and batch["captions"][2] == [] and batch["meta"][2] == {}
+
+
+def test_hf_loss_with_these_labels_is_the_manual_cross_entropy(tiny_processor):
+    tok = tiny_processor.tokenizer
+    samples = [clip_sample("a", 1.0, ["A dog barks."])[0], clip_sample("b", 2.0, ["Birds sing at dawn in a park."])[0]]
+    batch = Collator(tok, train=False)(samples)
+    model = load_model("tiny", tiny_processor).eval()
+    feats, labels = batch["input_features"].float(), batch["labels"]
+    with torch.no_grad():
+        loss = model(input_features=feats, labels=labels).loss
+        decoder_input_ids = shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+        assert decoder_input_ids[:, :2].tolist() == [[50258, 50259]] * 2  # start once, then <|en|>
+        logits = model(input_features=feats, decoder_input_ids=decoder_input_ids).logits  # [B, T, V]
+    manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, manual)
+
+
+def test_long_captions_are_cut_with_a_warning(tiny_processor):
+    sample = clip_sample("long", 1.0, [" ".join(["word"] * 60)])[0]
+    with pytest.warns(UserWarning, match="'long' has .* cut to max_label_tokens=16"):
+        labels = Collator(tiny_processor.tokenizer, max_label_tokens=16)([sample])["labels"]
+    assert labels.shape == (1, 16)
+    assert labels[0].tolist() == tiny_processor.tokenizer(sample["json"]["captions"][0]).input_ids[1:17]
+
+
+def test_caption_draw_is_seeded_per_epoch_and_eval_keeps_all(tiny_processor):
+    tok = tiny_processor.tokenizer
+    caps = [f"caption number {i}" for i in range(6)]
+    samples = [clip_sample(f"k{i}", 0.5, caps)[0] for i in range(8)]
+    train = Collator(tok, train=True, seed=1)
+
+    def drawn(batch):
+        return [tok.decode(row[row != -100][3:-1]).strip() for row in batch["labels"]]
+
+    epoch0, epoch0_again = drawn(train(samples, epoch=0)), drawn(train(samples[::-1], epoch=0))[::-1]
+    assert epoch0 == epoch0_again  # independent of the order in the batch
+    assert epoch0 != drawn(train(samples, epoch=1)) and set(epoch0) <= set(caps) and len(set(epoch0)) > 1
+    evaluation = Collator(tok, train=False)(samples)
+    assert drawn(evaluation) == [caps[0]] * 8 and evaluation["captions"] == [caps] * 8
+
+
+def test_spec_augment_is_seeded_off_by_default_and_fills_pad_value(tiny_processor):
+    sample = clip_sample("k", 2.0, ["x"])[0]
+    pad_value = sample["json"]["pad_value"]
+    plain = Collator(tiny_processor.tokenizer)([sample])["input_features"][0]
+    np.testing.assert_array_equal(plain.numpy(), pad_mel(sample["mel"], pad_value))
+    options = dict(time_masks=2, time_width=50, freq_masks=2, freq_width=10)
+    augment = Collator(tiny_processor.tokenizer, spec_augment=options, seed=4)
+    first, again = augment([sample], epoch=0)["input_features"][0], augment([sample], epoch=0)["input_features"][0]
+    other = augment([sample], epoch=1)["input_features"][0]
+    assert torch.equal(first, again) and not torch.equal(first, other) and not torch.equal(first, plain)
+    changed = first != plain
+    assert (first[changed] == torch.tensor(pad_value, dtype=torch.float16)).all()
+    assert not changed[:, sample["mel"].shape[1]:].any()  # the padded tail already is pad_value
+    evaluation = Collator(tiny_processor.tokenizer, train=False, spec_augment=options)([sample])["input_features"][0]
+    assert torch.equal(evaluation, plain)

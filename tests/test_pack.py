@@ -1,0 +1,308 @@
+"""The packer end to end, checked against the references: features against ``WhisperFeatureExtractor``
+on ``librosa.load(path, sr=16000)``, shards read by plain ``webdataset``, ``tarfile`` and ``tar tf``,
+``index.json`` against hashlib, rejects against the inputs that were made bad on purpose."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pytest
+import soundfile
+import webdataset
+from transformers import WhisperFeatureExtractor
+
+from pipeline.features import N_FRAMES, pad_mel
+from shard_tools.pack import main
+from tests.conftest import write_audio
+
+ROOT = Path(__file__).resolve().parent.parent
+MIXED = [(".wav", 16000, 1), (".flac", 44100, 2), (".ogg", 22050, 1), (".mp3", 48000, 2), (".wav", 8000, 3)]
+
+
+def make_clips(directory: Path, count: int, seconds: float = 0.3, caption_suffix: str = ".txt") -> list[Path]:
+    """``count`` short clips cycling through the formats, rates and channel counts of MIXED."""
+    paths = []
+    for i in range(count):
+        suffix, sr, channels = MIXED[i % len(MIXED)]
+        path = write_audio(directory / f"clip{i:02d}{suffix}", seconds=seconds + 0.05 * i, sr=sr,
+                           channels=channels, freq=200 + 50 * i, seed=i)
+        if caption_suffix == ".txt":
+            path.with_suffix(".txt").write_text(f"caption {i}\n")
+        else:
+            path.with_suffix(".json").write_text(json.dumps({"text": [f"caption {i}", f"other {i}"], "id": i}))
+        paths.append(path)
+    return paths
+
+
+def read_split(directory: Path) -> list[dict]:
+    """All samples of a split through plain ``webdataset.WebDataset``, decoded by hand (no pickle)."""
+    index = json.loads((directory / "index.json").read_text())
+    urls = [str(directory / shard["name"]) for shard in index["shards"]]
+    samples = []
+    for sample in webdataset.WebDataset(urls, shardshuffle=False):
+        samples.append({"key": sample["__key__"], "meta": json.loads(sample["json"]),
+                        "mel": np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False)})
+    return samples
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def reference_features(path: Path, n_mels: int) -> np.ndarray:
+    """The seed's features: librosa.load at 16 kHz, then the extractor on the 30-s padded clip."""
+    audio, _ = librosa.load(str(path), sr=16000)
+    extractor = WhisperFeatureExtractor(feature_size=n_mels)
+    return extractor(audio, sampling_rate=16000, return_tensors="np").input_features[0]  # [n_mels, 3000]
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_features_match_the_extractor_and_shards_read_with_plain_tools(tmp_path, n_mels):
+    clips = make_clips(tmp_path / "ds" / "train", 5, caption_suffix=".json")
+    dotted = write_audio(tmp_path / "ds" / "train" / "a.b.wav", seconds=0.4, sr=32000, freq=900)
+    dotted.with_suffix(".txt").write_text("a dotted name")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--n-mels", str(n_mels),
+                 "--samples-per-shard", "4"]) == 0
+    split = out / "train"
+    index = json.loads((split / "index.json").read_text())
+    assert index["features"]["n_mels"] == n_mels and [s["name"] for s in index["shards"]] == ["000.tar", "001.tar"]
+    for shard in index["shards"]:
+        data = (split / shard["name"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    samples = read_split(split)
+    assert [s["samples"] for s in index["shards"]] == [4, 2] and index["totals"]["samples"] == len(samples) == 6
+    by_source = {s["meta"]["source"]: s for s in samples}
+    # The key of a.b.wav survives webdataset's split at the first dot.
+    assert by_source["train/a.b.wav"]["key"].startswith("train_a_b-")
+    for path in [*clips, dotted]:
+        sample = by_source[f"train/{path.name}"]
+        meta, mel = sample["meta"], sample["mel"]
+        ref = reference_features(path, n_mels)
+        assert mel.dtype == np.float16 and mel.shape[0] == n_mels and mel.shape[1] < N_FRAMES
+        np.testing.assert_allclose(pad_mel(mel, meta["pad_value"]).astype(np.float32), ref, atol=2e-3)
+        info = soundfile.info(str(path))
+        assert meta["orig_sample_rate"] == info.samplerate and meta["truncated"] is False
+        assert meta["seconds"] == pytest.approx(info.duration, abs=2e-3)
+    assert by_source["train/clip01.flac"]["meta"]["captions"] == ["caption 1", "other 1"]
+    assert by_source["train/clip01.flac"]["meta"]["extra"] == {"id": 1}
+    assert index["totals"]["seconds"] == pytest.approx(sum(s["meta"]["seconds"] for s in samples), abs=1e-4)
+    with tarfile.open(split / "000.tar") as tar:
+        names = tar.getnames()
+        assert all(m.mtime == 0 and m.mode == 0o444 and m.uname == "" for m in tar.getmembers())
+    assert [n.split(".", 1)[1] for n in names] == ["mel.npy", "json"] * 4  # the two members, in that order
+    if shutil.which("tar"):
+        listing = subprocess.run(["tar", "tf", str(split / "000.tar")], capture_output=True, text=True, check=True)
+        assert listing.stdout.split() == names
+    assert (split / "rejects.jsonl").read_text() == ""
+
+
+def make_bad_dataset(root: Path) -> dict[str, str]:
+    """Three good clips and one of each bad case; returns ``{path: expected reason start}``."""
+    make_clips(root, 3)
+    write_audio(root / "nocaption.wav", seconds=0.3)
+    (root / "orphan.txt").write_text("no audio for this caption")
+    write_audio(root / "blank.flac", seconds=0.3)
+    (root / "blank.txt").write_text("   \n")
+    write_audio(root / "nofield.wav", seconds=0.3)
+    (root / "nofield.json").write_text(json.dumps({"caption": "not in the text field"}))
+    (root / "corrupt.mp3").write_bytes(b"\xff\xfb garbage, not an mp3 frame" * 10)
+    (root / "corrupt.txt").write_text("a corrupt file")
+    soundfile.write(str(root / "empty.wav"), np.zeros(0, dtype=np.float32), 16000)
+    (root / "empty.txt").write_text("zero samples")
+    soundfile.write(str(root / "silent.wav"), np.zeros(8000, dtype=np.float32), 16000)
+    (root / "silent.txt").write_text("all zeros")
+    return {"nocaption.wav": "audio without caption", "orphan.txt": "caption without audio",
+            "blank.flac": "blank.txt: empty caption", "nofield.wav": "nofield.json: no caption field 'text'",
+            "corrupt.mp3": "cannot decode audio", "empty.wav": "zero-length audio",
+            "silent.wav": "silent audio"}
+
+
+def test_bad_inputs_go_to_rejects_and_the_exit_status_follows_the_fraction(tmp_path, capsys):
+    expected = make_bad_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    status = main([str(tmp_path / "ds"), "--out", str(out), "--workers", "2"])
+    assert status == 1  # 7 of 10 rejected, above the default 0.1
+    err = capsys.readouterr().err
+    assert "7 of 10 inputs (70.0%) were rejected" in err and str(out / "rejects.jsonl") in err
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in rejects) == sorted(expected)
+    for r in rejects:
+        assert r["reason"].startswith(expected[r["path"]]), r
+    samples = read_split(out)  # the good clips are packed all the same
+    assert sorted(s["meta"]["source"] for s in samples) == ["clip00.wav", "clip01.flac", "clip02.ogg"]
+    index = json.loads((out / "index.json").read_text())
+    assert index["split"] == "" and index["totals"]["rejected"] == 7 and index["totals"]["samples"] == 3
+    assert main([str(tmp_path / "ds"), "--out", str(out), "--max-reject-fraction", "0.7", "--overwrite",
+                 "--workers", "1"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_shards_are_byte_identical_for_any_worker_count_and_run(tmp_path):
+    for split in ("train", "validation"):
+        make_clips(tmp_path / "ds" / split, 11 if split == "train" else 4)
+    (tmp_path / "ds" / "train" / "stray.txt").write_text("caption without audio")
+    (tmp_path / "ds" / "nothing_good").mkdir()
+    (tmp_path / "ds" / "nothing_good" / "stray.json").write_text("{}")
+    runs = []
+    for name, workers in (("w1", 1), ("w2", 2), ("w2again", 2)):
+        assert main([str(tmp_path / "ds"), "--out", str(tmp_path / name), "--workers", str(workers),
+                     "--samples-per-shard", "3", "--max-reject-fraction", "0.2"]) == 0  # 2 of 17 rejected
+        runs.append(tree_bytes(tmp_path / name))
+    assert runs[0] == runs[1] == runs[2]
+    assert json.loads(runs[0]["nothing_good/index.json"])["totals"] == {
+        "shards": 0, "samples": 0, "seconds": 0, "bytes": 0, "truncated": 0, "rejected": 1}
+    assert sorted(k for k in runs[0] if k.endswith(".tar")) == [
+        "train/000.tar", "train/001.tar", "train/002.tar", "train/003.tar", "validation/000.tar", "validation/001.tar"]
+    # Rolling by size instead: every shard stays under the limit.
+    assert main([str(tmp_path / "ds"), "--out", str(tmp_path / "mb"), "--workers", "1", "--samples-per-shard", "0",
+                 "--max-shard-mb", "0.1", "--split", "train"]) == 0
+    index = json.loads((tmp_path / "mb" / "train" / "index.json").read_text())
+    assert index["totals"]["samples"] == 11 and len(index["shards"]) > 1
+    assert all(s["bytes"] <= 100_000 for s in index["shards"])
+
+
+def test_parts_are_disjoint_cover_the_dataset_and_merge_their_indexes(tmp_path):
+    make_clips(tmp_path / "ds" / "train", 10)
+    assert main([str(tmp_path / "ds"), "--out", str(tmp_path / "whole"), "--workers", "1"]) == 0
+    whole = {s["key"]: s for s in read_split(tmp_path / "whole" / "train")}
+    out = tmp_path / "parts"
+    keys = []
+    for part in range(3):
+        assert not (out / "train" / "index.json").exists()  # merged only once every part is done
+        assert main([str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--part", str(part),
+                     "--num-parts", "3", "--samples-per-shard", "2"]) == 0
+        keys.append([s["key"] for s in read_split(out / "train" / f"part-{part}-of-3")])
+    assert [len(k) for k in keys] == [3, 3, 4]
+    assert sum(keys, []) == sorted(whole)  # disjoint, covering, in the single run's order
+    merged = json.loads((out / "train" / "index.json").read_text())
+    assert merged["totals"]["samples"] == 10 and merged["shards"][0]["name"] == "part-0-of-3/000.tar"
+    for shard in merged["shards"]:
+        assert hashlib.sha256((out / "train" / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    merged_samples = read_split(out / "train")
+    for sample in merged_samples:  # same features as the single run
+        np.testing.assert_array_equal(sample["mel"], whole[sample["key"]]["mel"])
+        assert sample["meta"] == whole[sample["key"]]["meta"]
+
+
+def test_resume_keeps_complete_shards_and_gives_the_same_bytes(tmp_path, capsys):
+    make_clips(tmp_path / "ds", 9)
+    (tmp_path / "ds" / "orphan.txt").write_text("x")
+    args = [str(tmp_path / "ds"), "--workers", "1", "--samples-per-shard", "2"]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    reference = tree_bytes(tmp_path / "ref")
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "ref", out)
+    # A killed run: no index.json yet, the last shard not renamed into place, a half-written .tmp.
+    (out / "index.json").unlink()
+    (out / "004.tar").unlink()
+    (out / "004.tar.tmp").write_bytes(b"half a shard")
+    assert main([*args, "--out", str(out)]) == 2  # refuses to mix runs without --resume
+    assert "--resume" in capsys.readouterr().err
+    kept = (out / "000.tar").stat().st_mtime_ns
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert (out / "000.tar").stat().st_mtime_ns == kept  # complete shards are kept, not rewritten
+    assert tree_bytes(out) == reference
+    # A damaged shard in the middle: it and everything after it are packed again.
+    with open(out / "001.tar", "r+b") as f:
+        f.seek(700)
+        f.write(b"\x00\x01")
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert tree_bytes(out) == reference
+    # Resuming with other settings is refused with the reason.
+    assert main([*args[:-1], "3", "--out", str(out), "--resume"]) == 2
+    assert "samples_per_shard" in capsys.readouterr().err
+
+
+def test_kill_then_resume_through_the_command_line(tmp_path):
+    make_clips(tmp_path / "ds", 40, seconds=2.0)
+    args = [str(tmp_path / "ds"), "--workers", "1", "--samples-per-shard", "1"]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "shard_tools.pack", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out / "001.tar").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "index.json").exists(), "the packer finished before it could be killed"
+    done = subprocess.run([sys.executable, "-m", "shard_tools.pack", *args, "--out", str(out), "--resume"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "total: 40 clips" in done.stdout and "rejected 0" in done.stdout
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+
+
+def test_clips_over_30_seconds_are_truncated_and_counted(tmp_path, capsys):
+    long_clip = write_audio(tmp_path / "ds" / "long.flac", seconds=31.0, sr=22050, freq=300)
+    long_clip.with_suffix(".txt").write_text("a long hum")
+    write_audio(tmp_path / "ds" / "short.wav", seconds=0.5).with_suffix(".txt").write_text("short")
+    assert main([str(tmp_path / "ds"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert "truncated 1" in capsys.readouterr().out
+    samples = {s["meta"]["source"]: s for s in read_split(tmp_path / "out")}
+    meta, mel = samples["long.flac"]["meta"], samples["long.flac"]["mel"]
+    assert meta["truncated"] is True and meta["seconds"] == pytest.approx(31.0, abs=1e-3)
+    assert mel.shape == (80, N_FRAMES)
+    np.testing.assert_allclose(pad_mel(mel, meta["pad_value"]).astype(np.float32),
+                               reference_features(long_clip, 80), atol=2e-3)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["totals"]["truncated"] == 1 and samples["short.wav"]["meta"]["truncated"] is False
+
+
+def test_manifest_and_raw_audio_shards_end_to_end(tmp_path):
+    clips = make_clips(tmp_path / "audio", 3)
+    manifest = tmp_path / "captions.csv"
+    manifest.write_text("file,caption,speaker\n" + "".join(
+        f"audio/{p.name},caption {i},s{i}\n" for i, p in enumerate(clips)) + "audio/missing.wav,gone,s9\n")
+    out = tmp_path / "out"
+    assert main(["--manifest", str(manifest), "--audio-field", "file", "--caption-field", "caption", "--out",
+                 str(out), "--split", "train", "--workers", "1", "--max-reject-fraction", "0.5"]) == 0
+    samples = read_split(out / "train")
+    assert [(s["meta"]["source"], s["meta"]["captions"], s["meta"]["extra"]) for s in samples] == [
+        (f"audio/{p.name}", [f"caption {i}"], {"speaker": f"s{i}"}) for i, p in enumerate(clips)]
+    assert json.loads((out / "train" / "rejects.jsonl").read_text())["path"] == "audio/missing.wav"
+    # The same clips as raw-audio shards in the emo_webds layout (KEY.flac + KEY.json).
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for s in range(2):
+        with tarfile.open(raw / f"{s:03d}.tar", "w") as tar:
+            for i, clip in enumerate(clips[s:s + 2]):
+                audio, sr = soundfile.read(str(clip))
+                buf = io.BytesIO()
+                soundfile.write(buf, audio, sr, format="FLAC")
+                for ext, data in (("flac", buf.getvalue()), ("json", json.dumps({"text": f"raw {s}{i}"}).encode())):
+                    info = tarfile.TarInfo(f"s{s}_{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    assert main(["--from-shards", str(raw / "{000..001}.tar"), "--audio-field", "flac", "--caption-field",
+                 "json.text", "--out", str(tmp_path / "from_raw"), "--workers", "2", "--n-mels", "128"]) == 0
+    samples = read_split(tmp_path / "from_raw")
+    assert [s["meta"]["source"] for s in samples] == [f"{raw / '000.tar'}#s0_0.flac", f"{raw / '000.tar'}#s0_1.flac",
+                                                      f"{raw / '001.tar'}#s1_0.flac", f"{raw / '001.tar'}#s1_1.flac"]
+    assert [s["meta"]["captions"] for s in samples] == [["raw 00"], ["raw 01"], ["raw 10"], ["raw 11"]]
+    assert all(s["mel"].shape[0] == 128 for s in samples)
+
+
+def test_usage_errors_exit_with_status_2(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "out")]) == 2
+    assert "exactly one input" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([str(tmp_path), "--part", "2", "--num-parts", "2"]) == 2
+    try:
+        import datasets  # noqa: F401
+    except ImportError:  # the optional extra is missing: a clear message, not a traceback
+        assert main(["--hf-dataset", "some/name", "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
+        assert "pip install 'whisper-caption-stream[hf]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--n-mels", "64"])

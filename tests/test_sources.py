@@ -1,0 +1,243 @@
+"""Input layouts: what each yields for good and bad inputs, checked against hand-written expectations
+(hashlib for keys, plain tarfile for raw shards, webdataset's own key split)."""
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from shard_tools import sources
+from tests.conftest import write_audio
+
+
+def sha10(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def by_source(split_input):
+    return {item["source"]: item for item in split_input.items()}
+
+
+def test_keys_follow_the_format():
+    assert sources.make_key("dogs/a.b.wav") == f"dogs_a_b-{sha10('dogs/a.b.wav')}"
+    assert sources.make_key("train/x y/é.flac") == f"train_x_y__-{sha10('train/x y/é.flac')}"
+    assert sources.make_key("raw/000.tar#s1.flac") == f"raw_000_tar_s1-{sha10('raw/000.tar#s1.flac')}"
+    # Same stem, different files: different keys.
+    assert sources.make_key("a.wav") != sources.make_key("a.flac")
+
+
+def test_split_folders_with_txt_and_json_captions(tmp_path):
+    root = tmp_path / "ds"
+    write_audio(root / "train" / "b.flac", seconds=0.2, sr=44100, channels=2)
+    (root / "train" / "b.txt").write_text("  a dog barks \n")
+    write_audio(root / "train" / "sub" / "a.b.wav", seconds=0.2)
+    (root / "train" / "sub" / "a.b.json").write_text(json.dumps({"text": "rain falls", "id": 7}))
+    write_audio(root / "my split" / "c.mp3", seconds=0.2, sr=22050)
+    (root / "my split" / "c.json").write_text(json.dumps({"text": ["one", " two ", ""], "meta": {"x": 1}}))
+    (root / "dataset_info.json").write_text("{}")  # top-level metadata is not an input
+    (root / "train" / "notes.md").write_text("ignored")
+    inputs = sources.folder_inputs(root, ["text"])
+    assert [i.name for i in inputs] == ["my split", "train"]
+    split_c, train = inputs
+    assert train.total == 2
+    items = list(train.items())
+    assert [i["source"] for i in items] == ["train/b.flac", "train/sub/a.b.wav"]  # sorted by source
+    b, ab = items
+    assert b["captions"] == ["a dog barks"] and b["extra"] == {} and b["split"] == "train"
+    assert b["audio"] == str(root / "train" / "b.flac")
+    assert ab["__key__"] == f"train_sub_a_b-{sha10('train/sub/a.b.wav')}"
+    assert ab["captions"] == ["rain falls"] and ab["extra"] == {"id": 7}
+    (c,) = split_c.items()
+    assert c["captions"] == ["one", "two"] and c["extra"] == {"meta": {"x": 1}} and c["split"] == "my split"
+    assert [i.name for i in sources.folder_inputs(root, ["text"], split="train")] == ["train"]
+
+
+def test_flat_folder_dotted_and_several_caption_fields(tmp_path):
+    write_audio(tmp_path / "x.ogg", seconds=0.2)
+    (tmp_path / "x.json").write_text(json.dumps({"json": {"text": "nested"}, "alt": ["a", "b"], "k": 1}))
+    write_audio(tmp_path / "y.wav", seconds=0.2)
+    (tmp_path / "y.json").write_text(json.dumps({"json.text": "literal dotted key", "alt": "c"}))
+    (flat,) = sources.folder_inputs(tmp_path, ["json.text", "alt"])
+    assert flat.name == ""
+    x, y = flat.items()
+    assert x["captions"] == ["nested", "a", "b"] and x["extra"] == {"json": {}, "k": 1}
+    assert y["captions"] == ["literal dotted key", "c"] and y["extra"] == {}
+    assert sources.folder_inputs(tmp_path, ["text"], split="mine")[0].name == "mine"
+
+
+def test_every_bad_folder_input_is_a_reject_with_its_reason(tmp_path):
+    write_audio(tmp_path / "good.wav", seconds=0.2)
+    (tmp_path / "good.txt").write_text("fine")
+    write_audio(tmp_path / "nocap.wav", seconds=0.2)
+    (tmp_path / "orphan.txt").write_text("a caption with no audio")
+    write_audio(tmp_path / "empty.wav", seconds=0.2)
+    (tmp_path / "empty.txt").write_text("  \n")
+    write_audio(tmp_path / "emptyjson.flac", seconds=0.2)
+    (tmp_path / "emptyjson.json").write_text(json.dumps({"text": ["", " "]}))
+    write_audio(tmp_path / "nofield.wav", seconds=0.2)
+    (tmp_path / "nofield.json").write_text(json.dumps({"caption": "wrong field"}))
+    write_audio(tmp_path / "badjson.wav", seconds=0.2)
+    (tmp_path / "badjson.json").write_text("{not json")
+    write_audio(tmp_path / "number.wav", seconds=0.2)
+    (tmp_path / "number.json").write_text(json.dumps({"text": 3}))
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF not really audio")  # found bad only when decoded
+    (tmp_path / "corrupt.txt").write_text("decoded later")
+    items = by_source(sources.folder_inputs(tmp_path, ["text"])[0])
+    reasons = {source: item.get("reason") for source, item in items.items()}
+    assert reasons["good.wav"] is None and reasons["corrupt.wav"] is None
+    assert reasons["nocap.wav"].startswith("audio without caption")
+    assert reasons["orphan.txt"] == "caption without audio"
+    assert reasons["empty.wav"] == "empty.txt: empty caption"
+    assert reasons["emptyjson.flac"] == "emptyjson.json: empty caption"
+    assert reasons["nofield.wav"] == "nofield.json: no caption field 'text'"
+    assert reasons["badjson.wav"].startswith("badjson.json: invalid JSON")
+    assert "not a string" in reasons["number.wav"]
+    assert all(sources.is_reject(items[s]) == (reasons[s] is not None) for s in items)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_csv_and_jsonl(tmp_path, kind):
+    write_audio(tmp_path / "audio" / "a.wav", seconds=0.2)
+    write_audio(tmp_path / "audio" / "b.flac", seconds=0.2, sr=32000)
+    rows = [{"audio_file": "audio/b.flac", "caption_text": "bee", "lang": "en"},
+            {"audio_file": "audio/a.wav", "caption_text": "first", "lang": "en"},
+            {"audio_file": "audio/a.wav", "caption_text": "second", "lang": "en"},  # merged with the row above
+            {"audio_file": "audio/missing.wav", "caption_text": "gone", "lang": "en"},
+            {"audio_file": "audio/b.flac", "caption_text": " ", "lang": "en"}]
+    manifest = tmp_path / "meta" / f"captions.{kind}"
+    manifest.parent.mkdir()
+    for row in rows:
+        row["audio_file"] = "../" + row["audio_file"]  # paths are relative to the manifest
+    if kind == "csv":
+        lines = ["audio_file,caption_text,lang"] + [f"{r['audio_file']},{r['caption_text']},{r['lang']}" for r in rows]
+        manifest.write_text("\n".join(lines) + "\n")
+    else:
+        manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    (split,) = sources.manifest_inputs(manifest, "audio_file", ["caption_text"], split="train")
+    items = list(split.items())
+    assert split.name == "train" and all(i["split"] == "train" for i in items)
+    good = [i for i in items if not sources.is_reject(i)]
+    bad = [i for i in items if sources.is_reject(i)]
+    assert [(i["source"], i["captions"], i["extra"]) for i in good] == [
+        ("../audio/a.wav", ["first", "second"], {"lang": "en"}),
+        ("../audio/b.flac", ["bee"], {"lang": "en"})]
+    assert os.path.samefile(good[0]["audio"], tmp_path / "audio" / "a.wav")
+    first = 2 if kind == "csv" else 1  # the line of the first row
+    expected = [("../audio/b.flac", f"captions.{kind}:{first + 4}: empty caption"),
+                ("../audio/missing.wav", f"captions.{kind}:{first + 3}: audio file not found "
+                                         f"({tmp_path / 'audio' / 'missing.wav'})")]
+    if kind == "jsonl":
+        expected.append(("captions.jsonl:6", "invalid JSON line (Expecting property name enclosed in double "
+                                                "quotes: line 1 column 2 (char 1))"))
+    assert [(i["source"], i["reason"]) for i in bad] == expected
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_raw_shards(tmp_path, per_shard=3):
+    """Two raw-audio shards in the emo_webds layout: KEY.flac + KEY.json ({"text": …, "emotion": …})."""
+    urls = []
+    for s in range(2):
+        url = tmp_path / "raw" / f"{s:03d}.tar"
+        url.parent.mkdir(exist_ok=True)
+        with tarfile.open(url, "w") as tar:
+            for i in range(per_shard):
+                key = f"v1.0/clip{s}_{i}"  # webdataset splits at the first dot of the base name only
+                audio = write_audio(tmp_path / "tmp.flac", seconds=0.2, seed=i).read_bytes()
+                add_member(tar, f"{key}.flac", audio)
+                add_member(tar, f"{key}.json", json.dumps({"text": f"caption {s} {i}", "emotion": "calm"}).encode())
+        urls.append(url)
+    return urls
+
+
+def test_raw_audio_shards(tmp_path):
+    urls = write_raw_shards(tmp_path)
+    with tarfile.open(urls[1], "a") as tar:  # a sample without audio, one without its caption field
+        add_member(tar, "noaudio.json", b'{"text": "x"}')
+        add_member(tar, "nocap.flac", (tmp_path / "tmp.flac").read_bytes())
+        add_member(tar, "nocap.json", b'{"label": 3}')
+    (tmp_path / "raw" / "002.tar").write_bytes(b"not a tar file at all" * 40)
+    pattern = str(tmp_path / "raw" / "{000..002}.tar")
+    (split,) = sources.shard_inputs(pattern, "flac", ["json.text"])
+    assert split.name == "" and split.total is None
+    items = list(split.items())
+    good = [i for i in items if not sources.is_reject(i)]
+    assert len(good) == 6
+    first = good[0]
+    assert first["source"] == f"{urls[0]}#v1.0/clip0_0.flac"
+    assert "." not in first["__key__"] and first["__key__"].endswith("_v1_0_clip0_0-" + sha10(first["source"]))
+    assert first["captions"] == ["caption 0 0"] and first["extra"] == {"emotion": "calm"}
+    with tarfile.open(urls[0]) as tar:
+        assert first["audio"] == tar.extractfile("v1.0/clip0_0.flac").read()
+    reasons = [i["reason"] for i in items if sources.is_reject(i)]
+    assert reasons[0].startswith("sample has no audio member") and reasons[1] == "no caption field 'json.text'"
+    assert reasons[2].startswith("cannot read shard after 0 samples")
+    # Default audio field: the first audio member; the parts split the shard list.
+    part0, part1 = (sources.shard_inputs(str(urls[0]) + " " + str(urls[1]), None, ["json.text"], part=p,
+                                         num_parts=2)[0] for p in range(2))
+    sources0 = [i["source"] for i in part0.items()]
+    sources1 = [i["source"] for i in part1.items()]
+    assert all(s.startswith(str(urls[0])) for s in sources0) and all(s.startswith(str(urls[1])) for s in sources1)
+
+
+def test_raw_shard_keys_differ_when_webdataset_keys_collide(tmp_path):
+    url = tmp_path / "dup.tar"
+    audio = write_audio(tmp_path / "a.wav", seconds=0.2).read_bytes()
+    with tarfile.open(url, "w") as tar:
+        add_member(tar, "a.wav", audio)
+        add_member(tar, "a.txt", b"first")
+    (split,) = sources.shard_inputs(f"{url} {url}", None, ["txt"])
+    first, second = split.items()
+    assert first["captions"] == ["first"]
+    assert second["reason"].startswith("duplicate key")
+
+
+def test_parts_are_disjoint_and_cover():
+    seq = list(range(10))
+    for n in (1, 3, 4, 12):
+        parts = [list(sources.part_slice(seq, i, n)) for i in range(n)]
+        assert sum(parts, []) == seq
+    with pytest.raises(ValueError):
+        sources.part_slice(seq, 3, 3)
+
+
+def test_folder_parts_slice_each_split(tmp_path):
+    for i in range(7):
+        write_audio(tmp_path / "train" / f"{i}.wav", seconds=0.1)
+        (tmp_path / "train" / f"{i}.txt").write_text(f"c{i}")
+    parts = [sources.folder_inputs(tmp_path, ["text"], part=p, num_parts=3)[0] for p in range(3)]
+    assert [p.total for p in parts] == [2, 2, 3]
+    assert sum(([i["source"] for i in p.items()] for p in parts), []) == [f"train/{i}.wav" for i in range(7)]
+    assert len({p.fingerprint for p in parts}) == 3
+
+
+def test_lookup_and_without():
+    obj = {"a": {"b": 1, "c": 2}, "a.b": 3, "d": [4]}
+    assert sources.lookup(obj, "a.b") == 3 and sources.lookup(obj, "a.c") == 2 and sources.lookup(obj, "d") == [4]
+    with pytest.raises(KeyError):
+        sources.lookup(obj, "a.x")
+    assert sources.without(obj, ["a.c", "zz"]) == {"a": {"b": 1}, "a.b": 3, "d": [4]}
+    assert obj["a"] == {"b": 1, "c": 2}  # the input is not changed
+    assert sources.parse_fields("caption_1, caption_2") == ["caption_1", "caption_2"]
+
+
+def test_hf_dataset_from_a_local_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    paths = [str(write_audio(tmp_path / f"{i}.wav", seconds=0.2, seed=i)) for i in range(3)]
+    table = datasets.Dataset.from_dict({"audio": paths, "caption": ["a", "b", ""], "n": [1, 2, 3]})
+    table = table.cast_column("audio", datasets.Audio())
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "hf"))
+    (split,) = sources.hf_inputs(str(tmp_path / "hf"), "audio", ["caption"])
+    items = list(split.items())
+    assert split.name == "train" and [i["source"] for i in items] == ["train/00000000", "train/00000001",
+                                                                       "train/00000002"]
+    assert items[0]["captions"] == ["a"] and items[0]["extra"] == {"n": 1}
+    assert isinstance(items[0]["audio"], (bytes, str))
+    assert items[2]["reason"] == "empty caption"

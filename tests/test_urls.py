@@ -1,0 +1,223 @@
+"""Shard URL expansion, index lookup and opening (local, http on loopback, pipe:, fsspec memory://),
+and the tar reader against plain ``tarfile``."""
+
+import functools
+import http.server
+import io
+import shutil
+import tarfile
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+
+from pipeline.stream import make_loader
+from pipeline.urls import (count_samples, expand_braces, expand_urls, iter_samples, open_url, read_index,
+                           resolve_shards)
+from tests.conftest import write_mel_shards
+
+
+def tar_keys(paths) -> list[str]:
+    keys = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            keys += [n[:-len(".json")] for n in tar.getnames() if n.endswith(".json")]
+    return keys
+
+
+def eval_keys(urls, processor, **kwargs) -> list[str]:
+    stream = make_loader(urls, processor.tokenizer, batch_size=3, train=False, **kwargs)
+    return [k for b in stream for k, pad in zip(b["keys"], b["is_pad"].tolist()) if not pad]
+
+
+def test_brace_forms():
+    assert expand_braces("a/{000..002}.tar") == ["a/000.tar", "a/001.tar", "a/002.tar"]
+    assert expand_braces("a/<8..10>.tar") == ["a/8.tar", "a/9.tar", "a/10.tar"]
+    assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+    assert expand_braces("plain{}") == ["plain{}"]
+    with pytest.raises(ValueError, match="<a,b>"):
+        expand_braces("data/<a,b>.tar")
+
+
+def test_expand_local_forms(tmp_path):
+    paths = write_mel_shards(tmp_path / "train", [1, 2, 1, 3])
+    d = tmp_path / "train"
+    assert expand_urls(f"{d}/{{000..002}}.tar") == paths[:3]
+    assert expand_urls(f"{d}/<000..002>.tar") == paths[:3]
+    assert expand_urls(f"{d}/000.tar, {d}/{{002,003}}.tar") == [paths[0], paths[2], paths[3]]
+    assert expand_urls([f"{d}/003.tar", Path(paths[1])]) == [paths[3], paths[1]]
+    assert expand_urls(f"{d}/00[13].tar") == [paths[1], paths[3]]
+    assert expand_urls(str(d)) == expand_urls(f"{d}/index.json") == paths
+    assert expand_urls(f"file://{d}/001.tar") == [paths[1]]
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        expand_urls(f"{d}/*.zip")
+    with pytest.raises(ValueError, match="more than once"):
+        expand_urls(f"{d}/000.tar,{d}/000.tar")
+
+
+def test_counts_from_index_and_by_header_scan(tmp_path):
+    paths = write_mel_shards(tmp_path / "train", [4, 0, 7])
+    shards, info = resolve_shards(expand_urls(str(tmp_path / "train")))
+    assert [s.samples for s in shards] == [4, 0, 7] and info["n_mels"] == 80 and not info["scanned"]
+    assert all(len(s.sha256) == 64 for s in shards)
+    (tmp_path / "train" / "index.json").unlink()
+    with pytest.warns(UserWarning, match="counting their samples"):
+        shards, info = resolve_shards(expand_urls(str(tmp_path / "train")))
+    assert [s.samples for s in shards] == [len(tar_keys([p])) for p in paths] and info["scanned"] == paths
+
+
+def test_broken_index_is_an_error(tmp_path):
+    write_mel_shards(tmp_path / "train", [2])
+    (tmp_path / "train" / "index.json").write_text('{"shards": [{"name": "000.tar"}]}')
+    with pytest.raises(ValueError, match="index.json"):
+        read_index(str(tmp_path / "train" / "index.json"))
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves files; ``NAME.cut`` promises all of NAME's bytes, sends half, and hangs up."""
+
+    def do_GET(self):
+        if not self.path.endswith(".cut"):
+            return super().do_GET()
+        data = Path(self.directory, self.path.lstrip("/")[:-len(".cut")]).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:len(data) // 2])
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A loopback http.server over tmp_path, in a thread."""
+    handler = functools.partial(_Handler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_shards_with_index(tmp_path, http_root, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [3, 5, 2])
+    base = f"{http_root}/train"
+    urls = expand_urls(f"{base}/{{000..002}}.tar")
+    assert urls == [f"{base}/00{i}.tar" for i in range(3)]
+    assert expand_urls(f"{base}/") == expand_urls(f"{base}/index.json") == urls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # counts come from the index over http: no scan warning
+        shards, _ = resolve_shards(urls)
+    assert [s.samples for s in shards] == [3, 5, 2]
+    assert eval_keys(f"{base}/<000..002>.tar", tiny_processor) == tar_keys(paths)
+    # A shard the server does not have: its samples are skipped, reported with the URL.
+    (tmp_path / "train" / "001.tar").unlink()
+    with pytest.warns(UserWarning, match="001.tar"):
+        keys = eval_keys(f"{base}/", tiny_processor, max_skip_fraction=0.6)
+    assert keys == tar_keys([paths[0], paths[2]])
+
+
+def test_http_connection_lost_mid_shard_names_url_and_key(tmp_path, http_root):
+    write_mel_shards(tmp_path / "train", [30])
+    url = f"{http_root}/train/000.tar.cut"
+    with open_url(url) as stream, pytest.raises(OSError, match=r"000.tar.cut: .*in sample 's000_00\d\d'"):
+        list(iter_samples(stream, url))
+
+
+def test_http_without_index_scans(tmp_path, http_root):
+    paths = write_mel_shards(tmp_path / "train", [3, 4], index=False)
+    with pytest.warns(UserWarning, match="counting their samples"):
+        shards, _ = resolve_shards(expand_urls(f"{http_root}/train/{{000..001}}.tar"))
+    assert [s.samples for s in shards] == [len(tar_keys([p])) for p in paths]
+
+
+def test_pipe_and_fsspec_urls(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [2, 3])
+    with pytest.warns(UserWarning, match="counting their samples"):
+        keys = eval_keys(f"pipe:cat {tmp_path}/train/{{000..001}}.tar", tiny_processor)
+    assert keys == tar_keys(paths)
+    with pytest.raises(OSError, match="status"):
+        with open_url(f"pipe:cat {tmp_path}/missing.tar") as stream:
+            stream.read()
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for name in ("000.tar", "001.tar", "index.json"):
+        fs.pipe(f"/wcs/train/{name}", (tmp_path / "train" / name).read_bytes())
+    try:
+        assert eval_keys("memory://wcs/train/{000..001}.tar", tiny_processor) == tar_keys(paths)
+    finally:
+        fs.rm("/wcs", recursive=True)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    """Long names (GNU longname, pax path), a directory entry and a member without extension."""
+    path = tmp_path / "x.tar"
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 60
+    names = [f"{long_dir}/k{i}.{ext}" for i in range(3) for ext in ("mel.npy", "json")]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(_dir_info(long_dir))
+        for name in names + ["README"]:
+            info = tarfile.TarInfo(name)
+            data = name.encode()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        samples = list(iter_samples(f, str(path)))
+    assert [s["__key__"] for s in samples] == [f"{long_dir}/k{i}" for i in range(3)]
+    assert samples[1]["json"] == f"{long_dir}/k1.json".encode()
+    assert count_samples(str(path)) == 3
+
+
+def _dir_info(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+class _CountingReader(io.RawIOBase):
+    def __init__(self, data: bytes, seekable: bool):
+        self.inner, self._seekable, self.bytes_read = io.BytesIO(data), seekable, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return self._seekable
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.inner.seek(offset, whence)
+
+    def readinto(self, buffer):
+        n = self.inner.readinto(buffer)
+        self.bytes_read += n
+        return n
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_skipped_samples_are_seeked_over(tmp_path, seekable):
+    path = write_mel_shards(tmp_path / "train", [40])[0]
+    data = Path(path).read_bytes()
+    reader = _CountingReader(data, seekable)
+    samples = list(iter_samples(reader, path, skip=37, limit=2))
+    assert [s["__key__"] for s in samples] == tar_keys([path])[37:39]
+    if seekable:  # headers only before the start: far less than the file
+        assert reader.bytes_read < len(data) / 4
+    with tarfile.open(path) as tar:
+        member = tar.extractfile(f"{samples[0]['__key__']}.mel.npy").read()
+    assert samples[0]["mel.npy"] == member
+
+
+def test_truncated_shard_reports_url_and_key(tmp_path):
+    path = write_mel_shards(tmp_path / "train", [3])[0]
+    data = Path(path).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:1800])
+    with open(cut, "rb") as f, pytest.raises(OSError, match=r"cut.tar: truncated tar .* in sample 's000_0000'"):
+        list(iter_samples(f, str(cut)))
+    shutil.copy(path, tmp_path / "ok.tar")
+    assert count_samples(str(tmp_path / "ok.tar")) == 3
