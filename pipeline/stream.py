@@ -429,12 +429,12 @@ class StreamLoader:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": ds.seed,
                 "world_size": ds.world_size, "num_workers": self.num_workers, "batch_size": ds.batch_size,
                 "num_samples": ds.num_samples, "train": ds.train, "shuffle_buffer": ds.shuffle_buffer,
-                "interleave": ds.interleave,
-                "skipped": self.skipped, "epoch_skipped": self.epoch_skipped}
+                "interleave": ds.interleave, "skipped": self.skipped, "epoch_skipped": self.epoch_skipped}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken; ``StreamError`` if it belongs to a different
-        plan (seed, world size, workers, batch size, split size or shuffle settings)."""
+        plan (seed, world size, workers, batch size, split size or shuffle settings). The rank is not
+        checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
         mine = self.state_dict()
         if state.get("version") != STATE_VERSION:
             raise StreamError(f"loader state version {state.get('version')!r}, this code reads {STATE_VERSION}")
@@ -504,8 +504,8 @@ def make_loader(urls, tokenizer, batch_size: int = 16, train: bool = True, seed:
     collator = Collator(tokenizer, train=train, seed=seed, max_label_tokens=max_label_tokens,
                         spec_augment=spec_augment, n_mels=n_mels or 80)
     dataset = ShardStream(shards, collator, batch_size=batch_size, train=train, seed=seed, rank=rank,
-                          world_size=world_size, shuffle_buffer=shuffle_buffer, interleave=interleave, on_error=on_error,
-                          verify=verify, n_mels=n_mels)
+                          world_size=world_size, shuffle_buffer=shuffle_buffer, interleave=interleave,
+                          on_error=on_error, verify=verify, n_mels=n_mels)
     return StreamLoader(dataset, num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
                         persistent_workers=persistent_workers, infinite=infinite,
                         max_skip_fraction=max_skip_fraction)

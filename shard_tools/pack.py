@@ -16,6 +16,7 @@ bounded number of chunks in flight: ordered like ``Pool.imap``, but it never rea
 ahead, which matters when raw-audio shards put the audio itself in the input stream), so the shards
 are byte-identical for any ``--workers``. Workers run torch on one thread and are forked from a
 forkserver that has imported torch and the features once; ``--workers 1`` computes in-process.
+Only workers import torch, so with a pool the main process starts at once.
 
 ``--part I --num-parts N`` packs the I-th of N contiguous, disjoint slices of every split into
 ``OUT/<split>/part-I-of-N/`` (its own ``000.tar …``, ``index.json`` and ``rejects.jsonl``), so parts
@@ -49,10 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
 from tqdm import tqdm
 
-from pipeline.features import AudioDecodeError, clip_features, decode_audio, mel_filters
 from shard_tools import sources, writer
 
 # Defaults of --audio-field / --caption-field per input layout.
@@ -61,7 +60,8 @@ DEFAULT_CAPTION_FIELD = {"folder": "text", "manifest": "caption_text", "shards":
 SHARD_FILE = re.compile(r"^\d{3,}\.tar$")
 MB = 1_000_000
 # Imported once by the forkserver, so that each forked worker starts with them loaded (a failed
-# import there only costs start-up time). Not this module: the workers re-run the main module.
+# import there only costs start-up time). Not this module: under ``python -m shard_tools.pack`` each
+# worker re-runs it as its main module, which runpy warns about when it is already imported.
 WORKER_PRELOAD = ["pipeline.features", "transformers.models.whisper.feature_extraction_whisper"]
 
 
@@ -71,8 +71,15 @@ class PackError(Exception):
 
 # ----------------------------------------------------------------------------- worker side
 
+# torch and the features are imported by the workers only (init_worker first): with --workers > 1 the
+# main process lists inputs and writes tars, and starts in a fraction of a second without them.
+
 def init_worker(n_mels: int) -> None:
     """Once per worker: one torch thread (the pool gives the parallelism), filters built up front."""
+    import torch
+
+    from pipeline.features import mel_filters
+
     torch.set_num_threads(1)
     mel_filters(n_mels)
 
@@ -80,6 +87,8 @@ def init_worker(n_mels: int) -> None:
 def encode(item: dict, n_mels: int) -> dict:
     """A record -> ``{"__key__", "members", "seconds", "truncated"}``, or a reject (passed through,
     or made here for audio that does not decode or is empty or silent)."""
+    from pipeline.features import AudioDecodeError, clip_features, decode_audio  # loaded by init_worker
+
     if sources.is_reject(item):
         return item
     try:
@@ -109,6 +118,8 @@ def worker_pool(workers: int, n_mels: int):
     """A pool of ``workers`` processes, or None to compute in this process (``workers <= 1``) with
     torch on one thread, as in the workers, so the bytes do not depend on the worker count."""
     if workers <= 1:
+        import torch
+
         threads = torch.get_num_threads()
         init_worker(n_mels)
         try:
@@ -284,36 +295,40 @@ def merge_parts(split_dir: Path, split: str, num_parts: int, n_mels: int) -> Pat
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shard_tools.pack", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m shard_tools.pack", description=__doc__.split("\n\n")[0])
     source = parser.add_argument_group("input (a DATASET folder or one of the options)")
     source.add_argument("dataset", nargs="?", help="folder of split folders (train/, validation/, …) or a "
                         "flat folder: audio with a .txt or .json caption beside each file")
-    source.add_argument("--manifest", help="JSONL or CSV manifest; audio paths relative to it")
-    source.add_argument("--from-shards", help="raw-audio WebDataset shards, e.g. 'raw/{000..009}.tar'")
-    source.add_argument("--hf-dataset", help="Hugging Face dataset name or local dataset directory "
-                        "(needs the optional 'datasets' package)")
-    source.add_argument("--audio-field", help="manifest column / shard member extension / HF column of the "
-                        "audio (defaults: audio_file, the first audio member, audio)")
-    source.add_argument("--caption-field", help="caption field: a dotted path, several joined by commas, a "
-                        "list field for several captions (defaults: text for folders and HF, caption_text "
-                        "for manifests, json.text for shards)")
-    source.add_argument("--split", help="pack only this split (split folders, HF), or the output split name "
-                        "of a single-split input (flat folder, manifest, shards)")
+    source.add_argument("--manifest", metavar="FILE", help="JSONL or CSV manifest; audio paths relative to it")
+    source.add_argument("--from-shards", metavar="PATTERN", help="raw-audio WebDataset shards, e.g. "
+                        "'raw/{000..009}.tar' (several patterns separated by spaces)")
+    source.add_argument("--hf-dataset", metavar="NAME_OR_DIR", help="Hugging Face dataset name or local "
+                        "dataset directory (needs the optional 'datasets' package)")
+    source.add_argument("--audio-field", metavar="FIELD", help="manifest column / shard member extension / HF "
+                        "column of the audio (defaults: audio_file; the first audio member; audio)")
+    source.add_argument("--caption-field", metavar="FIELDS", help="caption field: a dotted path (json.text), "
+                        "several joined by commas, a list field for several captions (defaults: text for "
+                        "folders and HF, caption_text for manifests, json.text for shards)")
+    source.add_argument("--split", metavar="NAME", help="pack only this split (split folders, HF), or the "
+                        "output split name of a single-split input (flat folder, manifest, shards)")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="data", type=Path, help="output folder")
-    out.add_argument("--n-mels", type=int, default=80, choices=(80, 128), help="mel bins (128 for large-v3)")
-    out.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (0: no limit)")
-    out.add_argument("--max-shard-mb", type=float, help="largest shard size in MB (10^6 bytes)")
-    out.add_argument("--max-reject-fraction", type=float, default=0.1,
-                     help="exit with status 1 when more than this fraction of the inputs is rejected")
+    out.add_argument("--out", metavar="DIR", default=Path("data"), type=Path, help="output folder (default: data)")
+    out.add_argument("--n-mels", type=int, default=80, choices=(80, 128), help="mel bins: 80, or 128 for "
+                     "large-v3 (default: 80)")
+    out.add_argument("--samples-per-shard", metavar="N", type=int, default=1000,
+                     help="samples per shard; 0: no limit, use --max-shard-mb (default: 1000)")
+    out.add_argument("--max-shard-mb", metavar="MB", type=float, help="largest shard size in MB (10^6 bytes)")
+    out.add_argument("--max-reject-fraction", metavar="F", type=float, default=0.1,
+                     help="exit with status 1 when more than this fraction of the inputs is rejected (default: 0.1)")
     out.add_argument("--resume", action="store_true", help="keep the complete shards of an interrupted "
                      "run (checked by sha256) and pack the rest")
     out.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run")
     run = parser.add_argument_group("parallelism")
-    run.add_argument("--workers", type=int, default=default_workers(), help="worker processes")
-    run.add_argument("--part", type=int, default=0, help="pack slice I of --num-parts (0-based)")
-    run.add_argument("--num-parts", type=int, default=1, help="number of disjoint slices (machines)")
+    run.add_argument("--workers", metavar="N", type=int, default=default_workers(),
+                     help="worker processes (default: all cores)")
+    run.add_argument("--part", metavar="I", type=int, default=0, help="pack slice I of --num-parts (0-based)")
+    run.add_argument("--num-parts", metavar="N", type=int, default=1,
+                     help="number of disjoint slices, e.g. one per machine (default: 1)")
     return parser
 
 
@@ -369,7 +384,8 @@ def run_settings(args, layout: str, split_input: sources.SplitInput) -> dict:
 
 
 def summary_line(name: str, r: SplitResult, elapsed: float) -> str:
-    return (f"{name}: {r.samples} clips, {r.seconds / 3600:.2f} h, {r.shards} shards, {r.bytes / MB:.1f} MB, "
+    kept = f" ({r.samples - r.packed_now} kept from an earlier run)" if r.packed_now != r.samples else ""
+    return (f"{name}: {r.samples} clips{kept}, {r.seconds / 3600:.2f} h, {r.shards} shards, {r.bytes / MB:.1f} MB, "
             f"{r.packed_now / elapsed:.1f} clips/s, truncated {r.truncated}, rejected {r.rejected}")
 
 
@@ -392,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.num_parts > 1:  # the merged index is stale while any part is being packed
                     (directory.parent / writer.INDEX_FILE).unlink(missing_ok=True)
                 result = pack_split(split_input, directory, run_settings(args, layout, split_input), args, pool)
-                results.append((split_input, result, time.perf_counter() - t0))
+                results.append((result, time.perf_counter() - t0))
                 if args.num_parts > 1 and merge_parts(directory.parent, split_input.name, args.num_parts, args.n_mels):
                     print(f"all {args.num_parts} parts of {directory.parent} are complete: wrote its index.json")
     except PackError as error:
@@ -403,15 +419,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: list, elapsed: float, max_reject_fraction: float) -> int:
     """Print the closing summary; 1 when too many inputs were rejected."""
-    for split_input, result, seconds in results:
+    for result, seconds in results:
         print(summary_line(str(result.directory), result, seconds))
-    total = SplitResult(Path(), *(sum(getattr(r, f) for _, r, _ in results)
+    total = SplitResult(Path(), *(sum(getattr(r, f) for r, _ in results)
                                   for f in ("samples", "seconds", "shards", "bytes", "truncated", "rejected",
                                             "packed_now")))
     print(summary_line("total", total, elapsed))
     inputs = total.samples + total.rejected
     if inputs and total.rejected / inputs > max_reject_fraction:
-        where = ", ".join(str(r.directory / writer.REJECTS_FILE) for _, r, _ in results if r.rejected)
+        where = ", ".join(str(r.directory / writer.REJECTS_FILE) for r, _ in results if r.rejected)
         print(f"error: {total.rejected} of {inputs} inputs ({total.rejected / inputs:.1%}) were rejected, more "
               f"than --max-reject-fraction {max_reject_fraction}; the reasons are in {where}", file=sys.stderr)
         return 1

@@ -27,12 +27,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on 2 shared cores, 2 OpenMP threads under load run several times slower."""
+def one_thread_and_fresh_accelerate():
+    """One torch thread (on 2 shared cores, 2 OpenMP threads under load run several times slower);
+    afterwards, forget the accelerate state the in-process runs set up, for other test files."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
