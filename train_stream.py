@@ -580,9 +580,8 @@ class Trainer:
         keys = []
         for _ in range(self.tc.gradient_accumulation_steps):
             waited = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):  # a new DataLoader iterator draws worker seeds from
-                batch = next(batches)                # torch's RNG: keep that off the training RNG, or a
-            stats[STATS.index("wait_s")] += time.perf_counter() - waited  # resumed run's dropout differs
+            batch = next(batches)
+            stats[STATS.index("wait_s")] += time.perf_counter() - waited
             train_step(self.model, batch, self.accelerator, stats)
             keys += batch["keys"]
         return stats, keys

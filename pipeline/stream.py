@@ -64,6 +64,7 @@ import io
 import json
 import math
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -360,6 +361,13 @@ class ShardStream(IterableDataset):
 # ---------------------------------------------------------------------------------------- loader
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers share the main process's group, so Ctrl-C or a preemption SIGTERM reaches them too;
+    the main process handles it (save, then stop) and shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StreamLoader:
     """Batches of one rank, epoch after epoch, with an exact resumable position (module doc).
 
@@ -378,7 +386,12 @@ class StreamLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                   prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                                  persistent_workers=persistent_workers and num_workers > 0, in_order=True)
+                                  persistent_workers=persistent_workers and num_workers > 0, in_order=True,
+                                  # Worker seeds come from this generator, not torch's global RNG: the
+                                  # stream draws no torch randomness, and a resumed training run's
+                                  # dropout must not shift because a new iterator drew a seed.
+                                  generator=torch.Generator().manual_seed(0),
+                                  worker_init_fn=_ignore_stop_signals)
         self.epoch, self.batches, self.skipped, self.epoch_skipped = 0, 0, 0, 0
 
     def __len__(self) -> int:
