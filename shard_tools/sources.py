@@ -207,13 +207,19 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
         groups: dict[str, dict[str, list[str]]] = {}  # stem -> {"audio": [...], "caption": [...]}
         for name in sorted(f for f in filenames if not f.startswith(".")):
             stem, suffix = os.path.splitext(name)
-            kind = "audio" if suffix.lower() in AUDIO_SUFFIXES else "caption" if suffix.lower() in CAPTION_SUFFIXES else None
+            kind = file_kind(suffix)
             if kind:
                 groups.setdefault(stem, {"audio": [], "caption": []})[kind].append(name)
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for stem, group in groups.items():
             items += _group_items(Path(dirpath), rel_dir, stem, group, split, caption_fields)
     return sorted(items, key=lambda item: item["source"])
+
+
+def file_kind(suffix: str) -> str | None:
+    """"audio", "caption" or None (a file the packer ignores) for a file name suffix."""
+    suffix = suffix.lower()
+    return "audio" if suffix in AUDIO_SUFFIXES else "caption" if suffix in CAPTION_SUFFIXES else None
 
 
 def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: str,

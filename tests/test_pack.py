@@ -5,7 +5,6 @@ on ``librosa.load(path, sr=16000)``, shards read by plain ``webdataset``, ``tarf
 import hashlib
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -114,7 +114,8 @@ def test_index_and_rejects(tmp_path):
                                "rejected": 2}
     writer.write_json(tmp_path / "index.json", index)
     assert json.loads((tmp_path / "index.json").read_text()) == index
-    writer.write_rejects(tmp_path / "rejects.jsonl", [{"source": "a/b.wav", "split": "", "reason": "silent", "input": 2}])
+    writer.write_rejects(tmp_path / "rejects.jsonl",
+                         [{"source": "a/b.wav", "split": "", "reason": "silent", "input": 2}])
     assert [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()] == [
         {"path": "a/b.wav", "reason": "silent"}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "rejects.jsonl"]  # no .tmp left
