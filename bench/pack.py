@@ -60,7 +60,7 @@ def flac_bytes_16k(files: list[str]) -> int:
         audio, _ = decode_audio(path)
         buf = io.BytesIO()
         soundfile.write(buf, audio, 16000, format="FLAC", subtype="PCM_16")
-        total += buf.tell()
+        total += len(buf.getvalue())
     return total
 
 

@@ -77,3 +77,11 @@ def test_pad_mel_works_on_tensors_and_rejects_overlong():
     assert float(out[0, -1]) == -0.25
     with pytest.raises(ValueError, match="more than"):
         pad_mel(np.zeros((80, N_FRAMES + 1)), 0.0)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_equal_the_extractors(n_mels):
+    from pipeline.features import mel_filters
+
+    ref = WhisperFeatureExtractor(feature_size=n_mels).mel_filters.T  # [n_mels, 201] float64
+    np.testing.assert_allclose(mel_filters(n_mels).numpy(), ref.astype(np.float32), rtol=1e-6, atol=1e-9)
