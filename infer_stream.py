@@ -145,9 +145,9 @@ def make_batches(args, processor, accelerator):
     return loader, len(files), lambda: 0  # bad files come back in batch["errors"]
 
 
-def find_audio(inputs: list[str]) -> list[tuple[str, str]]:
-    """``(key, path)`` for every file named and every audio file under every folder named, sorted.
-    The key is the path as found (e.g. ``my_sounds/dogs/a.wav``), unique among the inputs."""
+def find_audio(inputs: list[str]) -> list[str]:
+    """Every file named and every audio file under every folder named (sorted), each path once.
+    A path as found (e.g. ``my_sounds/dogs/a.wav``) is also its clip's key."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -160,28 +160,28 @@ def find_audio(inputs: list[str]) -> list[tuple[str, str]]:
     unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
     if not unique:
         raise SystemExit(f"error: no audio files found in {inputs}")
-    return [(p, p) for p in unique]
+    return unique
 
 
 class AudioFiles(Dataset):
     """Decode + Whisper log-mel per file (``pipeline.features``, as the packer); runs in workers.
     A file that cannot be decoded yields ``{"__key__", "error"}`` instead of features."""
 
-    def __init__(self, files: list[tuple[str, str]], n_mels: int):
+    def __init__(self, files: list[str], n_mels: int):
         self.files, self.n_mels = files, n_mels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        key, path = self.files[index]
+        path = self.files[index]
         try:
             audio, _ = decode_audio(path)
             clip = clip_features(audio, self.n_mels)
         except (AudioDecodeError, OSError) as error:
-            return {"__key__": key, "error": f"{path}: {error}"}
+            return {"__key__": path, "error": f"{path}: {error}"}
         mel = pad_mel(clip["mel"], clip["pad_value"])  # [n_mels, 3000] float16, as a shard sample
-        return {"__key__": key, "features": torch.from_numpy(mel)}
+        return {"__key__": path, "features": torch.from_numpy(mel)}
 
 
 def collate_audio(samples: list[dict]) -> dict:

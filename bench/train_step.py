@@ -13,7 +13,7 @@ fresh process, same model, seed and batch size:
   reused every step; its data wait is the cost of ``next`` on ``itertools.repeat``;
 - streamed, N workers: the infinite training loader over the shards, N = each ``--workers`` value.
 steps/s counts ``--steps`` steps after ``--warmup`` untimed ones; data wait % is the time blocked in
-``next(loader)`` over the step time. The corpus is 320 synthetic clips, 20 batches of 16 per epoch,
+``next(loader)`` over the step time. The default corpus is 320 synthetic clips, 20 batches of 16 per epoch,
 so the timed window crosses an epoch boundary, where non-persistent workers (the config default)
 are started again: that cost is in the streamed rows, as it is in a training run.
 
@@ -25,7 +25,8 @@ the usual estimate, which counts every parameter for every token (encoder tokens
 decoder's) and leaves out attention scores; a second column splits it:
   6 x batch x (enc_params x 1500 + dec_params x T) + 12 x batch x d_model x
   (enc_layers x 1500^2 + dec_layers x (T^2 + 1500 T))     (attention scores, PaLM's convention).
-MFU = FLOPs per step x steps/s / (``--peak-tflops`` x 1e12), given when ``--peak-tflops`` is.
+MFU = FLOPs per step x steps/s / (``--peak-tflops`` x 1e12): the TFLOP/s and MFU columns appear when
+``--peak-tflops`` is given. Torch threads: torch's default unless ``--threads`` (train_stream.py sets none).
 """
 
 from __future__ import annotations
@@ -148,12 +149,11 @@ def measure(path: str, shards: str, args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
     workers = 0 if path == "memory" else int(path)
     cfg, accelerator, model, optimizer, loader = build_run(shards, args.batch_size, workers, args.bf16,
                                                            args.model_dims)
-    if accelerator.device.type != args.device:
-        raise SystemExit(f"--device {args.device} asked for, but accelerate chose {accelerator.device} "
-                         f"(torch.cuda.is_available() = {torch.cuda.is_available()})")
     batches = iter(loader)
     if path == "memory":
         batches = itertools.repeat(next(batches))  # the stream's first batch, [B, 80, 3000] float16
@@ -205,7 +205,8 @@ def print_table(rows: list[dict], args) -> None:
                 f"{100 * r['wait_s'] / r['seconds']:.1f} | {rate / base:.2f}x")
         if mfu:
             peak = args.peak_tflops * 1e12
-            line += f" | {r['flops_simple'] * rate / 1e12:.1f} | {100 * r['flops_simple'] * rate / peak:.1f}% | {100 * r['flops_split'] * rate / peak:.1f}%"
+            line += (f" | {r['flops_simple'] * rate / 1e12:.1f} | {100 * r['flops_simple'] * rate / peak:.1f}% | "
+                     f"{100 * r['flops_split'] * rate / peak:.1f}%")
         print(line + " |")
     print(f"\nFLOPs per step = 6 x params x batch x (1500 + T), T = mean padded decoder length "
           f"({first['decoder_tokens_per_step'] / args.batch_size:.1f} in the in-memory batch): "
@@ -233,10 +234,11 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.shards, args)))
         return
 
-    data = (args.data or Path(tempfile.mkdtemp(prefix="bench_train_step_"))).resolve()
-    shards = args.shards or make_shards(data, args.clips)
-    # --device cpu hides any GPU, as accelerate would otherwise pick it; TOKENIZERS_PARALLELISM as make_loader sets it.
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
+    shards = args.shards or make_shards((args.data or Path(tempfile.mkdtemp(prefix="bench_train_step_"))).resolve(),
+                                        args.clips)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # as make_loader sets it for workers
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # else accelerate would pick a GPU that is there
     rows = []
     for path in ["memory", *map(str, args.workers)]:
         out = subprocess.run(child_command(args, path, shards), capture_output=True, text=True, env=env)

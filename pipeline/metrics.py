@@ -118,7 +118,9 @@ def toolkit_dir() -> Path:
 
 def java_problem() -> str | None:
     """Why Java tools cannot run here, or None when ``java`` is on PATH."""
-    return None if shutil.which("java") else "java is not on PATH (the toolkit's METEOR, SPICE and PTBTokenizer are Java)"
+    if shutil.which("java"):
+        return None
+    return "java is not on PATH (the toolkit's METEOR, SPICE and PTBTokenizer are Java)"
 
 
 # ----------------------------------------------------------------------------------------------
