@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from pipeline import metrics
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
+from pipeline.fileio import write_atomic
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma")
@@ -305,12 +306,6 @@ def merge_outputs(output: Path, resume: bool) -> list[dict]:
     for path in parts:
         os.remove(path)
     return rows
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

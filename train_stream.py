@@ -39,7 +39,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +59,7 @@ from transformers.models.whisper.modeling_whisper import (
 )
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
+from pipeline.fileio import write_json
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
 
@@ -317,13 +317,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as out:
-        json.dump(data, out, indent=1)
-    os.replace(tmp, path)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

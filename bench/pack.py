@@ -99,7 +99,7 @@ def main() -> None:
     ]
     seed_core = n / rows[0][2]
     floor_s = rows[2][2]
-    print(f"\n| path | processes | seconds | clips/s | clips/s per core | vs seed per core | vs floor |")
+    print("\n| path | processes | seconds | clips/s | clips/s per core | vs seed per core | vs floor |")
     print("|---|---|---|---|---|---|---|")
     for name, procs, seconds in rows:
         per_core = n / seconds / procs
@@ -108,7 +108,7 @@ def main() -> None:
 
     shard_bytes = sum(p.stat().st_size for p in (work / "out1").rglob("*.tar"))
     flac = flac_bytes_16k(files)
-    print(f"\n| storage | bytes | KB per audio second | vs 16-kHz FLAC |\n|---|---|---|---|")
+    print("\n| storage | bytes | KB per audio second | vs 16-kHz FLAC |\n|---|---|---|---|")
     print(f"| shards (float16 log-mel, valid frames) | {shard_bytes} | {shard_bytes / audio_seconds / 1000:.1f} | "
           f"{shard_bytes / flac:.2f}x |")
     print(f"| 16-kHz mono FLAC of the same audio | {flac} | {flac / audio_seconds / 1000:.1f} | 1.00x |")

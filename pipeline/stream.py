@@ -59,7 +59,6 @@ saved position can only be resumed with the same seed, world size, batch size an
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -75,6 +74,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.collate import Collator, expand_features
 from pipeline.features import N_FRAMES
+from pipeline.fileio import file_sha256
 from pipeline.urls import Shard, ShardReadError, expand_urls, iter_samples, local_path, open_url, resolve_shards
 
 STATE_VERSION = 1
@@ -185,14 +185,6 @@ def _finite(mel: np.ndarray) -> bool:
 def _pad(reason: str) -> dict:
     """A padding sample: ``reason`` is "rank" (equal batch counts) or "skip" (replaces a lost one)."""
     return {"__key__": "", "__pad__": reason}
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------- dataset
@@ -338,7 +330,7 @@ class ShardStream(IterableDataset):
         path = local_path(shard.url)
         if not (self.verify and shard.sha256 and path) or shard.url in self._verified:
             return
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != shard.sha256:
             raise ShardReadError(f"{shard.url}: sha256 {actual} does not match index.json ({shard.sha256})")
         self._verified.add(shard.url)

@@ -40,22 +40,23 @@ def main() -> int:
     rows = [json.loads(line) for line in args.predictions.read_text().splitlines() if line.strip()]
     references = [row["gt_captions"] for row in rows]
     most_common, count = collections.Counter(training_captions(args.train_shards)).most_common(1)[0]
-    model = score([row["pred_caption"] for row in rows], references)
-    baseline = score([most_common] * len(rows), references)
+    model = score([row["pred_caption"] for row in rows], references)["metrics"]
+    baseline = score([most_common] * len(rows), references)["metrics"]
     exact = sum(row["pred_caption"].strip() in row["gt_captions"] for row in rows) / len(rows)
+    exact_baseline = sum(most_common in refs for refs in references) / len(rows)
 
-    print(f"\n{len(rows)} held-out clips; baseline caption: {most_common!r} ({count} training captions)\n")
-    print(f"| metric | trained tiny model | most-common-caption baseline |\n|---|---|---|")
-    for name, value in model.items():
-        if isinstance(value, (int, float)):
-            print(f"| {name} | {value:.3f} | {baseline[name]:.3f} |")
+    print(f"\n{len(rows)} held-out clips; baseline caption: {most_common!r} (said {count} times in training)\n")
+    print("| metric | trained tiny model | most-common-caption baseline |\n|---|---|---|")
+    for name, entry in model.items():
+        if entry["available"]:
+            print(f"| {name} | {entry['value']:.3f} | {baseline[name]['value']:.3f} |")
         else:
-            print(f"| {name} | {value} | |")
-    print(f"| exact match | {exact:.3f} | "
-          f"{sum(most_common in r for r in references) / len(rows):.3f} |")
-    beat = model.get("CIDEr-D", 0.0) > baseline.get("CIDEr-D", 0.0)
-    print(f"\nCIDEr-D: model {model.get('CIDEr-D', float('nan')):.3f} vs baseline "
-          f"{baseline.get('CIDEr-D', float('nan')):.3f}: {'the model beats the baseline' if beat else 'NOT beaten'}")
+            print(f"| {name} | unavailable: {entry['reason'][:90]} | |")
+    print(f"| exact match | {exact:.3f} | {exact_baseline:.3f} |")
+    ours, theirs = model["CIDEr_D"]["value"], baseline["CIDEr_D"]["value"]
+    beat = ours > theirs
+    print(f"\nCIDEr-D: model {ours:.3f} vs baseline {theirs:.3f} "
+          f"({'the model beats the baseline by ' + format(ours - theirs, '.3f') if beat else 'NOT beaten'})")
     if args.out:
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"model": model, "baseline": baseline, "baseline_caption": most_common,

@@ -52,6 +52,7 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from pipeline.fileio import write_atomic, write_json
 from shard_tools import sources, writer
 
 # Defaults of --audio-field / --caption-field per input layout.
@@ -220,7 +221,7 @@ def pack_split(split_input: sources.SplitInput, directory: Path, settings: dict,
     remove_stale_shards(directory, {s["name"] for s in shards})
     truncated = sum(s["truncated"] for s in shards)
     writer.write_rejects(directory / writer.REJECTS_FILE, rejects)
-    writer.write_json(directory / writer.INDEX_FILE,
+    write_json(directory / writer.INDEX_FILE,
                       writer.index_dict(split_input.name, args.n_mels, shards, truncated, len(rejects)))
     return SplitResult(directory, sum(s["samples"] for s in shards), sum(s["seconds"] for s in shards), len(shards),
                        sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now)
@@ -287,8 +288,8 @@ def merge_parts(split_dir: Path, split: str, num_parts: int, n_mels: int) -> Pat
         truncated += index["totals"]["truncated"]
         rejected += index["totals"]["rejected"]
         reject_lines.append((part / writer.REJECTS_FILE).read_bytes())
-    writer.write_atomic(split_dir / writer.REJECTS_FILE, b"".join(reject_lines))
-    writer.write_json(split_dir / writer.INDEX_FILE, writer.index_dict(split, n_mels, shards, truncated, rejected))
+    write_atomic(split_dir / writer.REJECTS_FILE, b"".join(reject_lines))
+    write_json(split_dir / writer.INDEX_FILE, writer.index_dict(split, n_mels, shards, truncated, rejected))
     return split_dir / writer.INDEX_FILE
 
 

@@ -26,6 +26,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from pipeline.fileio import file_sha256, write_atomic
+
 FORMAT_NAME = "whisper-caption-stream"
 FORMAT_VERSION = 1
 PROGRESS_FILE = ".progress.jsonl"
@@ -146,20 +148,6 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- index, rejects, progress
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` as ``path.tmp`` then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def write_rejects(path: Path, rejects: Iterable[dict]) -> None:
     """``rejects.jsonl``: one ``{"path", "reason"}`` line per input that was not packed."""
     lines = [json.dumps({"path": r["source"], "reason": r["reason"]}, ensure_ascii=False) + "\n" for r in rejects]
@@ -179,14 +167,6 @@ def index_dict(split: str, n_mels: int, shards: list[dict], truncated: int, reje
               "truncated": truncated, "rejected": rejected}
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "split": split, "features": feature_settings(n_mels),
             "shards": entries, "totals": totals}
-
-
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def intact(directory: Path, entry: dict) -> bool:

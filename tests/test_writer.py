@@ -10,6 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from pipeline.fileio import write_json
 from shard_tools import writer
 
 
@@ -112,7 +113,7 @@ def test_index_and_rejects(tmp_path):
     assert index["shards"][0] == {"name": "000.tar", "samples": 2, "seconds": 1.25, "bytes": 10240, "sha256": "ab"}
     assert index["totals"] == {"shards": 2, "samples": 3, "seconds": 1.75, "bytes": 20480, "truncated": 1,
                                "rejected": 2}
-    writer.write_json(tmp_path / "index.json", index)
+    write_json(tmp_path / "index.json", index)
     assert json.loads((tmp_path / "index.json").read_text()) == index
     writer.write_rejects(tmp_path / "rejects.jsonl",
                          [{"source": "a/b.wav", "split": "", "reason": "silent", "input": 2}])
