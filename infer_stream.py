@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from pipeline import metrics
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import write_atomic
+from pipeline.launch import make_accelerator
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma")
@@ -73,10 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
-    accelerator = Accelerator(cpu=launched_without_cuda())
+    accelerator = make_accelerator()
     try:
         processor = load_processor(args.model_name)
         model = load_model(args.model_name, processor)
@@ -110,13 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
-
-
-def launched_without_cuda() -> bool:
-    """True under a multi-process launch (accelerate launch, torchrun) on a machine without CUDA.
-    accelerate 1.15 only sets up a CPU process group (gloo) when told ``cpu=True``; otherwise every
-    process would run alone, each captioning its 1/world share as if it were everything."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def gather(accelerator, value: int) -> list[int]:

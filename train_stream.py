@@ -60,6 +60,7 @@ from transformers.models.whisper.modeling_whisper import (
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
 from pipeline.fileio import write_json
+from pipeline import launch
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
 
@@ -102,14 +103,11 @@ def build_config(argv: list[str] | None) -> RunConfig:
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     tc = cfg.trainer_config
     precision = "bf16" if tc.bf16 else "fp16" if tc.fp16 else "no"
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # Several processes and no CUDA GPU: DDP over gloo on the CPU (accelerate's --multi_gpu otherwise
-    # leaves every process alone, and each would train its own copy into the same output folder).
-    accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available(), mixed_precision=precision,
-                              gradient_accumulation_steps=tc.gradient_accumulation_steps)
-    if accelerator.num_processes != launched:
-        raise TrainingError(f"launched as {launched} processes (WORLD_SIZE) but accelerate set up "
-                            f"{accelerator.num_processes}: check the accelerate launch options")
+    try:
+        accelerator = launch.make_accelerator(mixed_precision=precision,
+                                              gradient_accumulation_steps=tc.gradient_accumulation_steps)
+    except launch.LaunchError as error:
+        raise TrainingError(str(error)) from error
     if not logging.getLogger().handlers:  # keep handlers someone else set up (a caller, pytest)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
