@@ -60,6 +60,7 @@ from transformers.models.whisper.modeling_whisper import (
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
 from pipeline.fileio import write_json
+from pipeline.metrics import score
 from pipeline import launch
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
@@ -257,17 +258,8 @@ def optimizer_step(model, optimizer, accelerator: Accelerator, lr: float, max_gr
 
 # ------------------------------------------------------------------------------------- 7. evaluation
 
-def load_scorer():
-    try:
-        from pipeline.metrics import score
-    except ImportError as error:
-        log.warning("caption metrics unavailable (%s): validation reports the loss only", error)
-        return None
-    return score
-
-
 @torch.no_grad()
-def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc, scorer) -> tuple[dict, list]:
+def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc) -> tuple[dict, list]:
     """Validation loss (token mean over all ranks) and greedy captions on at most ``eval_max_batches``
     batches per rank, gathered across ranks, padding samples left out, scored on the main process."""
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -291,8 +283,8 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     sums = accelerator.reduce(sums, "sum")
     rows = gather_object(rows)
     metrics = {"loss": (sums[0] / sums[1].clamp(min=1)).item(), "samples": float(len(rows))}
-    if scorer is not None and accelerator.is_main_process and rows:
-        result = scorer([r["prediction"] for r in rows], [r["references"] for r in rows],
+    if accelerator.is_main_process and rows:
+        result = score([r["prediction"] for r in rows], [r["references"] for r in rows],
                         metrics=tuple(tc.eval_metrics))
         metrics.update({name: m["value"] for name, m in result["metrics"].items() if m.get("available")})
     return metrics, rows
@@ -525,7 +517,6 @@ class Trainer:
         self.loader, self.val_loader, self.output_dir = loader, val_loader, output_dir
         self.max_steps, self.stop = max_steps, stop
         self.val_start = val_loader.state_dict() if val_loader is not None else None
-        self.scorer = load_scorer() if val_loader is not None else None
         self.step = self.saved_step = self.evaluated_step = -1
 
     def run(self, start_step: int, metrics_log: MetricsLog) -> bool:
@@ -581,7 +572,7 @@ class Trainer:
         if self.evaluated_step == self.step:
             return
         metrics, rows = evaluate(self.model, self.val_loader, self.val_start, self.accelerator,
-                                 self.processor.tokenizer, self.tc, self.scorer)
+                                 self.processor.tokenizer, self.tc)
         if self.accelerator.is_main_process:
             (self.output_dir / "eval").mkdir(exist_ok=True)
             write_json(self.output_dir / "eval" / f"step-{self.step}.json", rows)
