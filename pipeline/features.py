@@ -136,7 +136,9 @@ def log_mel(audio: np.ndarray, n_mels: int = 80) -> tuple[np.ndarray, float]:
     wave = torch.zeros(length, dtype=torch.float32)
     wave[:n] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     stft = torch.stft(wave, N_FFT, HOP_LENGTH, window=_hann_window(), return_complex=True)
-    power = stft[:, :frames].abs().square().contiguous()  # [201, frames]
+    spectrum = stft[:, :frames]  # [201, frames] complex
+    # |z|^2 as re^2 + im^2: abs() takes a square root only to square it again (4x slower, same to 2e-7).
+    power = torch.addcmul(spectrum.real.square(), spectrum.imag, spectrum.imag)  # [201, frames]
     log_spec = (mel_filters(n_mels) @ power).clamp_(min=1e-10).log10_()  # [n_mels, frames]
     peak = float(log_spec.max())
     if frames < N_FRAMES:  # the all-zero padding frames take part in the extractor's max
