@@ -58,10 +58,10 @@ from transformers.models.whisper.modeling_whisper import (
     shift_tokens_right,
 )
 
+from pipeline import launch
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
 from pipeline.fileio import write_json
 from pipeline.metrics import score
-from pipeline import launch
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
 
