@@ -154,7 +154,7 @@ class Collator:
             if len(row) > self.max_label_tokens:
                 warnings.warn(f"caption of '{key}' has {len(row)} label tokens; cut to max_label_tokens="
                               f"{self.max_label_tokens}", stacklevel=3)
-                row = row[:self.max_label_tokens]
+                row = row[:self.max_label_tokens - 1] + row[-1:]  # keep <|endoftext|>: it teaches stopping
             rows.append(row)
         width = max((len(r) for r in rows), default=1)
         labels = np.full((len(is_pad), width), IGNORE_INDEX, dtype=np.int64)  # [B, T]

@@ -59,6 +59,8 @@ from shard_tools import sources, writer
 DEFAULT_AUDIO_FIELD = {"manifest": "audio_file", "hf": "audio", "shards": None}
 DEFAULT_CAPTION_FIELD = {"folder": "text", "manifest": "caption_text", "shards": "json.text", "hf": "text"}
 SHARD_FILE = re.compile(r"^\d{3,}\.tar$")
+# Temporaries this packer writes: ``000.tar.tmp`` (writer) and ``.index.json.XXXX.tmp`` (fileio).
+OWN_TEMP_FILE = re.compile(r"^(\d{3,}\.tar|\.(index\.json|rejects\.jsonl)\..+)\.tmp$")
 MB = 1_000_000
 # Imported once by the forkserver, so that each forked worker starts with them loaded (a failed
 # import there only costs start-up time). Not this module: under ``python -m shard_tools.pack`` each
@@ -198,8 +200,9 @@ def prepare_directory(directory: Path, resume: bool, overwrite: bool) -> None:
         for path in existing:
             path.unlink()
     if directory.is_dir():
-        for path in directory.glob("*.tmp"):  # debris of a killed run
-            path.unlink()
+        for path in directory.iterdir():  # debris of a killed run: only our own temporaries
+            if OWN_TEMP_FILE.match(path.name):
+                path.unlink()
 
 
 def resume_state(directory: Path, settings: dict) -> tuple[list[dict], list[dict], bool]:

@@ -71,7 +71,8 @@ def test_long_captions_are_cut_with_a_warning(tiny_processor):
     with pytest.warns(UserWarning, match="'long' has .* cut to max_label_tokens=16"):
         labels = Collator(tiny_processor.tokenizer, max_label_tokens=16)([sample])["labels"]
     assert labels.shape == (1, 16)
-    assert labels[0].tolist() == tiny_processor.tokenizer(sample["json"]["captions"][0]).input_ids[1:17]
+    ids = tiny_processor.tokenizer(sample["json"]["captions"][0]).input_ids
+    assert labels[0].tolist() == ids[1:16] + [50257]  # cut, but still ends with <|endoftext|>
 
 
 def test_caption_draw_is_seeded_per_epoch_and_eval_keeps_all(tiny_processor):

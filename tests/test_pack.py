@@ -206,11 +206,14 @@ def test_resume_keeps_complete_shards_and_gives_the_same_bytes(tmp_path, capsys)
     (out / "index.json").unlink()
     (out / "004.tar").unlink()
     (out / "004.tar.tmp").write_bytes(b"half a shard")
+    (out / "notes.tmp").write_text("a user's file, not ours")
     assert main([*args, "--out", str(out)]) == 2  # refuses to mix runs without --resume
     assert "--resume" in capsys.readouterr().err
     kept = (out / "000.tar").stat().st_mtime_ns
     assert main([*args, "--out", str(out), "--resume"]) == 0
     assert (out / "000.tar").stat().st_mtime_ns == kept  # complete shards are kept, not rewritten
+    assert not (out / "004.tar.tmp").exists()  # our debris is cleared, other files are left alone
+    (out / "notes.tmp").unlink()
     assert tree_bytes(out) == reference
     # A damaged shard in the middle: it and everything after it are packed again.
     with open(out / "001.tar", "r+b") as f:
