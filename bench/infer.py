@@ -35,14 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 ROWS = ("seed: DataLoader(librosa.load + WhisperFeatureExtractor) + generate",
         "infer_stream.py --shards (packed log-mel)", "infer_stream.py --audio (raw files)")
 FINAL_LINE = re.compile(r"^(\d+) clips in ([\d.]+) s \(([\d.]+) clips/s\)$", re.M)
-
-
-def audio_files(corpus: Path) -> list[Path]:
-    return sorted(p for p in (corpus / "train").iterdir() if p.suffix in AUDIO_SUFFIXES)
 
 
 def seed_row(data: Path, batch_size: int, workers: int, max_new_tokens: int) -> dict:
@@ -51,31 +46,23 @@ def seed_row(data: Path, batch_size: int, workers: int, max_new_tokens: int) -> 
     from transformers import WhisperFeatureExtractor
     from transformers.utils import logging as hf_logging
 
-    from bench.seed import seed_features
+    from bench.seed import SeedDataset, audio_files
     from pipeline.model import LANGUAGE, TASK, load_model, load_processor
 
     hf_logging.set_verbosity_error()
-    files = audio_files(data / "corpus")
-    extractor = WhisperFeatureExtractor(feature_size=80)
-
-    class SeedDataset(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(files)
-
-        def __getitem__(self, i):
-            return str(files[i]), torch.from_numpy(seed_features(str(files[i]), extractor))  # [80, 3000]
+    dataset = SeedDataset(audio_files(data / "corpus" / "train"), WhisperFeatureExtractor(feature_size=80))
 
     processor = load_processor("tiny")
     model = load_model("tiny", processor).eval()
-    loader = torch.utils.data.DataLoader(SeedDataset(), batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     clips = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for paths, features in loader:
-            tokens = model.generate(input_features=features, language=LANGUAGE, task=TASK, do_sample=False,
+        for batch in loader:
+            tokens = model.generate(input_features=batch["input_features"], language=LANGUAGE, task=TASK, do_sample=False,
                                     max_new_tokens=max_new_tokens)
             processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)  # decoded as the seed did
-            clips += len(paths)
+            clips += len(batch["path"])
     return {"clips": clips, "seconds": time.perf_counter() - start}
 
 

@@ -30,16 +30,9 @@ from transformers import WhisperFeatureExtractor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.seed import seed_features  # noqa: E402
+from bench.seed import audio_files, seed_features  # noqa: E402
 from pipeline.features import decode_audio  # noqa: E402
 from shard_tools.synth import make_corpus  # noqa: E402
-
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
-
-
-def audio_files(corpus: Path) -> list[str]:
-    return sorted(str(p) for p in corpus.rglob("*") if p.suffix in AUDIO_SUFFIXES)
-
 
 def replicate(corpus: Path, times: int) -> Path:
     """``times`` hard-linked copies of every clip and caption under new names: a corpus long enough
@@ -119,7 +112,7 @@ def main() -> None:
                     max_seconds=args.max_seconds)
     if args.repeat > 1:
         corpus = replicate(corpus, args.repeat)
-    files = audio_files(corpus)
+    files = [str(p) for p in audio_files(corpus)]
     audio_seconds = sum(soundfile.info(p).duration for p in files)
     n = len(files)
     print(f"corpus: {n} clips, {audio_seconds / 3600:.2f} h, {audio_seconds / n:.1f} s/clip on average; "

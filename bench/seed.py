@@ -8,8 +8,12 @@ it to 30 s. In transformers 5 the extractor's ``__call__`` runs a torch STFT whe
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import librosa
 import numpy as np
+import torch
 from transformers import WhisperFeatureExtractor
 
 SAMPLE_RATE = 16000
@@ -25,3 +29,33 @@ def seed_features(path: str, extractor: WhisperFeatureExtractor, numpy: bool = F
         padded[: len(audio)] = audio[: extractor.n_samples]
         return extractor._np_extract_fbank_features(padded[None], "cpu")[0]
     return extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+
+
+def audio_files(corpus: Path) -> list[Path]:
+    """The audio files under a generated corpus (``shard_tools.synth``), sorted."""
+    return sorted(p for p in Path(corpus).rglob("*") if p.suffix in AUDIO_SUFFIXES)
+
+
+class SeedDataset(torch.utils.data.Dataset):
+    """The seed's map-style dataset: each item decoded, resampled and run through the extractor.
+
+    Items are ``{"path", "input_features" [n_mels, 3000]}``, plus ``"labels"`` (the tokenizer's ids
+    without <|startoftranscript|>, of the first caption in the clip's JSON) when a tokenizer is given.
+    """
+
+    def __init__(self, files: list[Path], extractor: WhisperFeatureExtractor, tokenizer=None):
+        self.files, self.extractor, self.tokenizer = files, extractor, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.files[i]
+        item = {"path": str(path), "input_features": seed_features(str(path), self.extractor)}
+        if self.tokenizer is not None:
+            caption = json.loads(path.with_suffix(".json").read_text())["text"][0]
+            item["labels"] = self.tokenizer(caption).input_ids[1:]
+        return item

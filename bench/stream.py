@@ -31,19 +31,9 @@ def seed_loader(corpus: Path, tokenizer, batch_size: int, workers: int):
     import torch
     from transformers import WhisperFeatureExtractor
 
-    from bench.seed import seed_features
+    from bench.seed import SeedDataset, audio_files
 
-    files = sorted(p for p in (corpus / "train").iterdir() if p.suffix in {".wav", ".flac", ".ogg", ".mp3"})
-    extractor = WhisperFeatureExtractor(feature_size=80)
-
-    class SeedDataset(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(files)
-
-        def __getitem__(self, i):
-            caption = json.loads(files[i].with_suffix(".json").read_text())["text"][0]
-            return {"input_features": seed_features(str(files[i]), extractor),  # [80, 3000]
-                    "labels": tokenizer(caption).input_ids[1:]}
+    dataset = SeedDataset(audio_files(corpus / "train"), WhisperFeatureExtractor(feature_size=80), tokenizer)
 
     def collate(items):
         width = max(len(it["labels"]) for it in items)
@@ -53,7 +43,7 @@ def seed_loader(corpus: Path, tokenizer, batch_size: int, workers: int):
         feats = torch.from_numpy(np.stack([it["input_features"] for it in items]))
         return {"input_features": feats, "labels": labels}
 
-    return torch.utils.data.DataLoader(SeedDataset(), batch_size=batch_size, shuffle=True, num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                        collate_fn=collate)
 
 
