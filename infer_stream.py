@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from pipeline import metrics
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import write_atomic
-from pipeline.launch import make_accelerator
+from pipeline.launch import LaunchError, make_accelerator
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma")
@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    accelerator = make_accelerator()
     try:
+        accelerator = make_accelerator()
         processor = load_processor(args.model_name)
         model = load_model(args.model_name, processor)
-    except ModelLoadError as error:
+    except (LaunchError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     hf_logging.set_verbosity_error()  # after loading: generate() repeats config warnings on every batch

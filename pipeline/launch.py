@@ -3,14 +3,22 @@
 accelerate 1.15 sets up a CPU process group (gloo) only when told ``cpu=True``. Under
 ``accelerate launch --multi_gpu`` or ``torchrun`` on a machine without CUDA, a plain ``Accelerator()``
 leaves every process alone: each would train its own copy, or caption its share as if it were all.
+
+It also ignores ``mixed_precision="fp16"`` on a CPU without a word (no autocast, no gradient scaler:
+the run is silently fp32). torch has both for the CPU (``torch.autocast("cpu", dtype=float16)``,
+``torch.amp.GradScaler("cpu")``), so they are switched on here: fp16 then means the same thing on
+every device, and its scaler path (and the scaler's checkpointed state) runs without a GPU too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -25,4 +33,11 @@ def make_accelerator(**kwargs) -> Accelerator:
     if accelerator.num_processes != launched:
         raise LaunchError(f"launched as {launched} processes (WORLD_SIZE) but accelerate set up "
                           f"{accelerator.num_processes}: check the accelerate launch options")
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision in ("fp16", "bf16"):
+        if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+            accelerator.native_amp = True  # read by prepare(), autocast() and backward()
+            accelerator.scaler = torch.amp.GradScaler("cpu")
+        if accelerator.is_main_process:
+            log.warning("%s on a CPU: autocast makes most CPU kernels slower than fp32; it is there to "
+                        "check the mixed-precision path, not for speed", accelerator.mixed_precision)
     return accelerator

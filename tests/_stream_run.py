@@ -1,10 +1,14 @@
 """Run a loader in a fresh process for tests/test_stream.py: take N batches, optionally starting from
-a saved state, and print one JSON object: per-batch fingerprints, the final state and how many
-samples this process decoded (counted in-process, so meaningful with --workers 0)."""
+a saved state, and print one JSON object: per-batch fingerprints, the final state, how many
+samples this process decoded (counted in-process, so meaningful with --workers 0), how much its
+resident memory grew after the first batch, and how many yielded batches are still alive at the end."""
 
 import argparse
+import gc
 import json
+import os
 import sys
+import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,6 +20,12 @@ from pipeline.model import load_processor  # noqa: E402
 def fingerprint(batch: dict) -> dict:
     return {"keys": batch["keys"], "is_pad": batch["is_pad"].tolist(),
             "labels": batch["labels"].tolist(), "features": float(batch["input_features"].double().sum())}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (torch's allocations included, unlike tracemalloc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> None:
@@ -43,15 +53,20 @@ def main() -> None:
                                 persistent_workers=args.persistent)
     if args.state_in:
         loader.load_state_dict(json.loads(Path(args.state_in).read_text()))
-    batches = []
+    batches, alive, rss = [], [], []
     for batch in loader:
         batches.append(fingerprint(batch) | {"epoch": loader.epoch})
+        alive.append(weakref.ref(batch["input_features"]))
+        rss.append(rss_bytes())
         if len(batches) == args.take:
             break
+    del batch
+    gc.collect()
     state = loader.state_dict()
     if args.state_out:
         Path(args.state_out).write_text(json.dumps(state))
-    print(json.dumps({"batches": batches, "state": state, "decoded": decoded[0], "len": len(loader)}))
+    print(json.dumps({"batches": batches, "state": state, "decoded": decoded[0], "len": len(loader),
+                      "rss_growth": max(rss) - rss[0], "alive": sum(ref() is not None for ref in alive)}))
 
 
 if __name__ == "__main__":

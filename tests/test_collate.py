@@ -34,6 +34,24 @@ def test_features_are_padded_like_the_feature_extractor(tiny_processor):
         np.testing.assert_array_equal(row.numpy(), pad_mel(sample["mel"], sample["json"]["pad_value"]))
 
 
+def test_spec_augment_masks_are_bands_no_wider_than_their_limits(tiny_processor):
+    """One time and one frequency mask per clip, widths drawn in [0, limit]: over 200 clips no band
+    is wider than its limit, and the limit itself is reached (the draw covers the whole range)."""
+    rng, frames, fill = np.random.default_rng(0), 100, -0.25
+    limits = dict(time_masks=1, time_width=10, freq_masks=1, freq_width=6)
+    collate = Collator(tiny_processor.tokenizer, spec_augment=limits, seed=1)
+    widths = []
+    for i in range(200):
+        mel = rng.uniform(-1, 1, size=(80, frames)).astype(np.float16)
+        sample = {"__key__": f"k{i}", "mel": mel, "json": {"captions": ["x"], "pad_value": fill}}
+        masked = collate([sample])["input_features"][0, :, :frames].numpy() == np.float16(fill)  # [80, frames]
+        cols, rows = np.flatnonzero(masked.all(axis=0)), np.flatnonzero(masked.all(axis=1))
+        for band in (cols, rows):  # one contiguous band each (or none)
+            assert len(band) == 0 or band[-1] - band[0] + 1 == len(band), (i, band)
+        widths.append((len(cols), len(rows)))
+    assert max(w[0] for w in widths) == limits["time_width"] and max(w[1] for w in widths) == limits["freq_width"]
+
+
 def test_labels_are_tokenizer_ids_without_start_and_padded_by_length(tiny_processor):
     tok = tiny_processor.tokenizer
     captions = ["A dog barks.", "Rain falls on a tin roof while thunder rolls far away."]

@@ -181,8 +181,18 @@ def test_offline_hub_id_exits_2_with_the_reason(shards, tmp_path, capsys):
     assert "openai/whisper-no-such-model" in err and "tiny" in err
 
 
-def test_bf16_runs(model_dir, shards, expected, tmp_path):
+def test_bf16_runs_the_model_in_bfloat16(model_dir, shards, expected, tmp_path, monkeypatch):
+    dtypes, real_load = set(), infer_stream.load_model
+
+    def load_model(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        for module in (model.model.encoder.conv1, model.model.decoder.layers[0].fc1):
+            module.register_forward_hook(lambda m, args, out: dtypes.add(out.dtype))
+        return model
+
+    monkeypatch.setattr(infer_stream, "load_model", load_model)
     out = tmp_path / "preds.jsonl"
     assert run("--model_name", model_dir, "--shards", shards[1], "--bf16", "--num_dataloader_workers", 0,
                "--max_new_tokens", 4, "--output", out, "--metrics", "bleu") == 0
     assert sorted(r["key"] for r in read_jsonl(out)) == sorted(k for k in expected if k.startswith("s001_"))
+    assert dtypes == {torch.bfloat16}  # encoder and decoder, every forward

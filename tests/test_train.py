@@ -2,6 +2,7 @@
 a two-process run, SIGTERM, NaN steps and the offline error. Runs are in-process (``train_stream.main``)
 where they can be, to keep the budget; multi-process and signal runs are real subprocesses."""
 
+import copy
 import json
 import math
 import os
@@ -9,12 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 import train_stream
@@ -34,6 +39,12 @@ def one_thread_and_fresh_accelerate():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps one state per process, fixed by the first ``Accelerator``: in-process runs
+    with another mixed precision need it forgotten."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -62,15 +73,15 @@ def train_losses(out) -> dict[int, float]:
 
 
 class KeyRecorder:
-    """Wraps the training loader: records the keys of every batch handed out; optionally raises
+    """Wraps the training loader: records the keys (or the whole batch) of every batch handed out; optionally raises
     SIGTERM in this process when handing out batch number ``signal_at`` (1-based)."""
 
-    def __init__(self, loader, seen: list, signal_at: int | None = None):
-        self.loader, self.seen, self.signal_at = loader, seen, signal_at
+    def __init__(self, loader, seen: list, signal_at: int | None = None, keep_batches: bool = False):
+        self.loader, self.seen, self.signal_at, self.keep_batches = loader, seen, signal_at, keep_batches
 
     def __iter__(self):
         for batch in self.loader:
-            self.seen.append(batch["keys"])
+            self.seen.append(dict(batch) if self.keep_batches else batch["keys"])
             if len(self.seen) == self.signal_at:
                 signal.raise_signal(signal.SIGTERM)
             yield batch
@@ -89,6 +100,19 @@ def record_keys(monkeypatch, seen: list, signal_at: int | None = None) -> None:
     monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
 
 
+def tar_keys(directory: Path) -> list[str]:
+    """Sample keys of every shard in ``directory``, read with plain tarfile."""
+    names = [n for path in sorted(directory.glob("*.tar")) for n in tarfile.open(path).getnames()]
+    return sorted({n.split(".", 1)[0] for n in names})
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    """The tiny model as a run with the default seed starts it (``set_seed`` then ``build_model``)."""
+    set_seed(load_config().trainer_config.seed)
+    model = load_model("tiny")
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 def child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -97,6 +121,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(processes: int, script: Path, *argv, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes N`` on this CPU machine (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), *map(str, argv)]
+    return subprocess.run(cmd, cwd=ROOT, env={**child_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def launch_ranks(out: Path, train: str, *extra, env: dict | None = None) -> list[dict]:
+    """A 2-process run through tests/_train_ranks.py: per rank, its world size, micro-batch keys and
+    final parameters."""
+    done = launch(2, ROOT / "tests" / "_train_ranks.py", out, *run_args(out, train, *extra), env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = []
+    for rank in (0, 1):
+        info = json.loads((out / f"rank-{rank}.json").read_text())
+        info["weights"] = safetensors.torch.load_file(out / f"rank-{rank}.safetensors")
+        info["stderr"] = done.stderr
+        ranks.append(info)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    return ranks
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(out / "final" / "model.safetensors")
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -126,6 +178,58 @@ def test_loss_equals_the_hf_models_own_loss(shards, tiny_processor):
     assert loss.item() == 0.0 and tokens.item() == 0
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and not g.any() for g in grads)
+
+
+def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path, shards, monkeypatch):
+    """Two micro-batches accumulated = the mean of the two HF-loss gradients computed apart; the step
+    is AdamW on that gradient clipped to max_grad_norm; the logged loss is the mean HF loss."""
+    batches, before = [], {}
+    real_make_loader, real_step = train_stream.make_loader, train_stream.optimizer_step
+
+    def recording_make_loader(*args, **kwargs):
+        loader = real_make_loader(*args, **kwargs)
+        return KeyRecorder(loader, batches, keep_batches=True) if kwargs.get("train") else loader
+
+    def recording_step(model, optimizer, accelerator, lr, max_grad_norm):
+        unwrapped = accelerator.unwrap_model(model)
+        before["model"] = copy.deepcopy(unwrapped)
+        before["grads"] = {n: p.grad.clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        before["lr"] = lr
+        return real_step(model, optimizer, accelerator, lr, max_grad_norm)
+
+    monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
+    monkeypatch.setattr(train_stream, "optimizer_step", recording_step)
+    out = tmp_path / "accumulate"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=1",
+                                      "trainer_config.gradient_accumulation_steps=2")) == 0
+    assert len(batches) == 2 and batches[0]["keys"] != batches[1]["keys"]
+
+    reference = before["model"]  # the weights the step started from
+    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    grads, losses = [], []
+    for batch in batches:
+        loss = reference(input_features=batch["input_features"].float(), labels=batch["labels"]).loss
+        grads.append(torch.autograd.grad(loss, list(params.values()), allow_unused=True))
+        losses.append(loss.item())
+    for (name, param), g0, g1 in zip(params.items(), *grads):
+        mean = (g0 if g0 is not None else torch.zeros_like(param)) / 2 + (g1 if g1 is not None else 0) / 2
+        assert torch.allclose(before["grads"][name], mean, rtol=1e-4, atol=1e-8), name
+    assert math.isclose(train_losses(out)[1], sum(losses) / 2, rel_tol=1e-5)
+
+    # the step itself, with torch's own clipping and AdamW on the reference gradient
+    tc = load_config(overrides=run_args(out, shards[0])[2:]).trainer_config
+    for name, param in params.items():
+        param.grad = before["grads"][name]
+    torch.nn.utils.clip_grad_norm_(list(params.values()), tc.max_grad_norm)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
+                                  lr=before["lr"], betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+    optimizer.step()
+    assert math.isclose(before["lr"], tc.learning_rate / (tc.warmup_steps + 1))  # warmup's first step
+    trained = final_weights(out)
+    for name, param in params.items():
+        assert torch.allclose(trained[name], param.detach(), atol=1e-7), name
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -204,6 +308,44 @@ def test_resume_is_exact_checkpoints_rotate_final_model_loads(tmp_path, shards, 
         assert torch.allclose(tensor, other[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_in_half_precision_and_resumes_exactly(tmp_path, shards, monkeypatch, request,
+                                                                       precision):
+    """On the CPU too: autocast really runs the model in the half type, fp16 goes through a GradScaler
+    whose state (scaler.pt) a resumed run continues; stopped and resumed equals straight through."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtypes, real_build = set(), train_stream.build_model
+
+    def build_model(cfg):
+        processor, model = real_build(cfg)
+        model.model.decoder.layers[0].fc1.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+        return processor, model
+
+    monkeypatch.setattr(train_stream, "build_model", build_model)
+    reset_accelerate_state()
+    request.addfinalizer(reset_accelerate_state)
+    common = ["trainer_config.max_steps=4", f"++trainer_config.{precision}=true"]
+    record_keys(monkeypatch, [])
+    assert train_stream.main(run_args(tmp_path / "straight", shards[0], *common)) == 0
+    assert dtypes == {half}
+    record_keys(monkeypatch, [], signal_at=3)
+    assert train_stream.main(run_args(tmp_path / "parts", shards[0], *common)) == 0
+    assert (tmp_path / "parts" / "checkpoint-3").is_dir() and not (tmp_path / "parts" / "final").exists()
+    record_keys(monkeypatch, [])
+    assert train_stream.main(run_args(tmp_path / "parts", shards[0], *common,
+                                      "trainer_config.resume_from_checkpoint=latest")) == 0
+
+    straight, resumed = tmp_path / "straight" / "checkpoint-4", tmp_path / "parts" / "checkpoint-4"
+    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "parts")
+    a, b = (safetensors.torch.load_file(c / "model.safetensors") for c in (straight, resumed))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    if precision == "fp16":
+        scalers = [torch.load(c / "scaler.pt", weights_only=True) for c in (straight, resumed)]
+        assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] == 4  # 4 finite steps counted
+    else:
+        assert not (straight / "scaler.pt").exists()
+
+
 def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypatch, caplog):
     real, calls = train_stream.compute_loss, []
 
@@ -227,6 +369,48 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
     assert "2 steps in a row with a NaN/inf loss" in caplog.text
 
 
+def test_resume_refusals_say_why_in_one_line(tmp_path, shards, caplog):
+    out = tmp_path / "refuse"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=2")) == 0  # checkpoint-2
+    resume = ("trainer_config.max_steps=4", "trainer_config.resume_from_checkpoint=latest")
+
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], *resume, "trainer_config.per_device_train_batch_size=3")) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "cannot resume the data stream, its plan changed: batch_size: saved 2, now 3" in error
+    assert "\n" not in error and "Traceback" not in caplog.text
+
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], *resume)) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error == (f"{out / 'checkpoint-2'} was written by 2 processes, this run has 1: the stream position "
+                     f"cannot be continued exactly")
+    assert max(train_losses(out)) == 2  # neither refused run trained a step
+
+
+def test_a_process_count_accelerate_did_not_set_up_stops_the_run(tmp_path, shards, monkeypatch, caplog, capsys):
+    """Launched as 2 processes (WORLD_SIZE=2), but accelerate set up one (as a plain ``Accelerator()``
+    does under ``--multi_gpu`` without CUDA): each process would train alone. Both tools refuse."""
+    from pipeline import launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(launch, "Accelerator", lambda cpu, **kwargs: Accelerator(**kwargs))
+    caplog.clear()
+    assert train_stream.main(run_args(tmp_path / "p", shards[0], "trainer_config.max_steps=1")) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error == ("launched as 2 processes (WORLD_SIZE) but accelerate set up 1: check the accelerate "
+                     "launch options")
+    assert not (tmp_path / "p").exists()
+
+    import infer_stream
+
+    assert infer_stream.main(["--model_name", "tiny", "--shards", shards[1], "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "launched as 2 processes (WORLD_SIZE) but accelerate set up 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_offline_hub_id_and_bad_config_exit_2(tmp_path, shards, caplog, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = run_args(tmp_path / "o", shards[0], "model_config.name=openai/whisper-small-not-cached")
@@ -240,14 +424,11 @@ def test_offline_hub_id_and_bad_config_exit_2(tmp_path, shards, caplog, capsys, 
 
 def test_two_process_run_gathers_validation_across_ranks(tmp_path, shards):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / "train_stream.py"),
-           *run_args(out, shards[0], "--val-shards", shards[1], "trainer_config.max_steps=3",
-                     "trainer_config.per_device_train_batch_size=4", "++trainer_config.split_batches=true",
-                     "trainer_config.eval_steps=3", "trainer_config.per_device_eval_batch_size=2",
-                     "++trainer_config.eval_metrics=[bleu]", "++trainer_config.generation_max_new_tokens=4")]
-    done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    done = launch(2, ROOT / "train_stream.py",
+                  *run_args(out, shards[0], "--val-shards", shards[1], "trainer_config.max_steps=3",
+                            "trainer_config.per_device_train_batch_size=4", "++trainer_config.split_batches=true",
+                            "trainer_config.eval_steps=3", "trainer_config.per_device_eval_batch_size=2",
+                            "++trainer_config.eval_metrics=[bleu]", "++trainer_config.generation_max_new_tokens=4"))
     assert done.returncode == 0, done.stderr[-4000:]
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["per_device_batch_size"] == 2 and info["effective_batch_size"] == 4
@@ -260,6 +441,42 @@ def test_two_process_run_gathers_validation_across_ranks(tmp_path, shards):
     assert all(s["world_size"] == 2 and s["batches"] == 3 for s in states)
     assert (ckpt / "rng_state_1.pt").is_file() and (out / "final" / "model.safetensors").is_file()
     assert sorted(train_losses(out)) == [1, 2, 3]
+
+
+def test_two_processes_learn_what_one_process_learns_from_the_same_global_batch(tmp_path):
+    """DDP with batch 2 per rank = one process with batch 4 over the same samples, per the loss
+    definition (the gradient is the mean of the per-rank token means; with label rows of one length
+    that is the token mean of the global batch). Four samples: every step sees all of them."""
+    train = tmp_path / "train"
+    write_mel_shards(train, [4], caption=lambda key, j: f"a sound number {key[-1]}")
+    common = ("trainer_config.max_steps=3", "trainer_config.warmup_steps=0")
+    ranks = launch_ranks(tmp_path / "two", str(train), *common, "trainer_config.per_device_train_batch_size=2")
+    assert train_stream.main(run_args(tmp_path / "one", str(train), *common,
+                                      "trainer_config.per_device_train_batch_size=4")) == 0
+
+    keys = sorted(tar_keys(train))
+    for step in range(3):  # each step: 2 disjoint samples per rank, all 4 together
+        assert sorted(ranks[0]["keys"][step] + ranks[1]["keys"][step]) == keys
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name  # DDP: one model on every rank
+    one, init = final_weights(tmp_path / "one"), initial_weights()
+    moved = max((one[n] - init[n]).abs().max().item() for n in one)
+    differ = max((one[n] - ranks[0]["weights"][n]).abs().max().item() for n in one)
+    assert moved > 2e-3 and differ < 1e-5, (moved, differ)  # Adam moves weights by ~lr per step
+    two_losses, one_losses = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+    assert sorted(two_losses) == [1, 2, 3]
+    assert all(abs(two_losses[s] - one_losses[s]) < 1e-5 for s in two_losses), (two_losses, one_losses)
+
+
+def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, shards):
+    ranks = launch_ranks(tmp_path / "nan", shards[0], "trainer_config.max_steps=3",
+                         env={"WCS_TEST_NAN_AT": "1:2"})  # rank 1's second micro-batch
+    assert [len(r["keys"]) for r in ranks] == [4, 4]  # 3 steps and the skipped one, on both ranks
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.isfinite(weight).all() and torch.equal(weight, ranks[1]["weights"][name]), name
+    err = ranks[0]["stderr"]
+    assert "rank 1: non-finite loss at step 1" in err and "non-finite loss on another rank at step 1" in err
+    assert sorted(train_losses(tmp_path / "nan")) == [1, 2, 3]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
