@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -47,7 +49,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.models.whisper.modeling_whisper import (
@@ -60,13 +62,16 @@ from transformers.models.whisper.modeling_whisper import (
 
 from pipeline import launch
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
-from pipeline.fileio import write_json
+from pipeline.fileio import write_atomic, write_json
 from pipeline.metrics import score
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
 
 log = logging.getLogger("train_stream")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+RUN_INFO = "run_info.json"
+PREVIOUS_RUNS = "previous-runs"  # where overwrite_output_dir moves another run's files
+ANY_RUN = object()
 STATS = ("loss", "samples", "tokens", "wait_s", "bad", "stop", "skipped")  # the per-step all-reduce
 
 
@@ -309,14 +314,114 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+def list_checkpoints(output_dir: Path, run_id: str | None | object = ANY_RUN) -> list[Path]:
+    """Complete checkpoints of ``run_id`` (any run by default), oldest first (temporary folders of
+    an interrupted save are ignored)."""
     found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if run_id is ANY_RUN or checkpoint_run_id(p) == run_id]
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run a checkpoint belongs to (None for checkpoints written before runs had ids)."""
+    return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+
+
+def folder_run_id(output_dir: Path) -> str | None:
+    """The run that owns ``output_dir``: its run_info.json's, else its newest checkpoint's."""
+    info = output_dir / RUN_INFO
+    if info.is_file():
+        return json.loads(info.read_text()).get("run_id")
+    found = list_checkpoints(output_dir)
+    return checkpoint_run_id(found[-1]) if found else None
+
+
+def lock_output_dir(output_dir: Path):
+    """An exclusive lock on ``output_dir`` for this process's lifetime (the OS drops it when the
+    process dies, however it dies): a second run in the same folder stops instead of interleaving
+    its checkpoints and logs with the first one's."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"{output_dir} is in use by another training run (pid {holder}): wait for it to "
+                          f"end, or set another trainer_config.output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def claim_run(output_dir: Path, tc) -> tuple[str, Path | None]:
+    """``(run id, checkpoint to resume or None)`` for a run in ``output_dir``. A fresh run never
+    starts among another run's files (``ConfigError`` with the ways out, unless
+    ``overwrite_output_dir`` moves them aside); ``latest`` resumes only the folder's own run."""
+    owner, spec = folder_run_id(output_dir), tc.resume_from_checkpoint
+    if spec == "latest":  # what a preemptible job passes on every start, the first one too
+        ours = list_checkpoints(output_dir, owner)
+        if ours:
+            return owner, ours[-1]
+        log.info("resume_from_checkpoint=latest: no checkpoint of this folder's run in %s, starting from "
+                 "scratch", output_dir)
+        return owner or new_run_id(), None
+    if spec:
+        path = Path(spec)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"trainer_config.resume_from_checkpoint={spec}: not a checkpoint folder "
+                              f"(no trainer_state.json); use 'latest' or a checkpoint-STEP folder")
+        run_id = checkpoint_run_id(path) or new_run_id()
+        if owner is not None and owner != run_id:
+            raise ConfigError(f"{path} belongs to run {run_id}, but {output_dir} holds run {owner}: resume it "
+                              f"into its own output_dir, or a new one")
+        return run_id, path
+    if (output_dir / RUN_INFO).is_file() or list_checkpoints(output_dir):
+        leftovers = sorted(p.name for p in output_dir.iterdir() if p.name not in (".lock", PREVIOUS_RUNS))
+        if not tc.overwrite_output_dir:
+            raise ConfigError(f"{output_dir} holds run {owner}'s files ({', '.join(leftovers[:4])}"
+                              f"{', ...' if len(leftovers) > 4 else ''}): continue it with "
+                              f"trainer_config.resume_from_checkpoint=latest, or start afresh in a new "
+                              f"trainer_config.output_dir or with ++trainer_config.overwrite_output_dir=true "
+                              f"(moves them to {output_dir / PREVIOUS_RUNS}/)")
+        aside = output_dir / PREVIOUS_RUNS / f"{owner or 'unnamed'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True)
+        for name in leftovers:
+            os.replace(output_dir / name, aside / name)
+        log.warning("overwrite_output_dir: moved run %s's files from %s to %s", owner, output_dir, aside)
+    return new_run_id(), None
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def start_run(output_dir: Path, tc, accelerator: Accelerator):
+    """The run's id and checkpoint, decided by the main process (which locks ``output_dir``) and
+    sent to every rank, so all ranks raise the same error or go on together. Returns
+    ``(run id, checkpoint or None, lock handle or None)``."""
+    decision, lock = [None], None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_output_dir(output_dir)
+            run_id, checkpoint = claim_run(output_dir, tc)
+            decision = [("ok", run_id, str(checkpoint) if checkpoint else None)]
+        except ConfigError as error:
+            decision = [("error", str(error), None)]
+            if lock is not None:
+                lock.close()
+                lock = None
+    decision = broadcast_object_list(decision) if accelerator.num_processes > 1 else decision
+    status, value, checkpoint = decision[0]
+    if status == "error":
+        raise ConfigError(value)
+    return value, (Path(checkpoint) if checkpoint else None), lock
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
-                    cfg: RunConfig) -> Path:
+                    cfg: RunConfig, run_id: str) -> Path:
     """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed."""
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -328,7 +433,8 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accel
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes})
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes,
+                                                "run_id": run_id})
         save_config(cfg, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
@@ -339,34 +445,19 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accel
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        rotate_checkpoints(output_dir, cfg.trainer_config.save_total_limit)
+        rotate_checkpoints(output_dir, cfg.trainer_config.save_total_limit, run_id)
         log.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate_checkpoints(output_dir: Path, keep: int | None) -> None:
+def rotate_checkpoints(output_dir: Path, keep: int | None, run_id: str) -> None:
+    """Keep the newest ``keep`` checkpoints of this run; never touch another run's."""
     if not keep or keep < 1:
         return
-    for old in list_checkpoints(output_dir)[:-keep]:
+    for old in list_checkpoints(output_dir, run_id)[:-keep]:
         shutil.rmtree(old)
         log.info("removed %s (save_total_limit=%d)", old, keep)
-
-
-def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
-    """``latest`` → the newest ``checkpoint-N`` in ``output_dir`` (None if there is none), else a path."""
-    if not spec:
-        return None
-    if spec == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            log.info("resume_from_checkpoint=latest: no checkpoint in %s, starting from scratch", output_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"trainer_config.resume_from_checkpoint={spec}: not a checkpoint folder "
-                          f"(no trainer_state.json); use 'latest' or a checkpoint-STEP folder")
-    return path
 
 
 def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> int:
@@ -376,7 +467,9 @@ def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerat
         raise TrainingError(f"{path} was written by {state['world_size']} processes, this run has "
                             f"{accelerator.num_processes}: the stream position cannot be continued exactly")
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    safetensors.torch.load_model(unwrapped, path / "model.safetensors", device=str(accelerator.device))
+    # read onto the CPU, copied into the parameters wherever they live ("cpu:0", the name accelerate
+    # gives the CPU in multi-process runs, is not a device safetensors accepts)
+    safetensors.torch.load_model(unwrapped, path / "model.safetensors", device="cpu")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -420,6 +513,36 @@ class MetricsLog:
         if self.main:
             self.writer.close()
             self.jsonl.close()
+
+
+class SampleKeysLog:
+    """``output_dir/sample_keys/rank-R.jsonl`` with ``log_sample_keys``: one line per optimizer step,
+    ``{"step", "epoch", "keys"}``, the real keys of that step's micro-batches on this rank (a step
+    dropped for a NaN loss: the same with ``"skipped": true``), to prove what the model saw or find the
+    batch behind a loss spike. On every start, lines past the resumed step (the interrupted run's
+    steps after its last checkpoint, done again now) are removed first, so each step appears once."""
+
+    def __init__(self, output_dir: Path, accelerator: Accelerator, start_step: int, enabled: bool):
+        folder, self.file = output_dir / "sample_keys", None
+        if accelerator.is_main_process and folder.is_dir():
+            for path in folder.glob("rank-*.jsonl"):
+                kept = [line for line in path.read_text().splitlines(keepends=True)
+                        if line.endswith("\n") and json.loads(line)["step"] <= start_step]  # a torn last line goes
+                write_atomic(path, "".join(kept))
+        accelerator.wait_for_everyone()
+        if enabled:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(folder / f"rank-{accelerator.process_index}.jsonl", "a")
+
+    def write(self, step: int, epoch: int, keys: list[str], skipped: bool = False) -> None:
+        if self.file is not None:
+            row = {"step": step, "epoch": epoch, "keys": keys, **({"skipped": True} if skipped else {})}
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 class Window:
@@ -511,11 +634,12 @@ class Trainer:
     """The loop's state between steps: what it trains, where it logs, and when it last saved."""
 
     def __init__(self, cfg: RunConfig, accelerator: Accelerator, model, optimizer, processor, loader,
-                 val_loader, output_dir: Path, max_steps: int, stop: StopRequest):
+                 val_loader, output_dir: Path, max_steps: int, stop: StopRequest, run_id: str,
+                 sample_log: SampleKeysLog):
         self.cfg, self.tc, self.accelerator = cfg, cfg.trainer_config, accelerator
         self.model, self.optimizer, self.processor = model, optimizer, processor
         self.loader, self.val_loader, self.output_dir = loader, val_loader, output_dir
-        self.max_steps, self.stop = max_steps, stop
+        self.max_steps, self.stop, self.run_id, self.sample_log = max_steps, stop, run_id, sample_log
         self.val_start = val_loader.state_dict() if val_loader is not None else None
         self.step = self.saved_step = self.evaluated_step = -1
 
@@ -526,12 +650,13 @@ class Trainer:
         batches, bad_in_a_row = iter(self.loader), 0
         window = Window(accelerator.num_processes * tc.gradient_accumulation_steps)
         while self.step < self.max_steps:
-            stats, keys = self.accumulate(batches)
+            stats, keys, epoch = self.accumulate(batches)
             stats[STATS.index("stop")] = float(self.stop.signum is not None)
             stats[STATS.index("skipped")] = float(self.loader.skipped)
             values = dict(zip(STATS, accelerator.reduce(stats.clone(), "sum").tolist()))
             if values["bad"]:
                 self.optimizer.zero_grad(set_to_none=True)
+                self.sample_log.write(self.step + 1, epoch, keys, skipped=True)
                 bad_in_a_row = check_bad_step(stats[STATS.index("bad")].item() > 0, keys, self.step,
                                               bad_in_a_row, tc.max_bad_steps, accelerator)
             else:
@@ -539,6 +664,7 @@ class Trainer:
                 lr = lr_at(self.step, tc, self.max_steps)
                 norm = optimizer_step(self.model, self.optimizer, accelerator, lr, tc.max_grad_norm)
                 self.step += 1
+                self.sample_log.write(self.step, epoch, keys)
                 metrics_log.bar.update(1)
                 window.add(values, norm.item())
                 if self.step % tc.logging_steps == 0:
@@ -556,17 +682,19 @@ class Trainer:
                 return True
         return False
 
-    def accumulate(self, batches) -> tuple[torch.Tensor, list[str]]:
-        """Forward/backward of ``gradient_accumulation_steps`` micro-batches; the local statistics."""
+    def accumulate(self, batches) -> tuple[torch.Tensor, list[str], int]:
+        """Forward/backward of ``gradient_accumulation_steps`` micro-batches: the local statistics,
+        the real (not padding) keys trained on, and the epoch of the first micro-batch."""
         stats = torch.zeros(len(STATS), dtype=torch.float64, device=self.accelerator.device)
-        keys = []
+        keys, epoch = [], None
         for _ in range(self.tc.gradient_accumulation_steps):
             waited = time.perf_counter()
             batch = next(batches)
             stats[STATS.index("wait_s")] += time.perf_counter() - waited
+            epoch = self.loader.epoch if epoch is None else epoch
             train_step(self.model, batch, self.accelerator, stats)
-            keys += batch["keys"]
-        return stats, keys
+            keys += [key for key, pad in zip(batch["keys"], batch["is_pad"].tolist()) if not pad]
+        return stats, keys, epoch
 
     def evaluate(self, metrics_log: MetricsLog) -> None:
         if self.evaluated_step == self.step:
@@ -582,7 +710,7 @@ class Trainer:
     def save(self) -> None:
         if self.saved_step != self.step:
             save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.loader,
-                            self.accelerator, self.cfg)
+                            self.accelerator, self.cfg, self.run_id)
             self.saved_step = self.step
 
 
@@ -631,21 +759,29 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
 
 
 def run(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest) -> int:
+    output_dir = Path(cfg.trainer_config.output_dir)
+    run_id, checkpoint, lock = start_run(output_dir, cfg.trainer_config, accelerator)
+    try:
+        return train(cfg, accelerator, stop, output_dir, run_id, checkpoint)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_dir: Path, run_id: str,
+          checkpoint: Path | None) -> int:
     tc = cfg.trainer_config
-    output_dir = Path(tc.output_dir)
     processor, model, optimizer, loader, val_loader = prepare_run(cfg, accelerator)
     max_steps = total_steps(tc, len(loader))
-    checkpoint = find_checkpoint(output_dir, tc.resume_from_checkpoint)
-    if checkpoint is None and list_checkpoints(output_dir):
-        log.warning("%s already holds checkpoints; this run starts from scratch (set "
-                    "trainer_config.resume_from_checkpoint=latest to continue)", output_dir)
     start_step = load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint else 0
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
-        write_json(output_dir / "run_info.json", banner(cfg, accelerator, model, loader, max_steps, start_step))
+        info = banner(cfg, accelerator, model, loader, max_steps, start_step)
+        write_json(output_dir / RUN_INFO, {"run_id": run_id, **info})
     accelerator.wait_for_everyone()
-    trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop)
+    sample_log = SampleKeysLog(output_dir, accelerator, start_step, tc.log_sample_keys)
+    trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop,
+                      run_id, sample_log)
     metrics_log = MetricsLog(output_dir, accelerator, max_steps, start_step)
     try:
         if trainer.run(start_step, metrics_log):
@@ -656,6 +792,7 @@ def run(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest) -> int:
         trainer.save()
     finally:
         metrics_log.close()
+        sample_log.close()
     final = save_final(model, processor, cfg, accelerator, output_dir)
     if tc.push_to_hub and accelerator.is_main_process:
         push_to_hub(final, tc.hub_model_id, trainer.step)

@@ -102,6 +102,8 @@ class TrainerConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = None  # keep the newest N checkpoints; null keeps all
     resume_from_checkpoint: Optional[str] = None  # latest | a checkpoint folder
+    overwrite_output_dir: bool = False     # a fresh run where another run's files are: move those aside
+    log_sample_keys: bool = False          # output_dir/sample_keys/rank-R.jsonl: the keys of every step
     max_bad_steps: int = 10                # NaN/inf losses in a row before the run stops
     dataloader_num_workers: int = 2
     dataloader_prefetch_factor: int = 2

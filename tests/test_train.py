@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,18 +270,26 @@ def test_resume_is_exact_checkpoints_rotate_final_model_loads(tmp_path, shards, 
     straight, seen_straight = tmp_path / "straight", []
     record_keys(monkeypatch, seen_straight)
     assert train_stream.main(run_args(straight, shards[0], *common, "trainer_config.save_steps=1",
-                                      "++trainer_config.save_total_limit=2")) == 0
+                                      "++trainer_config.save_total_limit=2", "++trainer_config.log_sample_keys=true")) == 0
 
     # the same run, stopped by SIGTERM during step 3 (its 5th micro-batch), then resumed
     parts, seen_first, seen_second = tmp_path / "parts", [], []
     record_keys(monkeypatch, seen_first, signal_at=5)
-    assert train_stream.main(run_args(parts, shards[0], *common)) == 0
+    assert train_stream.main(run_args(parts, shards[0], *common, "++trainer_config.log_sample_keys=true")) == 0
     assert sorted(p.name for p in parts.glob("checkpoint-*")) == ["checkpoint-3"] and not (parts / "final").exists()
+    audit = parts / "sample_keys" / "rank-0.jsonl"
+    with open(audit, "a") as f:  # what a run killed after step 4, before saving it, leaves behind
+        f.write(json.dumps({"step": 4, "epoch": 0, "keys": ["lost"]}) + "\n" + '{"step": 5, "ep')
     record_keys(monkeypatch, seen_second)
-    assert train_stream.main(run_args(parts, shards[0], *common,
+    assert train_stream.main(run_args(parts, shards[0], *common, "++trainer_config.log_sample_keys=true",
                                       "trainer_config.resume_from_checkpoint=latest")) == 0
 
     assert seen_first + seen_second == seen_straight and len(seen_straight) == 12
+    # the audit log: one line per step, the keys of its two micro-batches, the same over the two runs
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert lines == [json.loads(line) for line in (straight / "sample_keys" / "rank-0.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"], r["keys"]) for r in lines] == [
+        (step + 1, 0, seen_straight[2 * step] + seen_straight[2 * step + 1]) for step in range(6)]
     losses, resumed = train_losses(straight), train_losses(parts)
     assert sorted(losses) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
@@ -344,6 +353,41 @@ def test_mixed_precision_trains_in_half_precision_and_resumes_exactly(tmp_path, 
         assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] == 4  # 4 finite steps counted
     else:
         assert not (straight / "scaler.pt").exists()
+
+
+def test_a_fresh_run_never_lands_among_another_runs_checkpoints(tmp_path, shards, caplog):
+    out = tmp_path / "shared"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=6", "trainer_config.save_steps=2")) == 0
+    run_a = json.loads((out / "run_info.json").read_text())["run_id"]
+    a_files = {p.relative_to(out): p.read_bytes() for p in out.rglob("checkpoint-*/*")}
+    assert len(a_files) > 6 and json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["run_id"] == run_a
+
+    run_b = ("trainer_config.max_steps=4", "trainer_config.save_steps=2", "++trainer_config.save_total_limit=2")
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], *run_b)) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error.startswith(f"{out} holds run {run_a}'s files (checkpoint-2, checkpoint-4, checkpoint-6, config.yaml")
+    assert "resume_from_checkpoint=latest" in error and "overwrite_output_dir=true" in error and "\n" not in error
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("checkpoint-*/*")} == a_files
+
+    # overwrite_output_dir moves run A aside, byte for byte; run B then has the folder to itself
+    assert train_stream.main(run_args(out, shards[0], *run_b, "++trainer_config.overwrite_output_dir=true")) == 0
+    (aside,) = (out / "previous-runs").iterdir()
+    assert aside.name.startswith(run_a) and (aside / "final").is_dir() and (aside / "metrics.jsonl").is_file()
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("checkpoint-*/*")} == a_files
+    run_b_id = json.loads((out / "run_info.json").read_text())["run_id"]
+    assert run_b_id != run_a and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    # another run's checkpoint among B's: latest does not pick it, rotation does not remove it
+    shutil.copytree(aside / "checkpoint-6", out / "checkpoint-8")
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=6", "trainer_config.save_steps=2",
+                                      "++trainer_config.save_total_limit=1",
+                                      "trainer_config.resume_from_checkpoint=latest")) == 0
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["run_id"] == run_a
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["run_id"] == run_b_id
 
 
 def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypatch, caplog):
@@ -479,7 +523,7 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, shards):
     assert sorted(train_losses(tmp_path / "nan")) == [1, 2, 3]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(tmp_path, shards, caplog):
     out = tmp_path / "term"
     cmd = [sys.executable, str(ROOT / "train_stream.py"), *run_args(out, shards[0], "trainer_config.max_steps=100000")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -488,6 +532,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
+    # a second run on the same output_dir while the first one trains: refused, nothing of it written
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.resume_from_checkpoint=latest")) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error.startswith(f"{out} is in use by another training run (pid {proc.pid})")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
