@@ -461,11 +461,10 @@ def rotate_checkpoints(output_dir: Path, keep: int | None, run_id: str) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> int:
-    """Restore model, optimizer, scaler, this rank's RNG and stream position; returns the step."""
+    """Restore model, optimizer, scaler, RNG and stream position; returns the step. On another number
+    of processes the stream re-plans the rest of the epoch (``pipeline.stream``, elastic resume); a
+    rank the checkpoint has no RNG state for keeps its freshly seeded generators."""
     state = json.loads((path / "trainer_state.json").read_text())
-    if state["world_size"] != accelerator.num_processes:
-        raise TrainingError(f"{path} was written by {state['world_size']} processes, this run has "
-                            f"{accelerator.num_processes}: the stream position cannot be continued exactly")
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # read onto the CPU, copied into the parameters wherever they live ("cpu:0", the name accelerate
     # gives the CPU in multi-process runs, is not a device safetensors accepts)
@@ -474,9 +473,13 @@ def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerat
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rank = accelerator.process_index
-    set_rng_state(torch.load(path / f"rng_state_{rank}.pt", weights_only=True))
-    loader.load_state_dict(json.loads((path / f"loader_state_{rank}.json").read_text()))
-    log.info("resumed from %s at step %d", path, state["step"])
+    if (path / f"rng_state_{rank}.pt").is_file():
+        set_rng_state(torch.load(path / f"rng_state_{rank}.pt", weights_only=True))
+    own = path / f"loader_state_{rank}.json"
+    loader.load_state_dict(json.loads((own if own.is_file() else path / "loader_state_0.json").read_text()))
+    log.info("resumed from %s at step %d%s", path, state["step"],
+             f" (saved by {state['world_size']} processes, now {accelerator.num_processes})"
+             if state["world_size"] != accelerator.num_processes else "")
     return state["step"]
 
 

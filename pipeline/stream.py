@@ -39,6 +39,16 @@ The epoch plan (all of it a pure function of ``(seed, epoch)`` and the shard sam
    skips whole shuffle blocks by arithmetic and re-reads only the block it stops in.
    The position reaches workers through a shared-memory tensor read at the start of each
    iteration, so it works with ``persistent_workers`` too.
+   **Elastic resume.** A position saved under another layout (world size, workers, batch size,
+   shuffle buffer, interleave) cannot be continued batch for batch, but what it delivered can be
+   recomputed: everything above is arithmetic on global positions (the epoch's shard order is a
+   function of ``(seed, epoch)`` alone), so replaying the saved layout's plan for ``batches``
+   batches per rank gives the set of positions consumed (whole shuffle blocks per worker as
+   cursor prefixes, plus the seeded permutation prefix of the block it stopped in). The rest of
+   the epoch, kept as sorted runs of global positions (``sequence`` in the state), becomes that
+   epoch's sequence: cut over the new ranks and workers exactly as a whole epoch would be, so
+   each remaining sample comes once and every rank has the same batch count. The next epoch is a
+   whole one under the new layout. Resuming the same layout keeps the bit-exact continuation.
 6. **Faults.** A truncated tar, a corrupt member (bad npy or JSON, missing member), an
    unreachable URL or a sha256 mismatch is reported with URL and key; with ``on_error="skip"`` the
    lost samples become marked padding samples (batch counts stay equal on every rank) counted in
@@ -52,13 +62,15 @@ The epoch plan (all of it a pure function of ``(seed, epoch)`` and the shard sam
    broadcast, so every rank builds the same plan even if a shard is unreachable from one of them.
 
 Memory per process: the plan is O(number of shards) integers; samples stream from the tar reader
-through one shuffle block. Batches depend on ``num_workers`` (it sets the worker ranges), so a
-saved position can only be resumed with the same seed, world size, batch size and worker count;
-``load_state_dict`` checks that.
+through one shuffle block. A position resumes exactly (batch for batch) under the same layout and
+elastically under another; the seed and the data (shard sample counts) must be the same, which
+``load_state_dict`` checks. An elastic resume costs one boolean per sample of the epoch, once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -77,10 +89,10 @@ from pipeline.features import N_FRAMES
 from pipeline.fileio import file_sha256
 from pipeline.urls import Shard, ShardReadError, expand_urls, iter_samples, local_path, open_url, resolve_shards
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 added the data digest and the epoch's sequence (elastic resume); 1 still loads
 ON_ERROR = ("skip", "raise")
-RESUME_KEYS = ("seed", "world_size", "num_workers", "batch_size", "num_samples", "train", "shuffle_buffer",
-               "interleave")
+DATA_KEYS = ("seed", "num_samples", "train", "data_digest")  # must match to resume at all
+LAYOUT_KEYS = ("world_size", "workers", "batch_size", "shuffle_buffer", "interleave")  # else elastic
 
 
 class StreamError(RuntimeError):
@@ -112,17 +124,93 @@ class RankPlan:
     real: int  # real samples of this rank (slots after them are padding)
     slots: int  # samples per rank, padding included: ceil(N / world_size)
     num_batches: int  # ceil(slots / batch_size), the same on every rank
+    sequence: np.ndarray | None = None  # [runs, 2] global [lo, hi) the epoch is made of; None: all of it
+    total: int = 0  # N: samples in the sequence
+
+    def to_global(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        """Sequence positions ``[lo, hi)`` as ranges of global positions (shard order of the epoch)."""
+        if self.sequence is None:
+            yield lo, hi
+            return
+        starts = np.concatenate([[0], np.cumsum(self.sequence[:, 1] - self.sequence[:, 0])])  # [runs + 1]
+        i = int(np.searchsorted(starts, lo, side="right")) - 1
+        while lo < hi:
+            take = min(hi, int(starts[i + 1])) - lo
+            first = int(self.sequence[i, 0]) + lo - int(starts[i])
+            yield first, first + take
+            lo, i = lo + take, i + 1
 
 
 def plan_epoch(counts: list[int], seed: int, epoch: int, train: bool, rank: int, world_size: int,
-               batch_size: int) -> RankPlan:
+               batch_size: int, sequence: np.ndarray | None = None) -> RankPlan:
     counts = np.asarray(counts, dtype=np.int64)
     order = _rng(seed, epoch, 0).permutation(len(counts)) if train else np.arange(len(counts))
     offsets = np.concatenate([[0], np.cumsum(counts[order])])
-    total = int(offsets[-1])
+    total = int(offsets[-1]) if sequence is None else int((sequence[:, 1] - sequence[:, 0]).sum())
     start, end = rank * total // world_size, (rank + 1) * total // world_size
     slots = -(-total // world_size)
-    return RankPlan(order, offsets, start, end - start, slots, -(-slots // batch_size))
+    return RankPlan(order, offsets, start, end - start, slots, -(-slots // batch_size), sequence, total)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch is cut and ordered (module doc, items 2-4); a saved position continues batch for
+    batch only under the same layout."""
+
+    world_size: int
+    workers: int  # logical workers: num_workers, or 1 when the main process reads (num_workers=0)
+    batch_size: int
+    shuffle_buffer: int
+    interleave: int
+
+
+def _interleaved_offsets(items: np.ndarray, total: int, cursors: int) -> np.ndarray:
+    """Slot offsets (from the worker's first slot) of interleaved items ``items`` (``_interleaved``)."""
+    base, extra = divmod(total, cursors)
+    early = items < base * cursors
+    cursor = np.where(early, items % cursors, items - base * cursors)
+    depth = np.where(early, items // cursors, base)
+    return cursor * base + np.minimum(cursor, extra) + depth
+
+
+def delivered_mask(counts: list[int], seed: int, epoch: int, train: bool, layout: Layout, delivered: int,
+                   sequence: np.ndarray | None = None) -> np.ndarray:
+    """``[N]`` bool over the epoch's sequence: the samples every rank of ``layout`` had handed out
+    after ``delivered`` batches (the same arithmetic as ``ShardStream.worker_batches``, no data read)."""
+    mask = None
+    for rank in range(layout.world_size):
+        plan = plan_epoch(counts, seed, epoch, train, rank, layout.world_size, layout.batch_size, sequence)
+        mask = np.zeros(plan.total, dtype=bool) if mask is None else mask
+        _, done = resume_position(plan.num_batches, layout.workers, min(delivered, plan.num_batches))
+        for worker in range(layout.workers):
+            first, count = worker_split(plan.num_batches, layout.workers, worker)
+            lo, hi = first * layout.batch_size, min((first + count) * layout.batch_size, plan.slots)
+            taken = min(done[worker] * layout.batch_size, hi - lo)
+            if taken <= 0:
+                continue
+            if not train:
+                offsets = np.arange(taken)
+            else:  # whole shuffle blocks, then the first ``drop`` of the block's seeded permutation
+                total, size = hi - lo, layout.shuffle_buffer
+                block, drop = divmod(taken, size)
+                order = _rng(seed, epoch, 1, rank, worker, block).permutation(min(size, total - block * size))
+                items = np.concatenate([np.arange(block * size), block * size + order[:drop]])
+                offsets = _interleaved_offsets(items, total, max(1, min(layout.interleave, total)))
+            slots = lo + offsets
+            mask[plan.start + slots[slots < plan.real]] = True
+    return mask
+
+
+def remaining_sequence(mask: np.ndarray, plan: RankPlan) -> np.ndarray:
+    """``[runs, 2]`` global ``[lo, hi)`` ranges of the positions ``mask`` leaves out, in order."""
+    left = np.flatnonzero(~mask)
+    if plan.sequence is not None and len(left):  # sequence positions -> global positions
+        starts = np.concatenate([[0], np.cumsum(plan.sequence[:, 1] - plan.sequence[:, 0])])
+        run = np.searchsorted(starts, left, side="right") - 1
+        left = plan.sequence[run, 0] + left - starts[run]
+    breaks = np.flatnonzero(np.diff(left) != 1) + 1
+    return np.array([[int(r[0]), int(r[-1]) + 1] for r in np.split(left, breaks) if len(r)],
+                    dtype=np.int64).reshape(-1, 2)
 
 
 def worker_split(num_batches: int, num_workers: int, worker: int) -> tuple[int, int]:
@@ -214,11 +302,19 @@ class ShardStream(IterableDataset):
         self.on_error, self.verify, self.n_mels = on_error, verify, n_mels
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches delivered]
         self._verified: set[str] = set()
-        first = self.plan(0)  # batch and sample counts per rank do not depend on the epoch
+        self.sequence: tuple[int, np.ndarray] | None = None  # (epoch, its remaining runs) after an elastic resume
+        first = self.plan(0)  # a whole epoch's batch and sample counts per rank do not depend on the epoch
         self.num_samples, self.num_batches, self.rank_samples = sum(self.counts), first.num_batches, first.real
 
     def plan(self, epoch: int) -> RankPlan:
-        return plan_epoch(self.counts, self.seed, epoch, self.train, self.rank, self.world_size, self.batch_size)
+        sequence = self.sequence[1] if self.sequence and self.sequence[0] == epoch else None
+        return plan_epoch(self.counts, self.seed, epoch, self.train, self.rank, self.world_size, self.batch_size,
+                          sequence)
+
+    def batches_in(self, epoch: int) -> int:
+        """This rank's batches in ``epoch``: a whole epoch's, or fewer for the rest of an epoch
+        re-planned by an elastic resume."""
+        return self.plan(epoch).num_batches
 
     def set_position(self, epoch: int, batches: int) -> None:
         self._position[0], self._position[1] = epoch, batches
@@ -292,7 +388,8 @@ class ShardStream(IterableDataset):
         """Rank slots ``[lo, hi)`` in plan order: real samples, then this rank's padding."""
         real_hi = min(hi, plan.real)
         if lo < real_hi:
-            yield from self._read_range(plan, plan.start + lo, plan.start + real_hi)
+            for first, end in plan.to_global(plan.start + lo, plan.start + real_hi):
+                yield from self._read_range(plan, first, end)
         for _ in range(max(lo, plan.real), hi):
             yield _pad("rank")
 
@@ -399,15 +496,16 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            if self.batches >= len(self):
+            if self.batches >= self.dataset.batches_in(self.epoch):
                 self.set_epoch(self.epoch + 1)
             self.dataset.set_position(self.epoch, self.batches)
             for batch in self._loader:
                 self._count_skips(batch.pop("_skipped"))
                 self.batches += 1
                 yield self._finish(batch)
-            if self.batches != len(self):
-                raise StreamError(f"epoch {self.epoch} ended after {self.batches} of {len(self)} batches "
+            expected = self.dataset.batches_in(self.epoch)
+            if self.batches != expected:
+                raise StreamError(f"epoch {self.epoch} ended after {self.batches} of {expected} batches "
                                   f"on rank {self.dataset.rank}: the workers did not follow the plan")
             self.set_epoch(self.epoch + 1)
             if not self.infinite:
@@ -428,26 +526,53 @@ class StreamLoader:
                               f"{self.dataset.rank} were skipped in epoch {self.epoch}, more than "
                               f"max_skip_fraction={self.max_skip_fraction}; see the warnings above for URLs and keys")
 
+    @property
+    def layout(self) -> Layout:
+        ds = self.dataset
+        return Layout(ds.world_size, max(1, self.num_workers), ds.batch_size, ds.shuffle_buffer, ds.interleave)
+
     def state_dict(self) -> dict:
         """JSON-able position: the same on every rank except the skip counts."""
         ds = self.dataset
+        sequence = ds.sequence[1].tolist() if ds.sequence and ds.sequence[0] == self.epoch else None
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": ds.seed,
-                "world_size": ds.world_size, "num_workers": self.num_workers, "batch_size": ds.batch_size,
-                "num_samples": ds.num_samples, "train": ds.train, "shuffle_buffer": ds.shuffle_buffer,
-                "interleave": ds.interleave, "skipped": self.skipped, "epoch_skipped": self.epoch_skipped}
+                "num_samples": ds.num_samples, "train": ds.train, "data_digest": _digest(ds.counts),
+                "num_workers": self.num_workers, **dataclasses.asdict(self.layout), "sequence": sequence,
+                "skipped": self.skipped, "epoch_skipped": self.epoch_skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken; ``StreamError`` if it belongs to a different
-        plan (seed, world size, workers, batch size, split size or shuffle settings). The rank is not
-        checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
+        """Continue where ``state`` was taken: batch for batch under the same layout, elastically
+        (module doc, item 5) under another. ``StreamError`` if the seed or the data differ. The rank
+        is not checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
+        if state.get("version") not in (1, STATE_VERSION):
+            raise StreamError(f"loader state version {state.get('version')!r}, this code reads 1 and {STATE_VERSION}")
         mine = self.state_dict()
-        if state.get("version") != STATE_VERSION:
-            raise StreamError(f"loader state version {state.get('version')!r}, this code reads {STATE_VERSION}")
-        wrong = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in RESUME_KEYS if state.get(k) != mine[k]]
+        saved = {"workers": max(1, int(state.get("num_workers", 0))), "data_digest": mine["data_digest"],
+                 **state}  # version 1 states hold neither
+        wrong = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in DATA_KEYS if saved.get(k) != mine[k]]
         if wrong:
-            raise StreamError("cannot resume the data stream, its plan changed: " + "; ".join(wrong))
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+            raise StreamError("cannot resume the data stream, its data or seed changed: " + "; ".join(wrong))
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        sequence = np.array(state["sequence"], dtype=np.int64).reshape(-1, 2) if state.get("sequence") else None
+        old = Layout(**{k: int(saved[k]) for k in LAYOUT_KEYS})
         self.skipped, self.epoch_skipped = int(state.get("skipped", 0)), int(state.get("epoch_skipped", 0))
+        if old != self.layout:
+            ds = self.dataset
+            delivered = delivered_mask(ds.counts, ds.seed, epoch, ds.train, old, batches, sequence)
+            plan = plan_epoch(ds.counts, ds.seed, epoch, ds.train, 0, old.world_size, old.batch_size, sequence)
+            sequence, batches = remaining_sequence(delivered, plan), 0
+            warnings.warn(f"the stream was saved under {old} and resumes under {self.layout}: the "
+                          f"{int((~delivered).sum())} samples left in epoch {epoch} are re-planned over the new "
+                          f"layout (each once); later epochs follow the new layout", StreamWarning)
+            if not len(sequence):  # the epoch was complete
+                epoch, sequence = epoch + 1, None
+        self.dataset.sequence = (epoch, sequence) if sequence is not None else None
+        self.epoch, self.batches = epoch, batches
+
+
+def _digest(counts: list[int]) -> str:
+    """The data's identity for resuming: the per-shard sample counts in listed order."""
+    return hashlib.sha256(json.dumps(list(map(int, counts))).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ make

@@ -151,6 +151,72 @@ def test_resume_in_a_fresh_process_continues_exactly(tmp_path, tiny_processor, w
         assert tail["decoded"] == sum(b["is_pad"].count(False) for b in tail["batches"])
 
 
+LAYOUT = ("world_size", "num_workers", "batch_size", "shuffle_buffer", "interleave")
+
+
+def resumed_epoch(urls, processor, layout: tuple, state: dict | None, take: int | None = None):
+    """Every rank of ``layout`` resumed from ``state`` (None: from the start): the real keys of the
+    batches each hands out for the rest of its epoch (``take`` of them if given), the rank-0 state
+    after those, and each rank's batch count."""
+    keys, counts, after = [], [], None
+    for rank in range(layout[0]):
+        stream = loader(urls, processor, seed=3, rank=rank, **dict(zip(LAYOUT, layout)))
+        if state is not None:
+            stream.load_state_dict(state)
+        batches = simulate(stream.dataset, stream.epoch, max(1, layout[1]), stream.batches)
+        counts.append(len(batches))
+        batches = batches[:take] if take is not None else batches
+        keys += [k for b in batches for k in real_keys(b)]
+        stream.batches += len(batches)
+        after = after or stream.state_dict()
+    return keys, counts, after
+
+
+@pytest.mark.parametrize("old, new", [((2, 2, 3, 5, 4), (3, 0, 2, 7, 4)), ((3, 1, 2, 4, 2), (1, 3, 5, 500, 4)),
+                                      ((1, 2, 4, 3, 1), (2, 2, 4, 3, 3)), ((2, 0, 3, 500, 4), (2, 2, 3, 500, 4))])
+def test_elastic_resume_delivers_the_rest_of_the_epoch_once_under_any_layout(tmp_path, tiny_processor, old, new):
+    """Saved under one (world size, workers, batch, shuffle buffer, interleave), resumed under another:
+    the samples the old layout had not handed out come exactly once, with equal batch counts on the
+    new ranks; a state saved at the end of an epoch starts the next one whole."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6, 0, 7])  # 39 samples
+    urls, expected = str(tmp_path / "train"), collections.Counter(tar_keys(paths))
+    _, (full, *_), _ = resumed_epoch(urls, tiny_processor, old, None)
+    for k in sorted({0, 1, full // 2, full - 1, full}):
+        seen, _, state = resumed_epoch(urls, tiny_processor, old, None, take=k)
+        with pytest.warns(StreamWarning, match="re-planned over the new layout"):
+            rest, counts, _ = resumed_epoch(urls, tiny_processor, new, state)
+        assert len(set(counts)) == 1, (k, counts)
+        if k == full:
+            assert collections.Counter(rest) == expected and state["epoch"] == 0  # the next epoch, whole
+        else:
+            assert collections.Counter(seen + rest) == expected, k
+
+
+def test_elastic_resume_composes_and_the_same_layout_continues_exactly(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6, 7])
+    urls, expected = str(tmp_path / "train"), collections.Counter(tar_keys(paths))
+    first, middle, last = (2, 2, 3, 5, 4), (3, 1, 2, 4, 2), (1, 2, 4, 3, 1)
+    seen, _, state = resumed_epoch(urls, tiny_processor, first, None, take=2)
+    with pytest.warns(StreamWarning):
+        more, _, state = resumed_epoch(urls, tiny_processor, middle, state, take=1)
+    assert state["sequence"] and state["batches"] == 1
+    same, _, _ = resumed_epoch(urls, tiny_processor, middle, state)  # same layout: no re-plan, batch for batch
+    with pytest.warns(StreamWarning):
+        rest, _, _ = resumed_epoch(urls, tiny_processor, last, state)
+    assert collections.Counter(seen + more + rest) == collections.Counter(seen + more + same) == expected
+
+
+def test_a_position_does_not_resume_on_other_data_or_another_seed(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13])
+    state = loader(paths, tiny_processor, seed=3).state_dict()
+    with pytest.raises(StreamError, match="seed: saved 3, now 4"):
+        loader(paths, tiny_processor, seed=4).load_state_dict(state)
+    with pytest.raises(StreamError, match="num_samples: saved 26, now 22"):
+        loader(write_mel_shards(tmp_path / "other", [9, 4, 9]), tiny_processor, seed=3).load_state_dict(state)
+    with pytest.raises(StreamError, match="data_digest"):
+        loader(paths[::-1], tiny_processor, seed=3).load_state_dict(state)
+
+
 def test_persistent_workers_follow_set_epoch_and_load_state_dict(tmp_path, tiny_processor):
     paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
     reference = loader(paths, tiny_processor, infinite=True, num_workers=2)

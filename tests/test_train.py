@@ -2,6 +2,7 @@
 a two-process run, SIGTERM, NaN steps and the offline error. Runs are in-process (``train_stream.main``)
 where they can be, to keep the budget; multi-process and signal runs are real subprocesses."""
 
+import collections
 import copy
 import json
 import math
@@ -413,25 +414,55 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
     assert "2 steps in a row with a NaN/inf loss" in caplog.text
 
 
-def test_resume_refusals_say_why_in_one_line(tmp_path, shards, caplog):
+def test_resume_refuses_another_seed_in_one_line(tmp_path, shards, caplog):
     out = tmp_path / "refuse"
     assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=2")) == 0  # checkpoint-2
-    resume = ("trainer_config.max_steps=4", "trainer_config.resume_from_checkpoint=latest")
-
     caplog.clear()
-    assert train_stream.main(run_args(out, shards[0], *resume, "trainer_config.per_device_train_batch_size=3")) == 1
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=4", "trainer_config.seed=7",
+                                      "trainer_config.resume_from_checkpoint=latest")) == 1
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert "cannot resume the data stream, its plan changed: batch_size: saved 2, now 3" in error
-    assert "\n" not in error and "Traceback" not in caplog.text
+    assert error == "cannot resume the data stream, its data or seed changed: seed: saved 42, now 7"
+    assert "Traceback" not in caplog.text and max(train_losses(out)) == 2  # the refused run trained nothing
 
-    state_file = out / "checkpoint-2" / "trainer_state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
-    caplog.clear()
-    assert train_stream.main(run_args(out, shards[0], *resume)) == 1
-    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert error == (f"{out / 'checkpoint-2'} was written by 2 processes, this run has 1: the stream position "
-                     f"cannot be continued exactly")
-    assert max(train_losses(out)) == 2  # neither refused run trained a step
+
+def audited_keys(out: Path) -> collections.Counter:
+    """(epoch, key) of every trained sample in the audit logs of all ranks."""
+    rows = [json.loads(line) for path in (out / "sample_keys").glob("rank-*.jsonl") for line in open(path)]
+    return collections.Counter((row["epoch"], key) for row in rows if not row.get("skipped") for key in row["keys"])
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_three(tmp_path, shards):
+    """Preempted on 2 processes (2 workers each), continued on 1 (batch 3, no workers) and on 3
+    (1 worker each): over the two runs, the audit logs show every sample of the interrupted epoch
+    trained on exactly once, and the epoch ends where the samples run out."""
+    every = collections.Counter((0, key) for key in tar_keys(Path(shards[0])))  # 24 samples
+    out = tmp_path / "two"
+    done = launch(2, ROOT / "train_stream.py", *run_args(out, shards[0], "trainer_config.max_steps=3",
+                                                         "++trainer_config.dataloader_num_workers=2",
+                                                         "++trainer_config.log_sample_keys=true"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
+    assert sum(audited_keys(out).values()) == 12  # 3 steps x 2 ranks x 2
+
+    one = tmp_path / "one"
+    shutil.copytree(out, one)  # 12 samples left: 4 steps of 3 finish the epoch
+    assert train_stream.main(run_args(one, shards[0], "trainer_config.max_steps=7",
+                                      "trainer_config.per_device_train_batch_size=3",
+                                      "++trainer_config.log_sample_keys=true",
+                                      "trainer_config.resume_from_checkpoint=latest")) == 0
+    assert json.loads((one / "run_info.json").read_text())["world_size"] == 1
+    assert audited_keys(one) == every
+
+    three = tmp_path / "three"
+    shutil.copytree(out, three)  # 12 samples left: 2 steps of 3 x 2 finish the epoch
+    done = launch(3, ROOT / "train_stream.py", *run_args(three, shards[0], "trainer_config.max_steps=5",
+                                                         "++trainer_config.dataloader_num_workers=1",
+                                                         "++trainer_config.log_sample_keys=true",
+                                                         "trainer_config.resume_from_checkpoint=latest"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "saved by 2 processes, now 3" in done.stderr and "re-planned over the new layout" in done.stderr
+    assert json.loads((three / "run_info.json").read_text())["world_size"] == 3
+    assert audited_keys(three) == every
 
 
 def test_a_process_count_accelerate_did_not_set_up_stops_the_run(tmp_path, shards, monkeypatch, caplog, capsys):
