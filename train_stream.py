@@ -160,16 +160,12 @@ def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: boo
     dc, tc = cfg.data_config, cfg.trainer_config
     key = "per_device_train_batch_size" if train else "per_device_eval_batch_size"
     batch_size = device_batch_size(getattr(tc, key), tc.split_batches, accelerator.num_processes, key)
-    spec = (dict(time_masks=dc.spec_time_masks, time_width=dc.spec_time_width, freq_masks=dc.spec_freq_masks,
-                 freq_width=dc.spec_freq_width) if dc.spec_augment and train else None)
-    return make_loader(
-        dc.train_shards if train else dc.val_shards, tokenizer, batch_size=batch_size, train=train,
-        seed=tc.seed, infinite=train, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        num_workers=tc.dataloader_num_workers, prefetch_factor=tc.dataloader_prefetch_factor,
-        pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
-        persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0,
-        shuffle_buffer=dc.shuffle_buffer, on_error=dc.on_error, max_skip_fraction=dc.max_skip_fraction,
-        spec_augment=spec, max_label_tokens=dc.max_label_tokens, verify=dc.verify)
+    settings = dc.settings(
+        batch_size=batch_size, seed=tc.seed, infinite=train, num_workers=tc.dataloader_num_workers,
+        prefetch_factor=tc.dataloader_prefetch_factor, pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
+        persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0)
+    return make_loader(dc.train_shards if train else dc.val_shards, tokenizer, settings, train=train,
+                       rank=accelerator.process_index, world_size=accelerator.num_processes)
 
 
 def total_steps(tc, batches_per_epoch: int) -> int:

@@ -9,6 +9,7 @@ from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pipeline.collate import Collator
+from pipeline.data_settings import SpecAugment
 from pipeline.features import clip_features, pad_mel
 from pipeline.model import load_model
 from tests.conftest import tone
@@ -96,7 +97,7 @@ def test_spec_augment_is_seeded_off_by_default_and_fills_pad_value(tiny_processo
     pad_value = sample["json"]["pad_value"]
     plain = Collator(tiny_processor.tokenizer)([sample])["input_features"][0]
     np.testing.assert_array_equal(plain.numpy(), pad_mel(sample["mel"], pad_value))
-    options = dict(time_masks=2, time_width=50, freq_masks=2, freq_width=10)
+    options = SpecAugment(time_masks=2, time_width=50, freq_masks=2, freq_width=10)
     augment = Collator(tiny_processor.tokenizer, spec_augment=options, seed=4)
     first, again = augment([sample], epoch=0)["input_features"][0], augment([sample], epoch=0)["input_features"][0]
     other = augment([sample], epoch=1)["input_features"][0]
