@@ -18,6 +18,7 @@ import functools
 import io
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -34,6 +35,8 @@ DYNAMIC_RANGE = 8.0  # the extractor floors log-mel at (max - 8)
 # Decoded past the 30-s window so that resampling near its edge sees the same neighbours as a
 # decode of the whole file (soxr HQ's filter is a few ms long).
 DECODE_MARGIN_SECONDS = 1.0
+
+TRUNCATED_LOG = re.compile(r"^(data|SSND)\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
 
 # soxr "HQ" is what librosa.resample calls for its default res_type "soxr_hq".
 RESAMPLE_QUALITY = "HQ"
@@ -99,12 +102,18 @@ def _file_type(mode: int) -> str:
 def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray, int, float | None]:
     """``(mono float32 at the file's rate, rate, seconds or None when all of it was decoded)``."""
     with soundfile.SoundFile(data) as f:
+        # libsndfile quietly shortens a file cut after its header to what is there; its log keeps
+        # the header's claim ("data : 32000 (should be 8000)" for WAV, SSND for AIFF).
+        cut = TRUNCATED_LOG.search(f.extra_info)
+        if cut and int(cut.group(2)) > int(cut.group(3)):
+            raise AudioDecodeError(f"truncated audio: the header promises {cut.group(2)} bytes of samples, "
+                                   f"the file holds {cut.group(3)}")
         total, orig_sr = f.frames, f.samplerate
         wanted = total if max_seconds is None else min(total, math.ceil((max_seconds + DECODE_MARGIN_SECONDS)
                                                                         * orig_sr))
         y = f.read(wanted, dtype="float32", always_2d=True)  # [samples, channels]
     if len(y) < wanted:
-        raise AudioDecodeError(f"truncated audio: the header promises {total} frames, only {len(y)} could be read")
+        raise AudioDecodeError(f"truncated audio: {total} frames expected, only {len(y)} could be read")
     # Channel mean as a matmul: numpy's mean over the short last axis of [samples, channels] is a
     # strided reduction ~50x slower (3.7 ms per 5-s stereo clip), and the sum is the same.
     y = y @ np.full(y.shape[1], 1.0 / y.shape[1], dtype=np.float32) if y.shape[1] > 1 else y[:, 0]
