@@ -365,20 +365,36 @@ def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
     return path
 
 
+def checkpoint_part(file: Path, load):
+    """``load(file)``; whatever a damaged or missing file makes the reader raise is reported as a
+    ``TrainingError`` naming the file (the readers raise many types: OSError, JSON, safetensors,
+    torch unpickling errors)."""
+    try:
+        return load(file)
+    except Exception as error:
+        raise TrainingError(f"checkpoint file {file} cannot be loaded ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''}); resume from another "
+                            f"checkpoint") from error
+
+
 def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> int:
-    """Restore model, optimizer, scaler, this rank's RNG and stream position; returns the step."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    """Restore model, optimizer, scaler, this rank's RNG and stream position; returns the step. A
+    file that cannot be read is a ``TrainingError`` naming it and the problem."""
+    state = checkpoint_part(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
     if state["world_size"] != accelerator.num_processes:
         raise TrainingError(f"{path} was written by {state['world_size']} processes, this run has "
                             f"{accelerator.num_processes}: the stream position cannot be continued exactly")
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    safetensors.torch.load_model(unwrapped, path / "model.safetensors", device=str(accelerator.device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    checkpoint_part(path / "model.safetensors",
+                    lambda f: safetensors.torch.load_model(unwrapped, f, device=str(accelerator.device)))
+    optimizer.load_state_dict(checkpoint_part(path / "optimizer.pt",
+                                              lambda f: torch.load(f, map_location="cpu", weights_only=True)))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        accelerator.scaler.load_state_dict(checkpoint_part(path / "scaler.pt",
+                                                           lambda f: torch.load(f, weights_only=True)))
     rank = accelerator.process_index
-    set_rng_state(torch.load(path / f"rng_state_{rank}.pt", weights_only=True))
-    loader.load_state_dict(json.loads((path / f"loader_state_{rank}.json").read_text()))
+    set_rng_state(checkpoint_part(path / f"rng_state_{rank}.pt", lambda f: torch.load(f, weights_only=True)))
+    loader.load_state_dict(checkpoint_part(path / f"loader_state_{rank}.json", lambda f: json.loads(f.read_text())))
     log.info("resumed from %s at step %d", path, state["step"])
     return state["step"]
 

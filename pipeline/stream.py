@@ -271,26 +271,33 @@ class ShardStream(IterableDataset):
             with open_url(shard.url) as stream:
                 samples = iter_samples(stream, shard.url, skip=skip, limit=None if to_end else count)
                 for raw in samples:
-                    if got == count:
-                        extra = 1 + sum(1 for _ in samples) if to_end else 0
-                        break
                     got, last_key = got + 1, raw["__key__"]
+                    if got == count and to_end:  # before the last yield: a consumer may never come back
+                        self._check_rest(shard, samples)
                     yield raw
-                else:
-                    extra = 0
+                    if got == count:
+                        break
             if got < count:
                 raise ShardReadError(f"{shard.url}: shard ended after {skip + got} samples, "
                                      f"but its index entry says {shard.samples}")
-            if extra:
-                self._extra += extra
-                self._fault(f"{shard.url}: holds {extra} sample(s) more than the {shard.samples} its index entry "
-                            f"says; they are not read (pack the split again or fix its index.json)")
         except (OSError, ValueError, EOFError) as error:  # ShardReadError and what a backend raises
             after = f" after key '{last_key}'" if last_key else f" at sample {skip}"
             where = "" if shard.url in str(error) else f"{shard.url}: "
             self._fault(f"{where}{error} ({count - got} planned sample(s) lost{after})")
             for _ in range(count - got):
                 yield _pad("skip")
+
+    def _check_rest(self, shard: Shard, samples: Iterator[dict]) -> None:
+        """Samples left in a shard after the count its index entry gives are a fault, counted."""
+        try:
+            extra = sum(1 for _ in samples)
+        except ShardReadError as error:
+            self._fault(f"{error} (after the {shard.samples} samples its index entry lists)")
+            return
+        if extra:
+            self._extra += extra
+            self._fault(f"{shard.url}: holds {extra} sample(s) more than the {shard.samples} its index entry "
+                        f"says; they are not read (pack the split again or fix its index.json)")
 
     def _check_sha256(self, shard: Shard) -> None:
         path = local_path(shard.url)
