@@ -12,6 +12,10 @@ Why it is built this way:
 - Each rank appends its rows to its own part file, flushed per batch; the main process merges the
   parts into the output (atomically, each key once). A killed run leaves its part files behind and
   ``--resume`` counts their keys as done, so nothing is generated twice.
+- The main process holds a lock on ``OUTPUT.lock`` for the whole run (the kernel drops it when the
+  process dies): a second run on the same output refuses at once instead of removing the first
+  run's part files under it. An output that is a folder or cannot be written is refused before any
+  clip is captioned.
 - ``generate`` gets ``language="en", task="translate"`` (not ``forced_decoder_ids``), greedy unless
   ``--num_beams`` > 1.
 
@@ -25,6 +29,7 @@ the new ones. ``--audio`` keys are the file paths as found. Rows with references
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -37,12 +42,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline import metrics
+from pipeline.data_settings import DataSettings
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
-from pipeline.fileio import write_atomic
+from pipeline.fileio import LockBusy, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma")
+from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
+from pipeline.stream import StreamError, make_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,8 +94,43 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(accelerator.device, dtype=dtype).eval()
 
     output = Path(args.output)
+    with contextlib.ExitStack() as lock:
+        problem = claim_output(output, lock) if accelerator.is_main_process else ""
+        try:
+            batches, expected, stream_skipped = make_batches(args, processor, accelerator)
+        except StreamError as error:
+            problem = problem or str(error)
+        problem = next((p for p in gather(accelerator, problem) if p), "")  # every rank stops if one must
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        try:
+            return caption(model, processor, batches, expected, stream_skipped, output, args, accelerator, dtype)
+        except StreamError as error:  # too many damaged samples, as in training
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+
+
+def claim_output(output: Path, lock: contextlib.ExitStack) -> str:
+    """Check ``output`` can be written and lock it for this run (held until ``lock`` closes); the
+    problem as one line, or ""."""
+    if output.is_dir():
+        return f"--output {output} is a folder; name a file"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        lock.enter_context(hold_lock(f"{output}.lock"))
+    except LockBusy:
+        return f"--output {output} is being written by another infer_stream.py run; wait for it or pick another file"
+    except OSError as error:
+        return f"cannot write --output {output}: {error.strerror or error}"
+    if output.exists() and not os.access(output, os.W_OK):
+        return f"cannot write --output {output}: permission denied"
+    return ""
+
+
+def caption(model, processor, batches, expected: int, stream_skipped, output: Path, args, accelerator, dtype) -> int:
+    """Caption every clip of ``batches`` into ``output``; print the summary and scores."""
     done = prepare_output(output, args.resume, accelerator)
-    batches, expected, stream_skipped = make_batches(args, processor, accelerator)
     if accelerator.is_main_process:
         print(f"captioning on {accelerator.num_processes} process(es), device {accelerator.device}"
               + (f"; {len(done)} keys already done" if args.resume else ""), flush=True)
@@ -112,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def gather(accelerator, value: int) -> list[int]:
-    """``value`` from every rank (a collective: every rank must call it)."""
+def gather(accelerator, value) -> list:
+    """``value`` (any picklable object) from every rank (a collective: every rank must call it)."""
     from accelerate.utils import gather_object
 
     return gather_object([value]) if accelerator.num_processes > 1 else [value]
@@ -128,10 +169,9 @@ def make_batches(args, processor, accelerator):
     rank, world = accelerator.process_index, accelerator.num_processes
     pin = accelerator.device.type == "cuda"
     if args.shards:
-        from pipeline.stream import make_loader
-
-        loader = make_loader(args.shards, processor.tokenizer, batch_size=args.batch_size, train=False,
-                             rank=rank, world_size=world, num_workers=args.num_dataloader_workers, pin_memory=pin)
+        settings = DataSettings(batch_size=args.batch_size, train=False, num_workers=args.num_dataloader_workers,
+                                pin_memory=pin)
+        loader = make_loader(args.shards, processor.tokenizer, settings, rank=rank, world_size=world)
         return loader, loader.dataset.rank_samples, lambda: loader.skipped
     files = find_audio(args.audio)[rank::world]  # no collectives per batch, so ranks need not be even
     loader = DataLoader(AudioFiles(files, processor.feature_extractor.feature_size), batch_size=args.batch_size,
@@ -170,8 +210,8 @@ class AudioFiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
         try:
-            audio, _ = decode_audio(path)
-            clip = clip_features(audio, self.n_mels)
+            decoded = decode_audio(path, max_seconds=CHUNK_LENGTH)
+            clip = clip_features(decoded.audio, self.n_mels, decoded.seconds)
         except (AudioDecodeError, OSError) as error:
             return {"__key__": path, "error": f"{path}: {error}"}
         mel = pad_mel(clip["mel"], clip["pad_value"])  # [n_mels, 3000] float16, as a shard sample

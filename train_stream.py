@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -62,7 +61,7 @@ from transformers.models.whisper.modeling_whisper import (
 
 from pipeline import launch
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
-from pipeline.fileio import write_atomic, write_json
+from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
 from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
@@ -165,16 +164,12 @@ def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: boo
     dc, tc = cfg.data_config, cfg.trainer_config
     key = "per_device_train_batch_size" if train else "per_device_eval_batch_size"
     batch_size = device_batch_size(getattr(tc, key), tc.split_batches, accelerator.num_processes, key)
-    spec = (dict(time_masks=dc.spec_time_masks, time_width=dc.spec_time_width, freq_masks=dc.spec_freq_masks,
-                 freq_width=dc.spec_freq_width) if dc.spec_augment and train else None)
-    return make_loader(
-        dc.train_shards if train else dc.val_shards, tokenizer, batch_size=batch_size, train=train,
-        seed=tc.seed, infinite=train, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        num_workers=tc.dataloader_num_workers, prefetch_factor=tc.dataloader_prefetch_factor,
-        pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
-        persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0,
-        shuffle_buffer=dc.shuffle_buffer, on_error=dc.on_error, max_skip_fraction=dc.max_skip_fraction,
-        spec_augment=spec, max_label_tokens=dc.max_label_tokens, verify=dc.verify)
+    settings = dc.settings(
+        batch_size=batch_size, seed=tc.seed, infinite=train, num_workers=tc.dataloader_num_workers,
+        prefetch_factor=tc.dataloader_prefetch_factor, pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
+        persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0)
+    return make_loader(dc.train_shards if train else dc.val_shards, tokenizer, settings, train=train,
+                       rank=accelerator.process_index, world_size=accelerator.num_processes)
 
 
 def total_steps(tc, batches_per_epoch: int) -> int:
@@ -335,27 +330,6 @@ def folder_run_id(output_dir: Path) -> str | None:
     return checkpoint_run_id(found[-1]) if found else None
 
 
-def lock_output_dir(output_dir: Path):
-    """An exclusive lock on ``output_dir`` for this process's lifetime (the OS drops it when the
-    process dies, however it dies): a second run in the same folder stops instead of interleaving
-    its checkpoints and logs with the first one's."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(output_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        handle.close()
-        raise ConfigError(f"{output_dir} is in use by another training run (pid {holder}): wait for it to "
-                          f"end, or set another trainer_config.output_dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
 def claim_run(output_dir: Path, tc) -> tuple[str, Path | None]:
     """``(run id, checkpoint to resume or None)`` for a run in ``output_dir``. A fresh run never
     starts among another run's files (``ConfigError`` with the ways out, unless
@@ -398,26 +372,26 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def start_run(output_dir: Path, tc, accelerator: Accelerator):
-    """The run's id and checkpoint, decided by the main process (which locks ``output_dir``) and
-    sent to every rank, so all ranks raise the same error or go on together. Returns
-    ``(run id, checkpoint or None, lock handle or None)``."""
-    decision, lock = [None], None
+def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.ExitStack) -> tuple[str, Path | None]:
+    """The run's id and checkpoint (or None), decided by the main process, which locks ``output_dir``
+    until ``lock`` closes, and sent to every rank, so all ranks raise the same error or go on together."""
+    decision = [None]
     if accelerator.is_main_process:
         try:
-            lock = lock_output_dir(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock.enter_context(hold_lock(output_dir / ".lock"))
             run_id, checkpoint = claim_run(output_dir, tc)
             decision = [("ok", run_id, str(checkpoint) if checkpoint else None)]
+        except LockBusy as error:  # a second run would interleave its checkpoints and logs with the first's
+            decision = [("error", f"{output_dir} is in use by another training run ({error}): wait for it to "
+                                  f"end, or set another trainer_config.output_dir", None)]
         except ConfigError as error:
             decision = [("error", str(error), None)]
-            if lock is not None:
-                lock.close()
-                lock = None
     decision = broadcast_object_list(decision) if accelerator.num_processes > 1 else decision
     status, value, checkpoint = decision[0]
     if status == "error":
         raise ConfigError(value)
-    return value, (Path(checkpoint) if checkpoint else None), lock
+    return value, (Path(checkpoint) if checkpoint else None)
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
@@ -460,23 +434,40 @@ def rotate_checkpoints(output_dir: Path, keep: int | None, run_id: str) -> None:
         log.info("removed %s (save_total_limit=%d)", old, keep)
 
 
+def checkpoint_part(file: Path, load):
+    """``load(file)``; whatever a damaged or missing file makes the reader raise is reported as a
+    ``TrainingError`` naming the file (the readers raise many types: OSError, JSON, safetensors,
+    torch unpickling errors)."""
+    try:
+        return load(file)
+    except Exception as error:
+        raise TrainingError(f"checkpoint file {file} cannot be loaded ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''}); resume from another "
+                            f"checkpoint") from error
+
+
 def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> int:
     """Restore model, optimizer, scaler, RNG and stream position; returns the step. On another number
     of processes the stream re-plans the rest of the epoch (``pipeline.stream``, elastic resume); a
-    rank the checkpoint has no RNG state for keeps its freshly seeded generators."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    rank the checkpoint has no RNG state for keeps its freshly seeded generators. A file that cannot
+    be read is a ``TrainingError`` naming it and the problem."""
+    state = checkpoint_part(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # read onto the CPU, copied into the parameters wherever they live ("cpu:0", the name accelerate
     # gives the CPU in multi-process runs, is not a device safetensors accepts)
-    safetensors.torch.load_model(unwrapped, path / "model.safetensors", device="cpu")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    checkpoint_part(path / "model.safetensors", lambda f: safetensors.torch.load_model(unwrapped, f, device="cpu"))
+    optimizer.load_state_dict(checkpoint_part(path / "optimizer.pt",
+                                              lambda f: torch.load(f, map_location="cpu", weights_only=True)))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        accelerator.scaler.load_state_dict(checkpoint_part(path / "scaler.pt",
+                                                           lambda f: torch.load(f, weights_only=True)))
     rank = accelerator.process_index
-    if (path / f"rng_state_{rank}.pt").is_file():
-        set_rng_state(torch.load(path / f"rng_state_{rank}.pt", weights_only=True))
+    rng = path / f"rng_state_{rank}.pt"
+    if rng.is_file():
+        set_rng_state(checkpoint_part(rng, lambda f: torch.load(f, weights_only=True)))
     own = path / f"loader_state_{rank}.json"
-    loader.load_state_dict(json.loads((own if own.is_file() else path / "loader_state_0.json").read_text()))
+    loader.load_state_dict(checkpoint_part(own if own.is_file() else path / "loader_state_0.json",
+                                           lambda f: json.loads(f.read_text())))
     log.info("resumed from %s at step %d%s", path, state["step"],
              f" (saved by {state['world_size']} processes, now {accelerator.num_processes})"
              if state["world_size"] != accelerator.num_processes else "")
@@ -763,12 +754,9 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
 
 def run(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest) -> int:
     output_dir = Path(cfg.trainer_config.output_dir)
-    run_id, checkpoint, lock = start_run(output_dir, cfg.trainer_config, accelerator)
-    try:
+    with contextlib.ExitStack() as lock:
+        run_id, checkpoint = start_run(output_dir, cfg.trainer_config, accelerator, lock)
         return train(cfg, accelerator, stop, output_dir, run_id, checkpoint)
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_dir: Path, run_id: str,

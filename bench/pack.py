@@ -88,7 +88,7 @@ def run_packer(corpus: Path, out: Path, workers: int) -> tuple[float, float]:
 def flac_bytes_16k(files: list[str]) -> int:
     total = 0
     for path in files:
-        audio, _ = decode_audio(path)
+        audio = decode_audio(path).audio
         buf = io.BytesIO()
         soundfile.write(buf, audio, 16000, format="FLAC", subtype="PCM_16")
         total += len(buf.getvalue())

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
+from pipeline.shard_format import AUDIO_SUFFIXES
+
 SAMPLE_RATE = 16000
 
 
@@ -31,12 +33,11 @@ def seed_features(path: str, extractor: WhisperFeatureExtractor, numpy: bool = F
     return extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
 
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
 
 def audio_files(corpus: Path) -> list[Path]:
     """The audio files under a generated corpus (``shard_tools.synth``), sorted."""
-    return sorted(p for p in Path(corpus).rglob("*") if p.suffix in AUDIO_SUFFIXES)
+    return sorted(p for p in Path(corpus).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
 
 
 class SeedDataset(torch.utils.data.Dataset):

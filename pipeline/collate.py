@@ -27,17 +27,18 @@ also accepted), "json": dict with "captions" and "pad_value"}`` or ``{"__key__":
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 
 import numpy as np
 import torch
 
+from pipeline.data_settings import DataSettings
 from pipeline.features import LOG_FLOOR, N_FRAMES, pad_mel
 
 IGNORE_INDEX = -100  # ignored by torch's cross-entropy and by the HF Whisper loss
 SILENCE_PAD_VALUE = (LOG_FLOOR + 4.0) / 4.0  # the extractor's value for an all-silent window (-1.5)
-SPEC_AUGMENT_KEYS = {"time_masks", "time_width", "freq_masks", "freq_width"}
 
 
 def _hash64(*parts) -> int:
@@ -52,22 +53,19 @@ def caption_index(seed: int, epoch: int, key: str, count: int) -> int:
 
 
 class Collator:
-    """``Collator(tokenizer, train=True, seed=0)(samples, epoch)`` -> batch dict (see module doc):
+    """``Collator(tokenizer, settings)(samples, epoch)`` -> batch dict (see module doc):
     ``input_features`` float16 ``[B, n_mels, 3000]``, ``labels`` int64 ``[B, T]``, ``keys``,
-    ``captions``, ``is_pad`` bool ``[B]``, ``meta``."""
+    ``captions``, ``is_pad`` bool ``[B]``, ``meta``. It reads ``train``, ``seed``,
+    ``max_label_tokens`` and ``spec_augment`` of the settings; keyword ``changes`` replace fields of
+    ``settings`` (or of the defaults)."""
 
-    def __init__(self, tokenizer, train: bool = True, seed: int = 0, max_label_tokens: int = 448,
-                 spec_augment: dict | None = None, n_mels: int = 80, n_frames: int = N_FRAMES):
-        if spec_augment:
-            unknown = set(spec_augment) - SPEC_AUGMENT_KEYS
-            if unknown:
-                raise ValueError(f"spec_augment: unknown keys {sorted(unknown)}; allowed {sorted(SPEC_AUGMENT_KEYS)}")
-        if max_label_tokens < 1:
-            raise ValueError(f"max_label_tokens must be positive, got {max_label_tokens}")
+    def __init__(self, tokenizer, settings: DataSettings | None = None, n_mels: int = 80,
+                 n_frames: int = N_FRAMES, **changes):
+        settings = dataclasses.replace(settings or DataSettings(), **changes)
         self.tokenizer = tokenizer
-        self.train, self.seed = train, seed
-        self.max_label_tokens = max_label_tokens
-        self.spec_augment = dict(spec_augment) if spec_augment else None
+        self.train, self.seed = settings.train, settings.seed
+        self.max_label_tokens = settings.max_label_tokens
+        self.spec_augment = settings.spec_augment
         self.n_mels, self.n_frames = n_mels, n_frames
 
     def __call__(self, samples: list[dict], epoch: int = 0) -> dict:
@@ -128,12 +126,12 @@ class Collator:
         rng = np.random.default_rng(seed)
         n_mels = mel.shape[0]
         opts = self.spec_augment
-        for _ in range(int(opts.get("time_masks", 0))):
-            width = int(rng.integers(0, min(int(opts.get("time_width", 0)), frames) + 1))
+        for _ in range(opts.time_masks):
+            width = int(rng.integers(0, min(opts.time_width, frames) + 1))
             start = int(rng.integers(0, frames - width + 1))
             mel[:, start:start + width] = fill
-        for _ in range(int(opts.get("freq_masks", 0))):
-            width = int(rng.integers(0, min(int(opts.get("freq_width", 0)), n_mels) + 1))
+        for _ in range(opts.freq_masks):
+            width = int(rng.integers(0, min(opts.freq_width, n_mels) + 1))
             start = int(rng.integers(0, n_mels - width + 1))
             mel[start:start + width, :] = fill
 

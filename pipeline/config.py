@@ -19,6 +19,7 @@ So the pieces are small and explicit:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,12 +30,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.data_settings import DataSettings, SpecAugment
 from pipeline.fileio import write_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MAIN = CONFIG_DIR / "main.yaml"
 SCHEDULERS = ("linear", "cosine", "constant")
-ON_ERROR = ("skip", "raise")
+_DATA = DataSettings()  # the loader's defaults: DataConfig repeats none of them
+_SPEC = SpecAugment()
 
 
 class ConfigError(ValueError):
@@ -43,18 +46,27 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train_shards: Optional[str] = None     # URLs: 'data/train/<000..099>.tar', a folder, index.json, glob
+    train_shards: Optional[str] = "${paths.data_dir}/train"  # URLs: 'data/train/<000..099>.tar', a folder, glob
     val_shards: Optional[str] = None
-    shuffle_buffer: int = 500
-    max_label_tokens: int = 448
-    on_error: str = "skip"                 # skip | raise: a damaged sample
-    max_skip_fraction: float = 0.05
-    verify: bool = False                   # check local shards against index.json's sha256 first
+    shuffle_buffer: int = _DATA.shuffle_buffer
+    max_label_tokens: int = _DATA.max_label_tokens
+    on_error: str = _DATA.on_error         # skip | raise: a damaged sample
+    max_skip_fraction: float = _DATA.max_skip_fraction
+    verify: bool = _DATA.verify            # check local shards against index.json's sha256 first
     spec_augment: bool = False             # SpecAugment in the data loader (on the log-mel, per clip)
-    spec_time_masks: int = 2
-    spec_time_width: int = 50
-    spec_freq_masks: int = 2
-    spec_freq_width: int = 10
+    spec_time_masks: int = _SPEC.time_masks
+    spec_time_width: int = _SPEC.time_width
+    spec_freq_masks: int = _SPEC.freq_masks
+    spec_freq_width: int = _SPEC.freq_width
+
+    def settings(self, **run) -> DataSettings:
+        """The loader settings of this section; ``run`` gives the run's own (batch size, seed,
+        workers, ...). ValueError with one ``name=value: why`` line per bad setting."""
+        spec = (SpecAugment(self.spec_time_masks, self.spec_time_width, self.spec_freq_masks, self.spec_freq_width)
+                if self.spec_augment else None)  # the collator applies it to training batches only
+        return DataSettings(shuffle_buffer=self.shuffle_buffer, max_label_tokens=self.max_label_tokens,
+                            on_error=self.on_error, max_skip_fraction=self.max_skip_fraction, verify=self.verify,
+                            spec_augment=spec, **run)
 
 
 @dataclass
@@ -279,8 +291,16 @@ def validate(cfg: RunConfig) -> None:
     problems = []
     if tc.lr_scheduler_type not in SCHEDULERS:
         problems.append(f"trainer_config.lr_scheduler_type={tc.lr_scheduler_type!r}: choose from {SCHEDULERS}")
-    if dc.on_error not in ON_ERROR:
-        problems.append(f"data_config.on_error={dc.on_error!r}: choose from {ON_ERROR}")
+    try:
+        dc.settings()
+    except ValueError as error:
+        problems += [f"data_config.{line}" for line in str(error).splitlines()]
+    for key in ("learning_rate", "max_grad_norm", "weight_decay", "adam_epsilon"):
+        value = getattr(tc, key)
+        if not (math.isfinite(value) and value >= 0):  # max_grad_norm=nan would turn clipping off unseen
+            problems.append(f"trainer_config.{key}={value}: must be a finite number >= 0")
+    if tc.seed < 0:
+        problems.append(f"trainer_config.seed={tc.seed}: must be at least 0")
     if tc.bf16 and tc.fp16:
         problems.append("trainer_config.bf16 and trainer_config.fp16 are both true: pick one")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -17,6 +17,10 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
+import re
+import stat
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -24,15 +28,15 @@ import soundfile
 import soxr
 import torch
 
-# Whisper's fixed audio front end (openai/whisper audio.py).
-SAMPLE_RATE = 16000
-N_FFT = 400  # 25 ms window at 16 kHz
-HOP_LENGTH = 160  # 10 ms hop at 16 kHz
-CHUNK_LENGTH = 30  # seconds: the encoder's fixed input window
-N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480,000 samples in one window
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames the encoder expects
+from pipeline.shard_format import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+
 LOG_FLOOR = -10.0  # log10 of the 1e-10 power clamp: the log-mel of a zero frame
 DYNAMIC_RANGE = 8.0  # the extractor floors log-mel at (max - 8)
+# Decoded past the 30-s window so that resampling near its edge sees the same neighbours as a
+# decode of the whole file (soxr HQ's filter is a few ms long).
+DECODE_MARGIN_SECONDS = 1.0
+
+TRUNCATED_LOG = re.compile(r"^(data|SSND)\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
 
 # soxr "HQ" is what librosa.resample calls for its default res_type "soxr_hq".
 RESAMPLE_QUALITY = "HQ"
@@ -42,40 +46,93 @@ class AudioDecodeError(ValueError):
     """Audio that cannot be decoded or holds nothing to describe (the message says why)."""
 
 
-def decode_audio(source: str | bytes | BinaryIO, sr: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+@dataclass(frozen=True)
+class DecodedAudio:
+    audio: np.ndarray  # [samples] float32 mono at the requested rate (cut when max_seconds is given)
+    orig_sample_rate: int
+    seconds: float  # duration of the whole input, also when only its start was decoded
+
+
+def decode_audio(source: str | os.PathLike | bytes | BinaryIO, sr: int = SAMPLE_RATE,
+                 max_seconds: float | None = None) -> DecodedAudio:
     """Decode a file path, bytes or file object to float32 mono at ``sr``, as ``librosa.load`` does.
 
-    Returns ``(audio [samples], original_sample_rate)``. Raises ``AudioDecodeError`` for unreadable,
-    empty or non-finite audio.
+    With ``max_seconds`` only that much (plus a resampling margin) is decoded, so a 2-hour file costs
+    what 30 s cost; ``seconds`` is still the whole file's duration. Raises ``AudioDecodeError`` for a
+    path that is not a regular file (a FIFO would block), unreadable, truncated (fewer frames than
+    the header promises), empty or non-finite audio.
     """
+    if isinstance(source, (str, os.PathLike)):
+        _check_regular_file(source)
     data = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
-        y, orig_sr = soundfile.read(data, dtype="float32", always_2d=True)  # [samples, channels]
-        # Channel mean as a matmul: numpy's mean over the short last axis of [samples, channels] is a
-        # strided reduction ~50x slower (3.7 ms per 5-s stereo clip), and the sum is the same.
-        y = y @ np.full(y.shape[1], 1.0 / y.shape[1], dtype=np.float32) if y.shape[1] > 1 else y[:, 0]
+        y, orig_sr, seconds = _decode_with_soundfile(data, max_seconds)
+    except AudioDecodeError:
+        raise
     except Exception as sf_error:  # libsndfile could not read it: librosa's own fallback (audioread)
-        y, orig_sr = _decode_with_librosa(data, sf_error)
+        y, orig_sr, seconds = _decode_with_librosa(data, sf_error, max_seconds)
     if y.size == 0:
         raise AudioDecodeError("zero-length audio")
     if not np.isfinite(y).all():
         raise AudioDecodeError("audio holds NaN or inf samples")
     if orig_sr != sr:
         y = soxr.resample(y, orig_sr, sr, quality=RESAMPLE_QUALITY)
-    return np.ascontiguousarray(y, dtype=np.float32), int(orig_sr)
+    if seconds is None:  # decoded whole: its length is the duration, as clip_features always took it
+        seconds = len(y) / sr
+    if max_seconds is not None:
+        y = y[:math.ceil(max_seconds * sr) + 1]  # one sample more than kept marks the clip as cut
+    return DecodedAudio(np.ascontiguousarray(y, dtype=np.float32), int(orig_sr), round(seconds, 6))
 
 
-def _decode_with_librosa(data, sf_error: Exception) -> tuple[np.ndarray, int]:
+def _check_regular_file(path: str | os.PathLike) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise AudioDecodeError(f"cannot read audio file ({type(error).__name__}: {error.strerror})") from error
+    if not stat.S_ISREG(mode):
+        raise AudioDecodeError(f"not a regular file ({_file_type(mode)})")
+
+
+def _file_type(mode: int) -> str:
+    return next((name for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+                                         (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                                         (stat.S_ISBLK, "a block device")) if test(mode)), "not a plain file")
+
+
+def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray, int, float | None]:
+    """``(mono float32 at the file's rate, rate, seconds or None when all of it was decoded)``."""
+    with soundfile.SoundFile(data) as f:
+        # libsndfile quietly shortens a file cut after its header to what is there; its log keeps
+        # the header's claim ("data : 32000 (should be 8000)" for WAV, SSND for AIFF).
+        cut = TRUNCATED_LOG.search(f.extra_info)
+        if cut and int(cut.group(2)) > int(cut.group(3)):
+            raise AudioDecodeError(f"truncated audio: the header promises {cut.group(2)} bytes of samples, "
+                                   f"the file holds {cut.group(3)}")
+        total, orig_sr = f.frames, f.samplerate
+        wanted = total if max_seconds is None else min(total, math.ceil((max_seconds + DECODE_MARGIN_SECONDS)
+                                                                        * orig_sr))
+        y = f.read(wanted, dtype="float32", always_2d=True)  # [samples, channels]
+    if len(y) < wanted:
+        raise AudioDecodeError(f"truncated audio: {total} frames expected, only {len(y)} could be read")
+    # Channel mean as a matmul: numpy's mean over the short last axis of [samples, channels] is a
+    # strided reduction ~50x slower (3.7 ms per 5-s stereo clip), and the sum is the same.
+    y = y @ np.full(y.shape[1], 1.0 / y.shape[1], dtype=np.float32) if y.shape[1] > 1 else y[:, 0]
+    return y, orig_sr, None if wanted == total else total / orig_sr
+
+
+def _decode_with_librosa(data, sf_error: Exception, max_seconds: float | None) -> tuple[np.ndarray, int, float | None]:
     import librosa  # imported lazily: only files libsndfile rejects come here
 
     if hasattr(data, "seek"):
         data.seek(0)
+    limit = None if max_seconds is None else max_seconds + DECODE_MARGIN_SECONDS
     try:
-        y, orig_sr = librosa.load(data, sr=None, mono=True)
+        y, orig_sr = librosa.load(data, sr=None, mono=True, duration=limit)
+        seconds = librosa.get_duration(path=data) if isinstance(data, (str, os.PathLike)) else None
     except Exception as error:
         raise AudioDecodeError(f"cannot decode audio ({type(sf_error).__name__}: {sf_error}; "
                                f"librosa fallback: {type(error).__name__}: {error})") from error
-    return y.astype(np.float32, copy=False), int(orig_sr)
+    return y.astype(np.float32, copy=False), int(orig_sr), seconds
 
 
 def valid_frames(num_samples: int) -> int:
@@ -163,11 +220,13 @@ def pad_mel(mel: np.ndarray | torch.Tensor, pad_value: float, n_frames: int = N_
     return out
 
 
-def clip_features(audio: np.ndarray, n_mels: int = 80) -> dict:
-    """Everything a shard stores about one decoded 16-kHz clip, except captions and source fields.
+def clip_features(audio: np.ndarray, n_mels: int = 80, seconds: float | None = None) -> dict:
+    """Everything a shard stores about one decoded 16-kHz clip, except captions and source fields;
+    ``seconds`` is the input's whole duration when ``audio`` holds only its start.
 
-    Raises ``AudioDecodeError`` for empty or silent clips: a log-mel of pure silence is a constant
-    the model cannot caption, and it nearly always means a broken file.
+    Raises ``AudioDecodeError`` for empty or silent clips (a log-mel of pure silence is a constant the
+    model cannot caption, and it nearly always means a broken file) and for samples so large that
+    their power overflows (a log-mel of NaN).
     """
     if len(audio) == 0:
         raise AudioDecodeError("zero-length audio")
@@ -175,9 +234,12 @@ def clip_features(audio: np.ndarray, n_mels: int = 80) -> dict:
     if not np.any(head):
         raise AudioDecodeError("silent audio (every sample is zero)")
     mel, pad_value = log_mel(head, n_mels)
+    if not (np.isfinite(mel).all() and math.isfinite(pad_value)):
+        raise AudioDecodeError(f"the log-mel is not finite: sample values up to {float(np.abs(head).max()):.3g} "
+                               f"overflow the power spectrum (audio should lie within [-1, 1])")
     return {
         "mel": mel.astype(np.float16),  # [n_mels, valid_frames]
         "pad_value": pad_value,
-        "seconds": round(len(audio) / SAMPLE_RATE, 6),
+        "seconds": round(len(audio) / SAMPLE_RATE, 6) if seconds is None else seconds,
         "truncated": len(audio) > N_SAMPLES,
     }

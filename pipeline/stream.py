@@ -71,9 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import os
 import signal
 import warnings
@@ -85,12 +83,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.collate import Collator, expand_features
-from pipeline.features import N_FRAMES
+from pipeline.data_settings import DataSettings
 from pipeline.fileio import file_sha256
+from pipeline.shard_format import decode_sample
 from pipeline.urls import Shard, ShardReadError, expand_urls, iter_samples, local_path, open_url, resolve_shards
 
 STATE_VERSION = 2  # 2 added the data digest and the epoch's sequence (elastic resume); 1 still loads
-ON_ERROR = ("skip", "raise")
 DATA_KEYS = ("seed", "num_samples", "train", "data_digest")  # must match to resume at all
 LAYOUT_KEYS = ("world_size", "workers", "batch_size", "shuffle_buffer", "interleave")  # else elastic
 
@@ -101,10 +99,6 @@ class StreamError(RuntimeError):
 
 class StreamWarning(UserWarning):
     """A skipped shard or sample (URL, key and reason in the message)."""
-
-
-class SampleError(ValueError):
-    """One sample whose members cannot be decoded."""
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -234,42 +228,6 @@ def resume_position(num_batches: int, num_workers: int, delivered: int) -> tuple
 # ---------------------------------------------------------------------------------------- decode
 
 
-def decode_sample(raw: dict, n_mels: int | None = None) -> dict:
-    """Raw tar members -> ``{"__key__", "__url__", "mel" float16 [n_mels, frames], "json"}``;
-    ``SampleError`` naming URL and key for anything that does not follow docs/FORMAT.md."""
-    key, url = raw["__key__"], raw["__url__"]
-    where = f"{url}: sample '{key}'"
-    missing = [m for m in ("mel.npy", "json") if m not in raw]
-    if missing:
-        raise SampleError(f"{where} lacks member(s) {missing}")
-    try:
-        meta = json.loads(raw["json"].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise SampleError(f"{where}: json is not valid UTF-8 JSON ({error})") from error
-    captions = meta.get("captions") if isinstance(meta, dict) else None
-    if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
-        raise SampleError(f"{where}: json needs 'captions', a non-empty list of non-empty strings")
-    if not isinstance(meta.get("pad_value"), (int, float)) or not math.isfinite(meta["pad_value"]):
-        raise SampleError(f"{where}: json needs a finite number 'pad_value'")
-    try:
-        mel = np.load(io.BytesIO(raw["mel.npy"]), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise SampleError(f"{where}: mel.npy is not a plain .npy array ({error})") from error
-    if mel.ndim != 2 or mel.dtype.kind != "f" or not 1 <= mel.shape[1] <= N_FRAMES:
-        raise SampleError(f"{where}: mel.npy is {mel.dtype} {mel.shape}, expected float16 [n_mels, 1..{N_FRAMES}]")
-    if n_mels is not None and mel.shape[0] != n_mels:
-        raise SampleError(f"{where}: mel.npy has {mel.shape[0]} mel bins, the split has {n_mels}")
-    if not _finite(mel):
-        raise SampleError(f"{where}: mel.npy holds NaN or inf")
-    return {"__key__": key, "__url__": url, "mel": mel.astype(np.float16, copy=False), "json": meta}
-
-
-def _finite(mel: np.ndarray) -> bool:
-    if mel.dtype == np.float16:  # exponent bits all set = inf or NaN; 10x faster than float16 isfinite
-        return not ((mel.view(np.uint16) & 0x7C00) == 0x7C00).any()
-    return bool(np.isfinite(mel).all())
-
-
 def _pad(reason: str) -> dict:
     """A padding sample: ``reason`` is "rank" (equal batch counts) or "skip" (replaces a lost one)."""
     return {"__key__": "", "__pad__": reason}
@@ -285,21 +243,17 @@ class ShardStream(IterableDataset):
     ``StreamLoader`` expands them and removes the count. ``set_position(epoch, batches)`` chooses where the next
     iteration starts, in every worker."""
 
-    def __init__(self, shards: list[Shard], collator: Collator, *, batch_size: int, train: bool, seed: int,
-                 rank: int, world_size: int, shuffle_buffer: int = 500, interleave: int = 4,
-                 on_error: str = "skip", verify: bool = False, n_mels: int | None = None):
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if min(batch_size, shuffle_buffer, interleave) < 1 or seed < 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size, shuffle_buffer, interleave >= 1, seed >= 0 and 0 <= rank < "
-                             f"world_size; got {batch_size}, {shuffle_buffer}, {interleave}, {seed}, rank {rank} "
-                             f"of {world_size}")
+    def __init__(self, shards: list[Shard], collator: Collator, settings: DataSettings, *, rank: int,
+                 world_size: int, n_mels: int | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size; got rank {rank} of {world_size}")
         self.shards, self.collator = list(shards), collator
         self.counts = [s.samples for s in self.shards]
-        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.batch_size, self.train, self.seed = settings.batch_size, settings.train, settings.seed
         self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.interleave = shuffle_buffer, interleave
-        self.on_error, self.verify, self.n_mels = on_error, verify, n_mels
+        self.shuffle_buffer, self.interleave = settings.shuffle_buffer, settings.interleave
+        self.on_error, self.verify, self.n_mels = settings.on_error, settings.verify, n_mels
+        self._extra = 0  # samples found beyond a shard's index count since the last batch
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches delivered]
         self._verified: set[str] = set()
         self.sequence: tuple[int, np.ndarray] | None = None  # (epoch, its remaining runs) after an elastic resume
@@ -350,7 +304,8 @@ class ShardStream(IterableDataset):
 
     def _collate(self, samples: list[dict], epoch: int) -> dict:
         batch = self.collator.compact(samples, epoch)
-        batch["_skipped"] = sum(s.get("__pad__") == "skip" for s in samples)
+        batch["_skipped"] = sum(s.get("__pad__") == "skip" for s in samples) + self._extra
+        self._extra = 0
         return batch
 
     # -------------------------------------------------------------------------------- ordering
@@ -407,12 +362,18 @@ class ShardStream(IterableDataset):
         """Exactly ``count`` items from ``shard`` after its first ``skip`` samples; samples lost to a
         fault are reported and replaced by skip-padding."""
         got, last_key = 0, None
+        to_end = skip + count == shard.samples  # this read ends the shard: it checks nothing follows
         try:
             self._check_sha256(shard)
             with open_url(shard.url) as stream:
-                for raw in iter_samples(stream, shard.url, skip=skip, limit=count):
+                samples = iter_samples(stream, shard.url, skip=skip, limit=None if to_end else count)
+                for raw in samples:
                     got, last_key = got + 1, raw["__key__"]
+                    if got == count and to_end:  # before the last yield: a consumer may never come back
+                        self._check_rest(shard, samples)
                     yield raw
+                    if got == count:
+                        break
             if got < count:
                 raise ShardReadError(f"{shard.url}: shard ended after {skip + got} samples, "
                                      f"but its index entry says {shard.samples}")
@@ -422,6 +383,18 @@ class ShardStream(IterableDataset):
             self._fault(f"{where}{error} ({count - got} planned sample(s) lost{after})")
             for _ in range(count - got):
                 yield _pad("skip")
+
+    def _check_rest(self, shard: Shard, samples: Iterator[dict]) -> None:
+        """Samples left in a shard after the count its index entry gives are a fault, counted."""
+        try:
+            extra = sum(1 for _ in samples)
+        except ShardReadError as error:
+            self._fault(f"{error} (after the {shard.samples} samples its index entry lists)")
+            return
+        if extra:
+            self._extra += extra
+            self._fault(f"{shard.url}: holds {extra} sample(s) more than the {shard.samples} its index entry "
+                        f"says; they are not read (pack the split again or fix its index.json)")
 
     def _check_sha256(self, shard: Shard) -> None:
         path = local_path(shard.url)
@@ -437,8 +410,10 @@ class ShardStream(IterableDataset):
             return item
         try:
             return decode_sample(item, n_mels)
-        except SampleError as error:
-            self._fault(str(error))
+        except Exception as error:  # whatever one sample's bytes make a decoder raise is that sample's fault
+            message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            where = "" if item["__url__"] in message else f"{item['__url__']}: sample '{item['__key__']}': "
+            self._fault(where + message)
             return _pad("skip")
 
     def _fault(self, message: str) -> None:
@@ -465,17 +440,17 @@ class StreamLoader:
     both continue. ``set_epoch(e)`` with the current epoch keeps the position (a resumed
     position survives the usual ``loader.set_epoch(epoch)`` at the top of a training loop)."""
 
-    def __init__(self, dataset: ShardStream, *, num_workers: int = 0, prefetch_factor: int | None = 2,
-                 pin_memory: bool = False, persistent_workers: bool = False, infinite: bool = False,
-                 max_skip_fraction: float = 0.05):
+    def __init__(self, dataset: ShardStream, settings: DataSettings):
         self.dataset = dataset
-        self.num_workers, self.infinite, self.max_skip_fraction = num_workers, infinite, max_skip_fraction
+        num_workers = settings.num_workers
+        self.num_workers, self.infinite = num_workers, settings.infinite
+        self.max_skip_fraction = settings.max_skip_fraction
         # Pinning happens here, after the compact batch is expanded straight into pinned memory,
         # not in the DataLoader (which would pin the compact form and then need another copy).
-        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.pin_memory = settings.pin_memory and torch.cuda.is_available()
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                  prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                                  persistent_workers=persistent_workers and num_workers > 0, in_order=True,
+                                  prefetch_factor=settings.prefetch_factor if num_workers > 0 else None,
+                                  persistent_workers=settings.persistent_workers and num_workers > 0, in_order=True,
                                   # Worker seeds come from this generator, not torch's global RNG: the
                                   # stream draws no torch randomness, and a resumed training run's
                                   # dropout must not shift because a new iterator drew a seed.
@@ -614,28 +589,23 @@ def _resolve_everywhere(urls, rank: int, world_size: int) -> tuple[list[Shard], 
     return box[0]
 
 
-def make_loader(urls, tokenizer, batch_size: int = 16, train: bool = True, seed: int = 0, infinite: bool = False,
-                rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-                prefetch_factor: int = 2, pin_memory: bool = False, persistent_workers: bool = False,
-                shuffle_buffer: int = 500, on_error: str = "skip", max_skip_fraction: float = 0.05,
-                spec_augment: dict | None = None, max_label_tokens: int = 448, verify: bool = False,
-                interleave: int = 4) -> StreamLoader:
-    """The per-rank loader for ``urls`` (see docs of ``expand_urls``). Beyond docs/stream_api:
-    ``verify`` checks local shards against the sha256 in index.json before reading them (once per
-    process); ``interleave`` is the number of cursors a training worker reads its range with
-    (module doc, item 4)."""
+def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: int | None = None,
+                world_size: int | None = None, **changes) -> StreamLoader:
+    """The per-rank loader for ``urls`` (see ``expand_urls``) with ``settings``; keyword ``changes``
+    replace fields of ``settings`` (or of the defaults): ``make_loader(urls, tok, batch_size=8)``.
+    Rank and world size default to torch.distributed's. A URL that names nothing or a shard that
+    cannot be counted is a ``StreamError`` naming it."""
+    settings = dataclasses.replace(settings or DataSettings(), **changes)
     rank, world_size = _rank_and_world(rank, world_size)
-    shards, info = _resolve_everywhere(urls, rank, world_size)
+    try:
+        shards, info = _resolve_everywhere(urls, rank, world_size)
+    except (OSError, ValueError) as error:  # a glob matching nothing, a missing shard, a broken index
+        raise StreamError(str(error)) from error
     if sum(s.samples for s in shards) == 0:
         raise StreamError(f"no samples in {urls!r} ({len(shards)} shard(s))")
-    if num_workers > 0:
+    if settings.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers
     n_mels = info["n_mels"]
-    collator = Collator(tokenizer, train=train, seed=seed, max_label_tokens=max_label_tokens,
-                        spec_augment=spec_augment, n_mels=n_mels or 80)
-    dataset = ShardStream(shards, collator, batch_size=batch_size, train=train, seed=seed, rank=rank,
-                          world_size=world_size, shuffle_buffer=shuffle_buffer, interleave=interleave,
-                          on_error=on_error, verify=verify, n_mels=n_mels)
-    return StreamLoader(dataset, num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
-                        persistent_workers=persistent_workers, infinite=infinite,
-                        max_skip_fraction=max_skip_fraction)
+    collator = Collator(tokenizer, settings, n_mels=n_mels or 80)
+    dataset = ShardStream(shards, collator, settings, rank=rank, world_size=world_size, n_mels=n_mels)
+    return StreamLoader(dataset, settings)

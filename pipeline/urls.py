@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import os
+import posixpath
 import re
 import subprocess
 import tarfile
@@ -33,8 +33,8 @@ import warnings
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "whisper-caption-stream"
+from pipeline.shard_format import INDEX_FILE, IndexEntry, parse_index
+
 HTTP_TIMEOUT = 60.0  # seconds without a byte before an http read fails
 BLOCK = 512  # tar block size
 
@@ -145,25 +145,25 @@ def _from_index(index_url: str) -> list[str]:
     if index is None:
         raise FileNotFoundError(f"{index_url}: no index.json there")
     folder = _parent(index_url)
-    return [_join(folder, entry["name"]) for entry in index["shards"]]
+    return [_join(folder, entry.name) for entry in index[0]]
 
 
 def _resolve_one(url: str) -> list[str]:
     """One brace-expanded item -> shard URLs (folder, index.json, glob or a plain URL)."""
     if url.startswith("pipe:"):
         return [url]
-    if url.endswith(INDEX_NAME):
+    if url.endswith(INDEX_FILE):
         return _from_index(url)
     if _is_remote(url):
         if url.endswith("/"):
-            return _from_index(url + INDEX_NAME)
+            return _from_index(url + INDEX_FILE)
         if glob.has_magic(url.split("://", 1)[1]):
             return _remote_glob(url)
         return [url]
     path = _local_path(url)
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, INDEX_NAME)):
-            return _from_index(os.path.join(path, INDEX_NAME))
+        if os.path.exists(os.path.join(path, INDEX_FILE)):
+            return _from_index(os.path.join(path, INDEX_FILE))
         found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
         if not found:
             raise FileNotFoundError(f"{path}: folder holds neither index.json nor *.tar shards")
@@ -199,77 +199,78 @@ def expand_urls(spec) -> list[str]:
                 urls.extend(_resolve_one(expanded))
     if not urls:
         raise ValueError(f"no shard URLs in {spec!r}")
-    seen = set()
-    duplicates = [u for u in urls if u in seen or seen.add(u)]
+    first: dict[str, str] = {}  # canonical -> the spelling seen first
+    duplicates = []
+    for url in urls:
+        canonical = canonical_url(url)
+        if canonical in first:
+            duplicates.append(url if first[canonical] == url else f"{url} (= {first[canonical]})")
+        else:
+            first[canonical] = url
     if duplicates:
-        raise ValueError(f"shard URLs listed more than once: {duplicates[:5]}")
+        raise ValueError(f"shard URLs listed more than once: {', '.join(duplicates[:5])}")
     return urls
+
+
+def canonical_url(url: str) -> str:
+    """One spelling per shard (``a/./000.tar``, ``a//000.tar`` and a folder's index entry are one
+    file), so that de-duplication sees through spellings; ``pipe:`` commands are taken as written."""
+    if url.startswith("pipe:"):
+        return url
+    if not _is_remote(url):
+        return os.path.realpath(_local_path(url))
+    scheme, rest = url.split("://", 1)
+    host, _, path = rest.partition("/")
+    return f"{scheme}://{host}/{posixpath.normpath('/' + path).lstrip('/')}"
 
 
 # ------------------------------------------------------------------------------------------ index
 
 
-def read_index(index_url: str) -> dict | None:
-    """Parse an ``index.json`` (local, http, fsspec); None when there is none. A present but broken
-    index raises, since silently ignoring it would change epoch sizes."""
+def read_index(index_url: str) -> tuple[list[IndexEntry], int | None] | None:
+    """``(entries, n_mels)`` of an ``index.json`` (local, http, fsspec); None when there is none
+    (a missing file, HTTP 404). Anything else raises: a server error or a broken index taken for
+    "no index" would silently change epoch sizes."""
     try:
         with open_url(index_url) as stream:
             data = stream.read()
-    except FileNotFoundError:
-        return None
     except ShardReadError as error:
-        if isinstance(error.__cause__, (FileNotFoundError, urllib.error.HTTPError)):
+        cause = error.__cause__
+        if isinstance(cause, FileNotFoundError) or (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
             return None
-        warnings.warn(f"{index_url}: cannot read index ({error}); counting samples by scanning", stacklevel=2)
-        return None
-    try:
-        index = json.loads(data.decode("utf-8"))
-        names = [entry["name"] for entry in index["shards"]]
-        counts = [int(entry["samples"]) for entry in index["shards"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{index_url}: not a valid index.json ({type(error).__name__}: {error})") from error
-    if index.get("format") not in (None, INDEX_FORMAT) or min(counts, default=0) < 0 or len(set(names)) != len(names):
-        raise ValueError(f"{index_url}: not a {INDEX_FORMAT} index (format {index.get('format')!r}, "
-                         f"negative counts or duplicate names)")
-    return index
+        raise
+    return parse_index(data, index_url)
 
 
 def resolve_shards(urls: list[str], progress: bool = True) -> tuple[list[Shard], dict]:
     """Shards with sample counts: from the ``index.json`` beside each shard where one lists it,
     else by a header scan (warned: it reads every such shard once). Returns ``(shards, info)`` with
-    ``info = {"n_mels": int | None, "scanned": [urls counted by scanning]}``."""
-    indexes: dict[str, dict[str, dict]] = {}
+    ``info = {"n_mels": int | None, "scanned": [urls counted by scanning]}``. A shard that cannot be
+    counted raises ``ShardReadError``: it would otherwise drop out of the plan unseen."""
+    indexes: dict[str, dict[str, IndexEntry]] = {}
     n_mels = None
     shards, to_scan = [], []
     for url in urls:
         folder = _parent(url)
         if folder is not None and folder not in indexes:
-            index = read_index(_join(folder, INDEX_NAME))
-            indexes[folder] = {e["name"]: e for e in index["shards"]} if index else {}
+            index = read_index(_join(folder, INDEX_FILE))
+            indexes[folder] = {e.name: e for e in index[0]} if index else {}
             if index and n_mels is None:
-                n_mels = index.get("features", {}).get("n_mels")
+                n_mels = index[1]
         entry = indexes.get(folder, {}).get(url.rsplit("/", 1)[-1])
         if entry is None:
             to_scan.append(len(shards))
             shards.append(Shard(url, -1))
         else:
-            shards.append(Shard(url, int(entry["samples"]), entry.get("sha256"), entry.get("bytes")))
+            shards.append(Shard(url, entry.samples, entry.sha256, entry.bytes))
     if to_scan:
         warnings.warn(f"{len(to_scan)} shard(s) have no index.json entry (first: {shards[to_scan[0]].url}); "
                       f"counting their samples by reading their tar headers", stacklevel=2)
         from tqdm import tqdm
 
         for i in tqdm(to_scan, desc="counting samples", unit="shard", disable=not progress or len(to_scan) < 8):
-            shards[i] = Shard(shards[i].url, _scan_count(shards[i].url))
+            shards[i] = Shard(shards[i].url, count_samples(shards[i].url))
     return shards, {"n_mels": n_mels, "scanned": [shards[i].url for i in to_scan]}
-
-
-def _scan_count(url: str) -> int:
-    try:
-        return count_samples(url)
-    except (OSError, ValueError) as error:
-        warnings.warn(f"{url}: cannot count samples ({error}); the shard is left out of the plan", stacklevel=3)
-        return 0
 
 
 def count_samples(url: str) -> int:

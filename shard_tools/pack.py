@@ -26,11 +26,15 @@ and the combined ``rejects.jsonl``; parts packed on other machines and copied to
 one ``--resume`` of any part, which only verifies and merges.
 
 Crash safety: shards are renamed into place only when complete and ``.progress.jsonl`` records each
-one; ``--resume`` keeps the shards that still match it (size and sha256) and packs the rest,
-producing the same bytes as an uninterrupted run (see ``writer``).
+one with a digest of its inputs (paths, captions, and each file's size and mtime); ``--resume`` keeps
+the leading shards whose bytes (size and sha256) and inputs still match and packs the rest, producing
+the same bytes as an uninterrupted run (see ``writer``). So fixing a rejected file and resuming repacks
+from that file on. A lock file (``.lock``, released when the process dies) keeps a second packer out
+of a split folder while one runs.
 
 Exit status: 0; 1 when more than ``--max-reject-fraction`` of the inputs were rejected (all that
-could be packed still is); 2 for a usage error (bad arguments, missing input, unresumable output).
+could be packed still is); 2 for a usage error (bad arguments, missing input, unresumable output, an
+output folder that cannot be written, or one another packer is writing).
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -52,13 +58,16 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from pipeline.fileio import write_atomic, write_json
+from pipeline import shard_format
+from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
+from pipeline.shard_format import INDEX_FILE, REJECTS_FILE, Reject, SampleMeta
 from shard_tools import sources, writer
 
 # Defaults of --audio-field / --caption-field per input layout.
 DEFAULT_AUDIO_FIELD = {"manifest": "audio_file", "hf": "audio", "shards": None}
 DEFAULT_CAPTION_FIELD = {"folder": "text", "manifest": "caption_text", "shards": "json.text", "hf": "text"}
 SHARD_FILE = re.compile(r"^\d{3,}\.tar$")
+LOCK_FILE = ".lock"
 # Temporaries this packer writes: ``000.tar.tmp`` (writer) and ``.index.json.XXXX.tmp`` (fileio).
 OWN_TEMP_FILE = re.compile(r"^(\d{3,}\.tar|\.(index\.json|rejects\.jsonl)\..+)\.tmp$")
 MB = 1_000_000
@@ -87,23 +96,24 @@ def init_worker(n_mels: int) -> None:
     mel_filters(n_mels)
 
 
-def encode(item: dict, n_mels: int) -> dict:
+def encode(item, n_mels: int):
     """A record -> ``{"__key__", "members", "seconds", "truncated"}``, or a reject (passed through,
-    or made here for audio that does not decode or is empty or silent)."""
+    or made here for audio that does not decode, is empty, silent or overflows, and for a sample the
+    shard format refuses)."""
     from pipeline.features import AudioDecodeError, clip_features, decode_audio  # loaded by init_worker
 
     if sources.is_reject(item):
         return item
-    try:
-        audio, orig_sr = decode_audio(item["audio"])  # [samples] float32 at 16 kHz
-        feats = clip_features(audio, n_mels)  # mel [n_mels, valid_frames] float16
-    except (AudioDecodeError, OSError) as error:
+    try:  # only the 30-s window is decoded: a 2-hour file costs what 30 s cost
+        decoded = decode_audio(item["audio"], max_seconds=shard_format.CHUNK_LENGTH)
+        feats = clip_features(decoded.audio, n_mels, decoded.seconds)  # mel [n_mels, valid_frames] float16
+        meta = SampleMeta(item["captions"], item["source"], feats["seconds"], decoded.orig_sample_rate,
+                          feats["pad_value"], feats["truncated"], item["extra"])
+        members = shard_format.encode_sample(item["__key__"], feats["mel"], meta)
+    except (AudioDecodeError, shard_format.SampleError, OSError) as error:
         return sources.reject(item["source"], item["split"], str(error))
-    meta = {"captions": item["captions"], "source": item["source"], "seconds": feats["seconds"],
-            "orig_sample_rate": orig_sr, "pad_value": feats["pad_value"], "truncated": feats["truncated"],
-            "extra": item["extra"]}
-    return {"__key__": item["__key__"], "members": writer.sample_members(item["__key__"], feats["mel"], meta),
-            "seconds": feats["seconds"], "truncated": feats["truncated"]}
+    return {"__key__": item["__key__"], "members": members, "seconds": feats["seconds"],
+            "truncated": feats["truncated"]}
 
 
 def encode_chunk(items: list[dict], n_mels: int) -> list[dict]:
@@ -192,7 +202,7 @@ def split_directory(out: Path, split: str, part: int, num_parts: int) -> Path:
 def prepare_directory(directory: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix a new run into an earlier one's output unless told to resume or overwrite."""
     existing = [p for p in directory.iterdir() if SHARD_FILE.match(p.name)
-                or p.name in (writer.INDEX_FILE, writer.PROGRESS_FILE)] if directory.is_dir() else []
+                or p.name in (INDEX_FILE, writer.PROGRESS_FILE)] if directory.is_dir() else []
     if existing and not resume and not overwrite:
         raise PackError(f"{directory} already holds shards from an earlier run: pass --resume to continue "
                         "it or --overwrite to replace it")
@@ -205,59 +215,99 @@ def prepare_directory(directory: Path, resume: bool, overwrite: bool) -> None:
                 path.unlink()
 
 
-def resume_state(directory: Path, settings: dict) -> tuple[list[dict], list[dict], bool]:
-    """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file."""
+def digest_range(digests: Iterable[str]) -> str:
+    """One digest for the inputs of a shard (or of the tail after the last shard)."""
+    return hashlib.sha256("".join(digests).encode("ascii")).hexdigest()
+
+
+def resume_state(directory: Path, settings: dict, split_input: sources.SplitInput
+                 ) -> tuple[list[dict], list[Reject], bool]:
+    """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file: the
+    leading shards whose bytes are intact and whose inputs are unchanged (module doc)."""
     progress = writer.read_progress(directory)
     if progress is None:
         return [], [], False
     if progress["settings"] != settings:
         earlier = progress["settings"] or {}
         changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
-        raise PackError(f"cannot resume {directory}: it was packed with other settings or inputs "
+        raise PackError(f"cannot resume {directory}: it was packed with other settings "
                         f"({', '.join(changed)} differ); pass --overwrite to pack it again")
-    kept = writer.intact_prefix(directory, progress["shards"])
-    if progress["complete"] and len(kept) == len(progress["shards"]):
-        return kept, progress["rejects"], True
-    start = kept[-1]["next_input"] if kept else 0
-    return kept, [r for r in progress["rejects"] if r["input"] < start], False
+    intact = writer.intact_prefix(directory, progress["shards"])
+    digests = (sources.item_digest(item) for item in split_input.items())
+    kept, first = [], 0
+    for shard in intact:
+        if shard.get("inputs") != digest_range(itertools.islice(digests, shard["next_input"] - first)):
+            break
+        kept.append(shard)
+        first = shard["next_input"]
+    if len(kept) == len(progress["shards"]) and progress["complete"]:
+        tail = list(digests)
+        if progress["tail"] == {"count": first + len(tail), "digest": digest_range(tail)}:
+            return kept, progress["rejects"], True
+    return kept, [r for r in progress["rejects"] if r.input < first], False
 
 
 def pack_split(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool) -> SplitResult:
-    """Pack one split (of one part) into ``directory``; returns its totals."""
-    prepare_directory(directory, args.resume, args.overwrite)
+    """Pack one split (of one part) into ``directory``, holding its lock; returns its totals."""
     directory.mkdir(parents=True, exist_ok=True)  # even a split of rejects only gets its index
-    shards, rejects, complete = resume_state(directory, settings) if args.resume else ([], [], False)
+    try:
+        with hold_lock(directory / LOCK_FILE):
+            return _pack_split(split_input, directory, settings, args, pool)
+    except LockBusy as error:
+        raise PackError(f"{directory} is being written by another packer ({error}); wait for it to finish") \
+            from None
+
+
+def _pack_split(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool) -> SplitResult:
+    prepare_directory(directory, args.resume, args.overwrite)
+    shards, rejects, complete = (resume_state(directory, settings, split_input) if args.resume
+                                 else ([], [], False))
     packed_now = 0
     if not complete:
-        (directory / writer.INDEX_FILE).unlink(missing_ok=True)  # the split is incomplete until the end
+        (directory / INDEX_FILE).unlink(missing_ok=True)  # the split is incomplete until the end
         log = writer.ProgressLog(directory, settings, shards, rejects)
         packed_now = write_shards(split_input, directory, args, pool, log, shards, rejects)
     remove_stale_shards(directory, {s["name"] for s in shards})
     truncated = sum(s["truncated"] for s in shards)
-    writer.write_rejects(directory / writer.REJECTS_FILE, rejects)
-    write_json(directory / writer.INDEX_FILE,
-                      writer.index_dict(split_input.name, args.n_mels, shards, truncated, len(rejects)))
+    writer.write_rejects(directory / REJECTS_FILE, rejects)
+    write_json(directory / INDEX_FILE, shard_format.index_dict(
+        split_input.name, args.n_mels, [writer.index_entry(s) for s in shards], truncated, len(rejects)))
     return SplitResult(directory, sum(s["samples"] for s in shards), sum(s["seconds"] for s in shards), len(shards),
                        sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now)
 
 
 def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, log: writer.ProgressLog,
-                 shards: list[dict], rejects: list[dict]) -> int:
+                 shards: list[dict], rejects: list[Reject]) -> int:
     """Encode the inputs after the kept shards and write the rest; ``shards`` and ``rejects`` grow
-    in place and go to the progress log after every shard. Returns the clips encoded."""
+    in place and go to the progress log after every shard, each shard with the digest of its
+    inputs. Returns the clips encoded."""
     start = shards[-1]["next_input"] if shards else 0
     logged = len(rejects)  # rejects already in the log
+    digests: dict[int, str] = {}  # position -> input digest, until its shard is complete
+    first = start  # first input of the shard being filled
+
+    def digest_until(end: int) -> str:
+        nonlocal first
+        digest = digest_range(digests.pop(i) for i in range(first, end))
+        first = end
+        return digest
 
     def on_shard(entry: dict) -> None:
         nonlocal logged
+        entry["inputs"] = digest_until(entry["next_input"])
         shards.append(entry)
         log.add_shard(entry, rejects[logged:])
         logged = len(rejects)
 
+    def listed(items):
+        for position, item in enumerate(items, start):
+            digests[position] = sources.item_digest(item)
+            yield item
+
     shard_writer = writer.ShardWriter(directory, args.samples_per_shard or None,
                                       int(args.max_shard_mb * MB) if args.max_shard_mb else None,
                                       first_shard=len(shards), on_shard=on_shard)
-    items = itertools.islice(split_input.items(), start, None)
+    items = listed(itertools.islice(split_input.items(), start, None))
     results = encoded(items, pool, args.workers, args.n_mels, chunk_size(split_input.total, args.workers))
     bar = tqdm(total=split_input.total, initial=start, unit="clip", desc=split_input.name or "pack",
                dynamic_ncols=True, mininterval=0.5)
@@ -265,7 +315,7 @@ def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, l
     try:
         for position, result in enumerate(results, start):
             if sources.is_reject(result):
-                rejects.append({**result, "input": position})
+                rejects.append(dataclasses.replace(result, input=position))
             else:
                 shard_writer.add(result["__key__"], result["members"], result["seconds"], result["truncated"],
                                  position)
@@ -273,7 +323,7 @@ def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, l
             consumed = position + 1
             bar.update()
         shard_writer.close(next_input=consumed)
-        log.finish(rejects[logged:])
+        log.finish(rejects[logged:], {"count": consumed, "digest": digest_until(consumed)})
     except BaseException:
         shard_writer.abort()
         raise
@@ -293,18 +343,20 @@ def merge_parts(split_dir: Path, split: str, num_parts: int, n_mels: int) -> Pat
     """When all ``num_parts`` part indexes exist, write ``split_dir/index.json`` over all their
     shards (names ``part-I-of-N/000.tar``) and the combined ``rejects.jsonl``; None otherwise."""
     parts = [split_dir / f"part-{i}-of-{num_parts}" for i in range(num_parts)]
-    if not all((part / writer.INDEX_FILE).is_file() for part in parts):
+    if not all((part / INDEX_FILE).is_file() for part in parts):
         return None
-    shards, truncated, rejected, reject_lines = [], 0, 0, []
+    entries, truncated, rejected, reject_lines = [], 0, 0, []
     for part in parts:
-        index = json.loads((part / writer.INDEX_FILE).read_text(encoding="utf-8"))
-        shards += [{**entry, "name": f"{part.name}/{entry['name']}"} for entry in index["shards"]]
-        truncated += index["totals"]["truncated"]
-        rejected += index["totals"]["rejected"]
-        reject_lines.append((part / writer.REJECTS_FILE).read_bytes())
-    write_atomic(split_dir / writer.REJECTS_FILE, b"".join(reject_lines))
-    write_json(split_dir / writer.INDEX_FILE, writer.index_dict(split, n_mels, shards, truncated, rejected))
-    return split_dir / writer.INDEX_FILE
+        data = (part / INDEX_FILE).read_bytes()
+        part_entries, _ = shard_format.parse_index(data, str(part / INDEX_FILE))
+        entries += [dataclasses.replace(e, name=f"{part.name}/{e.name}") for e in part_entries]
+        totals = json.loads(data)["totals"]
+        truncated += totals["truncated"]
+        rejected += totals["rejected"]
+        reject_lines.append((part / REJECTS_FILE).read_bytes())
+    write_atomic(split_dir / REJECTS_FILE, b"".join(reject_lines))
+    write_json(split_dir / INDEX_FILE, shard_format.index_dict(split, n_mels, entries, truncated, rejected))
+    return split_dir / INDEX_FILE
 
 
 # ----------------------------------------------------------------------------- command line
@@ -389,13 +441,16 @@ def validate(args) -> None:
         raise PackError("--workers must be at least 1")
     if args.resume and args.overwrite:
         raise PackError("--resume and --overwrite exclude each other")
+    if args.out.exists() and not args.out.is_dir():
+        raise PackError(f"--out {args.out} is a file, not a folder")
 
 
 def run_settings(args, layout: str, split_input: sources.SplitInput) -> dict:
-    """What determines a split's bytes: a resumed run must match it exactly."""
-    return {"layout": layout, "inputs": split_input.fingerprint, "split": split_input.name, "n_mels": args.n_mels,
+    """What determines a split's bytes besides its inputs (checked shard by shard, ``resume_state``):
+    a resumed run must match it exactly."""
+    return {"layout": layout, "split": split_input.name, "n_mels": args.n_mels,
             "samples_per_shard": args.samples_per_shard, "max_shard_mb": args.max_shard_mb,
-            "part": args.part, "num_parts": args.num_parts, "format_version": writer.FORMAT_VERSION}
+            "part": args.part, "num_parts": args.num_parts, "format_version": shard_format.FORMAT_VERSION}
 
 
 def summary_line(name: str, r: SplitResult, elapsed: float) -> str:
@@ -421,13 +476,16 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 directory = split_directory(args.out, split_input.name, args.part, args.num_parts)
                 if args.num_parts > 1:  # the merged index is stale while any part is being packed
-                    (directory.parent / writer.INDEX_FILE).unlink(missing_ok=True)
+                    (directory.parent / INDEX_FILE).unlink(missing_ok=True)
                 result = pack_split(split_input, directory, run_settings(args, layout, split_input), args, pool)
                 results.append((result, time.perf_counter() - t0))
                 if args.num_parts > 1 and merge_parts(directory.parent, split_input.name, args.num_parts, args.n_mels):
                     print(f"all {args.num_parts} parts of {directory.parent} are complete: wrote its index.json")
     except PackError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the output cannot be written: read-only, a file in the way, a full disk
+        print(f"error: cannot write {error.filename or args.out}: {error.strerror or error}", file=sys.stderr)
         return 2
     return report(results, time.perf_counter() - start, args.max_reject_fraction)
 
@@ -442,7 +500,7 @@ def report(results: list, elapsed: float, max_reject_fraction: float) -> int:
     print(summary_line("total", total, elapsed))
     inputs = total.samples + total.rejected
     if inputs and total.rejected / inputs > max_reject_fraction:
-        where = ", ".join(str(r.directory / writer.REJECTS_FILE) for r, _ in results if r.rejected)
+        where = ", ".join(str(r.directory / REJECTS_FILE) for r, _ in results if r.rejected)
         print(f"error: {total.rejected} of {inputs} inputs ({total.rejected / inputs:.1%}) were rejected, more "
               f"than --max-reject-fraction {max_reject_fraction}; the reasons are in {where}", file=sys.stderr)
         return 1

@@ -6,8 +6,9 @@ Every layout yields, in a deterministic order, two kinds of dict:
   (str) or the encoded file's bytes, left undecoded so that decoding runs in the packer's workers;
   ``captions`` is a non-empty list of stripped strings; ``extra`` the input's own JSON/manifest fields
   other than the caption and audio fields;
-- a reject ``{"source", "split", "reason"}`` for an input that cannot be packed (no caption, no audio,
-  an empty caption, a JSON without the caption field, an unreadable caption file or shard).
+- a ``pipeline.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
+  empty caption, a JSON without the caption field, an unreadable caption file, folder or shard, a
+  path that is not a regular file).
 
 Decoding failures (corrupt, zero-length or silent audio) only show when the audio is decoded, so the
 packer's workers turn those records into rejects.
@@ -15,12 +16,15 @@ packer's workers turn those records into rejects.
 Layouts (one ``SplitInput`` per output split):
 
 - folder: ``ROOT/<split>/**/clip.wav`` when ROOT holds no audio itself, else a flat folder (split "");
-  the caption sits beside the audio in ``clip.json`` (preferred) or ``clip.txt`` (whole file);
+  the caption sits beside the audio in ``clip.json`` (preferred) or ``clip.txt`` (whole file). Names
+  starting with a dot are inputs like any other (``infer_stream.py --audio`` captions them too); only
+  ROOT's own dot folders are not splits;
 - manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
   rows naming the same audio file are merged into one record with all their captions (AudioCaps
   lists one caption per row);
 - raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
-  the sample (``json.text``), read with webdataset's own tar iterator;
+  the sample (``json.text``), named and read by the loader's own ``pipeline.urls`` (one URL grammar,
+  one tar reader);
 - a Hugging Face dataset (optional ``datasets`` package), by Hub name or local directory.
 
 Folder, manifest and HF inputs are sorted by ``source``; raw shards keep their order (shards as the
@@ -43,12 +47,13 @@ import json
 import os
 import posixpath
 import re
-import tarfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".m4a"})
+from pipeline.shard_format import AUDIO_SUFFIXES, Reject, check_text, load_json
+
 CAPTION_SUFFIXES = (".json", ".txt")  # in order of preference when both sit beside one clip
 KEY_HASH_DIGITS = 10
 
@@ -56,13 +61,12 @@ KEY_HASH_DIGITS = 10
 @dataclass(frozen=True)
 class SplitInput:
     """One output split of one part: its name ("" for a flat output), how many inputs it has (for
-    the progress bar; None when streaming raw shards), a factory of its ordered item stream, and a
-    fingerprint of what the inputs are (``--resume`` refuses to continue over changed inputs)."""
+    the progress bar; None when streaming raw shards) and a factory of its ordered item stream
+    (``item_digest`` tells ``--resume`` whether an input changed)."""
 
     name: str
     total: int | None
-    items: Callable[[], Iterator[dict]]
-    fingerprint: str
+    items: Callable[[], Iterator]
 
 
 def fingerprint(obj) -> str:
@@ -81,7 +85,8 @@ def make_key(source: str) -> str:
     replaced by ``_``, then ``-`` and 10 hex digits of the SHA-1 of the full source."""
     stem = posixpath.splitext(source)[0]
     slug = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
-    return f"{slug}-{hashlib.sha1(source.encode('utf-8')).hexdigest()[:KEY_HASH_DIGITS]}"
+    # surrogatepass: a file name that is not UTF-8 (os.listdir's surrogate escapes) still hashes
+    return f"{slug}-{hashlib.sha1(source.encode('utf-8', 'surrogatepass')).hexdigest()[:KEY_HASH_DIGITS]}"
 
 
 def parse_fields(spec: str) -> list[str]:
@@ -132,7 +137,10 @@ def captions_from(obj, fields: Sequence[str]) -> list[str]:
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, str) for v in values):
             raise CaptionError(f"caption field {field!r} is not a string or a list of strings")
-        captions += [v.strip() for v in values if v.strip()]
+        try:
+            captions += [check_text(v, f"caption field {field!r}").strip() for v in values if v.strip()]
+        except ValueError as error:
+            raise CaptionError(str(error)) from None
     if not captions:
         raise CaptionError("empty caption")
     return captions
@@ -143,12 +151,33 @@ def record(source: str, split: str, audio, captions: list[str], extra: dict) -> 
             "captions": captions, "extra": extra}
 
 
-def reject(source: str, split: str, reason: str) -> dict:
-    return {"source": source, "split": split, "reason": reason}
+def reject(source: str, split: str, reason: str) -> Reject:
+    return Reject(source, split, reason)
 
 
-def is_reject(item: dict) -> bool:
-    return "reason" in item
+def is_reject(item) -> bool:
+    return isinstance(item, Reject)
+
+
+def source_of(item) -> str:
+    return item.source if is_reject(item) else item["source"]
+
+
+def item_digest(item) -> str:
+    """What an input is, contents included (a file's size and mtime, an in-memory file's bytes), so
+    that ``--resume`` repacks from the first input that changed (a rejected file fixed since)."""
+    if is_reject(item):
+        return fingerprint([item.source, item.reason])
+    audio = item["audio"]
+    if isinstance(audio, str):
+        try:
+            info = os.stat(audio)
+            audio = [audio, info.st_size, info.st_mtime_ns]
+        except OSError as error:
+            audio = [audio, type(error).__name__]
+    else:
+        audio = hashlib.sha256(audio).hexdigest()
+    return fingerprint([item["source"], item["captions"], item["extra"], audio])
 
 
 def unique_keys(items: Iterable[dict]) -> Iterator[dict]:
@@ -176,7 +205,7 @@ def part_slice(seq: Sequence, part: int, num_parts: int) -> Sequence:
 def listed(name: str, items: list[dict], part: int, num_parts: int) -> SplitInput:
     """A SplitInput over an in-memory, already ordered item list (keys checked across all parts)."""
     chosen = part_slice(list(unique_keys(items)), part, num_parts)
-    return SplitInput(name, len(chosen), lambda: iter(chosen), fingerprint(chosen))
+    return SplitInput(name, len(chosen), lambda: iter(chosen))
 
 
 # ----------------------------------------------------------------------------- folder layout
@@ -187,11 +216,11 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
-    flat = any((root / e).is_file() and Path(e).suffix.lower() in AUDIO_SUFFIXES for e in entries)
+    entries = sorted(os.listdir(root))
+    flat = any(file_kind(os.path.splitext(e)[1]) == "audio" and not (root / e).is_dir() for e in entries)
     if flat:
         return [listed(split or "", folder_items(root, root, split or "", caption_fields), part, num_parts)]
-    names = [e for e in entries if (root / e).is_dir() and (split is None or e == split)]
+    names = [e for e in entries if (root / e).is_dir() and not e.startswith(".") and (split is None or e == split)]
     if not names:
         raise FileNotFoundError(f"{root} holds no audio files and no split folder"
                                 + (f" named {split!r}" if split else ""))
@@ -199,13 +228,19 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
             for name in names]
 
 
-def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequence[str]) -> list[dict]:
-    """Records and rejects for every audio and caption file under ``directory``, sorted by source."""
+def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequence[str]) -> list:
+    """Records and rejects for every audio and caption file under ``directory``, sorted by source;
+    a folder that cannot be listed is a reject of its own."""
     items = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+
+    def unreadable(error: OSError) -> None:
+        rel = Path(error.filename).relative_to(root).as_posix()
+        items.append(reject(f"{rel}/", split, f"cannot read folder ({type(error).__name__}: {error.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=unreadable):
+        dirnames.sort()
         groups: dict[str, dict[str, list[str]]] = {}  # stem -> {"audio": [...], "caption": [...]}
-        for name in sorted(f for f in filenames if not f.startswith(".")):
+        for name in sorted(filenames):
             stem, suffix = os.path.splitext(name)
             kind = file_kind(suffix)
             if kind:
@@ -213,7 +248,7 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for stem, group in groups.items():
             items += _group_items(Path(dirpath), rel_dir, stem, group, split, caption_fields)
-    return sorted(items, key=lambda item: item["source"])
+    return sorted(items, key=source_of)
 
 
 def file_kind(suffix: str) -> str | None:
@@ -222,8 +257,20 @@ def file_kind(suffix: str) -> str | None:
     return "audio" if suffix in AUDIO_SUFFIXES else "caption" if suffix in CAPTION_SUFFIXES else None
 
 
+def not_regular(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file ("not found", "is not a regular file", ...; a FIFO would
+    block its reader forever), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as error:
+        return f"cannot be read ({type(error).__name__}: {error.strerror})"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
 def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: str,
-                 caption_fields: Sequence[str]) -> list[dict]:
+                 caption_fields: Sequence[str]) -> list:
     def rel(name: str) -> str:
         return name if rel_dir == "." else f"{rel_dir}/{name}"
 
@@ -238,23 +285,36 @@ def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: s
         captions, extra = read_caption_file(directory / caption_file, caption_fields)
     except CaptionError as error:
         return [reject(rel(name), split, f"{caption_file}: {error}") for name in group["audio"]]
-    return [record(rel(name), split, str(directory / name), captions, extra) for name in group["audio"]]
+    items = []
+    for name in group["audio"]:
+        problem = not_regular(directory / name)
+        items.append(reject(rel(name), split, f"audio file {problem}") if problem
+                     else record(rel(name), split, str(directory / name), captions, extra))
+    return items
 
 
 def read_caption_file(path: Path, caption_fields: Sequence[str]) -> tuple[list[str], dict]:
-    """``(captions, extra)`` from a ``.txt`` (the whole file) or ``.json`` (the caption fields)."""
+    """``(captions, extra)`` from a ``.txt`` (the whole file) or ``.json`` (the caption fields); a
+    UTF-8 byte-order mark is not part of the caption."""
+    problem = not_regular(path)
+    if problem:
+        raise CaptionError(f"caption file {problem}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CaptionError(f"cannot read caption file ({type(error).__name__}: {error})") from error
+        data = path.read_bytes()
+    except OSError as error:
+        raise CaptionError(f"cannot read caption file ({type(error).__name__}: {error.strerror})") from error
     if path.suffix.lower() == ".txt":
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise CaptionError(f"caption file is not UTF-8 ({error})") from error
         if not text.strip():
             raise CaptionError("empty caption")
         return [text.strip()], {}
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CaptionError(f"invalid JSON ({error})") from error
+        obj = load_json(data)
+    except ValueError as error:
+        raise CaptionError(str(error)) from error
     if not isinstance(obj, dict):
         raise CaptionError("JSON is not an object")
     return captions_from(obj, caption_fields), without(obj, caption_fields)
@@ -280,9 +340,9 @@ def manifest_rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield f"{path.name}:{i}", None, f"invalid JSON line ({error})"
+                row = load_json(line, "JSON line")
+            except ValueError as error:
+                yield f"{path.name}:{i}", None, str(error)
                 continue
             yield f"{path.name}:{i}", row, "" if isinstance(row, dict) else "JSON line is not an object"
 
@@ -296,7 +356,7 @@ def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], 
     rejects = []
     for where, row, error in manifest_rows(path):
         audio = row.get(audio_field) if row is not None else None
-        if error or not isinstance(audio, str) or not audio.strip():
+        if error or not isinstance(audio, str) or not audio.strip() or not _utf8(audio):
             rejects.append(reject(where, split, error or f"row has no audio field {audio_field!r}"))
             continue
         source = posixpath.normpath(audio.strip().replace(os.sep, "/"))
@@ -309,46 +369,52 @@ def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], 
             merged[source]["captions"] += captions
             continue
         file = Path(os.path.normpath(base / source))
-        if not file.is_file():
-            rejects.append(reject(source, split, f"{where}: audio file not found ({file})"))
+        problem = not_regular(file)
+        if problem:
+            rejects.append(reject(source, split, f"{where}: audio file {problem} ({file})"))
             continue
         merged[source] = record(source, split, str(file), captions, without(row, [audio_field, *caption_fields]))
-    return sorted([*merged.values(), *rejects], key=lambda item: item["source"])
+    return sorted([*merged.values(), *rejects], key=source_of)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        check_text(text, "audio path")
+    except ValueError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- raw-audio shards
 
 def shard_inputs(pattern: str, audio_field: str | None, caption_fields: Sequence[str], part: int = 0,
                  num_parts: int = 1, split: str | None = None) -> list[SplitInput]:
-    """One split from raw-audio WebDataset shards named by a brace pattern (``raw/{000..009}.tar``)
-    or several patterns separated by spaces; part I takes the I-th contiguous slice of the shards."""
-    import braceexpand  # a dependency of webdataset
+    """One split from raw-audio WebDataset shards named as the loader names shards (brace ranges
+    ``raw/{000..009}.tar`` or ``<000..009>``, globs, folders; several patterns separated by spaces);
+    part I takes the I-th contiguous slice of the shards."""
+    from pipeline.urls import expand_urls
 
-    urls = [url for word in pattern.split() for url in braceexpand.braceexpand(word)]
-    if not urls:
-        raise ValueError(f"--from-shards {pattern!r} names no shard")
+    urls = expand_urls(pattern.split())
     chosen = part_slice(urls, part, num_parts)
     name = split or ""
-    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)),
-                       fingerprint([chosen, audio_field, caption_fields]))]
+    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)))]
 
 
 def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Sequence[str],
-                split: str) -> Iterator[dict]:
-    """Records for the samples of each shard in order; an unreadable shard becomes a reject."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+                split: str) -> Iterator:
+    """Records for the samples of each shard in order, read by the loader's tar reader; an
+    unreadable shard becomes a reject after the samples read before the fault."""
+    from pipeline.urls import ShardReadError, iter_samples, open_url
 
     for url in urls:
         count = 0
         try:
-            with gopen(url, "rb") as stream:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                for sample in group_by_keys(files):
+            with open_url(url) as stream:
+                for sample in iter_samples(stream, url):
                     count += 1
                     yield shard_sample_item(sample, audio_field, caption_fields, split)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as error:  # ValueError: duplicate member
-            yield reject(url, split, f"cannot read shard after {count} samples ({type(error).__name__}: {error})")
+        except ShardReadError as error:
+            yield reject(url, split, f"cannot read shard after {count} samples ({error})")
 
 
 def shard_sample_item(sample: dict, audio_field: str | None, caption_fields: Sequence[str], split: str) -> dict:
@@ -378,11 +444,11 @@ def decoded_members(sample: dict, exclude: str) -> dict:
         last = ext.rsplit(".", 1)[-1]
         try:
             if last == "json":
-                fields[ext] = json.loads(data)
+                fields[ext] = load_json(data)
             elif last in ("txt", "text", "caption"):
-                fields[ext] = data.decode("utf-8")
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CaptionError(f"member .{ext} cannot be read ({type(error).__name__}: {error})") from error
+                fields[ext] = data.decode("utf-8-sig")
+        except ValueError as error:  # UnicodeDecodeError too
+            raise CaptionError(f"member .{ext} cannot be read ({error})") from error
     return fields
 
 
@@ -418,8 +484,7 @@ def hf_inputs(name: str, audio_field: str, caption_fields: Sequence[str], part: 
                              f"(columns: {', '.join(table.column_names)})")
         table = table.cast_column(audio_field, datasets.Audio(decode=False))
         rows = part_slice(range(len(table)), part, num_parts)
-        inputs.append(SplitInput(split_name, len(rows), _hf_items(table, rows, split_name, audio_field, caption_fields),
-                                 fingerprint([table._fingerprint, rows.start, rows.stop, caption_fields])))
+        inputs.append(SplitInput(split_name, len(rows), _hf_items(table, rows, split_name, audio_field, caption_fields)))
     return inputs
 
 

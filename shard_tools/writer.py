@@ -17,35 +17,21 @@ the rest, which gives the same bytes as an uninterrupted run. ``index.json`` is 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
-
 from pipeline.fileio import file_sha256, write_atomic
+from pipeline.shard_format import IndexEntry, Reject, json_line
 
-FORMAT_NAME = "whisper-caption-stream"
-FORMAT_VERSION = 1
 PROGRESS_FILE = ".progress.jsonl"
-INDEX_FILE = "index.json"
-REJECTS_FILE = "rejects.jsonl"
-INDEX_FIELDS = ("name", "samples", "seconds", "bytes", "sha256")  # one shard's entry in index.json
 TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive
 
 
-# ----------------------------------------------------------------------------- samples and tar bytes
-
-def sample_members(key: str, mel: np.ndarray, meta: dict) -> list[tuple[str, bytes]]:
-    """The two members of one sample: ``KEY.mel.npy`` (float16 ``[n_mels, frames]``) and ``KEY.json``."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(mel, dtype=np.float16), allow_pickle=False)
-    return [(f"{key}.mel.npy", buf.getvalue()),
-            (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))]
-
+# ----------------------------------------------------------------------------- tar bytes
 
 def member_block(name: str, data: bytes) -> bytes:
     """One tar member, header and zero-padded data, with fixed metadata."""
@@ -148,25 +134,14 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- index, rejects, progress
 
-def write_rejects(path: Path, rejects: Iterable[dict]) -> None:
+def write_rejects(path: Path, rejects: Iterable[Reject]) -> None:
     """``rejects.jsonl``: one ``{"path", "reason"}`` line per input that was not packed."""
-    lines = [json.dumps({"path": r["source"], "reason": r["reason"]}, ensure_ascii=False) + "\n" for r in rejects]
-    write_atomic(path, "".join(lines).encode("utf-8"))
+    write_atomic(path, "".join(r.line() for r in rejects))
 
 
-def feature_settings(n_mels: int) -> dict:
-    return {"kind": "whisper-log-mel", "n_mels": n_mels, "sample_rate": 16000, "n_fft": 400,
-            "hop_length": 160, "dtype": "float16"}
-
-
-def index_dict(split: str, n_mels: int, shards: list[dict], truncated: int, rejected: int) -> dict:
-    """The ``index.json`` of one split (FORMAT.md): settings, one entry per shard, totals."""
-    entries = [{field: shard[field] for field in INDEX_FIELDS} for shard in shards]
-    totals = {"shards": len(entries), "samples": sum(e["samples"] for e in entries),
-              "seconds": round(sum(e["seconds"] for e in entries), 6), "bytes": sum(e["bytes"] for e in entries),
-              "truncated": truncated, "rejected": rejected}
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "split": split, "features": feature_settings(n_mels),
-            "shards": entries, "totals": totals}
+def index_entry(shard: dict) -> IndexEntry:
+    """The index.json entry of a shard the writer completed (its progress entry holds more)."""
+    return IndexEntry(shard["name"], shard["samples"], shard["seconds"], shard["bytes"], shard["sha256"])
 
 
 def intact(directory: Path, entry: dict) -> bool:
@@ -197,31 +172,37 @@ class ProgressLog:
         lines, first = [{"settings": settings}], 0
         for shard in shards:  # rejects are in input order: hand each shard those before its end
             last = first
-            while last < len(rejects) and rejects[last]["input"] < shard["next_input"]:
+            while last < len(rejects) and rejects[last].input < shard["next_input"]:
                 last += 1
-            lines.append({"shard": shard, "rejects": rejects[first:last]})
+            lines.append(_shard_line(shard, rejects[first:last]))
             first = last
-        write_atomic(self.path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
+        write_atomic(self.path, "".join(json_line(line) for line in lines))
 
-    def add_shard(self, entry: dict, rejects: list[dict]) -> None:
-        self._append({"shard": entry, "rejects": rejects})
+    def add_shard(self, entry: dict, rejects: list[Reject]) -> None:
+        self._append(_shard_line(entry, rejects))
 
-    def finish(self, rejects: list[dict]) -> None:
-        self._append({"complete": True, "rejects": rejects})
+    def finish(self, rejects: list[Reject], inputs: dict) -> None:
+        """The run completed; ``inputs`` describes the inputs after the last shard (see pack)."""
+        self._append({"complete": True, "rejects": [asdict(r) for r in rejects], "inputs": inputs})
 
     def _append(self, line: dict) -> None:
         with open(self.path, "ab") as f:
-            f.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.write(json_line(line).encode("ascii"))
             f.flush()
             os.fsync(f.fileno())
 
 
+def _shard_line(entry: dict, rejects: list[Reject]) -> dict:
+    return {"shard": entry, "rejects": [asdict(r) for r in rejects]}
+
+
 def read_progress(directory: Path) -> dict | None:
-    """``{"settings", "shards", "rejects", "complete"}`` from ``.progress.jsonl``, None without one."""
+    """``{"settings", "shards", "rejects", "complete", "tail"}`` from ``.progress.jsonl`` (``tail``:
+    the final line's description of the inputs after the last shard), None without one."""
     path = Path(directory) / PROGRESS_FILE
     if not path.is_file():
         return None
-    progress = {"settings": None, "shards": [], "rejects": [], "complete": False}
+    progress = {"settings": None, "shards": [], "rejects": [], "complete": False, "tail": None}
     for text in path.read_text(encoding="utf-8").splitlines():
         try:
             line = json.loads(text)
@@ -231,6 +212,7 @@ def read_progress(directory: Path) -> dict | None:
             progress["settings"] = line["settings"]
         if "shard" in line:
             progress["shards"].append(line["shard"])
-        progress["rejects"] += line.get("rejects", [])
+        progress["rejects"] += [Reject(**r) for r in line.get("rejects", [])]
         progress["complete"] = bool(line.get("complete"))
+        progress["tail"] = line.get("inputs")
     return progress

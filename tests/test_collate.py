@@ -9,6 +9,7 @@ from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pipeline.collate import Collator
+from pipeline.data_settings import SpecAugment
 from pipeline.features import clip_features, pad_mel
 from pipeline.model import load_model
 from tests.conftest import tone
@@ -38,7 +39,7 @@ def test_spec_augment_masks_are_bands_no_wider_than_their_limits(tiny_processor)
     """One time and one frequency mask per clip, widths drawn in [0, limit]: over 200 clips no band
     is wider than its limit, and the limit itself is reached (the draw covers the whole range)."""
     rng, frames, fill = np.random.default_rng(0), 100, -0.25
-    limits = dict(time_masks=1, time_width=10, freq_masks=1, freq_width=6)
+    limits = SpecAugment(time_masks=1, time_width=10, freq_masks=1, freq_width=6)
     collate = Collator(tiny_processor.tokenizer, spec_augment=limits, seed=1)
     widths = []
     for i in range(200):
@@ -49,7 +50,7 @@ def test_spec_augment_masks_are_bands_no_wider_than_their_limits(tiny_processor)
         for band in (cols, rows):  # one contiguous band each (or none)
             assert len(band) == 0 or band[-1] - band[0] + 1 == len(band), (i, band)
         widths.append((len(cols), len(rows)))
-    assert max(w[0] for w in widths) == limits["time_width"] and max(w[1] for w in widths) == limits["freq_width"]
+    assert max(w[0] for w in widths) == limits.time_width and max(w[1] for w in widths) == limits.freq_width
 
 
 def test_labels_are_tokenizer_ids_without_start_and_padded_by_length(tiny_processor):
@@ -114,7 +115,7 @@ def test_spec_augment_is_seeded_off_by_default_and_fills_pad_value(tiny_processo
     pad_value = sample["json"]["pad_value"]
     plain = Collator(tiny_processor.tokenizer)([sample])["input_features"][0]
     np.testing.assert_array_equal(plain.numpy(), pad_mel(sample["mel"], pad_value))
-    options = dict(time_masks=2, time_width=50, freq_masks=2, freq_width=10)
+    options = SpecAugment(time_masks=2, time_width=50, freq_masks=2, freq_width=10)
     augment = Collator(tiny_processor.tokenizer, spec_augment=options, seed=4)
     first, again = augment([sample], epoch=0)["input_features"][0], augment([sample], epoch=0)["input_features"][0]
     other = augment([sample], epoch=1)["input_features"][0]

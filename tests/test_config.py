@@ -116,3 +116,35 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert saved["trainer_config"]["output_dir"] == "/runs/whisper-caption"  # resolved, no ${...}
     assert saved["trainer_config"]["learning_rate"] == 1e-5 and saved["model_config"]["name"] == "openai/whisper-small"
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer_config.learning_rate=.nan", "trainer_config.learning_rate"),
+    ("trainer_config.learning_rate=-1e-4", "trainer_config.learning_rate"),
+    ("trainer_config.max_grad_norm=.nan", "trainer_config.max_grad_norm"),
+    ("trainer_config.seed=-1", "trainer_config.seed"),
+    ("data_config.shuffle_buffer=0", "data_config.shuffle_buffer"),
+    ("data_config.max_skip_fraction=2", "data_config.max_skip_fraction"),
+])
+def test_out_of_range_values_are_refused_with_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_yaml_files_agree_with_the_dataclass_defaults():
+    """configs/*.yaml repeat some defaults for readers; each must equal its dataclass default."""
+    import dataclasses
+
+    from pipeline.config import CONFIG_DIR, SECTIONS
+
+    checked = 0
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        for section, values in (yaml.safe_load(path.read_text()) or {}).items():
+            if section not in SECTIONS:
+                continue
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(SECTIONS[section])}
+            for key, value in values.items():
+                assert value == defaults[key], f"{path.name}: {section}.{key}={value!r}, dataclass {defaults[key]!r}"
+                checked += 1
+    assert checked > 20

@@ -16,13 +16,15 @@ from tests.conftest import write_audio
                                                 (".mp3", 48000, 2), (".wav", 8000, 3)])
 def test_decode_matches_librosa_load(tmp_path, suffix, sr, channels):
     path = write_audio(tmp_path / f"clip{suffix}", seconds=1.3, sr=sr, channels=channels)
-    ours, orig_sr = decode_audio(str(path))
+    decoded = decode_audio(str(path))
+    ours, orig_sr = decoded.audio, decoded.orig_sample_rate
     ref, _ = librosa.load(str(path), sr=16000)  # soundfile + mono mean + soxr_hq: the seed's path
     assert orig_sr == sr
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-6)
     # Bytes (as read from a shard member) decode the same as the path.
-    np.testing.assert_array_equal(decode_audio(path.read_bytes())[0], ours)
+    np.testing.assert_array_equal(decode_audio(path.read_bytes()).audio, ours)
+    assert decoded.seconds == round(len(ref) / 16000, 6)
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])
@@ -45,9 +47,10 @@ def test_clip_features_of_real_files_match_the_seed_path(tmp_path):
     fe = WhisperFeatureExtractor(feature_size=80)
     for i, (suffix, sr, seconds) in enumerate([(".flac", 44100, 2.0), (".mp3", 22050, 3.1), (".ogg", 48000, 31.0)]):
         path = write_audio(tmp_path / f"c{i}{suffix}", seconds=seconds, sr=sr, channels=2, freq=200 + 300 * i)
-        audio, _ = decode_audio(str(path))
-        feats = clip_features(audio)
+        decoded = decode_audio(str(path), max_seconds=30)  # what the packer decodes: the window only
+        feats = clip_features(decoded.audio, seconds=decoded.seconds)
         seed_audio, _ = librosa.load(str(path), sr=16000)
+        assert feats["seconds"] == pytest.approx(len(seed_audio) / 16000, abs=1e-3)
         ref = fe(seed_audio, sampling_rate=16000, return_tensors="np").input_features[0]
         assert feats["mel"].dtype == np.float16
         assert feats["truncated"] == (seconds > 30)

@@ -196,3 +196,27 @@ def test_bf16_runs_the_model_in_bfloat16(model_dir, shards, expected, tmp_path, 
                "--max_new_tokens", 4, "--output", out, "--metrics", "bleu") == 0
     assert sorted(r["key"] for r in read_jsonl(out)) == sorted(k for k in expected if k.startswith("s001_"))
     assert dtypes == {torch.bfloat16}  # encoder and decoder, every forward
+
+
+def test_a_busy_or_unwritable_output_is_refused_before_any_clip(model_dir, shards, expected, tmp_path, capsys,
+                                                                 monkeypatch):
+    from pipeline.fileio import hold_lock
+
+    out = tmp_path / "preds.jsonl"
+    calls = []
+    monkeypatch.setattr(infer_stream, "run_generation", lambda *a, **k: calls.append(1) or (0, 0))
+    with hold_lock(f"{out}.lock"):  # a first run still at work on this output
+        assert run("--model_name", model_dir, "--shards", shards[0], "--output", out, "--metrics", "bleu") == 2
+    err = capsys.readouterr().err
+    assert "being written by another infer_stream.py run" in err and not calls and not out.exists()
+    (tmp_path / "dir.jsonl").mkdir()
+    assert run("--model_name", model_dir, "--shards", shards[0], "--output", tmp_path / "dir.jsonl") == 2
+    assert "is a folder" in capsys.readouterr().err and not calls
+    assert run("--model_name", model_dir, "--shards", tmp_path / "none" / "*.tar", "--output", out) == 2
+    err = capsys.readouterr().err
+    assert "no file matches" in err and "Traceback" not in err and not calls
+    monkeypatch.undo()
+    # With the output free again, the run completes with every row.
+    assert run("--model_name", model_dir, "--shards", ",".join(shards), "--output", out,
+               "--max_new_tokens", MAX_NEW, "--num_dataloader_workers", 0, "--metrics", "bleu") == 0
+    assert_rows_match(read_jsonl(out), expected)

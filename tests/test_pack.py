@@ -4,6 +4,7 @@ on ``librosa.load(path, sr=16000)``, shards read by plain ``webdataset``, ``tarf
 
 import hashlib
 import io
+import os
 import json
 import shutil
 import signal
@@ -21,7 +22,7 @@ import webdataset
 from transformers import WhisperFeatureExtractor
 
 from pipeline.features import N_FRAMES, pad_mel
-from shard_tools.pack import main
+from shard_tools.pack import LOCK_FILE, main
 from tests.conftest import write_audio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,9 @@ def read_split(directory: Path) -> list[dict]:
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every output file's bytes; the packers' lock files (which name their holder's pid) are not output."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def reference_features(path: Path, n_mels: int) -> np.ndarray:
@@ -308,3 +311,119 @@ def test_usage_errors_exit_with_status_2(tmp_path, capsys):
         assert "pip install 'whisper-caption-stream[hf]'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--n-mels", "64"])
+
+
+# ---------------------------------------------------------------------------- hostile inputs
+
+def make_hostile_dataset(root: Path) -> dict[str, str]:
+    """Two good clips, a hidden one and a BOM caption (both packed), and one input of each hostile
+    class; returns ``{path: expected reason fragment}`` for the rejects."""
+    make_clips(root, 2)
+    write_audio(root / ".hidden.wav", seconds=0.3, freq=700)
+    (root / ".hidden.txt").write_text("a hidden clip")
+    write_audio(root / "bom.wav", seconds=0.3, freq=900)
+    (root / "bom.txt").write_bytes("\ufeffa caption after a byte-order mark\n".encode("utf-8"))
+    write_audio(root / "surrogate.wav", seconds=0.3)
+    (root / "surrogate.json").write_text('{"text": "bad \\ud800"}')  # a lone surrogate, as JSON writes it
+    write_audio(root / "deep.wav", seconds=0.3)
+    (root / "deep.json").write_text('{"text": "x", "meta": ' + "[" * 50000 + "]" * 50000 + "}")
+    cut = write_audio(root / "cut.wav", seconds=1.0)
+    cut.write_bytes(cut.read_bytes()[:44 + 8000])  # the header still promises 1 s
+    (root / "cut.txt").write_text("cut short")
+    soundfile.write(str(root / "loud.wav"), np.full(16000, 1e19, np.float32), 16000, subtype="FLOAT")
+    (root / "loud.txt").write_text("finite but huge samples")
+    os.mkfifo(root / "fifo.wav")
+    (root / "fifo.txt").write_text("a pipe, not a file")
+    write_audio(root / "locked" / "inside.wav", seconds=0.3)
+    (root / "locked" / "inside.txt").write_text("in a folder that cannot be listed")
+    return {"surrogate.wav": "lone surrogate", "deep.wav": "nests deeper", "cut.wav": "truncated audio",
+            "loud.wav": "log-mel is not finite", "fifo.wav": "not a regular file", "locked/": "cannot read folder"}
+
+
+@pytest.mark.timeout(300)  # a FIFO read would block forever
+def test_hostile_inputs_cost_only_themselves(tmp_path, monkeypatch, capsys):
+    expected = make_hostile_dataset(tmp_path / "ds")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # root reads any folder, so an unreadable one is simulated
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--max-reject-fraction", "1"]) == 0
+    rejects = {r["path"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert sorted(rejects) == sorted(expected)
+    for path, fragment in expected.items():
+        assert fragment in rejects[path], (path, rejects[path])
+    samples = {s["meta"]["source"]: s for s in read_split(out)}
+    assert sorted(samples) == [".hidden.wav", "bom.wav", "clip00.wav", "clip01.flac"]
+    assert samples["bom.wav"]["meta"]["captions"] == ["a caption after a byte-order mark"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_only_the_kept_window_is_decoded(tmp_path):
+    import tracemalloc
+
+    from pipeline.features import decode_audio
+
+    path = write_audio(tmp_path / "long.wav", seconds=120.0, sr=48000, channels=2)  # 46 MB as float32
+    tracemalloc.start()
+    decoded = decode_audio(str(path), max_seconds=30)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert decoded.seconds == 120.0 and len(decoded.audio) == 30 * 16000 + 1  # one more: marked truncated
+    assert peak < 25e6, peak  # the whole file decoded would take 2 x 46 MB
+    whole, _ = librosa.load(str(path), sr=16000)  # the reference decodes everything
+    np.testing.assert_allclose(decoded.audio[:16000 * 29], whole[:16000 * 29], atol=1e-5)
+
+
+def test_resume_after_fixing_a_reject_packs_it_and_matches_a_fresh_run(tmp_path):
+    ds = tmp_path / "ds"
+    make_clips(ds, 4)
+    good = (ds / "clip01.flac").read_bytes()
+    (ds / "clip01.flac").write_bytes(b"not audio at all" * 20)
+    out = tmp_path / "out"
+    args = ["--workers", "1", "--samples-per-shard", "2", "--max-reject-fraction", "1"]
+    assert main([str(ds), "--out", str(out), *args]) == 0
+    assert "clip01.flac" in (out / "rejects.jsonl").read_text()
+    (ds / "clip01.flac").write_bytes(good)  # fixed, as the README tells the user to
+    assert main([str(ds), "--out", str(out), "--resume", *args]) == 0
+    assert (out / "rejects.jsonl").read_text() == ""
+    assert sorted(s["meta"]["source"] for s in read_split(out)) == [
+        "clip00.wav", "clip01.flac", "clip02.ogg", "clip03.mp3"]
+    assert main([str(ds), "--out", str(tmp_path / "fresh"), *args]) == 0
+    assert tree_bytes(out) == tree_bytes(tmp_path / "fresh")
+
+
+def test_outputs_honour_the_umask_and_bad_outputs_are_one_line(tmp_path, capsys, monkeypatch):
+    from pipeline.fileio import hold_lock
+    from shard_tools import writer
+
+    make_clips(tmp_path / "ds", 2)
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert main([str(tmp_path / "ds"), "--out", str(out), "--workers", "1"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("index.json", "rejects.jsonl", "000.tar"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    capsys.readouterr()
+    (tmp_path / "file").write_text("x")
+    assert main([str(tmp_path / "ds"), "--out", str(tmp_path / "file"), "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'file'} is a file, not a folder"
+    with hold_lock(out / ".lock"):  # another packer at work on this split
+        assert main([str(tmp_path / "ds"), "--out", str(out), "--resume", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "being written by another packer" in err and len(err.strip().splitlines()) == 1
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.ShardWriter, "_write", full_disk)
+    assert main([str(tmp_path / "ds"), "--out", str(tmp_path / "full"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / 'full'}: No space left on device"
+    assert not list((tmp_path / "full").glob("*.tmp"))

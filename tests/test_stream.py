@@ -384,3 +384,90 @@ def test_two_ranks_under_accelerate_launch(tmp_path):
     assert ranks[0]["sizes"] == ranks[1]["sizes"] and len(ranks[0]["sizes"]) == ranks[0]["len"]
     assert ranks[0]["gathered_batches"] == [ranks[0]["len"]] * 2
     assert collections.Counter(ranks[0]["keys"] + ranks[1]["keys"]) == collections.Counter(tar_keys(paths))
+
+
+# ---------------------------------------------------------------------------- hostile shards
+
+def write_members(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_hostile_samples_cost_only_themselves(tmp_path, tiny_processor):
+    good = {}
+    for i in range(4):
+        good.update(mel_sample_bytes(f"good{i}", 8, [f"caption {i}"], seed=i))
+    meta = json.loads(good["good0.json"])
+    hostile = {  # key -> (mel.npy, json): each raised or went to inf before
+        "surrogate": (good["good0.mel.npy"], json.dumps({**meta, "captions": ["bad \ud800"]}).encode()),
+        "deep": (good["good0.mel.npy"], b'{"captions": ["x"], "pad_value": 0, "extra": ' + b"[" * 50000
+                 + b"]" * 50000 + b"}"),
+        "float32": (npy(np.full((80, 8), 1e5, np.float32)), good["good0.json"]),
+        "float64": (npy(np.full((80, 8), 1e300, np.float64)), good["good0.json"]),
+        "padvalue": (good["good0.mel.npy"], json.dumps({**meta, "pad_value": 1e6}).encode()),
+        "notutf8": (good["good0.mel.npy"], b'{"captions": ["\xff"], "pad_value": 0}'),
+    }
+    members = dict(list(good.items())[:4])
+    for key, (mel, meta_bytes) in hostile.items():
+        members.update({f"{key}.mel.npy": mel, f"{key}.json": meta_bytes})
+    members.update(dict(list(good.items())[4:]))
+    (tmp_path / "train").mkdir()
+    write_members(tmp_path / "train" / "000.tar", members)
+    keys, messages, _ = collect(loader(str(tmp_path / "train" / "000.tar"), tiny_processor, max_skip_fraction=0.6))
+    assert sorted(keys) == [f"good{i}" for i in range(4)]
+    for key, reason in [("surrogate", "lone surrogate"), ("deep", "nests deeper"), ("float32", "NaN or inf"),
+                        ("float64", "NaN or inf"), ("padvalue", "float16 range"), ("notutf8", "invalid json")]:
+        assert any(f"'{key}'" in m and reason in m for m in messages), (key, messages)
+    batch = next(iter(loader(str(tmp_path / "train" / "000.tar"), tiny_processor, max_skip_fraction=0.6,
+                             batch_size=10)))
+    assert np.isfinite(batch["input_features"].numpy()).all()
+    with pytest.raises(StreamError, match="surrogate"):
+        list(loader(str(tmp_path / "train" / "000.tar"), tiny_processor, on_error="raise", train=False))
+
+
+def test_index_counts_are_checked_where_shards_are_read(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [4, 6])
+    index_path = tmp_path / "train" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["shards"][1]["samples"] = 3  # under-counts: 3 samples would be lost unseen
+    index_path.write_text(json.dumps(index))
+    stream = loader(str(tmp_path / "train"), tiny_processor, max_skip_fraction=0.5, train=False)
+    keys, messages, _ = collect(stream)
+    assert keys == tar_keys(paths)[:7] and stream.skipped == 3
+    assert any("001.tar: holds 3 sample(s) more than the 3" in m for m in messages), messages
+    with pytest.raises(StreamError, match="max_skip_fraction"):
+        list(loader(str(tmp_path / "train"), tiny_processor, max_skip_fraction=0.1))
+    with pytest.raises(StreamError, match="holds 3 sample"):
+        list(loader(str(tmp_path / "train"), tiny_processor, on_error="raise"))
+    index["shards"][1]["samples"] = 10**9  # would plan a billion reads of nothing
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(StreamError, match="claims 1000000000 samples"):
+        loader(str(tmp_path / "train"), tiny_processor)
+
+
+def test_missing_shards_and_empty_globs_raise_in_one_line(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [2, 2, 2], index=False)
+    os.remove(paths[1])
+    with pytest.raises(StreamError, match="001.tar: cannot open") as caught:
+        loader(f"{tmp_path}/train/{{000..002}}.tar", tiny_processor)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(StreamError, match="no file matches"):
+        loader(f"{tmp_path}/nothing/*.tar", tiny_processor)
+
+
+def test_one_shard_under_two_spellings_is_refused(tmp_path, tiny_processor):
+    write_mel_shards(tmp_path / "train", [2, 3])
+    d = tmp_path / "train"
+    for spec in ([f"{d}/000.tar", f"{d}/./000.tar"], [f"{d}/000.tar", f"{d}//000.tar"],
+                 [str(d), f"{d}/index.json"], [f"{d}/001.tar", str(d)]):
+        with pytest.raises(StreamError, match="more than once"):
+            loader(spec, tiny_processor)

@@ -567,7 +567,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(t
     caplog.clear()
     assert train_stream.main(run_args(out, shards[0], "trainer_config.resume_from_checkpoint=latest")) == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert error.startswith(f"{out} is in use by another training run (pid {proc.pid})")
+    assert error.startswith(f"{out} is in use by another training run ({out / '.lock'} is locked by process {proc.pid})")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]

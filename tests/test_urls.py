@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stream import make_loader
+from pipeline.stream import StreamError, make_loader
 from pipeline.urls import (count_samples, expand_braces, expand_urls, iter_samples, open_url, read_index,
                            resolve_shards)
 from tests.conftest import write_mel_shards
@@ -78,6 +78,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves files; ``NAME.cut`` promises all of NAME's bytes, sends half, and hangs up."""
 
     def do_GET(self):
+        if self.path.endswith("index.json") and Path(self.directory, "SERVER_ERROR").exists():
+            return self.send_error(500)
         if not self.path.endswith(".cut"):
             return super().do_GET()
         data = Path(self.directory, self.path.lstrip("/")[:-len(".cut")]).read_bytes()
@@ -221,3 +223,14 @@ def test_truncated_shard_reports_url_and_key(tmp_path):
         list(iter_samples(f, str(cut)))
     shutil.copy(path, tmp_path / "ok.tar")
     assert count_samples(str(tmp_path / "ok.tar")) == 3
+
+
+def test_a_server_error_on_index_json_is_not_taken_for_no_index(tmp_path, http_root, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [3, 2])
+    (tmp_path / "SERVER_ERROR").touch()  # the loopback server answers 500 for every index.json
+    with pytest.raises(StreamError, match="500"):
+        make_loader(f"{http_root}/train/{{000..001}}.tar", tiny_processor.tokenizer, batch_size=2)
+    (tmp_path / "SERVER_ERROR").unlink()
+    (tmp_path / "train" / "index.json").unlink()  # 404: absent, so the shards are counted by scanning
+    with pytest.warns(UserWarning, match="counting their samples"):
+        assert eval_keys(f"{http_root}/train/{{000..001}}.tar", tiny_processor) == tar_keys(paths)

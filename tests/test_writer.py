@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from pipeline.fileio import write_json
+from pipeline.shard_format import Reject, SampleMeta, encode_sample, index_dict
 from shard_tools import writer
 
 
 def members(key: str, frames: int = 7, n_mels: int = 80) -> list[tuple[str, bytes]]:
     mel = np.linspace(-1, 1, n_mels * frames, dtype=np.float32).reshape(n_mels, frames)
-    return writer.sample_members(key, mel, {"captions": [f"caption of {key}"], "source": f"{key}.wav"})
+    return encode_sample(key, mel, SampleMeta([f"caption of {key}"], f"{key}.wav", frames / 100, 16000, -0.5))
 
 
 def tarfile_reference(members_list: list[tuple[str, bytes]]) -> bytes:
@@ -31,7 +32,7 @@ def tarfile_reference(members_list: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def test_sample_members_hold_float16_mel_and_json():
+def test_encoded_samples_hold_float16_mel_and_json():
     (mel_name, mel_bytes), (json_name, json_bytes) = members("a_b-0123456789", frames=5)
     assert (mel_name, json_name) == ("a_b-0123456789.mel.npy", "a_b-0123456789.json")
     mel = np.load(io.BytesIO(mel_bytes), allow_pickle=False)
@@ -106,7 +107,7 @@ def test_index_and_rejects(tmp_path):
                "next_input": 3},
               {"name": "001.tar", "samples": 1, "seconds": 0.5, "bytes": 10240, "sha256": "cd", "truncated": 0,
                "next_input": 4}]
-    index = writer.index_dict("train", 128, shards, truncated=1, rejected=2)
+    index = index_dict("train", 128, [writer.index_entry(s) for s in shards], truncated=1, rejected=2)
     assert index["format"] == "whisper-caption-stream" and index["version"] == 1 and index["split"] == "train"
     assert index["features"] == {"kind": "whisper-log-mel", "n_mels": 128, "sample_rate": 16000, "n_fft": 400,
                                  "hop_length": 160, "dtype": "float16"}
@@ -116,7 +117,7 @@ def test_index_and_rejects(tmp_path):
     write_json(tmp_path / "index.json", index)
     assert json.loads((tmp_path / "index.json").read_text()) == index
     writer.write_rejects(tmp_path / "rejects.jsonl",
-                         [{"source": "a/b.wav", "split": "", "reason": "silent", "input": 2}])
+                         [Reject("a/b.wav", "", "silent", 2)])
     assert [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()] == [
         {"path": "a/b.wav", "reason": "silent"}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "rejects.jsonl"]  # no .tmp left
@@ -124,16 +125,14 @@ def test_index_and_rejects(tmp_path):
 
 def test_progress_log_appends_and_survives_a_cut_line(tmp_path):
     entry = {"name": "000.tar", "samples": 2, "seconds": 1.0, "bytes": 10240, "sha256": "ab", "truncated": 0}
-    rejects = [{"source": "a", "split": "", "reason": "silent", "input": 1},
-               {"source": "b", "split": "", "reason": "silent", "input": 4},
-               {"source": "c", "split": "", "reason": "silent", "input": 7}]
+    rejects = [Reject("a", "", "silent", 1), Reject("b", "", "silent", 4), Reject("c", "", "silent", 7)]
     log = writer.ProgressLog(tmp_path, {"n_mels": 80}, [], [])
     log.add_shard({**entry, "next_input": 3}, rejects[:1])
     log.add_shard({**entry, "name": "001.tar", "next_input": 6}, rejects[1:2])
     progress = writer.read_progress(tmp_path)
     assert progress["settings"] == {"n_mels": 80} and progress["complete"] is False
     assert [s["name"] for s in progress["shards"]] == ["000.tar", "001.tar"] and progress["rejects"] == rejects[:2]
-    log.finish(rejects[2:])
+    log.finish(rejects[2:], {"count": 8, "digest": "ef"})
     assert writer.read_progress(tmp_path)["complete"] is True
     assert writer.read_progress(tmp_path)["rejects"] == rejects
     # A kill in the middle of a write: the cut line and anything after it are ignored.
@@ -143,7 +142,8 @@ def test_progress_log_appends_and_survives_a_cut_line(tmp_path):
     assert [s["name"] for s in writer.read_progress(tmp_path)["shards"]] == ["000.tar"]
     # Starting over from kept shards regroups their rejects by shard.
     writer.ProgressLog(tmp_path, {"n_mels": 80}, progress["shards"], rejects[:2])
-    assert [json.loads(line)["rejects"] for line in path.read_text().splitlines()[1:]] == [rejects[:1], rejects[1:2]]
+    assert [[Reject(**r) for r in json.loads(line)["rejects"]] for line in path.read_text().splitlines()[1:]] == [
+        rejects[:1], rejects[1:2]]
     assert writer.read_progress(tmp_path) == {**progress, "complete": False}
     assert writer.read_progress(tmp_path / "elsewhere") is None
 

@@ -1,0 +1,265 @@
+"""The shard format of docs/FORMAT.md in code: the one contract between the packer (``shard_tools``)
+and the loader (``pipeline.urls``, ``pipeline.stream``).
+
+Both ends import what is here and nothing else about the format: Whisper's front-end constants,
+member and file names, the version, the audio suffixes every input layout recognises, the dataclasses
+of a sample's metadata, an index entry and a reject, and ``encode_sample`` / ``decode_sample``, which
+apply the same checks, so a sample the packer writes is one the loader accepts and a sample the
+loader refuses could never have been written. docs/FORMAT.md stays the human spec.
+
+This module imports numpy only: the packer's main process reads it without starting torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Whisper's fixed audio front end (openai/whisper audio.py).
+SAMPLE_RATE = 16000
+N_FFT = 400  # 25 ms window at 16 kHz
+HOP_LENGTH = 160  # 10 ms hop at 16 kHz
+CHUNK_LENGTH = 30  # seconds: the encoder's fixed input window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480,000 samples in one window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames the encoder expects
+N_MELS = (80, 128)  # mel bins of every Whisper model (128: large-v3)
+
+FORMAT_NAME = "whisper-caption-stream"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+REJECTS_FILE = "rejects.jsonl"
+MEL_MEMBER = "mel.npy"  # member extensions: KEY.mel.npy and KEY.json
+META_MEMBER = "json"
+MEL_DTYPE = np.float16
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: anything larger is inf in a float16 batch
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# The smallest sample a tar can hold: two members, each a header block and one data block. It bounds
+# the sample count an index entry may claim for a shard of a given size.
+MIN_SAMPLE_BYTES = 4 * 512
+# JSON deeper than this (captions, extra fields) is refused: Python's parser and encoder recurse, and
+# no caption or metadata needs more than a few levels.
+MAX_JSON_DEPTH = 32
+
+# The one list of audio file suffixes: folder inputs, raw-audio shard members and infer_stream --audio.
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".m4a", ".aac",
+                            ".wma"})
+
+
+class SampleError(ValueError):
+    """One sample that does not follow the format; the message names the sample and the reason."""
+
+
+def feature_settings(n_mels: int) -> dict:
+    """The ``features`` block of ``index.json``."""
+    return {"kind": "whisper-log-mel", "n_mels": n_mels, "sample_rate": SAMPLE_RATE, "n_fft": N_FFT,
+            "hop_length": HOP_LENGTH, "dtype": np.dtype(MEL_DTYPE).name}
+
+
+# ------------------------------------------------------------------------------------------ text and JSON
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it can be written as UTF-8; ValueError otherwise (a lone surrogate, as scraped
+    emoji halves leave, cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start:error.end].encode("utf-8", "surrogatepass").hex()
+        raise ValueError(f"{what} is not valid Unicode (lone surrogate 0x{bad} at {error.start})") from None
+    return text
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), counted without recursion."""
+    depth, level = 0, [obj]
+    while containers := [o for o in level if isinstance(o, (dict, list))]:
+        depth += 1
+        level = [v for o in containers for v in (o.values() if isinstance(o, dict) else o)]
+    return depth
+
+
+def load_json(data: bytes | str, what: str = "JSON") -> Any:
+    """Parse JSON text (a UTF-8 BOM is dropped); ValueError naming ``what`` for text that is not
+    UTF-8 JSON, holds a lone surrogate or nests deeper than ``MAX_JSON_DEPTH``."""
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, (bytes, bytearray)) else data.removeprefix("\ufeff")
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
+        raise ValueError(f"invalid {what} ({error})") from error
+    check_json(obj, what)
+    return obj
+
+
+def check_json(obj: Any, what: str) -> None:
+    """ValueError when ``obj`` nests too deeply or holds a string that is not valid Unicode."""
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise ValueError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    check_text(json.dumps(obj, ensure_ascii=False), what)
+
+
+def json_line(obj: Any) -> str:
+    """One JSONL line that any string survives (non-ASCII escaped, so lone surrogates too)."""
+    return json.dumps(obj, ensure_ascii=True) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ dataclasses
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """``KEY.json``: what a shard stores about one clip besides its log-mel (FORMAT.md)."""
+
+    captions: list[str]
+    source: str
+    seconds: float
+    orig_sample_rate: int
+    pad_value: float
+    truncated: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """ValueError for metadata the loader would refuse."""
+        if not (isinstance(self.captions, list) and self.captions
+                and all(isinstance(c, str) and c.strip() for c in self.captions)):
+            raise ValueError("'captions' must be a non-empty list of non-empty strings")
+        check_pad_value(self.pad_value)
+        if not isinstance(self.extra, dict):
+            raise ValueError("'extra' must be a JSON object")
+        check_json(asdict(self), "the sample's JSON")
+
+
+def check_pad_value(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > FLOAT16_MAX:
+        raise ValueError(f"'pad_value' must be a finite number within float16 range, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One shard of ``index.json``; ``name`` is relative to the folder holding the index."""
+
+    name: str
+    samples: int
+    seconds: float
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, entry: Any, where: str) -> IndexEntry:
+        """Checked: ValueError naming ``where`` for a malformed entry or one that claims more
+        samples than its byte size can hold (an index that would plan reads of nothing)."""
+        try:
+            made = cls(str(entry["name"]), int(entry["samples"]), float(entry["seconds"]), int(entry["bytes"]),
+                       str(entry["sha256"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{where}: bad shard entry {entry!r} ({type(error).__name__}: {error})") from None
+        if made.samples < 0 or made.bytes < 0 or made.samples * MIN_SAMPLE_BYTES > made.bytes:
+            raise ValueError(f"{where}: shard {made.name} claims {made.samples} samples in {made.bytes} bytes "
+                             f"(a sample takes at least {MIN_SAMPLE_BYTES})")
+        return made
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input that was not packed: its source, output split, the reason, and (once the packer has
+    seen it) its position among the split's inputs."""
+
+    source: str
+    split: str
+    reason: str
+    input: int | None = None
+
+    def line(self) -> str:
+        """Its ``rejects.jsonl`` line."""
+        return json_line({"path": self.source, "reason": self.reason})
+
+
+def index_dict(split: str, n_mels: int, entries: list[IndexEntry], truncated: int, rejected: int) -> dict:
+    """The ``index.json`` of one split: settings, one entry per shard, totals."""
+    shards = [asdict(e) for e in entries]
+    totals = {"shards": len(shards), "samples": sum(e.samples for e in entries),
+              "seconds": round(sum(e.seconds for e in entries), 6), "bytes": sum(e.bytes for e in entries),
+              "truncated": truncated, "rejected": rejected}
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "split": split, "features": feature_settings(n_mels),
+            "shards": shards, "totals": totals}
+
+
+def parse_index(data: bytes, where: str) -> tuple[list[IndexEntry], int | None]:
+    """``(entries, n_mels)`` of an ``index.json``; ValueError naming ``where`` if it is not one."""
+    index = load_json(data, where)
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{where}: not a valid index.json (no 'shards' list)")
+    if index.get("format") not in (None, FORMAT_NAME) or index.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"{where}: format {index.get('format')!r} version {index.get('version')!r}, this code "
+                         f"reads {FORMAT_NAME} version {FORMAT_VERSION}")
+    entries = [IndexEntry.from_dict(e, where) for e in index["shards"]]
+    if len({e.name for e in entries}) != len(entries):
+        raise ValueError(f"{where}: a shard is listed more than once")
+    features = index.get("features")
+    return entries, features.get("n_mels") if isinstance(features, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+def encode_sample(key: str, mel: np.ndarray, meta: SampleMeta) -> list[tuple[str, bytes]]:
+    """The two members of one sample, ``(name, bytes)``, after the checks ``decode_sample`` makes;
+    ``SampleError`` with the reason otherwise."""
+    try:
+        if not KEY_RE.match(key):
+            raise ValueError(f"key {key!r} has characters outside [A-Za-z0-9_-]")
+        stored = _check_mel(np.asarray(mel), None)
+        meta.check()
+    except ValueError as error:
+        raise SampleError(str(error)) from None
+    buf = io.BytesIO()
+    np.save(buf, stored, allow_pickle=False)
+    return [(f"{key}.{MEL_MEMBER}", buf.getvalue()),
+            (f"{key}.{META_MEMBER}", json.dumps(asdict(meta), ensure_ascii=False).encode("utf-8"))]
+
+
+def decode_sample(raw: dict, n_mels: int | None = None) -> dict:
+    """Raw tar members ``{"__key__", "__url__", "mel.npy": bytes, "json": bytes}`` ->
+    ``{"__key__", "__url__", "mel": float16 [n_mels, frames], "json": dict}``; ``SampleError`` naming
+    URL and key for anything that does not follow the format. Never unpickles."""
+    where = f"{raw.get('__url__')}: sample '{raw.get('__key__')}'"
+    missing = [m for m in (MEL_MEMBER, META_MEMBER) if m not in raw]
+    if missing:
+        raise SampleError(f"{where} lacks member(s) {missing}")
+    try:
+        meta = load_json(raw[META_MEMBER], "json")
+        if not isinstance(meta, dict):
+            raise ValueError("json is not an object")
+        captions = meta.get("captions")
+        if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
+            raise ValueError("json needs 'captions', a non-empty list of non-empty strings")
+        meta["pad_value"] = check_pad_value(meta.get("pad_value"))
+        try:
+            mel = np.load(io.BytesIO(raw[MEL_MEMBER]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"mel.npy is not a plain .npy array ({error})") from error
+        mel = _check_mel(mel, n_mels)
+    except ValueError as error:
+        raise SampleError(f"{where}: {error}") from None
+    return {"__key__": raw["__key__"], "__url__": raw["__url__"], "mel": mel, "json": meta}
+
+
+def _check_mel(mel: np.ndarray, n_mels: int | None) -> np.ndarray:
+    """``mel`` as stored and batched (float16), checked after the cast: a float32 value past 65504
+    is finite before it and inf after."""
+    if mel.ndim != 2 or mel.dtype.kind != "f" or not 1 <= mel.shape[1] <= N_FRAMES:
+        raise ValueError(f"mel.npy is {mel.dtype} {mel.shape}, expected float16 [n_mels, 1..{N_FRAMES}]")
+    if n_mels is not None and mel.shape[0] != n_mels:
+        raise ValueError(f"mel.npy has {mel.shape[0]} mel bins, the split has {n_mels}")
+    with np.errstate(over="ignore"):
+        stored = np.ascontiguousarray(mel, dtype=MEL_DTYPE)
+    # exponent bits all set = inf or NaN; 10x faster than float16 isfinite
+    if ((stored.view(np.uint16) & 0x7C00) == 0x7C00).any():
+        raise ValueError("mel.npy holds NaN or inf (as float16)")
+    return stored

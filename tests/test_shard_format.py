@@ -1,0 +1,81 @@
+"""The shard contract against the references: numpy's own .npy reader, json, plain webdataset."""
+
+import dataclasses
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset
+
+from pipeline.shard_format import (MAX_JSON_DEPTH, IndexEntry, SampleError, SampleMeta, decode_sample,
+                                   encode_sample, load_json, parse_index)
+
+
+def meta(**changes) -> SampleMeta:
+    return SampleMeta(**{"captions": ["a dog barks"], "source": "a.wav", "seconds": 1.0, "orig_sample_rate": 16000,
+                         "pad_value": -0.5, **changes})
+
+
+def test_encoded_sample_reads_back_with_plain_webdataset(tmp_path):
+    mel = np.linspace(-1, 1, 80 * 9, dtype=np.float32).reshape(80, 9)
+    members = encode_sample("k-0123456789", mel, meta(extra={"id": 3}))
+    with tarfile.open(tmp_path / "000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,) = webdataset.WebDataset(str(tmp_path / "000.tar"), shardshuffle=False)
+    assert json.loads(sample["json"]) == {"captions": ["a dog barks"], "source": "a.wav", "seconds": 1.0,
+                                          "orig_sample_rate": 16000, "pad_value": -0.5, "truncated": False,
+                                          "extra": {"id": 3}}
+    np.testing.assert_array_equal(np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False), mel.astype(np.float16))
+    decoded = decode_sample({"__key__": "k", "__url__": "u", "mel.npy": sample["mel.npy"], "json": sample["json"]})
+    assert decoded["mel"].dtype == np.float16 and decoded["json"]["captions"] == ["a dog barks"]
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (dict(captions=["bad \ud800"]), "lone surrogate"),
+    (dict(extra={"note": "half an emoji \udc3d"}), "lone surrogate"),
+    (dict(extra={"deep": json.loads("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)}), "nests deeper"),
+    (dict(pad_value=1e6), "float16 range"),
+    (dict(pad_value=float("nan")), "finite"),
+    (dict(captions=[" "]), "non-empty"),
+])
+def test_encode_refuses_what_decode_would_refuse(bad, reason):
+    with pytest.raises(SampleError, match=reason):
+        encode_sample("k", np.zeros((80, 3), np.float16), meta(**bad))
+
+
+@pytest.mark.parametrize("mel,reason", [
+    (np.full((80, 3), 1e5, np.float32), "NaN or inf"),  # finite as float32, inf as float16
+    (np.full((80, 3), 1e300, np.float64), "NaN or inf"),
+    (np.zeros((80, 3001), np.float16), "expected float16"),
+    (np.zeros((80, 3), np.int16), "expected float16"),
+])
+def test_mels_are_checked_after_the_float16_cast(mel, reason):
+    with pytest.raises(SampleError, match=reason):
+        encode_sample("k", mel, meta())
+    buf = io.BytesIO()
+    np.save(buf, mel, allow_pickle=False)
+    raw = {"__key__": "k", "__url__": "u", "mel.npy": buf.getvalue(), "json": json.dumps(dataclasses.asdict(meta())).encode()}
+    with pytest.raises(SampleError, match=reason):
+        decode_sample(raw)
+
+
+def test_json_limits_and_bom():
+    assert load_json(b"\xef\xbb\xbf{\"a\": 1}") == {"a": 1}
+    with pytest.raises(ValueError, match="nests deeper"):
+        load_json("[" * 100000 + "]" * 100000)  # RecursionError inside json, reported as a reason
+    with pytest.raises(ValueError, match="lone surrogate"):
+        load_json('{"text": "bad \\ud800"}')
+
+
+def test_index_entries_that_cannot_be_true_are_refused():
+    entry = {"name": "000.tar", "samples": 10**9, "seconds": 1.0, "bytes": 20480, "sha256": "ab"}
+    with pytest.raises(ValueError, match="claims 1000000000 samples in 20480 bytes"):
+        parse_index(json.dumps({"format": "whisper-caption-stream", "version": 1, "shards": [entry]}).encode(), "i")
+    assert IndexEntry.from_dict({**entry, "samples": 10}, "i").samples == 10
+    with pytest.raises(ValueError, match="version 2"):
+        parse_index(json.dumps({"format": "whisper-caption-stream", "version": 2, "shards": []}).encode(), "i")
