@@ -164,8 +164,8 @@ class _Resumable(io.RawIOBase):
         if isinstance(error, urllib.error.HTTPError):
             error.close()  # it holds the error answer's connection
         if self.retries >= self.policy.retries:
-            raise RetryError(f"gave up after {self.retries} retr{'y' if self.retries == 1 else 'ies'} at {self._where()} "
-                             f"(last: {_describe(error)})") from error
+            spent = f"{self.retries} retr{'y' if self.retries == 1 else 'ies'}"
+            raise RetryError(f"gave up after {spent} at {self._where()} (last: {_describe(error)})") from error
         self.retries += 1
         wait = self.policy.delay(self.retries)
         if wait >= self._left():
@@ -208,7 +208,8 @@ class _HttpStream(_Resumable):
             length = response.headers.get("Content-Length")
             size = int(length) if length is not None else None
         etag = response.headers.get("ETag")
-        if (self.size is not None and size is not None and size != self.size) or (self.etag and etag and etag != self.etag):
+        resized = self.size is not None and size is not None and size != self.size
+        if resized or (self.etag and etag and etag != self.etag):
             raise OSError(f"the shard changed on the server between tries (size {self.size} -> {size}, "
                           f"ETag {self.etag} -> {etag})")
         self.size, self.etag = size if size is not None else self.size, etag
