@@ -150,12 +150,13 @@ class _Resumable(io.RawIOBase):
         return self.policy.deadline - self._spent - (time.monotonic() - self._entered)
 
     def _where(self) -> str:
-        return f"byte {self.pos}" + (f" of {self.size}" if self.size is not None else "")
+        """Where the read stands and what it cost, for messages."""
+        spent = f"{self.retries} retr{'y' if self.retries == 1 else 'ies'}"
+        return f"byte {self.pos}" + (f" of {self.size}" if self.size is not None else "") + f" after {spent}"
 
     def _check_deadline(self) -> None:
         if self._left() <= 0:
-            raise RetryError(f"shard deadline of {self.policy.deadline:g} s passed at {self._where()} "
-                             f"after {self.retries} retries")
+            raise RetryError(f"shard deadline of {self.policy.deadline:g} s passed at {self._where()}")
 
     def _back_off(self, error: Exception) -> None:
         if self._inner is not None:
@@ -164,15 +165,14 @@ class _Resumable(io.RawIOBase):
         if isinstance(error, urllib.error.HTTPError):
             error.close()  # it holds the error answer's connection
         if self.retries >= self.policy.retries:
-            spent = f"{self.retries} retr{'y' if self.retries == 1 else 'ies'}"
-            raise RetryError(f"gave up after {spent} at {self._where()} (last: {_describe(error)})") from error
-        self.retries += 1
-        wait = self.policy.delay(self.retries)
+            raise RetryError(f"gave up at {self._where()} (last: {_describe(error)})") from error
+        wait = self.policy.delay(self.retries + 1)
         if wait >= self._left():
-            raise RetryError(f"shard deadline of {self.policy.deadline:g} s would pass before retry "
-                             f"{self.retries} at {self._where()} (last: {_describe(error)})") from error
-        log.warning("%s: %s; retry %d of %d in %.2f s from %s", self.url, _describe(error), self.retries,
-                    self.policy.retries, wait, self._where())
+            raise RetryError(f"shard deadline of {self.policy.deadline:g} s would pass before the next retry, "
+                             f"at {self._where()} (last: {_describe(error)})") from error
+        self.retries += 1
+        log.warning("%s: %s; retry %d of %d in %.2f s from byte %d", self.url, _describe(error), self.retries,
+                    self.policy.retries, wait, self.pos)
         time.sleep(wait)
 
     def _drop(self, n: int) -> None:
@@ -184,11 +184,6 @@ class _Resumable(io.RawIOBase):
                 raise http.client.IncompleteRead(b"", n)
             n -= len(data)
 
-    def _open(self) -> None:
-        raise NotImplementedError
-
-    def _chunk(self, n: int) -> bytes:
-        raise NotImplementedError
 
 
 class _HttpStream(_Resumable):

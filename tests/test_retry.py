@@ -194,21 +194,21 @@ def test_retry_budget_spent_skips_or_raises(tmp_path, server, tiny_processor, ca
     url = f"{server.url}/train/<000..002>.tar"
     server.faults = {"/train/001.tar": [502] * 9}
     loader = make_loader(url, tiny_processor.tokenizer, batch_size=3, train=False, max_skip_fraction=0.5)
-    with pytest.warns(StreamWarning, match=r"001.tar: cannot open \(RetryError: gave up after 3 retries at byte 0 "
+    with pytest.warns(StreamWarning, match=r"001.tar: cannot open \(RetryError: gave up at byte 0 after 3 retries "
                                            r"\(last: HTTPError: HTTP Error 502"):
         keys = [k for b in loader for k, pad in zip(b["keys"], b["is_pad"].tolist()) if not pad]
     assert keys == tar_keys([paths[0], paths[2]]) and loader.skipped == 6
     assert len(retry_lines(caplog, "001.tar: HTTPError: HTTP Error 502")) == 3
     assert len([r for r in server.requests if r[0] == "/train/001.tar"]) == 4
     server.faults = {"/train/001.tar": [502] * 9}
-    with pytest.raises(StreamError, match=r"001.tar: cannot open \(RetryError: gave up after 3 retries"):
+    with pytest.raises(StreamError, match=r"001.tar: cannot open \(RetryError: gave up at byte .* after 3 retries"):
         eval_keys(url, tiny_processor, on_error="raise")
     # Dropped on every try: each try gets further, then the rest of the shard is skipped. What was
     # read is delivered once; nothing is doubled.
     server.faults = {"/train/001.tar": ["drop"] * 9}
     with pytest.warns(StreamWarning) as caught:
         keys = eval_keys(url, tiny_processor, max_skip_fraction=0.5)
-    assert_skipped(caught, "001.tar", r"001.tar: read failed in sample 's001_\d+' .*gave up after 3 retries")
+    assert_skipped(caught, "001.tar", r"001.tar: read failed in sample 's001_\d+' .*gave up at byte .* after 3 retries")
     shard = tar_keys([paths[1]])
     got = [k for k in keys if k in shard]
     assert 0 < len(got) < len(shard) and got == shard[:len(got)]
@@ -288,5 +288,5 @@ def test_fsspec_reads_retry_and_resume(tmp_path, tiny_processor, caplog):
         assert len(retry_lines(caplog, f"{name}: ConnectionResetError")) == 1
     _FlakyFS.failed = set()
     with open_url("flakyfs://wcs/train/000.tar", RetryPolicy(retries=1, backoff=0.01)) as stream, \
-            pytest.raises(OSError, match=r"gave up after 1 retry at byte \d+ \(last: ConnectionResetError"):
+            pytest.raises(OSError, match=r"gave up at byte \d+ after 1 retry \(last: ConnectionResetError"):
         stream.read()
