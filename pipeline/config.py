@@ -32,12 +32,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.data_settings import DataSettings, SpecAugment
 from pipeline.fileio import write_atomic
+from pipeline.retry import RetryPolicy
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MAIN = CONFIG_DIR / "main.yaml"
 SCHEDULERS = ("linear", "cosine", "constant")
 _DATA = DataSettings()  # the loader's defaults: DataConfig repeats none of them
 _SPEC = SpecAugment()
+_RETRY = RetryPolicy()
+RETRY_KEYS = {"retries": "retries", "backoff": "retry_backoff", "backoff_max": "retry_backoff_max",
+              "timeout": "read_timeout", "deadline": "shard_deadline"}  # RetryPolicy field -> data_config key
 
 
 class ConfigError(ValueError):
@@ -58,15 +62,25 @@ class DataConfig:
     spec_time_width: int = _SPEC.time_width
     spec_freq_masks: int = _SPEC.freq_masks
     spec_freq_width: int = _SPEC.freq_width
+    retries: int = _RETRY.retries          # retries of one http(s)/fsspec shard read (5xx, reset, timeout)
+    retry_backoff: float = _RETRY.backoff  # seconds before the first retry, doubled per retry
+    retry_backoff_max: float = _RETRY.backoff_max
+    read_timeout: float = _RETRY.timeout   # seconds an http read waits for a byte
+    shard_deadline: Optional[float] = _RETRY.deadline  # seconds one shard may spend reading in all; null: none
 
     def settings(self, **run) -> DataSettings:
         """The loader settings of this section; ``run`` gives the run's own (batch size, seed,
         workers, ...). ValueError with one ``name=value: why`` line per bad setting."""
         spec = (SpecAugment(self.spec_time_masks, self.spec_time_width, self.spec_freq_masks, self.spec_freq_width)
                 if self.spec_augment else None)  # the collator applies it to training batches only
+        try:
+            retry = RetryPolicy(**{name: getattr(self, key) for name, key in RETRY_KEYS.items()})
+        except ValueError as error:  # said with this section's key names
+            raise ValueError("\n".join(RETRY_KEYS[line.split("=")[0]] + "=" + line.split("=", 1)[1]
+                                        for line in str(error).splitlines())) from None
         return DataSettings(shuffle_buffer=self.shuffle_buffer, max_label_tokens=self.max_label_tokens,
                             on_error=self.on_error, max_skip_fraction=self.max_skip_fraction, verify=self.verify,
-                            spec_augment=spec, **run)
+                            spec_augment=spec, retry=retry, **run)
 
 
 @dataclass

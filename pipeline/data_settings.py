@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from pipeline.retry import RetryPolicy
+
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder positions: the longest label sequence a model takes
 ON_ERROR = ("skip", "raise")
 
@@ -44,6 +46,7 @@ class DataSettings:
     verify: bool = False  # check local shards against index.json's sha256 before reading them
     max_label_tokens: int = MAX_TARGET_POSITIONS
     spec_augment: SpecAugment | None = None
+    retry: RetryPolicy | None = None  # http(s) and fsspec reads: retries, deadline (None: retry.DEFAULT_POLICY)
 
     def __post_init__(self):
         problems = self.problems()

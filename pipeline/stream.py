@@ -253,6 +253,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.interleave = settings.shuffle_buffer, settings.interleave
         self.on_error, self.verify, self.n_mels = settings.on_error, settings.verify, n_mels
+        self.retry = settings.retry
         self._extra = 0  # samples found beyond a shard's index count since the last batch
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches delivered]
         self._verified: set[str] = set()
@@ -365,7 +366,7 @@ class ShardStream(IterableDataset):
         to_end = skip + count == shard.samples  # this read ends the shard: it checks nothing follows
         try:
             self._check_sha256(shard)
-            with open_url(shard.url) as stream:
+            with open_url(shard.url, self.retry) as stream:
                 samples = iter_samples(stream, shard.url, skip=skip, limit=None if to_end else count)
                 for raw in samples:
                     got, last_key = got + 1, raw["__key__"]

@@ -10,6 +10,7 @@ Why each piece is here:
   the packer); only shards that no index lists are counted by a header scan, with a warning.
 * ``open_url`` opens local files, ``http(s)://`` (urllib, streamed, never downloaded whole),
   ``pipe:CMD`` (the command's stdout, as in webdataset) and any other ``proto://`` through fsspec.
+  http(s) and fsspec reads retry transient faults and resume at the byte reached (``pipeline.retry``).
 * ``iter_samples`` is a small tar reader of our own rather than ``tarfile``'s stream mode: it can
   *seek* over the data of samples it is told to skip (resume and worker ranges start mid-shard
   without reading, let alone decoding, what comes before), and it reports truncation with the URL
@@ -28,14 +29,12 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+from pipeline.retry import RetryPolicy, open_fsspec, open_http
 from pipeline.shard_format import INDEX_FILE, IndexEntry, parse_index
-
-HTTP_TIMEOUT = 60.0  # seconds without a byte before an http read fails
 BLOCK = 512  # tar block size
 
 # webdataset's split of a member name into key and extension: the extension starts at the first dot
@@ -331,16 +330,18 @@ def _import_fsspec(url: str):
     return fsspec
 
 
-def open_url(url: str) -> BinaryIO:
+def open_url(url: str, policy: RetryPolicy | None = None) -> BinaryIO:
     """A binary stream for a shard or index URL (local, http(s), pipe:, fsspec). Raises
-    ``ShardReadError`` naming the URL (cause kept) when it cannot be opened."""
+    ``ShardReadError`` naming the URL (cause kept) when it cannot be opened. http(s) and fsspec
+    reads retry per ``policy`` (None: ``pipeline.retry.DEFAULT_POLICY``)."""
     try:
         if url.startswith("pipe:"):
             return io.BufferedReader(_PipeStream(url[len("pipe:"):]), 1 << 16)
         if url.startswith(("http://", "https://")):
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT)
+            return open_http(url, policy)
         if _is_remote(url):
-            return _import_fsspec(url).open(url, "rb").open()
+            fsspec = _import_fsspec(url)
+            return open_fsspec(url, lambda: fsspec.open(url, "rb").open(), policy)
         return open(_local_path(url), "rb")
     except ShardReadError:
         raise

@@ -125,10 +125,20 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("trainer_config.seed=-1", "trainer_config.seed"),
     ("data_config.shuffle_buffer=0", "data_config.shuffle_buffer"),
     ("data_config.max_skip_fraction=2", "data_config.max_skip_fraction"),
+    ("data_config.retries=-1", "data_config.retries=-1"),
+    ("data_config.retry_backoff=99", "data_config.retry_backoff=99"),
+    ("data_config.shard_deadline=0", "data_config.shard_deadline=0"),
 ])
 def test_out_of_range_values_are_refused_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[override])
+
+
+def test_retry_keys_reach_the_loader_settings():
+    dc = load_config(overrides=["data_config.retries=2", "data_config.read_timeout=5",
+                                "data_config.shard_deadline=null"]).data_config
+    retry = dc.settings().retry
+    assert (retry.retries, retry.timeout, retry.deadline, retry.backoff) == (2, 5.0, None, 1.0)
 
 
 def test_yaml_files_agree_with_the_dataclass_defaults():
