@@ -126,7 +126,7 @@ class RankPlan:
         if self.sequence is None:
             yield lo, hi
             return
-        starts = np.concatenate([[0], np.cumsum(self.sequence[:, 1] - self.sequence[:, 0])])  # [runs + 1]
+        starts = _run_starts(self.sequence)
         i = int(np.searchsorted(starts, lo, side="right")) - 1
         while lo < hi:
             take = min(hi, int(starts[i + 1])) - lo
@@ -135,12 +135,17 @@ class RankPlan:
             lo, i = lo + take, i + 1
 
 
+def _run_starts(sequence: np.ndarray) -> np.ndarray:
+    """``[runs + 1]`` sequence position where each run of ``sequence [runs, 2]`` starts, then the length."""
+    return np.concatenate([[0], np.cumsum(sequence[:, 1] - sequence[:, 0])])
+
+
 def plan_epoch(counts: list[int], seed: int, epoch: int, train: bool, rank: int, world_size: int,
                batch_size: int, sequence: np.ndarray | None = None) -> RankPlan:
     counts = np.asarray(counts, dtype=np.int64)
     order = _rng(seed, epoch, 0).permutation(len(counts)) if train else np.arange(len(counts))
     offsets = np.concatenate([[0], np.cumsum(counts[order])])
-    total = int(offsets[-1]) if sequence is None else int((sequence[:, 1] - sequence[:, 0]).sum())
+    total = int(offsets[-1]) if sequence is None else int(_run_starts(sequence)[-1])
     start, end = rank * total // world_size, (rank + 1) * total // world_size
     slots = -(-total // world_size)
     return RankPlan(order, offsets, start, end - start, slots, -(-slots // batch_size), sequence, total)
@@ -199,7 +204,7 @@ def remaining_sequence(mask: np.ndarray, plan: RankPlan) -> np.ndarray:
     """``[runs, 2]`` global ``[lo, hi)`` ranges of the positions ``mask`` leaves out, in order."""
     left = np.flatnonzero(~mask)
     if plan.sequence is not None and len(left):  # sequence positions -> global positions
-        starts = np.concatenate([[0], np.cumsum(plan.sequence[:, 1] - plan.sequence[:, 0])])
+        starts = _run_starts(plan.sequence)
         run = np.searchsorted(starts, left, side="right") - 1
         left = plan.sequence[run, 0] + left - starts[run]
     breaks = np.flatnonzero(np.diff(left) != 1) + 1
