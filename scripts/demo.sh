@@ -23,7 +23,7 @@ python train_stream.py --shards "$DEMO_DIR/data/train" --val-shards "$DEMO_DIR/d
   ++trainer_config.dataloader_num_workers=1
 
 echo "== 4/4 caption the held-out clips and score them"
-python infer_stream.py --model_name "$DEMO_DIR/outputs/whisper-caption/final" --shards "$DEMO_DIR/data/validation" \
-  --output "$DEMO_DIR/preds.jsonl" --metrics-out "$DEMO_DIR/metrics.json" --num_dataloader_workers 1
+python infer_stream.py --model-name "$DEMO_DIR/outputs/whisper-caption/final" --shards "$DEMO_DIR/data/validation" \
+  --output "$DEMO_DIR/preds.jsonl" --metrics-out "$DEMO_DIR/metrics.json" --num-dataloader-workers 1
 python scripts/demo_report.py --train-shards "$DEMO_DIR/data/train" --predictions "$DEMO_DIR/preds.jsonl" \
   --out "$DEMO_DIR/report.json"
