@@ -6,9 +6,11 @@ So the pieces are small and explicit:
 
 - ``configs/main.yaml`` has ``defaults: [data, model, trainer, paths, _self_]``; each entry names a
   YAML file beside it; later entries (and ``_self_``, the main file's own keys, last by default) win.
-- The dataclasses below are OmegaConf structured schemas: every valid key, its type and its default.
-  An unknown key or a value of the wrong type is a ``ConfigError`` naming the key and listing the valid
-  keys of its section.
+- The dataclasses below are OmegaConf structured schemas: every valid key, its type, its default and
+  (``key(default, meaning)``) its one-line meaning, which ``train_stream.py --help`` prints; the YAML
+  files repeat some defaults (tested to agree) and no meanings. An unknown key or a value of the
+  wrong type is a ``ConfigError`` naming the key (and the nearest one) and listing the valid keys of
+  its section.
 - Overrides follow Hydra's grammar: ``key=value`` sets a key, ``+key=value`` adds a key the YAML files
   do not set (an error when they do, as in Hydra), ``++key=value`` sets it either way. Values are YAML
   (``true``, ``16``, ``1e-5``, ``null``, ``[a, b]``); a value that is not valid YAML stays a string.
