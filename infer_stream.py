@@ -43,7 +43,7 @@ class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help with each option's default, where it has one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job, offline, on built-in data and the built-in tiny Whisper (about 5 minutes on 2 cores):
+# The whole job, offline, on built-in data and the built-in tiny Whisper (README: how long it takes):
 # generate a learnable captioning corpus → pack it into log-mel shards → train → caption the held-out
 # split → score it next to the most-common-caption baseline. Everything lands in $DEMO_DIR (demo_run/).
 set -euo pipefail
