@@ -82,3 +82,19 @@ def test_generate_captions_matches_generate_without_warnings(tiny_processor, mon
         assert torch.equal(generate_captions(model, feats, max_new_tokens=5), plain)
     assert generate_captions(model, feats, num_beams=2, max_new_tokens=3).shape == (3, 3)
     assert [r.getMessage() for r in said] == []
+
+
+def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    from pipeline import hub
+    from pipeline.model import resolve_source
+    from tests.test_hub import closed_port
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(hub, "cached", lambda repo_id: repo_id == "org/cached")
+    assert resolve_source("org/cached", "model_config.name") == {"local_files_only": True}
+    assert "cannot be reached" in caplog.text and "loading 'org/cached' from the Hugging Face cache" in caplog.text
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_source("org/cached", "model_config.name") == {"local_files_only": True}
