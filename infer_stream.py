@@ -1,8 +1,8 @@
 """Caption streams of shards (or raw audio files) with a Whisper model, write JSONL, and score.
 
-    python infer_stream.py --model_name tiny --shards 'data/test/{000..009}.tar' --output preds.jsonl
-    accelerate launch infer_stream.py --model_name outputs/run/final --shards data/test --resume
-    python infer_stream.py --model_name outputs/run/final --audio my_sounds/ --print
+    python infer_stream.py --model-name tiny --shards 'data/test/{000..009}.tar' --output preds.jsonl
+    accelerate launch infer_stream.py --model-name outputs/run/final --shards data/test --resume
+    python infer_stream.py --model-name outputs/run/final --audio my_sounds/ --print
 
 Why it is built this way:
 - Shards come through ``pipeline.stream.make_loader(train=False)``, already split per rank; the rows
@@ -17,7 +17,7 @@ Why it is built this way:
   run's part files under it. An output that is a folder or cannot be written is refused before any
   clip is captioned.
 - ``generate`` gets ``language="en", task="translate"`` (not ``forced_decoder_ids``), greedy unless
-  ``--num_beams`` > 1.
+  ``--num-beams`` > 1.
 
 Output: one JSON row per clip, ``{"key", "pred_caption", "gt_caption" (first reference or null),
 "gt_captions"}``; a fresh run writes them sorted by key, ``--resume`` keeps the earlier rows and appends
@@ -37,59 +37,75 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
 from pipeline import metrics
-from pipeline.data_settings import DataSettings
-from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
-from pipeline.fileio import LockBusy, hold_lock, write_atomic
-from pipeline.launch import LaunchError, make_accelerator
-from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor
-from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
-from pipeline.stream import StreamError, make_loader
+
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model_name", required=True, help="'tiny', a local checkpoint folder or a Hub id")
+    """The options; the seed's spellings (``--model_name``, ``--batch_size``, ...) are aliases."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=ShowDefaults)
+    parser.add_argument("--model-name", "--model_name", dest="model_name", required=True,
+                        help="'tiny', a local checkpoint folder or a Hub id")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="shard URLs: brace/range pattern, glob, folder, index.json, http(s)://, pipe:")
     source.add_argument("--audio", nargs="+", help="audio files and/or folders (searched recursively)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_dataloader_workers", type=int, default=4)
-    parser.add_argument("--output", default="preds.jsonl")
-    parser.add_argument("--num_beams", type=int, default=1, help="1: greedy (default); >1: beam search")
-    parser.add_argument("--max_new_tokens", type=int, default=None)
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16, help="clips per batch")
+    parser.add_argument("--num-dataloader-workers", "--num_dataloader_workers", dest="num_dataloader_workers",
+                        type=int, default=4, help="loader worker processes")
+    parser.add_argument("--output", default="preds.jsonl", help="the predictions, one JSON row per clip")
+    parser.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
+                        help="1: greedy; >1: beam search")
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None,
+                        help="longest caption in tokens (default: the model's generation config)")
     parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16")
     parser.add_argument("--print", action="store_true", help="also print the list of result rows")
     parser.add_argument("--resume", action="store_true", help="skip keys already in --output (and in part files)")
-    parser.add_argument("--metrics-out", dest="metrics_out", help="write the scores here as JSON")
+    parser.add_argument("--metrics-out", "--metrics_out", dest="metrics_out", help="write the scores here as JSON")
     parser.add_argument("--metrics", default=",".join(metrics.GROUPS),
-                        help=f"metric groups to compute, comma-separated (default: all of {','.join(metrics.GROUPS)})")
+                        help=f"metric groups to compute, comma-separated, from {','.join(metrics.GROUPS)}")
     args = parser.parse_args(argv)
     args.metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     unknown = set(args.metrics) - set(metrics.GROUPS)
     if unknown:
         parser.error(f"--metrics: unknown group(s) {sorted(unknown)}; choose from {','.join(metrics.GROUPS)}")
     if min(args.batch_size, args.num_beams, args.max_new_tokens or 1) < 1:
-        parser.error("--batch_size, --num_beams and --max_new_tokens must be at least 1")
+        parser.error("--batch-size, --num-beams and --max-new-tokens must be at least 1")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from transformers.utils import logging as hf_logging
+# Parsed before torch and transformers are imported (below), so that --help and a mistake on the
+# command line answer at once.
+if __name__ == "__main__":
+    CLI_ARGS = parse_args(sys.argv[1:])
 
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline.data_settings import DataSettings
+from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
+from pipeline.fileio import LockBusy, hold_lock, write_atomic
+from pipeline.launch import LaunchError, make_accelerator
+from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor
+from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
+from pipeline.stream import StreamError, make_loader
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """``args``: the options already parsed from the command line (``argv`` is then not read)."""
+    args = args or parse_args(argv)
     try:
         accelerator = make_accelerator()
-        processor = load_processor(args.model_name)
-        model = load_model(args.model_name, processor)
+        processor = load_processor(args.model_name, "--model-name")
+        model = load_model(args.model_name, processor, "--model-name")
     except (LaunchError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    hf_logging.set_verbosity_error()  # after loading: generate() repeats config warnings on every batch
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = model.to(accelerator.device, dtype=dtype).eval()
 
@@ -148,6 +164,8 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
             print(rows)
         report_scores(rows, args)
         print(f"{generated} clips in {elapsed:.1f} s ({generated / max(elapsed, 1e-9):.1f} clips/s)", flush=True)
+        print(f"predictions: {output.resolve()} ({len(rows)} rows)"
+              + (f"; metrics: {Path(args.metrics_out).resolve()}" if args.metrics_out else ""), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -235,9 +253,6 @@ def collate_audio(samples: list[dict]) -> dict:
 def run_generation(model, processor, batches, done: set, args, accelerator, expected: int, dtype) -> tuple[int, int]:
     """Caption every real, not-yet-done clip; append its row to this rank's part file.
     Returns ``(clips captioned, inputs reported as errors)``."""
-    generate_kwargs = {"language": LANGUAGE, "task": TASK, "do_sample": False, "num_beams": args.num_beams}
-    if args.max_new_tokens:
-        generate_kwargs["max_new_tokens"] = args.max_new_tokens
     count = errors = 0
     bar = tqdm(total=expected, unit="clip", desc="captioning", disable=not accelerator.is_local_main_process)
     with open_part(Path(args.output), accelerator.process_index) as out, torch.inference_mode():
@@ -251,7 +266,7 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
             if not keep:
                 continue
             features = batch["input_features"][keep].to(accelerator.device, dtype=dtype)  # [b, n_mels, 3000]
-            tokens = model.generate(input_features=features, **generate_kwargs)  # [b, T], prompt stripped
+            tokens = generate_captions(model, features, args.num_beams, args.max_new_tokens)  # [b, T]
             captions = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for i, caption in zip(keep, captions):
                 refs = list(batch["captions"][i])
@@ -362,4 +377,4 @@ def report_scores(rows: list[dict], args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=CLI_ARGS))

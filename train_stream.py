@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -42,6 +43,61 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from pipeline.config import ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
+from pipeline.hub import HubError, check_push
+
+
+# ------------------------------------------------------------------------ 1. command line and config
+# Parsed before torch, transformers and accelerate are imported (below), so that --help and a
+# mistake on the command line answer at once.
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides: key=value sets a key, +key=value adds one the YAML files do not set, ++key=value "
+               "either (Hydra grammar, YAML values), e.g. trainer_config.max_steps=1000 "
+               "++trainer_config.bf16=true\n\nkeys (type = default): meaning\n" + keys_help())
+    parser.add_argument("--shards", help="training shard URLs (sets data_config.train_shards)")
+    parser.add_argument("--val-shards", "--val_shards", dest="val_shards",
+                        help="validation shard URLs (sets data_config.val_shards)")
+    parser.add_argument("--config", help="main config file (default: configs/main.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    for option in (o for o in overrides if o.startswith("-")):
+        name = option.lstrip("-").split("=")[0].replace("-", "_")
+        key = next((k for k in all_keys() if k.endswith(f".{name}")), None)
+        parser.error(f"unknown option {option}" + (f"; config keys are set as {key}=VALUE" if key else
+                                                   "; overrides look like key=value (--help lists the keys)"))
+    return args, overrides
+
+
+def build_config(argv: list[str] | None) -> RunConfig:
+    """The run's config from the command line; for ``push_to_hub``, the Hub is asked now whether the
+    push can work, not after training."""
+    args, overrides = parse_args(argv)
+    values = {"data_config.train_shards": args.shards, "data_config.val_shards": args.val_shards}
+    cfg = load_config(args.config, overrides, {k: v for k, v in values.items() if v is not None})
+    if not cfg.data_config.train_shards:
+        raise ConfigError("no training shards: pass --shards URLS or set data_config.train_shards")
+    if cfg.trainer_config.push_to_hub:
+        try:
+            check_push(cfg.trainer_config.hub_model_id)
+        except HubError as error:
+            raise ConfigError(f"push_to_hub: {error}") from None
+    return cfg
+
+
+def config_or_report(argv: list[str] | None) -> RunConfig | None:
+    """``build_config``, or None after printing why it cannot be built."""
+    try:
+        return build_config(argv)
+    except ConfigError as error:
+        print(f"train_stream: {error}", file=sys.stderr)
+        return None
+
+
+if __name__ == "__main__":
+    CLI_CONFIG = config_or_report(sys.argv[1:]) or sys.exit(2)
 
 import numpy as np
 import safetensors.torch
@@ -60,10 +116,9 @@ from transformers.models.whisper.modeling_whisper import (
 )
 
 from pipeline import launch
-from pipeline.config import ConfigError, RunConfig, load_config, save_config
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
-from pipeline.model import LANGUAGE, TASK, ModelLoadError, load_model, load_processor, save_model
+from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
 
 log = logging.getLogger("train_stream")
@@ -76,31 +131,6 @@ STATS = ("loss", "samples", "tokens", "wait_s", "bad", "stop", "skipped")  # the
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. NaN losses in a row); the message says why and what to try."""
-
-
-# ------------------------------------------------------------------------ 1. command line and config
-
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
-        "Overrides: key=value, +key=value, ++key=value (Hydra grammar, YAML values), "
-        "e.g. trainer_config.max_steps=1000 ++trainer_config.bf16=true. Keys: pipeline/config.py."))
-    parser.add_argument("--shards", help="training shard URLs (sets data_config.train_shards)")
-    parser.add_argument("--val-shards", help="validation shard URLs (sets data_config.val_shards)")
-    parser.add_argument("--config", help="main config file (default: configs/main.yaml)")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("-")]
-    if bad:
-        parser.error(f"unknown option(s) {bad}; overrides look like key=value")
-    return args, overrides
-
-
-def build_config(argv: list[str] | None) -> RunConfig:
-    args, overrides = parse_args(argv)
-    values = {"data_config.train_shards": args.shards, "data_config.val_shards": args.val_shards}
-    cfg = load_config(args.config, overrides, {k: v for k, v in values.items() if v is not None})
-    if not cfg.data_config.train_shards:
-        raise ConfigError("no training shards: pass --shards URLS or set data_config.train_shards")
-    return cfg
 
 
 # ------------------------------------------------------------------------------------ 2. accelerator
@@ -267,13 +297,14 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     loader.load_state_dict(start_state)  # every evaluation reads the same batches from the start
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [CE sum, tokens]
     rows = []
-    for _, batch in zip(range(tc.eval_max_batches), loader):
+    batches = min(tc.eval_max_batches, len(loader))
+    for batch in tqdm(itertools.islice(loader, batches), total=batches, desc="eval", unit="batch", leave=False,
+                      disable=not accelerator.is_main_process, dynamic_ncols=True):
         with accelerator.autocast():
             logits, labels = forward_logits(unwrapped, batch, accelerator.device)
             total, tokens = caption_loss(logits, labels)
-            ids = unwrapped.generate(batch["input_features"].to(accelerator.device, torch.float32),
-                                     language=LANGUAGE, task=TASK, do_sample=False, num_beams=1,
-                                     max_new_tokens=tc.generation_max_new_tokens)  # [B, T']
+            ids = generate_captions(unwrapped, batch["input_features"].to(accelerator.device, torch.float32),
+                                    max_new_tokens=tc.generation_max_new_tokens)  # [B, T']
         sums += torch.stack([total.double(), tokens.double()])
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         rows += [{"key": key, "prediction": text.strip(), "references": refs}
@@ -479,14 +510,15 @@ def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerat
 class MetricsLog:
     """TensorBoard (tensorboardX), ``metrics.jsonl`` and the tqdm bar, on the main process only."""
 
-    def __init__(self, output_dir: Path, accelerator: Accelerator, max_steps: int, start_step: int):
+    def __init__(self, output_dir: Path, logging_dir: Path, accelerator: Accelerator, max_steps: int,
+                 start_step: int):
         self.main = accelerator.is_main_process
         self.bar = tqdm(total=max_steps, initial=start_step, desc="train", disable=not self.main, dynamic_ncols=True)
         self.writer = self.jsonl = None
         if self.main:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(logdir=str(output_dir / "tensorboard"))
+            self.writer = SummaryWriter(logdir=str(logging_dir))
             self.jsonl = open(output_dir / "metrics.jsonl", "a")
 
     def log_metrics(self, step: int, metrics: dict, prefix: str) -> None:
@@ -569,7 +601,8 @@ def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: i
             "gradient_accumulation_steps": tc.gradient_accumulation_steps,
             "effective_batch_size": per_device * world * tc.gradient_accumulation_steps,
             "max_steps": max_steps, "start_step": start_step, "train_samples": loader.num_samples,
-            "batches_per_epoch_per_rank": len(loader), "mixed_precision": accelerator.mixed_precision,
+            "batches_per_epoch_per_rank": len(loader),
+            "mixed_precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
             "model": cfg.model_config.name, "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "device": str(accelerator.device)}
@@ -661,7 +694,7 @@ class Trainer:
                 self.sample_log.write(self.step, epoch, keys)
                 metrics_log.bar.update(1)
                 window.add(values, norm.item())
-                if self.step % tc.logging_steps == 0:
+                if self.step % tc.logging_steps == 0 or self.step in (start_step + 1, self.max_steps):
                     metrics_log.log_metrics(self.step, window.metrics(lr, accelerator.num_processes,
                                                                       values["skipped"]), "train")
                     window = Window(window.micro)
@@ -727,11 +760,18 @@ def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, outpu
 
 
 def push_to_hub(folder: Path, repo_id: str, step: int) -> None:
+    """Upload ``folder``; a failure is one ``TrainingError`` line saying the model is safe and how to
+    upload it later (the id, token and Hub were checked before training: this is the network or Hub)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"whisper-caption-stream, step {step}")
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"whisper-caption-stream, step {step}")
+    except Exception as error:  # httpx, huggingface_hub and OS errors alike: all mean "not uploaded"
+        raise TrainingError(f"could not push to the Hub as {repo_id} ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''}); the model is safe in {folder}: "
+                            f"upload it later with `hf upload {repo_id} {folder}`") from None
     log.info("pushed %s to the Hub as %s", folder, repo_id)
 
 
@@ -773,7 +813,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_di
     sample_log = SampleKeysLog(output_dir, accelerator, start_step, tc.log_sample_keys)
     trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop,
                       run_id, sample_log)
-    metrics_log = MetricsLog(output_dir, accelerator, max_steps, start_step)
+    metrics_log = MetricsLog(output_dir, Path(tc.logging_dir), accelerator, max_steps, start_step)
     try:
         if trainer.run(start_step, metrics_log):
             log.info("stopped at step %d; continue with trainer_config.resume_from_checkpoint=latest", trainer.step)
@@ -785,17 +825,17 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_di
         metrics_log.close()
         sample_log.close()
     final = save_final(model, processor, cfg, accelerator, output_dir)
+    log.info("metrics in %s; TensorBoard: tensorboard --logdir %s", output_dir / "metrics.jsonl", tc.logging_dir)
     if tc.push_to_hub and accelerator.is_main_process:
         push_to_hub(final, tc.hub_model_id, trainer.step)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done (or stopped by a signal after saving), 1 the run failed, 2 bad config or model."""
-    try:
-        cfg = build_config(argv)
-    except ConfigError as error:
-        print(f"train_stream: {error}", file=sys.stderr)
+def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
+    """Exit codes: 0 done (or stopped by a signal after saving), 1 the run failed, 2 bad config or model.
+    ``cfg``: the config already built from the command line (``argv`` is then not read)."""
+    cfg = cfg or config_or_report(argv)
+    if cfg is None:
         return 2
     try:
         accelerator = make_accelerator(cfg)
@@ -810,4 +850,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(cfg=CLI_CONFIG))

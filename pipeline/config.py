@@ -6,9 +6,11 @@ So the pieces are small and explicit:
 
 - ``configs/main.yaml`` has ``defaults: [data, model, trainer, paths, _self_]``; each entry names a
   YAML file beside it; later entries (and ``_self_``, the main file's own keys, last by default) win.
-- The dataclasses below are OmegaConf structured schemas: every valid key, its type and its default.
-  An unknown key or a value of the wrong type is a ``ConfigError`` naming the key and listing the valid
-  keys of its section.
+- The dataclasses below are OmegaConf structured schemas: every valid key, its type, its default and
+  (``key(default, meaning)``) its one-line meaning, which ``train_stream.py --help`` prints; the YAML
+  files repeat some defaults (tested to agree) and no meanings. An unknown key or a value of the
+  wrong type is a ``ConfigError`` naming the key (and the nearest one) and listing the valid keys of
+  its section.
 - Overrides follow Hydra's grammar: ``key=value`` sets a key, ``+key=value`` adds a key the YAML files
   do not set (an error when they do, as in Hydra), ``++key=value`` sets it either way. Values are YAML
   (``true``, ``16``, ``1e-5``, ``null``, ``[a, b]``); a value that is not valid YAML stays a string.
@@ -19,6 +21,8 @@ So the pieces are small and explicit:
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 import os
 import re
@@ -48,25 +52,35 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be applied; the message says which and why."""
 
 
+def key(default: Any, meaning: str) -> Any:
+    """A config field and its one-line meaning: ``train_stream.py --help`` prints it from here."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": meaning})
+    return field(default=default, metadata={"help": meaning})
+
+
 @dataclass
 class DataConfig:
-    train_shards: Optional[str] = "${paths.data_dir}/train"  # URLs: 'data/train/<000..099>.tar', a folder, glob
-    val_shards: Optional[str] = None
-    shuffle_buffer: int = _DATA.shuffle_buffer
-    max_label_tokens: int = _DATA.max_label_tokens
-    on_error: str = _DATA.on_error         # skip | raise: a damaged sample
-    max_skip_fraction: float = _DATA.max_skip_fraction
-    verify: bool = _DATA.verify            # check local shards against index.json's sha256 first
-    spec_augment: bool = False             # SpecAugment in the data loader (on the log-mel, per clip)
-    spec_time_masks: int = _SPEC.time_masks
-    spec_time_width: int = _SPEC.time_width
-    spec_freq_masks: int = _SPEC.freq_masks
-    spec_freq_width: int = _SPEC.freq_width
-    retries: int = _RETRY.retries          # retries of one http(s)/fsspec shard read (5xx, reset, timeout)
-    retry_backoff: float = _RETRY.backoff  # seconds before the first retry, doubled per retry
-    retry_backoff_max: float = _RETRY.backoff_max
-    read_timeout: float = _RETRY.timeout   # seconds an http read waits for a byte
-    shard_deadline: Optional[float] = _RETRY.deadline  # seconds one shard may spend reading in all; null: none
+    train_shards: Optional[str] = key("${paths.data_dir}/train", "training shard URLs: 'data/train/<000..099>.tar', "
+                                      "a split folder, a glob, http(s)://, pipe: (--shards)")
+    val_shards: Optional[str] = key(None, "validation shard URLs, as train_shards (--val-shards); null: no evaluation")
+    shuffle_buffer: int = key(_DATA.shuffle_buffer, "samples held for shuffling within a worker's shards")
+    max_label_tokens: int = key(_DATA.max_label_tokens, "captions longer than this many tokens are cut")
+    on_error: str = key(_DATA.on_error, "skip | raise: what a damaged sample does")
+    max_skip_fraction: float = key(_DATA.max_skip_fraction, "more skipped samples than this fraction of the plan "
+                                   "stops the run")
+    verify: bool = key(_DATA.verify, "check local shards against index.json's sha256 first")
+    spec_augment: bool = key(False, "SpecAugment in the data loader (on the log-mel, per clip)")
+    spec_time_masks: int = key(_SPEC.time_masks, "loader SpecAugment: time masks per clip")
+    spec_time_width: int = key(_SPEC.time_width, "loader SpecAugment: widest time mask, in frames")
+    spec_freq_masks: int = key(_SPEC.freq_masks, "loader SpecAugment: frequency masks per clip")
+    spec_freq_width: int = key(_SPEC.freq_width, "loader SpecAugment: widest frequency mask, in mel bins")
+    retries: int = key(_RETRY.retries, "retries of one http(s)/fsspec shard read (5xx, reset, timeout), "
+                       "resuming at the byte reached")
+    retry_backoff: float = key(_RETRY.backoff, "seconds before the first retry, doubled per retry")
+    retry_backoff_max: float = key(_RETRY.backoff_max, "longest wait between retries, in seconds")
+    read_timeout: float = key(_RETRY.timeout, "seconds an http read waits for a byte")
+    shard_deadline: Optional[float] = key(_RETRY.deadline, "seconds one shard may spend reading in all; null: none")
 
     def settings(self, **run) -> DataSettings:
         """The loader settings of this section; ``run`` gives the run's own (batch size, seed,
@@ -85,64 +99,67 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"                     # tiny | a local checkpoint folder | a Hub id
-    attn_implementation: str = "sdpa"      # sdpa | eager | flash_attention_2
-    gradient_checkpointing: bool = False
-    freeze_encoder: bool = False
-    dropout: float = 0.0
-    apply_spec_augment: bool = False       # the model's own SpecAugment (HF WhisperConfig fields)
-    mask_time_prob: float = 0.05
-    mask_time_length: int = 10
-    mask_time_min_masks: int = 2
-    mask_feature_prob: float = 0.0
-    mask_feature_length: int = 10
-    mask_feature_min_masks: int = 0
-    torch_compile: bool = False
+    name: str = key("tiny", "tiny (built in, offline, random weights) | a local checkpoint folder | a Hub id "
+                    "such as openai/whisper-small")
+    attn_implementation: str = key("sdpa", "sdpa | eager | flash_attention_2")
+    gradient_checkpointing: bool = key(False, "recompute activations in the backward pass: less memory, slower")
+    freeze_encoder: bool = key(False, "train the decoder only")
+    dropout: float = key(0.0, "dropout in every encoder and decoder layer")
+    apply_spec_augment: bool = key(False, "the model's own SpecAugment (HF WhisperConfig fields mask_*)")
+    mask_time_prob: float = key(0.05, "model SpecAugment: share of frames masked")
+    mask_time_length: int = key(10, "model SpecAugment: frames per time mask")
+    mask_time_min_masks: int = key(2, "model SpecAugment: fewest time masks")
+    mask_feature_prob: float = key(0.0, "model SpecAugment: share of mel bins masked")
+    mask_feature_length: int = key(10, "model SpecAugment: bins per feature mask")
+    mask_feature_min_masks: int = key(0, "model SpecAugment: fewest feature masks")
+    torch_compile: bool = key(False, "torch.compile the model")
 
 
 @dataclass
 class TrainerConfig:
-    output_dir: str = "${paths.output_dir}/whisper-caption"
-    seed: int = 42
-    per_device_train_batch_size: int = 16  # the global batch when split_batches is true
-    per_device_eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    split_batches: bool = False
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "linear"      # linear | cosine | constant (after warmup)
-    warmup_steps: int = 500
-    max_steps: int = 5000                  # > 0 wins over num_train_epochs
-    num_train_epochs: float = 1.0
-    bf16: bool = False
-    fp16: bool = False
-    logging_steps: int = 10
-    eval_steps: int = 500
-    eval_max_batches: int = 50
-    eval_metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge_l", "cider_d"])
-    generation_max_new_tokens: int = 64
-    save_steps: int = 500
-    save_total_limit: Optional[int] = None  # keep the newest N checkpoints; null keeps all
-    resume_from_checkpoint: Optional[str] = None  # latest | a checkpoint folder
-    overwrite_output_dir: bool = False     # a fresh run where another run's files are: move those aside
-    log_sample_keys: bool = False          # output_dir/sample_keys/rank-R.jsonl: the keys of every step
-    max_bad_steps: int = 10                # NaN/inf losses in a row before the run stops
-    dataloader_num_workers: int = 2
-    dataloader_prefetch_factor: int = 2
-    dataloader_pin_memory: bool = True
-    dataloader_persistent_workers: bool = False
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
+    output_dir: str = key("${paths.output_dir}/whisper-caption", "checkpoints, final/, metrics.jsonl, config.yaml")
+    logging_dir: str = key("${trainer_config.output_dir}/tensorboard", "where TensorBoard event files go "
+                           "(tensorboard --logdir DIR)")
+    seed: int = key(42, "seeds the model's initial weights, shuffling, dropout and SpecAugment")
+    per_device_train_batch_size: int = key(16, "training batch per process; the global batch when split_batches")
+    per_device_eval_batch_size: int = key(16, "evaluation batch per process; the global batch when split_batches")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
+    split_batches: bool = key(False, "batch sizes are global and split over the processes")
+    learning_rate: float = key(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = key(0.01, "AdamW weight decay on matrices (none on biases and norms)")
+    adam_beta1: float = key(0.9, "AdamW beta1")
+    adam_beta2: float = key(0.999, "AdamW beta2")
+    adam_epsilon: float = key(1e-8, "AdamW epsilon")
+    max_grad_norm: float = key(1.0, "clip the gradient norm to this; 0: no clipping")
+    lr_scheduler_type: str = key("linear", "linear | cosine | constant, after warmup_steps")
+    warmup_steps: int = key(500, "steps of linear warmup from 0 to learning_rate")
+    max_steps: int = key(5000, "optimizer steps to train; > 0 wins over num_train_epochs")
+    num_train_epochs: float = key(1.0, "epochs to train when max_steps <= 0")
+    bf16: bool = key(False, "bfloat16 autocast (slower than fp32 on a CPU)")
+    fp16: bool = key(False, "float16 autocast with a gradient scaler")
+    logging_steps: int = key(10, "log loss, lr, throughput every N steps (and always the first and last)")
+    eval_steps: int = key(500, "evaluate on val_shards every N steps (and at the end)")
+    eval_max_batches: int = key(50, "batches per process per evaluation")
+    eval_metrics: list[str] = key(["bleu", "rouge_l", "cider_d"], "captioning metrics of each evaluation")
+    generation_max_new_tokens: int = key(64, "longest caption generated during evaluation, in tokens")
+    save_steps: int = key(500, "save a checkpoint every N steps (and at the end)")
+    save_total_limit: Optional[int] = key(None, "keep the newest N checkpoints; null keeps all")
+    resume_from_checkpoint: Optional[str] = key(None, "latest | a checkpoint-STEP folder: continue that run")
+    overwrite_output_dir: bool = key(False, "a fresh run where another run's files are: move those aside")
+    log_sample_keys: bool = key(False, "write output_dir/sample_keys/rank-R.jsonl: the keys of every step")
+    max_bad_steps: int = key(10, "NaN/inf losses in a row before the run stops")
+    dataloader_num_workers: int = key(2, "loader worker processes per training process")
+    dataloader_prefetch_factor: int = key(2, "batches each worker prepares ahead")
+    dataloader_pin_memory: bool = key(True, "pinned host memory for batches (on a GPU only)")
+    dataloader_persistent_workers: bool = key(False, "keep loader workers alive between epochs")
+    push_to_hub: bool = key(False, "upload final/ to the Hub as hub_model_id (checked before training)")
+    hub_model_id: Optional[str] = key(None, "the Hub repository to push to: user-or-org/name")
 
 
 @dataclass
 class PathsConfig:
-    output_dir: str = "outputs"
-    data_dir: str = "data"
+    output_dir: str = key("outputs", "the folder runs write into (trainer_config.output_dir refers to it)")
+    data_dir: str = key("data", "the folder of packed splits (data_config.train_shards refers to it)")
 
 
 @dataclass
@@ -213,18 +230,51 @@ def compose_files(main_file: str | os.PathLike) -> dict:
 
 def _section_fields(section: str) -> dict[str, dataclasses.Field]:
     if section not in SECTIONS:
-        raise ConfigError(f"unknown config section '{section}'; valid sections: {', '.join(SECTIONS)}")
+        raise ConfigError(f"unknown config section '{section}'{_did_you_mean(section, sections=True)}; valid sections: "
+                          f"{', '.join(SECTIONS)}")
     return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
 
 
+def all_keys() -> list[str]:
+    return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _did_you_mean(key: str, sections: bool = False) -> str:
+    """`` (did you mean 'trainer_config.max_steps'?)`` for the key whose name is nearest to this one's
+    (in its own section first; the section may be left out), or the nearest section; or ""."""
+    section, _, name = key.rpartition(".")
+    if sections:
+        names = {s: s for s in SECTIONS}
+    else:  # later entries win: the key's own section last
+        names = {k.split(".")[1]: k for k in sorted(all_keys(), key=lambda k: k.startswith(f"{section}."))}
+    close = difflib.get_close_matches(key if sections else name, names, n=1, cutoff=0.75)
+    return f" (did you mean '{names[close[0]]}'?)" if close else ""
+
+
 def check_key(key: str) -> dataclasses.Field:
-    """The schema field for ``section.name``, or a ConfigError listing the section's valid keys."""
+    """The schema field for ``section.name``, or a ConfigError naming the nearest key and listing
+    the section's valid keys."""
     parts = key.split(".")
+    if len(parts) == 1 and parts[0] not in SECTIONS:
+        raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key)}; keys are section.name "
+                          f"(python train_stream.py --help lists them)")
     fields = _section_fields(parts[0])
     if len(parts) != 2 or parts[1] not in fields:
-        raise ConfigError(f"unknown config key '{key}'; valid keys of '{parts[0]}': "
+        raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key)}; valid keys of '{parts[0]}': "
                           + ", ".join(sorted(fields)))
     return fields[parts[1]]
+
+
+def keys_help() -> str:
+    """Every config key with its type, default and meaning, from the dataclasses above."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            shown = default if isinstance(default, str) else json.dumps(default)
+            lines.append(f"  {f.name} ({_type_name(f)} = {shown}): {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def _flat_keys(tree: dict, where: str = "") -> list[str]:

@@ -11,8 +11,11 @@ The captioning task is Whisper's ``translate`` task in English: the decoder read
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
+log = logging.getLogger(__name__)
 BUILTIN_TINY = "tiny"
 LANGUAGE = "en"
 TASK = "translate"
@@ -37,11 +41,12 @@ TIKTOKEN_SHA256 = "b34b360dbb493e781e479794586d661700670d65564001f23024971d1f2fa
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 NUM_LANGUAGES = 99
 NUM_TIMESTAMPS = 1501  # <|0.00|> … <|30.00|> in 20-ms steps
+MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prompt included
 
 # The built-in model: d_model 64, 2 + 2 layers, 4 heads (3.7 M parameters, most in the embedding).
 TINY_CONFIG = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                    decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
-                   max_source_positions=1500, max_target_positions=448, num_mel_bins=80)
+                   max_source_positions=1500, max_target_positions=MAX_TARGET_POSITIONS, num_mel_bins=80)
 
 
 class ModelLoadError(RuntimeError):
@@ -87,7 +92,7 @@ def builtin_tokenizer() -> WhisperTokenizer:
     eot = "<|endoftext|>"
     return WhisperTokenizer(tokenizer_file=str(builtin_tokenizer_file()), language=LANGUAGE, task=TASK,
                             predict_timestamps=False, unk_token=eot, bos_token=eot, eos_token=eot,
-                            pad_token=eot, model_max_length=448)
+                            pad_token=eot, model_max_length=MAX_TARGET_POSITIONS)
 
 
 def caption_generation_config(tokenizer: WhisperTokenizer, base: GenerationConfig | None = None) -> GenerationConfig:
@@ -107,8 +112,40 @@ def caption_generation_config(tokenizer: WhisperTokenizer, base: GenerationConfi
     gen.language, gen.task = LANGUAGE, TASK
     gen.return_timestamps = False
     gen._from_model_config = False  # else from_pretrained rebuilds it from config.json and drops the above
-    gen.max_length = 448
+    gen.max_length, gen.max_new_tokens = MAX_TARGET_POSITIONS, None
     return gen
+
+
+def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int | None = None):
+    """Caption token ids ``[B, T]`` (prompt stripped) for log-mel ``features [B, n_mels, frames]``:
+    greedy, or beam search with ``num_beams`` > 1. The call carries its own generation config and the
+    encoder's attention mask (every frame is real: features are padded as Whisper's 30-s window), so
+    ``generate`` has nothing to warn about at every batch."""
+    import torch
+
+    gen = copy.deepcopy(model.generation_config)
+    gen.do_sample, gen.num_beams = False, num_beams
+    if max_new_tokens:
+        # Whisper's generate reads a max_length without max_new_tokens as new tokens after the prompt,
+        # and warns at every call where both are set (its own defaults set max_length)
+        gen.max_length = max_new_tokens
+    mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)  # [B, frames]
+    return model.generate(input_features=features, attention_mask=mask, generation_config=gen,
+                          language=LANGUAGE, task=TASK)
+
+
+class _WhisperOwnArguments(logging.Filter):
+    """Drops the one warning Whisper's ``generate`` causes itself, whatever its caller passes: it
+    hands ``generate`` a generation config together with ``suppress_tokens`` and
+    ``begin_suppress_tokens`` (transformers 5.24, generation_whisper.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        found = re.search(r"together with generation-related arguments=\((\{.*?\})\)", message)
+        return not (found and set(re.findall(r"'(\w+)'", found.group(1))) <= {"suppress_tokens", "begin_suppress_tokens"})
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_WhisperOwnArguments())
 
 
 def builtin_tiny_model(tokenizer: WhisperTokenizer, n_mels: int = 80, seed: int = 0) -> WhisperForConditionalGeneration:
@@ -126,40 +163,72 @@ def builtin_tiny_model(tokenizer: WhisperTokenizer, n_mels: int = 80, seed: int 
     return model
 
 
-def load_processor(name: str) -> WhisperProcessor:
-    """Feature extractor + tokenizer for ``name`` (``tiny``, a local folder or a Hub id)."""
+def load_processor(name: str, option: str = "model_config.name") -> WhisperProcessor:
+    """Feature extractor + tokenizer for ``name`` (``tiny``, a local folder or a Hub id); ``option``
+    is the setting that named it, for the error message."""
     if name == BUILTIN_TINY:
         return WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=TINY_CONFIG["num_mel_bins"]),
                                 tokenizer=builtin_tokenizer())
-    processor = _from_pretrained(WhisperProcessor, name)
+    processor = _from_pretrained(WhisperProcessor, name, option)
     processor.tokenizer.set_prefix_tokens(language=LANGUAGE, task=TASK, predict_timestamps=False)
     return processor
 
 
-def load_model(name: str, processor: WhisperProcessor | None = None, **kwargs) -> WhisperForConditionalGeneration:
+def load_model(name: str, processor: WhisperProcessor | None = None, option: str = "model_config.name",
+               **kwargs) -> WhisperForConditionalGeneration:
     """Model for ``name``; ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
-    processor = processor or load_processor(name)
+    processor = processor or load_processor(name, option)
     if name == BUILTIN_TINY:
         model = builtin_tiny_model(processor.tokenizer, n_mels=processor.feature_extractor.feature_size)
         if "attn_implementation" in kwargs:
             model.set_attn_implementation(kwargs["attn_implementation"])
         return model
-    model = _from_pretrained(WhisperForConditionalGeneration, name, **kwargs)
+    model = _from_pretrained(WhisperForConditionalGeneration, name, option, **kwargs)
     model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
     return model
 
 
-def _from_pretrained(cls, name: str, **kwargs):
+def _way_out(option: str) -> str:
+    tiny = f"{option} {BUILTIN_TINY}" if option.startswith("-") else f"{option}={BUILTIN_TINY}"
+    return (f"use {tiny} (built in, offline), a local checkpoint folder (e.g. outputs/whisper-caption/final), "
+            f"or a Hub id already in the Hugging Face cache with HF_HUB_OFFLINE=1")
+
+
+def resolve_source(name: str, option: str) -> dict:
+    """The ``from_pretrained`` options that load ``name`` without a futile wait: a local folder is read
+    as one; a missing path says so; a Hub id is checked with one quick request, and read from the cache
+    alone when the Hub cannot be reached. ``ModelLoadError`` with the way out otherwise."""
+    from pipeline import hub
+
+    first = name.split("/")[0]
+    if os.path.isdir(name):
+        return {"local_files_only": True}
+    if os.path.exists(name):
+        raise ModelLoadError(f"{option}: {name} is a file, not a checkpoint folder; {_way_out(option)}")
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or (name.count("/") == 1 and os.path.isdir(first)):
+        raise ModelLoadError(f"{option}: no such folder {name}; {_way_out(option)}")
+    if hub.offline():
+        if hub.cached(name):
+            return {"local_files_only": True}
+        raise ModelLoadError(f"{option}: '{name}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                             f"{_way_out(option)}")
     try:
-        return cls.from_pretrained(name, **kwargs)
+        hub.check_model(name)
+    except hub.HubError as error:
+        if hub.cached(name) and "cannot be reached" in str(error):
+            log.warning("%s; loading '%s' from the Hugging Face cache", error, name)
+            return {"local_files_only": True}
+        raise ModelLoadError(f"{option}: cannot load '{name}': {error}; {_way_out(option)}") from None
+    return {}
+
+
+def _from_pretrained(cls, name: str, option: str, **kwargs):
+    source = resolve_source(name, option)
+    try:
+        return cls.from_pretrained(name, **source, **kwargs)
     except (OSError, ValueError) as error:
-        where = ("the local folder" if os.path.isdir(name) else
-                 "the Hugging Face Hub (no network here, or the id is wrong?)")
-        raise ModelLoadError(
-            f"cannot load {cls.__name__} '{name}' from {where}: {error}\n"
-            f"Use model_config.name={BUILTIN_TINY} for the built-in offline model, a local checkpoint "
-            f"folder (e.g. outputs/run/final), or a Hub id that is already in the Hugging Face cache "
-            f"(then set HF_HUB_OFFLINE=1).") from error
+        raise ModelLoadError(f"{option}: cannot load {cls.__name__} '{name}' ({str(error).splitlines()[0]}); "
+                             f"{_way_out(option)}") from error
 
 
 def save_model(model, processor: WhisperProcessor, directory: str | os.PathLike) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job, offline, on built-in data and the built-in tiny Whisper (about 5 minutes on 2 cores):
+# The whole job, offline, on built-in data and the built-in tiny Whisper (README: how long it takes):
 # generate a learnable captioning corpus → pack it into log-mel shards → train → caption the held-out
 # split → score it next to the most-common-caption baseline. Everything lands in $DEMO_DIR (demo_run/).
 set -euo pipefail
@@ -23,7 +23,7 @@ python train_stream.py --shards "$DEMO_DIR/data/train" --val-shards "$DEMO_DIR/d
   ++trainer_config.dataloader_num_workers=1
 
 echo "== 4/4 caption the held-out clips and score them"
-python infer_stream.py --model_name "$DEMO_DIR/outputs/whisper-caption/final" --shards "$DEMO_DIR/data/validation" \
-  --output "$DEMO_DIR/preds.jsonl" --metrics-out "$DEMO_DIR/metrics.json" --num_dataloader_workers 1
+python infer_stream.py --model-name "$DEMO_DIR/outputs/whisper-caption/final" --shards "$DEMO_DIR/data/validation" \
+  --output "$DEMO_DIR/preds.jsonl" --metrics-out "$DEMO_DIR/metrics.json" --num-dataloader-workers 1
 python scripts/demo_report.py --train-shards "$DEMO_DIR/data/train" --predictions "$DEMO_DIR/preds.jsonl" \
   --out "$DEMO_DIR/report.json"

@@ -158,3 +158,28 @@ def test_yaml_files_agree_with_the_dataclass_defaults():
                 assert value == defaults[key], f"{path.name}: {section}.{key}={value!r}, dataclass {defaults[key]!r}"
                 checked += 1
     assert checked > 20
+
+
+def test_every_key_is_listed_with_type_default_and_meaning():
+    from pipeline.config import all_keys, keys_help
+
+    text = keys_help()
+    for key in all_keys():
+        assert f"\n  {key.split('.')[1]} (" in text, key
+    assert "  max_steps (int = 5000): optimizer steps to train; > 0 wins over num_train_epochs" in text
+    assert "  val_shards (Optional[str] = null): " in text and "  eval_metrics (list[str] = [" in text
+
+
+@pytest.mark.parametrize("override, nearest", [
+    ("trainer_config.max_step=5", "trainer_config.max_steps"), ("max_step=5", "trainer_config.max_steps"),
+    ("trainer_confg.max_steps=5", "trainer_config"), ("paths.output_dr=x", "paths.output_dir"),
+])
+def test_a_typo_names_the_nearest_key(override, nearest):
+    with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
+        load_config(overrides=[override])
+
+
+def test_logging_dir_takes_the_seeds_interpolation():
+    cfg = load_config(overrides=["trainer_config.output_dir=/runs/a", "trainer_config.logging_dir=${trainer_config.output_dir}/tb_logs"])
+    assert cfg.trainer_config.logging_dir == "/runs/a/tb_logs"
+    assert load_config().trainer_config.logging_dir == "outputs/whisper-caption/tensorboard"

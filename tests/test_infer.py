@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import librosa
@@ -83,6 +84,7 @@ def test_shards_match_generate_and_are_scored(model_dir, shards, expected, tmp_p
     stdout = capsys.readouterr().out
     assert f"{len(expected)} clips in " in stdout and "clips/s)" in stdout
     assert str(rows[0]) in stdout  # --print: the list of rows
+    assert stdout.rstrip().endswith(f"predictions: {out.resolve()} ({len(rows)} rows); metrics: {scores.resolve()}")
     saved = json.loads(scores.read_text())
     direct = metrics.score([r["pred_caption"] for r in rows], [r["gt_captions"] for r in rows],
                            metrics=("bleu", "rouge_l", "cider_d"))
@@ -178,7 +180,22 @@ def test_offline_hub_id_exits_2_with_the_reason(shards, tmp_path, capsys):
     code = run("--model_name", "openai/whisper-no-such-model", "--shards", shards[0], "--output", tmp_path / "p.jsonl")
     assert code == 2
     err = capsys.readouterr().err
-    assert "openai/whisper-no-such-model" in err and "tiny" in err
+    assert "openai/whisper-no-such-model" in err and "use --model-name tiny" in err and "model_config" not in err
+
+
+def test_help_shows_defaults_and_the_seeds_spellings_without_loading_torch():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}  # one line per option
+    done = subprocess.run([sys.executable, "-X", "importtime", "infer_stream.py", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for text in ("--model-name MODEL_NAME, --model_name MODEL_NAME", "--batch-size BATCH_SIZE, --batch_size",
+                 "--num_dataloader_workers", "(default: 16)", "(default: preds.jsonl)"):
+        assert text in done.stdout
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+    assert not imported & {"torch", "transformers", "accelerate"}  # so --help answers at once
+    bad = subprocess.run([sys.executable, "infer_stream.py", "--model-name", "tiny", "--shards", "x", "--num_beams", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--num-beams" in bad.stderr
 
 
 def test_bf16_runs_the_model_in_bfloat16(model_dir, shards, expected, tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """The built-in tiny model and the real multilingual tokenizer, offline."""
 
 import json
+import logging
+import time
 
 import pytest
 import torch
 
-from pipeline.model import ModelLoadError, load_model, load_processor, save_model
+from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, save_model
 
 
 def test_builtin_tokenizer_has_real_whisper_ids(tiny_processor):
@@ -38,3 +40,61 @@ def test_offline_hub_id_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="model_config.name=tiny"):
         load_processor("openai/whisper-small-not-cached")
+
+
+def test_a_missing_folder_says_so_without_asking_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for name in ("outputs/does_not_exist/final", "outputs/final", "./model", "/no/such/model"):
+        with pytest.raises(ModelLoadError, match=f"model_config.name: no such folder {name};.*model_config.name=tiny"):
+            load_processor(name)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="weights.bin is a file, not a checkpoint folder"):
+        load_processor("weights.bin")
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_the_way_out(monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.test_hub import closed_port
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError) as info:
+        load_processor("a/b", "--model-name")
+    message = str(info.value)
+    assert "cannot be reached" in message and "--model-name tiny" in message and "HF_HUB_OFFLINE=1" in message
+    assert time.monotonic() - start < 30  # the retry storm took about 3 minutes
+
+
+def test_generate_captions_matches_generate_without_warnings(tiny_processor, monkeypatch):
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = said.append
+    monkeypatch.setattr(logging.getLogger("transformers"), "handlers", [handler])
+    model = load_model("tiny", tiny_processor).eval()
+    feats = torch.randn(3, 80, 3000)
+    plain = model.generate(feats, language="en", task="translate", do_sample=False, max_new_tokens=5)
+    assert any("max_new_tokens" in r.getMessage() for r in said)  # as the seed saw it at every batch
+    said.clear()
+    for _ in range(2):
+        assert torch.equal(generate_captions(model, feats, max_new_tokens=5), plain)
+    assert generate_captions(model, feats, num_beams=2, max_new_tokens=3).shape == (3, 3)
+    assert [r.getMessage() for r in said] == []
+
+
+def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    from pipeline import hub
+    from pipeline.model import resolve_source
+    from tests.test_hub import closed_port
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(hub, "cached", lambda repo_id: repo_id == "org/cached")
+    assert resolve_source("org/cached", "model_config.name") == {"local_files_only": True}
+    assert "cannot be reached" in caplog.text and "loading 'org/cached' from the Hugging Face cache" in caplog.text
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_source("org/cached", "model_config.name") == {"local_files_only": True}

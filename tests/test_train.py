@@ -5,6 +5,7 @@ where they can be, to keep the budget; multi-process and signal runs are real su
 import collections
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -493,6 +494,60 @@ def test_offline_hub_id_and_bad_config_exit_2(tmp_path, shards, caplog, capsys, 
     assert "model_config.name=tiny" in caplog.text and "Traceback" not in caplog.text
     assert train_stream.main(run_args(tmp_path / "o", shards[0], "trainer_config.max_stepz=1")) == 2
     assert "valid keys of 'trainer_config'" in capsys.readouterr().err
+
+
+def test_help_lists_the_config_keys_and_a_typo_names_the_nearest_without_loading_torch():
+    help_run = subprocess.run([sys.executable, "-X", "importtime", "train_stream.py", "--help"], cwd=ROOT,
+                              env=child_env(), capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0
+    assert "trainer_config:\n" in help_run.stdout and "  max_steps (int = 5000): optimizer steps" in help_run.stdout
+    assert "  logging_dir (str = ${trainer_config.output_dir}/tensorboard): " in help_run.stdout
+    imported = {line.split("|")[-1].strip() for line in help_run.stderr.splitlines()}
+    assert not imported & {"torch", "transformers", "accelerate"}  # so --help answers at once
+    typo = subprocess.run([sys.executable, "train_stream.py", "--shards", "x", "trainer_config.max_step=5"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "did you mean 'trainer_config.max_steps'?" in typo.stderr
+    flag = subprocess.run([sys.executable, "train_stream.py", "--max_steps=5"], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert flag.returncode == 2 and "config keys are set as trainer_config.max_steps=VALUE" in flag.stderr
+
+
+def test_a_short_run_logs_its_first_and_last_step_and_says_where_things_went(tmp_path, shards, caplog):
+    out = tmp_path / "o"
+    with caplog.at_level(logging.INFO, logger="train_stream"):
+        assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=3", "trainer_config.logging_steps=10",
+                                          "trainer_config.logging_dir=${trainer_config.output_dir}/tb_logs",
+                                          "--val-shards", shards[1], "trainer_config.eval_max_batches=1")) == 0
+    assert sorted(train_losses(out)) == [1, 3]
+    assert list((out / "tb_logs").glob("events.out.tfevents.*")) and not (out / "tensorboard").exists()
+    assert "| fp32 on cpu" in caplog.text
+    assert f"final model saved to {out / 'final'}" in caplog.text
+    assert f"metrics in {out / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {out / 'tb_logs'}" in caplog.text
+
+
+def test_push_to_hub_is_checked_before_training_and_a_failed_upload_is_one_line(tmp_path, shards, caplog, capsys,
+                                                                                monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    from tests.test_hub import closed_port
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    push = ["++trainer_config.push_to_hub=true", "++trainer_config.hub_model_id=someone/captions"]
+    assert train_stream.main(run_args(tmp_path / "o", shards[0], "trainer_config.max_steps=1", *push)) == 2
+    assert "push_to_hub: the Hugging Face Hub" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("[Errno 111] Connection refused")
+    monkeypatch.setattr(train_stream, "check_push", lambda repo_id: None)  # as if the Hub went away during training
+    monkeypatch.setattr(HfApi, "create_repo", refused)
+    assert train_stream.main(run_args(tmp_path / "o", shards[0], "trainer_config.max_steps=1", *push)) == 1
+    final = tmp_path / "o" / "final"
+    assert caplog.records[-1].getMessage() == (
+        f"could not push to the Hub as someone/captions (ConnectionError: [Errno 111] Connection refused); the "
+        f"model is safe in {final}: upload it later with `hf upload someone/captions {final}`")
+    assert (final / "model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------ processes
