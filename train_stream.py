@@ -340,48 +340,90 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(output_dir: Path, run_id: str | None | object = ANY_RUN) -> list[Path]:
-    """Complete checkpoints of ``run_id`` (any run by default), oldest first (temporary folders of
-    an interrupted save are ignored)."""
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found) if run_id is ANY_RUN or checkpoint_run_id(p) == run_id]
+def checkpoint_state(path: Path) -> dict | None:
+    """A checkpoint's trainer_state.json, or None when it cannot be read (a save or a removal that was
+    killed half-way, a damaged file)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def checkpoint_run_id(path: Path) -> str | None:
     """The run a checkpoint belongs to (None for checkpoints written before runs had ids)."""
-    return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+    return (checkpoint_state(path) or {}).get("run_id")
+
+
+def list_checkpoints(output_dir: Path, run_id: str | None | object = ANY_RUN) -> list[Path]:
+    """Complete checkpoints of ``run_id`` (of any run by default; one from before runs had ids counts
+    as any run's), oldest first. Temporary folders are ignored; a checkpoint whose trainer_state.json
+    cannot be read is left out with a warning rather than stopping every later start."""
+    found = []
+    for path in output_dir.glob("checkpoint-*"):
+        match = CHECKPOINT_RE.match(path.name)
+        if not match:
+            continue
+        state = checkpoint_state(path)
+        if state is None:
+            log.warning("%s has no readable trainer_state.json (a save or removal that was killed?): ignored", path)
+        elif run_id is ANY_RUN or state.get("run_id") in (run_id, None):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def run_info(output_dir: Path) -> dict:
+    path = output_dir / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def folder_run_id(output_dir: Path) -> str | None:
     """The run that owns ``output_dir``: its run_info.json's, else its newest checkpoint's."""
-    info = output_dir / RUN_INFO
-    if info.is_file():
-        return json.loads(info.read_text()).get("run_id")
     found = list_checkpoints(output_dir)
-    return checkpoint_run_id(found[-1]) if found else None
+    return run_info(output_dir).get("run_id") or (checkpoint_run_id(found[-1]) if found else None)
+
+
+def set_aside(output_dir: Path, names: list[str], label: str) -> Path:
+    """Move ``names`` from ``output_dir`` into ``output_dir/previous-runs/LABEL-TIME/``: nothing of a
+    run is ever deleted to make room for another."""
+    aside = output_dir / PREVIOUS_RUNS / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.replace(output_dir / name, aside / name)
+    return aside
 
 
 def claim_run(output_dir: Path, tc) -> tuple[str, Path | None]:
     """``(run id, checkpoint to resume or None)`` for a run in ``output_dir``. A fresh run never
     starts among another run's files (``ConfigError`` with the ways out, unless
-    ``overwrite_output_dir`` moves them aside); ``latest`` resumes only the folder's own run."""
+    ``overwrite_output_dir`` moves them aside); ``latest`` resumes only the folder's own run, and
+    falls back to the checkpoint the run last started from (another folder's) before any of its own."""
     owner, spec = folder_run_id(output_dir), tc.resume_from_checkpoint
     if spec == "latest":  # what a preemptible job passes on every start, the first one too
         ours = list_checkpoints(output_dir, owner)
+        origin = run_info(output_dir).get("resumed_from")
         if ours:
             return owner, ours[-1]
+        if origin and checkpoint_state(Path(origin)) is not None:
+            return owner, Path(origin)
         log.info("resume_from_checkpoint=latest: no checkpoint of this folder's run in %s, starting from "
                  "scratch", output_dir)
         return owner or new_run_id(), None
     if spec:
         path = Path(spec)
-        if not (path / "trainer_state.json").is_file():
+        state = checkpoint_state(path)
+        if state is None:
             raise ConfigError(f"trainer_config.resume_from_checkpoint={spec}: not a checkpoint folder "
-                              f"(no trainer_state.json); use 'latest' or a checkpoint-STEP folder")
-        run_id = checkpoint_run_id(path) or new_run_id()
+                              f"(no readable trainer_state.json); use 'latest' or a checkpoint-STEP folder")
+        run_id = state.get("run_id") or owner or new_run_id()  # one without an id joins this folder's run
         if owner is not None and owner != run_id:
             raise ConfigError(f"{path} belongs to run {run_id}, but {output_dir} holds run {owner}: resume it "
                               f"into its own output_dir, or a new one")
+        later = [p.name for p in list_checkpoints(output_dir, run_id) if checkpoint_state(p)["step"] > state["step"]]
+        if later:  # going back: the abandoned line's checkpoints must not be taken for the newest
+            aside = set_aside(output_dir, later, f"{run_id}-after-step-{state['step']}")
+            log.warning("resuming at step %d: this run's later checkpoints (%s) were moved to %s",
+                        state["step"], ", ".join(later), aside)
         return run_id, path
     if (output_dir / RUN_INFO).is_file() or list_checkpoints(output_dir):
         leftovers = sorted(p.name for p in output_dir.iterdir() if p.name not in (".lock", PREVIOUS_RUNS))
@@ -391,10 +433,7 @@ def claim_run(output_dir: Path, tc) -> tuple[str, Path | None]:
                               f"trainer_config.resume_from_checkpoint=latest, or start afresh in a new "
                               f"trainer_config.output_dir or with ++trainer_config.overwrite_output_dir=true "
                               f"(moves them to {output_dir / PREVIOUS_RUNS}/)")
-        aside = output_dir / PREVIOUS_RUNS / f"{owner or 'unnamed'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir(parents=True)
-        for name in leftovers:
-            os.replace(output_dir / name, aside / name)
+        aside = set_aside(output_dir, leftovers, owner or "unnamed")
         log.warning("overwrite_output_dir: moved run %s's files from %s to %s", owner, output_dir, aside)
     return new_run_id(), None
 
@@ -418,6 +457,8 @@ def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.E
                                   f"end, or set another trainer_config.output_dir", None)]
         except ConfigError as error:
             decision = [("error", str(error), None)]
+        except OSError as error:  # sent on, so the other ranks stop too instead of waiting forever
+            decision = [("error", f"{output_dir}: cannot prepare the run folder ({error})", None)]
     decision = broadcast_object_list(decision) if accelerator.num_processes > 1 else decision
     status, value, checkpoint = decision[0]
     if status == "error":
@@ -447,22 +488,31 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accel
     write_json(tmp / f"loader_state_{rank}.json", loader.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
+        other = checkpoint_run_id(final) if final.exists() else run_id
+        if other not in (run_id, None):
+            log.warning("%s belongs to run %s: moved to %s", final, other, set_aside(output_dir, [final.name], other))
+        elif final.exists():
+            shutil.rmtree(final)  # this run's own, from before a resume, or unreadable
         os.replace(tmp, final)
-        rotate_checkpoints(output_dir, cfg.trainer_config.save_total_limit, run_id)
+        rotate_checkpoints(output_dir, cfg.trainer_config.save_total_limit, run_id, final)
         log.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate_checkpoints(output_dir: Path, keep: int | None, run_id: str) -> None:
-    """Keep the newest ``keep`` checkpoints of this run; never touch another run's."""
+def rotate_checkpoints(output_dir: Path, keep: int | None, run_id: str, saved: Path) -> None:
+    """Keep the newest ``keep`` checkpoints of this run, ``saved`` (the one just written) always
+    among them; never touch another run's. A folder is renamed out of the checkpoint pattern before
+    it is deleted, so a kill half-way leaves no half checkpoint for ``latest`` to find."""
     if not keep or keep < 1:
         return
-    for old in list_checkpoints(output_dir, run_id)[:-keep]:
-        shutil.rmtree(old)
+    others = [p for p in list_checkpoints(output_dir, run_id) if p != saved]
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        doomed = old.with_name(f".tmp-removed-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
         log.info("removed %s (save_total_limit=%d)", old, keep)
+
 
 
 def checkpoint_part(file: Path, load):
@@ -808,7 +858,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_di
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         info = banner(cfg, accelerator, model, loader, max_steps, start_step)
-        write_json(output_dir / RUN_INFO, {"run_id": run_id, **info})
+        write_json(output_dir / RUN_INFO, {"run_id": run_id, "resumed_from": str(checkpoint.resolve()) if checkpoint else None,
+                                           **info})
     accelerator.wait_for_everyone()
     sample_log = SampleKeysLog(output_dir, accelerator, start_step, tc.log_sample_keys)
     trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop,

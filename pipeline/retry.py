@@ -28,6 +28,7 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import math
 import random
 import re
 import ssl
@@ -64,8 +65,9 @@ class RetryPolicy:
         problems = [f"{name}={getattr(self, name)!r}: {why}" for name, bad, why in (
             ("retries", not self.retries >= 0, "must be at least 0"),
             ("backoff", not 0 <= self.backoff <= self.backoff_max, "must be at least 0 and at most the largest backoff"),
-            ("timeout", not self.timeout > 0, "must be above 0"),
-            ("deadline", not (self.deadline is None or self.deadline > 0), "must be above 0, or None")) if bad]
+            ("backoff_max", not math.isfinite(self.backoff_max), "must be finite (time.sleep takes no inf)"),
+            ("timeout", not 0 < self.timeout < math.inf, "must be above 0 and finite (sockets take no inf)"),
+            ("deadline", not (self.deadline is None or 0 < self.deadline < math.inf), "must be above 0, or None")) if bad]
         if problems:
             raise ValueError("\n".join(problems))
 

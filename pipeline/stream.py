@@ -85,6 +85,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import DataSettings
 from pipeline.fileio import file_sha256
+from pipeline.retry import RetryPolicy
 from pipeline.shard_format import decode_sample
 from pipeline.urls import Shard, ShardReadError, expand_urls, iter_samples, local_path, open_url, resolve_shards
 
@@ -454,14 +455,15 @@ class StreamLoader:
         # Pinning happens here, after the compact batch is expanded straight into pinned memory,
         # not in the DataLoader (which would pin the compact form and then need another copy).
         self.pin_memory = settings.pin_memory and torch.cuda.is_available()
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                  prefetch_factor=settings.prefetch_factor if num_workers > 0 else None,
-                                  persistent_workers=settings.persistent_workers and num_workers > 0, in_order=True,
-                                  # Worker seeds come from this generator, not torch's global RNG: the
-                                  # stream draws no torch randomness, and a resumed training run's
-                                  # dropout must not shift because a new iterator drew a seed.
-                                  generator=torch.Generator().manual_seed(0),
-                                  worker_init_fn=_ignore_stop_signals)
+        self._loader_kwargs = dict(batch_size=None, num_workers=num_workers,
+                                   prefetch_factor=settings.prefetch_factor if num_workers > 0 else None,
+                                   persistent_workers=settings.persistent_workers and num_workers > 0, in_order=True,
+                                   # Worker seeds come from this generator, not torch's global RNG: the
+                                   # stream draws no torch randomness, and a resumed training run's
+                                   # dropout must not shift because a new iterator drew a seed.
+                                   generator=torch.Generator().manual_seed(0),
+                                   worker_init_fn=_ignore_stop_signals)
+        self._loader = DataLoader(dataset, **self._loader_kwargs)
         self.epoch, self.batches, self.skipped, self.epoch_skipped = 0, 0, 0, 0
 
     def __len__(self) -> int:
@@ -527,7 +529,7 @@ class StreamLoader:
         is not checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
         if state.get("version") not in (1, STATE_VERSION):
             raise StreamError(f"loader state version {state.get('version')!r}, this code reads 1 and {STATE_VERSION}")
-        mine = self.state_dict()
+        mine, before = self.state_dict(), self.dataset.sequence
         saved = {"workers": max(1, int(state.get("num_workers", 0))), "data_digest": mine["data_digest"],
                  **state}  # version 1 states hold neither
         wrong = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in DATA_KEYS if saved.get(k) != mine[k]]
@@ -538,6 +540,9 @@ class StreamLoader:
         old = Layout(**{k: int(saved[k]) for k in LAYOUT_KEYS})
         self.skipped, self.epoch_skipped = int(state.get("skipped", 0)), int(state.get("epoch_skipped", 0))
         if old != self.layout:
+            if "data_digest" not in state:  # version 1 holds no digest to prove the shards are the same
+                raise StreamError(f"a version-1 loader state resumes only under the layout it was saved with "
+                                  f"({old}), not {self.layout}")
             ds = self.dataset
             delivered = delivered_mask(ds.counts, ds.seed, epoch, ds.train, old, batches, sequence)
             plan = plan_epoch(ds.counts, ds.seed, epoch, ds.train, 0, old.world_size, old.batch_size, sequence)
@@ -546,8 +551,10 @@ class StreamLoader:
                           f"{int((~delivered).sum())} samples left in epoch {epoch} are re-planned over the new "
                           f"layout (each once); later epochs follow the new layout", StreamWarning)
             if not len(sequence):  # the epoch was complete
-                epoch, sequence = epoch + 1, None
+                epoch, sequence, self.epoch_skipped = epoch + 1, None, 0
         self.dataset.sequence = (epoch, sequence) if sequence is not None else None
+        if self.dataset.sequence is not before and self._loader_kwargs["persistent_workers"]:
+            self._loader = DataLoader(self.dataset, **self._loader_kwargs)  # running workers hold the old copy
         self.epoch, self.batches = epoch, batches
 
 
@@ -574,7 +581,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return 0, 1
 
 
-def _resolve_everywhere(urls, rank: int, world_size: int) -> tuple[list[Shard], dict]:
+def _resolve_everywhere(urls, rank: int, world_size: int, policy: RetryPolicy | None) -> tuple[list[Shard], dict]:
     """Shards and counts, resolved on rank 0 and broadcast when torch.distributed runs: a plan built
     from counts that differ between ranks (a shard one rank could not reach while counting) would
     break exactly-once and could hang DDP. Only rank 0 reads indexes or scans headers."""
@@ -582,11 +589,11 @@ def _resolve_everywhere(urls, rank: int, world_size: int) -> tuple[list[Shard], 
     shared = (world_size > 1 and dist.is_available() and dist.is_initialized()
               and dist.get_world_size() == world_size and dist.get_rank() == rank)
     if not shared:
-        return resolve_shards(expand_urls(urls), progress=rank == 0)
+        return resolve_shards(expand_urls(urls, policy), progress=rank == 0, policy=policy)
     box = [None]
     if rank == 0:
         try:
-            box = [resolve_shards(expand_urls(urls))]
+            box = [resolve_shards(expand_urls(urls, policy), policy=policy)]
         except Exception as error:  # sent on, so every rank raises it instead of waiting forever
             box = [error]
     dist.broadcast_object_list(box, src=0)
@@ -604,7 +611,7 @@ def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: 
     settings = dataclasses.replace(settings or DataSettings(), **changes)
     rank, world_size = _rank_and_world(rank, world_size)
     try:
-        shards, info = _resolve_everywhere(urls, rank, world_size)
+        shards, info = _resolve_everywhere(urls, rank, world_size, settings.retry)
     except (OSError, ValueError) as error:  # a glob matching nothing, a missing shard, a broken index
         raise StreamError(str(error)) from error
     if sum(s.samples for s in shards) == 0:

@@ -139,30 +139,30 @@ def _join(folder: str, name: str) -> str:
     return os.path.join(folder, name)
 
 
-def _from_index(index_url: str) -> list[str]:
-    index = read_index(index_url)
+def _from_index(index_url: str, policy: RetryPolicy | None) -> list[str]:
+    index = read_index(index_url, policy)
     if index is None:
         raise FileNotFoundError(f"{index_url}: no index.json there")
     folder = _parent(index_url)
     return [_join(folder, entry.name) for entry in index[0]]
 
 
-def _resolve_one(url: str) -> list[str]:
+def _resolve_one(url: str, policy: RetryPolicy | None) -> list[str]:
     """One brace-expanded item -> shard URLs (folder, index.json, glob or a plain URL)."""
     if url.startswith("pipe:"):
         return [url]
     if url.endswith(INDEX_FILE):
-        return _from_index(url)
+        return _from_index(url, policy)
     if _is_remote(url):
         if url.endswith("/"):
-            return _from_index(url + INDEX_FILE)
+            return _from_index(url + INDEX_FILE, policy)
         if glob.has_magic(url.split("://", 1)[1]):
             return _remote_glob(url)
         return [url]
     path = _local_path(url)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, INDEX_FILE)):
-            return _from_index(os.path.join(path, INDEX_FILE))
+            return _from_index(os.path.join(path, INDEX_FILE), policy)
         found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
         if not found:
             raise FileNotFoundError(f"{path}: folder holds neither index.json nor *.tar shards")
@@ -185,7 +185,7 @@ def _remote_glob(url: str) -> list[str]:
     return found
 
 
-def expand_urls(spec) -> list[str]:
+def expand_urls(spec, policy: RetryPolicy | None = None) -> list[str]:
     """Shard URLs for ``spec``: a string or path (brace ranges ``{000..099}`` / ``<000..099>``,
     ``{a,b}`` lists, comma-separated items, globs, a split folder or its ``index.json``) or a list
     of such. Order is kept (globs and folders sorted); duplicates raise, as a shard read twice per
@@ -195,7 +195,7 @@ def expand_urls(spec) -> list[str]:
     for item in items:
         for part in _split_top_level(os.fspath(item)):
             for expanded in expand_braces(part):
-                urls.extend(_resolve_one(expanded))
+                urls.extend(_resolve_one(expanded, policy))
     if not urls:
         raise ValueError(f"no shard URLs in {spec!r}")
     first: dict[str, str] = {}  # canonical -> the spelling seen first
@@ -226,12 +226,12 @@ def canonical_url(url: str) -> str:
 # ------------------------------------------------------------------------------------------ index
 
 
-def read_index(index_url: str) -> tuple[list[IndexEntry], int | None] | None:
+def read_index(index_url: str, policy: RetryPolicy | None = None) -> tuple[list[IndexEntry], int | None] | None:
     """``(entries, n_mels)`` of an ``index.json`` (local, http, fsspec); None when there is none
     (a missing file, HTTP 404). Anything else raises: a server error or a broken index taken for
     "no index" would silently change epoch sizes."""
     try:
-        with open_url(index_url) as stream:
+        with open_url(index_url, policy) as stream:
             data = stream.read()
     except ShardReadError as error:
         cause = error.__cause__
@@ -241,7 +241,8 @@ def read_index(index_url: str) -> tuple[list[IndexEntry], int | None] | None:
     return parse_index(data, index_url)
 
 
-def resolve_shards(urls: list[str], progress: bool = True) -> tuple[list[Shard], dict]:
+def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy | None = None
+                   ) -> tuple[list[Shard], dict]:
     """Shards with sample counts: from the ``index.json`` beside each shard where one lists it,
     else by a header scan (warned: it reads every such shard once). Returns ``(shards, info)`` with
     ``info = {"n_mels": int | None, "scanned": [urls counted by scanning]}``. A shard that cannot be
@@ -252,7 +253,7 @@ def resolve_shards(urls: list[str], progress: bool = True) -> tuple[list[Shard],
     for url in urls:
         folder = _parent(url)
         if folder is not None and folder not in indexes:
-            index = read_index(_join(folder, INDEX_FILE))
+            index = read_index(_join(folder, INDEX_FILE), policy)
             indexes[folder] = {e.name: e for e in index[0]} if index else {}
             if index and n_mels is None:
                 n_mels = index[1]
@@ -268,13 +269,13 @@ def resolve_shards(urls: list[str], progress: bool = True) -> tuple[list[Shard],
         from tqdm import tqdm
 
         for i in tqdm(to_scan, desc="counting samples", unit="shard", disable=not progress or len(to_scan) < 8):
-            shards[i] = Shard(shards[i].url, count_samples(shards[i].url))
+            shards[i] = Shard(shards[i].url, count_samples(shards[i].url, policy))
     return shards, {"n_mels": n_mels, "scanned": [shards[i].url for i in to_scan]}
 
 
-def count_samples(url: str) -> int:
+def count_samples(url: str, policy: RetryPolicy | None = None) -> int:
     """Number of samples (key groups) in a shard, reading headers only (data is seeked over)."""
-    with open_url(url) as stream:
+    with open_url(url, policy) as stream:
         reader = _TarReader(stream, url)
         count, last = 0, None
         while (head := reader.next_header(last)) is not None:

@@ -128,6 +128,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("data_config.retries=-1", "data_config.retries=-1"),
     ("data_config.retry_backoff=99", "data_config.retry_backoff=99"),
     ("data_config.shard_deadline=0", "data_config.shard_deadline=0"),
+    ("data_config.read_timeout=.inf", "data_config.read_timeout=inf"),
+    ("data_config.retry_backoff_max=.inf", "data_config.retry_backoff_max=inf"),
 ])
 def test_out_of_range_values_are_refused_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

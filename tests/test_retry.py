@@ -290,3 +290,15 @@ def test_fsspec_reads_retry_and_resume(tmp_path, tiny_processor, caplog):
     with open_url("flakyfs://wcs/train/000.tar", RetryPolicy(retries=1, backoff=0.01)) as stream, \
             pytest.raises(OSError, match=r"gave up at byte \d+ after 1 retry \(last: ConnectionResetError"):
         stream.read()
+
+
+def test_the_loaders_policy_governs_index_reads_too(tmp_path, server, tiny_processor):
+    """``DataSettings.retry`` (data_config.retries, ...) reaches index.json and header scans, not only
+    shard reads: with no retries allowed, a 503 on the index is the error, not a retried success."""
+    write_mel_shards(tmp_path / "train", [4, 6])
+    url = f"{server.url}/train/{{000..001}}.tar"
+    server.faults["/train/index.json"] = [503]
+    with pytest.raises(StreamError, match="index.json"):
+        make_loader(url, tiny_processor.tokenizer, train=False, retry=RetryPolicy(retries=0))
+    server.faults["/train/index.json"] = [503]
+    assert len(make_loader(url, tiny_processor.tokenizer, train=False, retry=FAST).dataset.shards) == 2

@@ -206,6 +206,29 @@ def test_elastic_resume_composes_and_the_same_layout_continues_exactly(tmp_path,
     assert collections.Counter(seen + more + rest) == collections.Counter(seen + more + same) == expected
 
 
+def test_an_elastic_resume_reaches_workers_that_are_already_running(tmp_path, tiny_processor):
+    """Persistent workers copied the dataset when they started: a re-planned epoch loaded afterwards
+    must reach them (not the stale whole epoch)."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
+    saved = loader(paths, tiny_processor, seed=3)
+    seen = [k for _, b in zip(range(4), saved) for k in real_keys(b)]
+    running = loader(paths, tiny_processor, seed=3, num_workers=2, persistent_workers=True, batch_size=3)
+    list(zip(range(2), running))  # its workers are up
+    with pytest.warns(StreamWarning, match="re-planned"):
+        running.load_state_dict(saved.state_dict())
+    rest = [k for b in running for k in real_keys(b)]
+    assert collections.Counter(seen + rest) == collections.Counter(tar_keys(paths))
+
+
+def test_a_version_1_position_resumes_only_under_its_own_layout(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13])
+    state = loader(paths, tiny_processor, seed=3).state_dict()
+    v1 = {k: v for k, v in state.items() if k not in ("data_digest", "sequence", "workers")} | {"version": 1}
+    loader(paths, tiny_processor, seed=3).load_state_dict(v1)  # same layout: fine
+    with pytest.raises(StreamError, match="version-1 loader state resumes only under the layout"):
+        loader(paths, tiny_processor, seed=3, batch_size=3).load_state_dict(v1)
+
+
 def test_a_position_does_not_resume_on_other_data_or_another_seed(tmp_path, tiny_processor):
     paths = write_mel_shards(tmp_path / "train", [9, 4, 13])
     state = loader(paths, tiny_processor, seed=3).state_dict()

@@ -380,16 +380,59 @@ def test_a_fresh_run_never_lands_among_another_runs_checkpoints(tmp_path, shards
     run_b_id = json.loads((out / "run_info.json").read_text())["run_id"]
     assert run_b_id != run_a and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
-    # another run's checkpoint among B's: latest does not pick it, rotation does not remove it
+    # another run's checkpoints among B's (one where B will save next) and an unreadable one: latest
+    # picks neither, B's save moves A's aside instead of overwriting it, rotation leaves A's alone
     shutil.copytree(aside / "checkpoint-6", out / "checkpoint-8")
+    shutil.copytree(aside / "checkpoint-6", out / "checkpoint-6")
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "trainer_state.json").write_text("")  # a save killed half-way
     caplog.clear()
     assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=6", "trainer_config.save_steps=2",
                                       "++trainer_config.save_total_limit=1",
                                       "trainer_config.resume_from_checkpoint=latest")) == 0
-    assert f"resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in caplog.text and "checkpoint-9 has no readable" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8", "checkpoint-9"]
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["run_id"] == run_a
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["run_id"] == run_b_id
+    (moved,) = [p for p in (out / "previous-runs").iterdir() if p != aside]
+    assert {p.name: p.read_bytes() for p in (moved / "checkpoint-6").iterdir()} == {
+        p.name: p.read_bytes() for p in (aside / "checkpoint-6").iterdir()}
+
+
+def test_going_back_to_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, shards, caplog):
+    """Resuming checkpoint-2 of a run that reached 6: its checkpoints 4 and 6 belong to an abandoned
+    line, so they are moved aside (not deleted, not taken for the newest by latest or rotation)."""
+    out = tmp_path / "back"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=6", "trainer_config.save_steps=2")) == 0
+    old_six = (out / "checkpoint-6" / "model.safetensors").read_bytes()
+    back = ("trainer_config.save_steps=2", "++trainer_config.save_total_limit=1")
+    assert train_stream.main(run_args(out, shards[0], *back, "trainer_config.max_steps=5",
+                                      f"trainer_config.resume_from_checkpoint={out / 'checkpoint-2'}")) == 0
+    assert "later checkpoints (checkpoint-4, checkpoint-6) were moved to" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]  # the newest of the new line
+    (aside,) = (out / "previous-runs").iterdir()
+    assert (aside / "checkpoint-6" / "model.safetensors").read_bytes() == old_six
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], *back, "trainer_config.max_steps=6",
+                                      "trainer_config.resume_from_checkpoint=latest")) == 0
+    assert f"resumed from {out / 'checkpoint-5'} at step 5" in caplog.text
+
+
+def test_a_checkpoint_without_a_run_id_joins_the_folders_run(tmp_path, shards, caplog):
+    """Checkpoints written before runs had ids: resumed by path twice, or by latest, the same run."""
+    out = tmp_path / "legacy"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=4", "trainer_config.save_steps=2")) == 0
+    for path in [out / "run_info.json", *out.glob("checkpoint-*/trainer_state.json")]:
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "run_id"}))
+    resume = ("trainer_config.max_steps=5", f"trainer_config.resume_from_checkpoint={out / 'checkpoint-4'}")
+    assert train_stream.main(run_args(out, shards[0], *resume)) == 0
+    run_id = json.loads((out / "run_info.json").read_text())["run_id"]
+    assert train_stream.main(run_args(out, shards[0], *resume)) == 0  # again: not "belongs to another run"
+    assert json.loads((out / "run_info.json").read_text())["run_id"] == run_id
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=6",
+                                      "trainer_config.resume_from_checkpoint=latest")) == 0
+    assert f"resumed from {out / 'checkpoint-5'} at step 5" in caplog.text
 
 
 def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypatch, caplog):
