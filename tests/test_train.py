@@ -416,6 +416,35 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
     assert "2 steps in a row with a NaN/inf loss" in caplog.text
 
 
+def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
+    """``optimizer_step(skip=...)`` takes a device flag: True leaves weights and AdamW state as they
+    were (fused AdamW's found_inf), False steps as plain torch AdamW does."""
+    tc = load_config().trainer_config
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    reference = copy.deepcopy(model)
+    model, optimizer = accelerator.prepare(model, train_stream.make_optimizer(model, tc))
+    plain = torch.optim.AdamW(train_stream.param_groups(reference, tc.weight_decay), lr=1e-2,
+                              betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+    x = torch.randn(5, 4)
+    for skip in (False, True, False):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(x).square().sum().backward()
+        reference(x).square().sum().backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), tc.max_grad_norm)
+        train_stream.optimizer_step(model, optimizer, accelerator, 1e-2, tc.max_grad_norm, skip=torch.tensor(skip))
+        if skip:
+            reference.zero_grad(set_to_none=True)
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        else:
+            plain.step()
+            plain.zero_grad(set_to_none=True)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
+    assert all(int(state["step"]) == 2 for state in optimizer.optimizer.state.values())
+
+
 def test_resume_refuses_another_seed_in_one_line(tmp_path, shards, caplog):
     out = tmp_path / "refuse"
     assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=2")) == 0  # checkpoint-2
