@@ -9,6 +9,8 @@ Why it is built this way:
   the loader adds as padding (``is_pad``) are dropped, so padding never reaches the output.
 - ``--audio`` decodes and featurises files in DataLoader workers with ``pipeline.features`` — the
   packer's own code — so a file captioned directly gets the caption its packed shard would.
+- Both hand over compact batches (cut after the longest clip, plus ``pad_values``), copied to the
+  device one batch ahead (``pipeline.device``) and padded to 3000 frames there (``expand_features``).
 - Each rank appends its rows to its own part file, flushed per batch; the main process merges the
   parts into the output (atomically, each key once). A killed run leaves its part files behind and
   ``--resume`` counts their keys as done, so nothing is generated twice.
@@ -83,11 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     CLI_ARGS = parse_args(sys.argv[1:])
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline.collate import expand_features
 from pipeline.data_settings import DataSettings
+from pipeline.device import to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import LockBusy, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
@@ -185,16 +190,17 @@ def gather(accelerator, value) -> list:
 def make_batches(args, processor, accelerator):
     """``(batches, clips this rank expects, stream_skipped() -> int)`` for ``--shards`` or ``--audio``."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    pin = accelerator.device.type == "cuda"
+    device = accelerator.device
+    pin = device.type == "cuda"
     if args.shards:
         settings = DataSettings(batch_size=args.batch_size, train=False, num_workers=args.num_dataloader_workers,
                                 pin_memory=pin)
-        loader = make_loader(args.shards, processor.tokenizer, settings, rank=rank, world_size=world)
+        loader = make_loader(args.shards, processor.tokenizer, settings, rank=rank, world_size=world, device=device)
         return loader, loader.dataset.rank_samples, lambda: loader.skipped
     files = find_audio(args.audio)[rank::world]  # no collectives per batch, so ranks need not be even
     loader = DataLoader(AudioFiles(files, processor.feature_extractor.feature_size), batch_size=args.batch_size,
                         num_workers=args.num_dataloader_workers, collate_fn=collate_audio, pin_memory=pin)
-    return loader, len(files), lambda: 0  # bad files come back in batch["errors"]
+    return to_device_ahead(loader, device), len(files), lambda: 0  # bad files come back in batch["errors"]
 
 
 def find_audio(inputs: list[str]) -> list[str]:
@@ -232,17 +238,18 @@ class AudioFiles(Dataset):
             clip = clip_features(decoded.audio, self.n_mels, decoded.seconds)
         except (AudioDecodeError, OSError) as error:
             return {"__key__": path, "error": f"{path}: {error}"}
-        mel = pad_mel(clip["mel"], clip["pad_value"])  # [n_mels, 3000] float16, as a shard sample
-        return {"__key__": path, "features": torch.from_numpy(mel)}
+        return {"__key__": path, "mel": clip["mel"], "pad_value": clip["pad_value"]}  # as a shard sample
 
 
 def collate_audio(samples: list[dict]) -> dict:
-    """Stack the decoded clips; pass the failures on as ``errors`` (messages naming the file)."""
+    """A compact batch of the decoded clips (``Collator.compact``'s features and ``pad_values``);
+    the failures are passed on as ``errors`` (messages naming the file)."""
     good = [s for s in samples if "error" not in s]
-    n_mels = good[0]["features"].shape[0] if good else 0
-    features = (torch.stack([s["features"] for s in good]) if good  # [B, n_mels, 3000] float16
-                else torch.empty(0, n_mels, 0, dtype=torch.float16))
-    return {"input_features": features, "keys": [s["__key__"] for s in good], "captions": [[] for _ in good],
+    width = max((s["mel"].shape[1] for s in good), default=0)
+    features = np.stack([pad_mel(s["mel"], s["pad_value"], width) for s in good]) if good else np.empty((0, 0, 0))
+    return {"input_features": torch.from_numpy(features.astype(np.float16, copy=False)),  # [B, n_mels, max_frames]
+            "pad_values": torch.tensor([s["pad_value"] for s in good], dtype=torch.float32),  # [B]
+            "keys": [s["__key__"] for s in good], "captions": [[] for _ in good],
             "is_pad": torch.zeros(len(good), dtype=torch.bool), "errors": [s["error"] for s in samples if "error" in s]}
 
 
@@ -265,7 +272,9 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
             bar.update(len(real) + len(batch.get("errors", ())))
             if not keep:
                 continue
-            features = batch["input_features"][keep].to(accelerator.device, dtype=dtype)  # [b, n_mels, 3000]
+            features = expand_features(batch, device=accelerator.device, dtype=dtype)  # [B, n_mels, 3000]
+            if len(keep) < len(batch["keys"]):  # clips done before a --resume, rank padding
+                features = features[keep]  # [b, n_mels, 3000]
             tokens = generate_captions(model, features, args.num_beams, args.max_new_tokens)  # [b, T]
             captions = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for i, caption in zip(keep, captions):

@@ -17,10 +17,19 @@ Decisions, and why:
 - Data: ``make_loader`` is sharded per rank already and is not passed to ``accelerator.prepare``. It is
   infinite: ``max_steps`` counts optimizer steps, and ``num_train_epochs`` is turned into steps from
   ``len(loader)``. ``split_batches`` means the configured batch is the global one (divided by world size).
+  It hands over compact batches already on the device (copied one batch ahead, ``pipeline.device``);
+  the step pads them to 3000 frames there (``expand_features``).
+- No host sync per step: the host reads a step's reduced statistics one step later, while the
+  device runs the next one (``Trainer.run``), and at once only before an evaluation, a checkpoint
+  or the end. A NaN/inf step is skipped on the device: fused AdamW's ``found_inf`` (the flag
+  ``GradScaler`` uses) is the all-reduced bad flag, the same on every rank. The step launched
+  after a skipped one used the next schedule position's learning rate (the host had not seen
+  the skip yet); the step count, logs and checkpoints count only applied steps.
 - The learning rate is set each step from ``lr_at(step)``, a pure function, so the scheduler's state is
   the step number the checkpoint holds.
 - One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, a bad-loss flag
-  and the stop (signal) flag, so every rank skips, saves and stops at the same step.
+  and the stop (signal) flag, so every rank skips, saves and stops at the same step (a stop: at the
+  end of the step after the signal, as the flag is read one step late).
 - Checkpoints are written by our own code (safetensors model, optimizer, RNG per rank, the loader's
   stream position per rank, step, config) into a temporary folder that is renamed when complete. They
   assume a file system shared by all ranks (one node, or a shared mount across nodes).
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -116,6 +126,7 @@ from transformers.models.whisper.modeling_whisper import (
 )
 
 from pipeline import launch
+from pipeline.collate import expand_features
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
 from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, save_model
@@ -199,7 +210,8 @@ def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: boo
         prefetch_factor=tc.dataloader_prefetch_factor, pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
         persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0)
     return make_loader(dc.train_shards if train else dc.val_shards, tokenizer, settings, train=train,
-                       rank=accelerator.process_index, world_size=accelerator.num_processes)
+                       rank=accelerator.process_index, world_size=accelerator.num_processes,
+                       device=accelerator.device)
 
 
 def total_steps(tc, batches_per_epoch: int) -> int:
@@ -247,12 +259,14 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return total, (labels != -100).sum()
 
 
-def forward_logits(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced logits ``[B, T, V]`` and labels ``[B, T]`` (padding samples all -100)."""
+def forward_logits(model, batch: dict, device, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits ``[B, T, V]`` and labels ``[B, T]`` (padding samples all -100) for a
+    compact batch; ``features``: its ``expand_features`` on ``device``, if already made."""
     config = model.module.config if hasattr(model, "module") else model.config
-    features = batch["input_features"].to(device, torch.float32, non_blocking=True)  # [B, n_mels, 3000]
+    if features is None:
+        features = expand_features(batch, device=device, dtype=torch.float32)  # [B, n_mels, 3000]
     labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
-    labels = labels.masked_fill(batch["is_pad"].to(device)[:, None], -100)
+    labels = labels.masked_fill(batch["is_pad"].to(device, non_blocking=True)[:, None], -100)
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)  # [B, T]
     logits = model(input_features=features, decoder_input_ids=decoder_input_ids, use_cache=False).logits
     return logits, labels
@@ -274,14 +288,30 @@ def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor
     stats[STATS.index("loss")] += loss
     stats[STATS.index("bad")] += (~torch.isfinite(loss)).double()
     stats[STATS.index("tokens")] += tokens
-    stats[STATS.index("samples")] += (~batch["is_pad"]).sum().to(stats.device)
+    stats[STATS.index("samples")] += len(batch["is_pad"]) - int(batch["is_pad"].sum())  # on the host: no sync
 
 
-def optimizer_step(model, optimizer, accelerator: Accelerator, lr: float, max_grad_norm: float) -> torch.Tensor:
-    """Clip, step, zero; returns the gradient norm before clipping."""
+def make_optimizer(model, tc) -> torch.optim.Optimizer:
+    """Fused AdamW: one kernel for all parameters, and a ``found_inf`` flag that skips a step on the
+    device (``optimizer_step``)."""
+    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                             betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, fused=True)
+
+
+def optimizer_step(model, optimizer, accelerator: Accelerator, lr: float, max_grad_norm: float,
+                   skip: torch.Tensor) -> torch.Tensor:
+    """Clip, step unless ``skip`` (a device bool, never read on the host), zero; returns the gradient
+    norm before clipping. With fp16's ``GradScaler`` the scaler passes its own ``found_inf``, which
+    a NaN/inf loss sets on every rank too (DDP averages the NaN gradients into all of them)."""
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
     set_lr(optimizer, lr)
-    optimizer.step()
+    if accelerator.scaler is not None:
+        optimizer.step()
+    else:
+        inner = optimizer.optimizer  # what AcceleratedOptimizer steps
+        inner.found_inf = skip.float()
+        optimizer.step()
+        del inner.found_inf
     optimizer.zero_grad(set_to_none=True)
     return norm
 
@@ -301,10 +331,10 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     for batch in tqdm(itertools.islice(loader, batches), total=batches, desc="eval", unit="batch", leave=False,
                       disable=not accelerator.is_main_process, dynamic_ncols=True):
         with accelerator.autocast():
-            logits, labels = forward_logits(unwrapped, batch, accelerator.device)
+            features = expand_features(batch, device=accelerator.device, dtype=torch.float32)  # [B, n_mels, 3000]
+            logits, labels = forward_logits(unwrapped, batch, accelerator.device, features)
             total, tokens = caption_loss(logits, labels)
-            ids = generate_captions(unwrapped, batch["input_features"].to(accelerator.device, torch.float32),
-                                    max_new_tokens=tc.generation_max_new_tokens)  # [B, T']
+            ids = generate_captions(unwrapped, features, max_new_tokens=tc.generation_max_new_tokens)  # [B, T']
         sums += torch.stack([total.double(), tokens.double()])
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         rows += [{"key": key, "prediction": text.strip(), "references": refs}
@@ -707,6 +737,27 @@ def check_bad_step(local_bad: bool, keys: list[str], step: int, in_a_row: int, m
     return in_a_row
 
 
+@dataclasses.dataclass
+class Launched:
+    """An optimizer step queued on the device, its statistics on their way to the host."""
+
+    values: torch.Tensor  # [len(STATS) + 2]: the reduced STATS, this rank's bad flag, the gradient norm
+    copied: torch.cuda.Event | None  # done when ``values`` holds them (None: already there)
+    keys: list[str]
+    epoch: int
+    lr: float
+
+
+def to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``values`` to (pinned) host memory without waiting; an event marks the end."""
+    if values.device.type != "cuda":
+        return values, None
+    host = values.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 class Trainer:
     """The loop's state between steps: what it trains, where it logs, and when it last saved."""
 
@@ -721,47 +772,77 @@ class Trainer:
         self.step = self.saved_step = self.evaluated_step = -1
 
     def run(self, start_step: int, metrics_log: MetricsLog) -> bool:
-        """Train from ``start_step`` to ``max_steps``; True if stopped early by a signal."""
-        tc, accelerator = self.tc, self.accelerator
-        self.step = self.saved_step = start_step
-        batches, bad_in_a_row = iter(self.loader), 0
-        window = Window(accelerator.num_processes * tc.gradient_accumulation_steps)
-        while self.step < self.max_steps:
-            stats, keys, epoch = self.accumulate(batches)
-            stats[STATS.index("stop")] = float(self.stop.signum is not None)
-            stats[STATS.index("skipped")] = float(self.loader.skipped)
-            values = dict(zip(STATS, accelerator.reduce(stats.clone(), "sum").tolist()))
-            if values["bad"]:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.sample_log.write(self.step + 1, epoch, keys, skipped=True)
-                bad_in_a_row = check_bad_step(stats[STATS.index("bad")].item() > 0, keys, self.step,
-                                              bad_in_a_row, tc.max_bad_steps, accelerator)
-            else:
-                bad_in_a_row = 0
-                lr = lr_at(self.step, tc, self.max_steps)
-                norm = optimizer_step(self.model, self.optimizer, accelerator, lr, tc.max_grad_norm)
-                self.step += 1
-                self.sample_log.write(self.step, epoch, keys)
-                metrics_log.bar.update(1)
-                window.add(values, norm.item())
-                if self.step % tc.logging_steps == 0 or self.step in (start_step + 1, self.max_steps):
-                    metrics_log.log_metrics(self.step, window.metrics(lr, accelerator.num_processes,
-                                                                      values["skipped"]), "train")
-                    window = Window(window.micro)
-                paused = time.perf_counter()
-                if self.val_loader is not None and self.step % tc.eval_steps == 0:
-                    self.evaluate(metrics_log)
-                if self.step % tc.save_steps == 0:
-                    self.save()
-                window.paused += time.perf_counter() - paused
-            if values["stop"]:
+        """Train from ``start_step`` to ``max_steps``; True if stopped early by a signal. At most one
+        step is in flight: its statistics are read after the next step is launched, so the host
+        never waits for the device between steps, or at once when an evaluation, a checkpoint, the
+        end or a stop comes after it (module doc)."""
+        self.step = self.saved_step = self.start_step = start_step
+        self.metrics_log, self.bad_in_a_row = metrics_log, 0
+        self.window = Window(self.accelerator.num_processes * self.tc.gradient_accumulation_steps)
+        batches, flight = iter(self.loader), None
+        while self.step + (flight is not None) < self.max_steps:
+            launched = self.launch(batches, lr_at(self.step + (flight is not None), self.tc, self.max_steps))
+            stop = flight is not None and self.settle(flight)
+            flight = launched
+            if stop or self.due(self.step + 1):
+                stop = self.settle(flight) or stop
+                flight = None
+            if stop:
                 self.save()
                 return True
         return False
 
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is followed by work that needs its weights (or is the last)."""
+        tc = self.tc
+        return (step >= self.max_steps or step % tc.save_steps == 0
+                or (self.val_loader is not None and step % tc.eval_steps == 0))
+
+    def launch(self, batches, lr: float) -> Launched:
+        """One optimizer step, queued on the device; skipped there if any rank's loss is not finite."""
+        stats, keys, epoch = self.accumulate(batches)
+        stats[STATS.index("stop")] = float(self.stop.signum is not None)
+        stats[STATS.index("skipped")] = float(self.loader.skipped)
+        reduced = self.accelerator.reduce(stats.clone(), "sum")
+        norm = optimizer_step(self.model, self.optimizer, self.accelerator, lr, self.tc.max_grad_norm,
+                              skip=reduced[STATS.index("bad")] > 0)
+        values = torch.cat([reduced, stats[STATS.index("bad")].view(1), norm.double().view(1)])
+        return Launched(*to_host(values), keys, epoch, lr)
+
+    def settle(self, launched: Launched) -> bool:
+        """Read a launched step's statistics (waiting for the device if it is still at it): count it
+        or report it skipped; log, evaluate and save after it as due. Returns its stop flag."""
+        tc, accelerator = self.tc, self.accelerator
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        *reduced, local_bad, norm = launched.values.tolist()
+        values = dict(zip(STATS, reduced))
+        if values["bad"]:
+            self.sample_log.write(self.step + 1, launched.epoch, launched.keys, skipped=True)
+            self.bad_in_a_row = check_bad_step(local_bad > 0, launched.keys, self.step, self.bad_in_a_row,
+                                               tc.max_bad_steps, accelerator)
+            return bool(values["stop"])
+        self.bad_in_a_row = 0
+        self.step += 1
+        self.sample_log.write(self.step, launched.epoch, launched.keys)
+        self.metrics_log.bar.update(1)
+        self.window.add(values, norm)
+        if self.step % tc.logging_steps == 0 or self.step in (self.start_step + 1, self.max_steps):
+            self.metrics_log.log_metrics(self.step, self.window.metrics(launched.lr, accelerator.num_processes,
+                                                                        values["skipped"]), "train")
+            self.window = Window(self.window.micro)
+        paused = time.perf_counter()
+        if self.val_loader is not None and self.step % tc.eval_steps == 0:
+            self.evaluate(self.metrics_log)
+        if self.step % tc.save_steps == 0:
+            self.save()
+        self.window.paused += time.perf_counter() - paused
+        return bool(values["stop"])
+
     def accumulate(self, batches) -> tuple[torch.Tensor, list[str], int]:
         """Forward/backward of ``gradient_accumulation_steps`` micro-batches: the local statistics,
-        the real (not padding) keys trained on, and the epoch of the first micro-batch."""
+        the real (not padding) keys trained on, and the epoch of the first micro-batch. The data wait
+        is the time blocked in ``next``: the device's queue is not waited on here."""
         stats = torch.zeros(len(STATS), dtype=torch.float64, device=self.accelerator.device)
         keys, epoch = [], None
         for _ in range(self.tc.gradient_accumulation_steps):
@@ -836,9 +917,7 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
                   if cfg.data_config.val_shards else None)
     if cfg.model_config.torch_compile:
         model = torch.compile(model)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
-                                  betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, tc))
     return processor, model, optimizer, loader, val_loader
 
 

@@ -5,15 +5,20 @@
 
 Every row runs train_stream.py's own step, imported, not re-implemented: the config from
 ``build_config``, the ``Accelerator`` from ``make_accelerator``, the loader from ``build_loader``
-(``pipeline.stream.make_loader`` with the config's prefetch, pinning and worker settings), AdamW over
-``param_groups``, then per step ``next(loader)`` timed as ``Trainer.accumulate`` times it,
-``train_step``, the per-step ``accelerator.reduce(stats)`` and ``optimizer_step``. Rows, each in a
-fresh process, same model, seed and batch size:
-- in-memory: ONE batch (the stream's first), held in host memory as the loader delivers it and
-  reused every step; its data wait is the cost of ``next`` on ``itertools.repeat``;
-- streamed, N workers: the infinite training loader over the shards, N = each ``--workers`` value.
-steps/s counts ``--steps`` steps after ``--warmup`` untimed ones; data wait % is the time blocked in
-``next(loader)`` over the step time. The default corpus is 320 synthetic clips, 20 batches of 16 per epoch,
+(``pipeline.stream.make_loader`` with the config's prefetch, pinning and worker settings, its batches
+on the device), ``make_optimizer``, then per step ``next(loader)`` timed as ``Trainer.accumulate``
+times it, ``train_step``, the per-step ``accelerator.reduce(stats)``, ``optimizer_step`` and the
+statistics' copy to the host, read one step later as ``Trainer.run`` does. Rows, each in a fresh
+process, same model, seed and batch size:
+- in-memory: ONE batch (the stream's first), held as the loader delivers it (compact, on the
+  device) and reused every step; its data wait is the cost of ``next`` on ``itertools.repeat``;
+- streamed, N workers: the infinite training loader over the shards, N = each ``--workers`` value;
+- seed loader, N workers (``--seed-workers``, generated corpus only): ``bench/stream.py``'s
+  ``seed_loader`` (decode, resample and ``WhisperFeatureExtractor`` per item), its padded batches
+  given to the same step (their width is already 3000 frames, so the step pads nothing).
+steps/s counts ``--steps`` steps after ``--warmup`` untimed ones (the device is waited for before and
+after them, not between); data wait % is the time blocked in ``next(loader)`` over that time.
+``--baseline REV`` adds REV's rows, measured by REV's own ``bench/train_step.py`` in the same run. The default corpus is 320 synthetic clips, 20 batches of 16 per epoch,
 so the timed window crosses an epoch boundary, where non-persistent workers (the config default)
 are started again: that cost is in the streamed rows, as it is in a training run.
 
@@ -73,9 +78,7 @@ def build_run(shards: str, batch_size: int, workers: int, bf16: bool, model_dims
     model.train()
     set_seed(tc.seed, device_specific=True)
     loader = ts.build_loader(cfg, processor.tokenizer, accelerator, train=True)
-    optimizer = torch.optim.AdamW(ts.param_groups(model, tc.weight_decay), lr=tc.learning_rate,
-                                  betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, ts.make_optimizer(model, tc))
     return cfg, accelerator, model, optimizer, loader
 
 
@@ -95,33 +98,48 @@ def small_model(tokenizer, model_config):
 
 
 def timed_steps(batches, cfg, accelerator, model, optimizer, warmup: int, steps: int) -> dict:
-    """``warmup`` + ``steps`` optimizer steps as ``Trainer.run`` takes them (one micro-batch each);
-    wall time, data wait, samples and decoder tokens of the timed ones."""
+    """``warmup`` + ``steps`` optimizer steps as ``Trainer.run`` takes them (one micro-batch each, the
+    statistics read one step late); wall time, data wait, samples and decoder tokens of the timed ones."""
     import torch
 
     import train_stream as ts
 
     tc = cfg.trainer_config
-    wall = wait = 0.0
-    samples = decoder_tokens = 0
+    wait, samples, decoder_tokens, flight, values = 0.0, 0, 0, None, {}
     for step in range(warmup + steps):
-        sync(accelerator)
-        start = time.perf_counter()
+        if step == warmup:
+            sync(accelerator)
+            start = time.perf_counter()
         stats = torch.zeros(len(ts.STATS), dtype=torch.float64, device=accelerator.device)
+        waited = time.perf_counter()
         batch = next(batches)
-        waited = time.perf_counter() - start
+        waited = time.perf_counter() - waited
         ts.train_step(model, batch, accelerator, stats)
-        values = dict(zip(ts.STATS, accelerator.reduce(stats.clone(), "sum").tolist()))
-        norm = ts.optimizer_step(model, optimizer, accelerator, ts.lr_at(step, tc, tc.max_steps), tc.max_grad_norm)
-        norm.item()  # Window.add reads it every step: the loop waits for the device here
-        sync(accelerator)
+        reduced = accelerator.reduce(stats.clone(), "sum")
+        norm = ts.optimizer_step(model, optimizer, accelerator, ts.lr_at(step, tc, tc.max_steps), tc.max_grad_norm,
+                                 skip=reduced[ts.STATS.index("bad")] > 0)
+        launched = ts.to_host(torch.cat([reduced, norm.double().view(1)]))
+        if flight is not None:
+            values = read(flight)
+        flight = launched
         if step >= warmup:
-            wall += time.perf_counter() - start
             wait += waited
-            samples += int(values["samples"])
+            samples += len(batch["is_pad"]) - int(batch["is_pad"].sum())
             decoder_tokens += batch["labels"].numel()  # [B, T]: the decoder runs on padded positions too
-    return {"steps": steps, "seconds": wall, "wait_s": wait, "samples": samples,
+    values = read(flight)
+    sync(accelerator)
+    return {"steps": steps, "seconds": time.perf_counter() - start, "wait_s": wait, "samples": samples,
             "decoder_tokens_per_step": decoder_tokens / steps, "loss": values["loss"]}
+
+
+def read(launched) -> dict:
+    """A step's reduced statistics, as ``Trainer.settle`` reads them."""
+    import train_stream as ts
+
+    host, copied = launched
+    if copied is not None:
+        copied.synchronize()
+    return dict(zip(ts.STATS, host.tolist()))
 
 
 def sync(accelerator) -> None:
@@ -151,12 +169,14 @@ def measure(path: str, shards: str, args) -> dict:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
-    workers = 0 if path == "memory" else int(path)
-    cfg, accelerator, model, optimizer, loader = build_run(shards, args.batch_size, workers, args.bf16,
-                                                           args.model_dims)
+    workers = 0 if path == "memory" else int(path.removeprefix("seed"))
+    cfg, accelerator, model, optimizer, loader = build_run(shards, args.batch_size, 0 if path.startswith("seed")
+                                                           else workers, args.bf16, args.model_dims)
     batches = iter(loader)
     if path == "memory":
-        batches = itertools.repeat(next(batches))  # the stream's first batch, [B, 80, 3000] float16
+        batches = itertools.repeat(next(batches))  # the stream's first batch, as the loader hands it over
+    elif path.startswith("seed"):
+        batches = seed_batches(Path(shards).parent.parent / "corpus", cfg, args.batch_size, workers)
     row = timed_steps(batches, cfg, accelerator, model, optimizer, args.warmup, args.steps)
     row.update(flops_per_step(accelerator.unwrap_model(model), args.batch_size, row["decoder_tokens_per_step"]))
     row.update(path=path, workers=workers, threads=torch.get_num_threads(), device=str(accelerator.device),
@@ -164,6 +184,20 @@ def measure(path: str, shards: str, args) -> dict:
     if accelerator.device.type == "cuda":
         row["gpu"] = torch.cuda.get_device_name(accelerator.device)
     return row
+
+
+def seed_batches(corpus: Path, cfg, batch_size: int, workers: int):
+    """The seed loader's batches, epoch after epoch, in the step's batch form."""
+    import torch
+
+    from bench.stream import seed_loader
+    from pipeline.model import load_processor
+
+    loader = seed_loader(corpus, load_processor(cfg.model_config.name).tokenizer, batch_size, workers)
+    for batch in (b for _ in itertools.count() for b in loader):
+        count = len(batch["labels"])
+        yield {**batch, "pad_values": torch.zeros(count), "is_pad": torch.zeros(count, dtype=torch.bool),
+               "keys": [str(i) for i in range(count)]}
 
 
 def make_shards(data: Path, clips: int) -> str:
@@ -196,13 +230,14 @@ def print_table(rows: list[dict], args) -> None:
     print("| path | workers | steps/s | samples/s | data-wait % | vs in-memory"
           + (" | TFLOP/s | MFU | MFU (split) |" if mfu else " |"))
     print("|---|---|---|---|---|---" + ("|---|---|---|" if mfu else "|"))
-    base = first["steps"] / first["seconds"]
+    base = {r["code"]: r["steps"] / r["seconds"] for r in rows if r["path"] == "memory"}  # each code's own
     for r in rows:
         rate = r["steps"] / r["seconds"]
-        name = "in-memory (one batch reused)" if r["path"] == "memory" else "streamed from shards"
+        name = {"memory": "in-memory (one batch reused)", "seed": "seed loader"}.get(
+            r["path"].rstrip("0123456789"), "streamed from shards") + r["code"]
         workers = "-" if r["path"] == "memory" else str(r["workers"])
         line = (f"| {name} | {workers} | {rate:.2f} | {r['samples'] / r['seconds']:.1f} | "
-                f"{100 * r['wait_s'] / r['seconds']:.1f} | {rate / base:.2f}x")
+                f"{100 * r['wait_s'] / r['seconds']:.1f} | {rate / base[r['code']]:.2f}x")
         if mfu:
             peak = args.peak_tflops * 1e12
             line += (f" | {r['flops_simple'] * rate / 1e12:.1f} | {100 * r['flops_simple'] * rate / peak:.1f}% | "
@@ -228,6 +263,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="trainer_config.bf16=true (mixed precision)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s at this precision, for MFU")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, as train_stream.py)")
+    parser.add_argument("--seed-workers", type=int, nargs="*", default=[], help="seed loader rows' workers")
+    parser.add_argument("--baseline", help="git revision whose bench/train_step.py adds its rows (e.g. main)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: measure one row, print it as JSON
     args = parser.parse_args()
     if args.one:
@@ -239,12 +276,20 @@ def main() -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # as make_loader sets it for workers
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # else accelerate would pick a GPU that is there
+    codes = [("", Path(__file__))]
+    if args.baseline:
+        from bench.baseline import checkout
+
+        codes.insert(0, (f" ({args.baseline})", checkout(args.baseline) / "bench" / "train_step.py"))
     rows = []
-    for path in ["memory", *map(str, args.workers)]:
-        out = subprocess.run(child_command(args, path, shards), capture_output=True, text=True, env=env)
-        if out.returncode:
-            sys.exit(f"row {path!r} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for path in ["memory", *map(str, args.workers), *(f"seed{w}" for w in args.seed_workers)]:
+        for label, script in codes[-1:] if path.startswith("seed") else codes:  # REV's script has no seed row
+            cmd = child_command(args, path, shards)
+            out = subprocess.run([cmd[0], str(script), *cmd[2:]], capture_output=True, text=True, env=env,
+                                 cwd=script.resolve().parent.parent)
+            if out.returncode:
+                sys.exit(f"row {path!r}{label} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "code": label})
     print_table(rows, args)
     print(f"(shards: {shards})")
 

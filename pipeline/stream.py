@@ -17,9 +17,11 @@ The epoch plan (all of it a pure function of ``(seed, epoch)`` and the shard sam
    collated inside the worker, so the ``DataLoader`` runs with ``batch_size=None``; with
    ``in_order`` it hands out worker batches round-robin, dropping workers that are done. That
    order is canonical: worker ``w``'s ``j``-th batch comes at (lap ``j``, position ``w``).
-   Batches cross the process boundary cut after their longest clip and are padded to 3000 frames
-   in the main process: a padded float16 batch of 16 is 7.7 MB, and the worker queue alone moved
-   only 500-750 such samples/s here, against ~4,000/s for 500-frame batches.
+   Batches cross the process boundary cut after their longest clip, and stay so up to the device
+   (``pipeline.device``: pinned by the ``DataLoader``'s pin-memory thread, copied one batch ahead on
+   a side CUDA stream), where the step pads them to 3000 frames: a padded float16 batch of 16 is
+   7.7 MB, and the worker queue alone moved only 500-750 such samples/s here, against ~4,000/s for
+   500-frame batches; padding in the main process held every step up by milliseconds.
 4. **Shuffle.** A worker's sample stream is shuffled in blocks of ``shuffle_buffer`` samples,
    each permuted by a generator seeded from ``(seed, epoch, rank, worker, block)``. Memory is one
    block of raw samples; unlike a webdataset-style reservoir, the state after k samples is known
@@ -82,8 +84,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.collate import Collator, expand_features
+from pipeline.collate import Collator
 from pipeline.data_settings import DataSettings
+from pipeline.device import to_device_ahead
 from pipeline.fileio import file_sha256
 from pipeline.retry import RetryPolicy
 from pipeline.shard_format import decode_sample
@@ -245,8 +248,8 @@ def _pad(reason: str) -> dict:
 class ShardStream(IterableDataset):
     """The per-rank iterable of collated batches for one epoch (see the module doc). Iterated by a
     ``DataLoader(batch_size=None)``. Batches are in ``Collator.compact`` form (features cut after
-    the longest clip, ``pad_values``) and carry ``"_skipped"`` (samples replaced by padding in them);
-    ``StreamLoader`` expands them and removes the count. ``set_position(epoch, batches)`` chooses where the next
+    the longest clip, ``pad_values``) and carry ``"_skipped"`` (samples replaced by padding in them),
+    which ``StreamLoader`` removes. ``set_position(epoch, batches)`` chooses where the next
     iteration starts, in every worker."""
 
     def __init__(self, shards: list[Shard], collator: Collator, settings: DataSettings, *, rank: int,
@@ -447,15 +450,14 @@ class StreamLoader:
     both continue. ``set_epoch(e)`` with the current epoch keeps the position (a resumed
     position survives the usual ``loader.set_epoch(epoch)`` at the top of a training loop)."""
 
-    def __init__(self, dataset: ShardStream, settings: DataSettings):
-        self.dataset = dataset
+    def __init__(self, dataset: ShardStream, settings: DataSettings, device=None):
+        self.dataset, self.device = dataset, device
         num_workers = settings.num_workers
         self.num_workers, self.infinite = num_workers, settings.infinite
         self.max_skip_fraction = settings.max_skip_fraction
-        # Pinning happens here, after the compact batch is expanded straight into pinned memory,
-        # not in the DataLoader (which would pin the compact form and then need another copy).
-        self.pin_memory = settings.pin_memory and torch.cuda.is_available()
         self._loader_kwargs = dict(batch_size=None, num_workers=num_workers,
+                                   # the compact batch, in the pin-memory thread when there are workers
+                                   pin_memory=settings.pin_memory and torch.cuda.is_available(),
                                    prefetch_factor=settings.prefetch_factor if num_workers > 0 else None,
                                    persistent_workers=settings.persistent_workers and num_workers > 0, in_order=True,
                                    # Worker seeds come from this generator, not torch's global RNG: the
@@ -482,10 +484,10 @@ class StreamLoader:
             if self.batches >= self.dataset.batches_in(self.epoch):
                 self.set_epoch(self.epoch + 1)
             self.dataset.set_position(self.epoch, self.batches)
-            for batch in self._loader:
+            for batch in to_device_ahead(self._loader, self.device):  # the copy ahead is not delivered yet
                 self._count_skips(batch.pop("_skipped"))
                 self.batches += 1
-                yield self._finish(batch)
+                yield batch
             expected = self.dataset.batches_in(self.epoch)
             if self.batches != expected:
                 raise StreamError(f"epoch {self.epoch} ended after {self.batches} of {expected} batches "
@@ -493,12 +495,6 @@ class StreamLoader:
             self.set_epoch(self.epoch + 1)
             if not self.infinite:
                 return
-
-    def _finish(self, batch: dict) -> dict:
-        batch = expand_features(batch, pin_memory=self.pin_memory)  # [B, n_mels, 3000] float16
-        if self.pin_memory:
-            batch["labels"], batch["is_pad"] = batch["labels"].pin_memory(), batch["is_pad"].pin_memory()
-        return batch
 
     def _count_skips(self, count: int) -> None:
         self.skipped += count
@@ -603,9 +599,11 @@ def _resolve_everywhere(urls, rank: int, world_size: int, policy: RetryPolicy | 
 
 
 def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: int | None = None,
-                world_size: int | None = None, **changes) -> StreamLoader:
+                world_size: int | None = None, device=None, **changes) -> StreamLoader:
     """The per-rank loader for ``urls`` (see ``expand_urls``) with ``settings``; keyword ``changes``
     replace fields of ``settings`` (or of the defaults): ``make_loader(urls, tok, batch_size=8)``.
+    Batches are ``Collator.compact`` ones, their tensors on ``device`` (``pipeline.device``; None:
+    left on the host) for ``expand_features``.
     Rank and world size default to torch.distributed's. A URL that names nothing or a shard that
     cannot be counted is a ``StreamError`` naming it."""
     settings = dataclasses.replace(settings or DataSettings(), **changes)
@@ -621,4 +619,4 @@ def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: 
     n_mels = info["n_mels"]
     collator = Collator(tokenizer, settings, n_mels=n_mels or 80)
     dataset = ShardStream(shards, collator, settings, rank=rank, world_size=world_size, n_mels=n_mels)
-    return StreamLoader(dataset, settings)
+    return StreamLoader(dataset, settings, device)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from pipeline.collate import Collator
+from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import SpecAugment
 from pipeline.features import clip_features, pad_mel
 from pipeline.model import load_model
@@ -33,6 +33,23 @@ def test_features_are_padded_like_the_feature_extractor(tiny_processor):
     np.testing.assert_allclose(feats.float().numpy(), reference, atol=2e-3)
     for row, sample in zip(feats, samples):  # exactly pad_mel with each clip's own pad_value
         np.testing.assert_array_equal(row.numpy(), pad_mel(sample["mel"], sample["json"]["pad_value"]))
+
+
+def test_expand_features_builds_the_padded_batch_from_the_compact_one(tiny_processor):
+    """What loaders hand over (cut after the longest clip, plus pad values) expands, in float16 or
+    straight into the step's float32, to exactly the padded batch, itself the extractor's."""
+    samples, audios = zip(*[clip_sample("a", 1.3, ["x"]), clip_sample("b", 0.2, ["y"], 300.0)])
+    samples = [*samples, {"__key__": "", "__pad__": True}]
+    collate = Collator(tiny_processor.tokenizer)
+    compact = collate.compact(samples)
+    assert compact["input_features"].shape == (3, 80, samples[0]["mel"].shape[1])
+    padded = collate(samples)["input_features"]  # [3, 80, 3000] float16
+    assert torch.equal(expand_features(compact), padded)
+    assert torch.equal(expand_features(compact, dtype=torch.float32), padded.float())
+    assert "pad_values" in compact  # the batch is left as it was
+    reference = WhisperFeatureExtractor(feature_size=80)(list(audios), sampling_rate=16000,
+                                                         return_tensors="np").input_features  # [2, 80, 3000]
+    np.testing.assert_allclose(padded[:2].float().numpy(), reference, atol=2e-3)
 
 
 def test_spec_augment_masks_are_bands_no_wider_than_their_limits(tiny_processor):

@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 import train_stream
+from pipeline.collate import expand_features
 from pipeline.config import load_config
 from pipeline.model import load_model
 from pipeline.stream import make_loader
@@ -163,14 +164,14 @@ def test_loss_equals_the_hf_models_own_loss(shards, tiny_processor):
                                                            train=False, rank=rank, world_size=2) if b["is_pad"].any())
     assert batch["is_pad"].tolist() == [False, False, True]
     ours, tokens = train_stream.compute_loss(model, batch, "cpu")
-    hf = model(input_features=batch["input_features"].float(), labels=batch["labels"]).loss
+    hf = model(input_features=expand_features(batch).float(), labels=batch["labels"]).loss
     assert torch.allclose(ours, hf, rtol=1e-6, atol=1e-6) and tokens == (batch["labels"] != -100).sum()
 
     # a row marked as padding contributes nothing, whatever its labels hold
     marked = dict(batch, is_pad=torch.tensor([False, True, True]))
     only_first = batch["labels"].clone()
     only_first[1:] = -100
-    hf_first = model(input_features=batch["input_features"].float(), labels=only_first).loss
+    hf_first = model(input_features=expand_features(batch).float(), labels=only_first).loss
     assert torch.allclose(train_stream.compute_loss(model, marked, "cpu")[0], hf_first, rtol=1e-6, atol=1e-6)
 
     # all padding: loss 0, yet every trainable parameter gets a (zero) gradient, as DDP needs
@@ -193,12 +194,12 @@ def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path,
         loader = real_make_loader(*args, **kwargs)
         return KeyRecorder(loader, batches, keep_batches=True) if kwargs.get("train") else loader
 
-    def recording_step(model, optimizer, accelerator, lr, max_grad_norm):
+    def recording_step(model, optimizer, accelerator, lr, max_grad_norm, skip):
         unwrapped = accelerator.unwrap_model(model)
         before["model"] = copy.deepcopy(unwrapped)
         before["grads"] = {n: p.grad.clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
         before["lr"] = lr
-        return real_step(model, optimizer, accelerator, lr, max_grad_norm)
+        return real_step(model, optimizer, accelerator, lr, max_grad_norm, skip)
 
     monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
     monkeypatch.setattr(train_stream, "optimizer_step", recording_step)
@@ -211,7 +212,7 @@ def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path,
     params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     grads, losses = [], []
     for batch in batches:
-        loss = reference(input_features=batch["input_features"].float(), labels=batch["labels"]).loss
+        loss = reference(input_features=expand_features(batch).float(), labels=batch["labels"]).loss
         grads.append(torch.autograd.grad(loss, list(params.values()), allow_unused=True))
         losses.append(loss.item())
     for (name, param), g0, g1 in zip(params.items(), *grads):
@@ -274,14 +275,15 @@ def test_resume_is_exact_checkpoints_rotate_final_model_loads(tmp_path, shards, 
     assert train_stream.main(run_args(straight, shards[0], *common, "trainer_config.save_steps=1",
                                       "++trainer_config.save_total_limit=2", "++trainer_config.log_sample_keys=true")) == 0
 
-    # the same run, stopped by SIGTERM during step 3 (its 5th micro-batch), then resumed
+    # the same run, stopped by SIGTERM during step 3 (its 5th micro-batch), then resumed; the stop
+    # flag is read one step late (no host sync per step), so the run saves at the end of step 4
     parts, seen_first, seen_second = tmp_path / "parts", [], []
     record_keys(monkeypatch, seen_first, signal_at=5)
     assert train_stream.main(run_args(parts, shards[0], *common, "++trainer_config.log_sample_keys=true")) == 0
-    assert sorted(p.name for p in parts.glob("checkpoint-*")) == ["checkpoint-3"] and not (parts / "final").exists()
+    assert sorted(p.name for p in parts.glob("checkpoint-*")) == ["checkpoint-4"] and not (parts / "final").exists()
     audit = parts / "sample_keys" / "rank-0.jsonl"
-    with open(audit, "a") as f:  # what a run killed after step 4, before saving it, leaves behind
-        f.write(json.dumps({"step": 4, "epoch": 0, "keys": ["lost"]}) + "\n" + '{"step": 5, "ep')
+    with open(audit, "a") as f:  # what a run killed after step 5, before saving it, leaves behind
+        f.write(json.dumps({"step": 5, "epoch": 0, "keys": ["lost"]}) + "\n" + '{"step": 6, "ep')
     record_keys(monkeypatch, seen_second)
     assert train_stream.main(run_args(parts, shards[0], *common, "++trainer_config.log_sample_keys=true",
                                       "trainer_config.resume_from_checkpoint=latest")) == 0
@@ -339,7 +341,7 @@ def test_mixed_precision_trains_in_half_precision_and_resumes_exactly(tmp_path, 
     record_keys(monkeypatch, [])
     assert train_stream.main(run_args(tmp_path / "straight", shards[0], *common)) == 0
     assert dtypes == {half}
-    record_keys(monkeypatch, [], signal_at=3)
+    record_keys(monkeypatch, [], signal_at=2)  # during step 2: saved at the end of step 3 (read one step late)
     assert train_stream.main(run_args(tmp_path / "parts", shards[0], *common)) == 0
     assert (tmp_path / "parts" / "checkpoint-3").is_dir() and not (tmp_path / "parts" / "final").exists()
     record_keys(monkeypatch, [])
@@ -456,6 +458,35 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
     assert train_stream.main(run_args(tmp_path / "all", shards[0], "trainer_config.max_steps=3",
                                       "++trainer_config.max_bad_steps=2")) == 1
     assert "2 steps in a row with a NaN/inf loss" in caplog.text
+
+
+def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
+    """``optimizer_step(skip=...)`` takes a device flag: True leaves weights and AdamW state as they
+    were (fused AdamW's found_inf), False steps as plain torch AdamW does."""
+    tc = load_config().trainer_config
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    reference = copy.deepcopy(model)
+    model, optimizer = accelerator.prepare(model, train_stream.make_optimizer(model, tc))
+    plain = torch.optim.AdamW(train_stream.param_groups(reference, tc.weight_decay), lr=1e-2,
+                              betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+    x = torch.randn(5, 4)
+    for skip in (False, True, False):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(x).square().sum().backward()
+        reference(x).square().sum().backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), tc.max_grad_norm)
+        train_stream.optimizer_step(model, optimizer, accelerator, 1e-2, tc.max_grad_norm, skip=torch.tensor(skip))
+        if skip:
+            reference.zero_grad(set_to_none=True)
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        else:
+            plain.step()
+            plain.zero_grad(set_to_none=True)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
+    assert all(int(state["step"]) == 2 for state in optimizer.optimizer.state.values())
 
 
 def test_resume_refuses_another_seed_in_one_line(tmp_path, shards, caplog):

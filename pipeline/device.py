@@ -1,0 +1,56 @@
+"""Batches onto the device one step ahead, so the host-to-device copy overlaps the step before.
+
+Why it looks like this:
+
+* Loaders hand over compact batches (``pipeline.collate``: features cut after the longest clip,
+  plus ``pad_values``), pinned by the ``DataLoader``'s pin-memory thread when it has workers;
+  the 3000-frame batch is built on the device, in the step (``expand_features``).
+* On CUDA the copy of batch k+1 is issued on a side stream when batch k is handed out, so it runs
+  while step k computes. The step's stream waits for it on the GPU (an event, no host sync), and
+  ``record_stream`` keeps the caching allocator from reusing that memory while the step reads it.
+* Anywhere else (CPU) there is no copy to overlap: batches are handed on as they come.
+* Only the tensors the step reads on the device move (``DEVICE_KEYS``). ``is_pad`` stays on the
+  host, where the loop reads it (real keys, rows to drop); reading a device tensor would wait for
+  the GPU. The step copies it itself, asynchronously from pinned memory.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+DEVICE_KEYS = ("input_features", "pad_values", "labels")
+
+
+def to_device_ahead(batches: Iterable[dict], device) -> Iterator[dict]:
+    """``batches`` with their ``DEVICE_KEYS`` tensors on ``device`` (None: left where they are),
+    each copy issued one batch ahead on a side stream when ``device`` is a CUDA device."""
+    if device is None or torch.device(device).type != "cuda":
+        for batch in batches:
+            yield _moved(batch, device)
+        return
+    device = torch.device(device)
+    side, ahead = torch.cuda.Stream(device), None
+    for batch in batches:
+        with torch.cuda.stream(side):
+            moved = _moved(batch, device)
+            copied = side.record_event()
+        if ahead is not None:
+            yield _ready(*ahead, device)
+        ahead = moved, copied
+    if ahead is not None:
+        yield _ready(*ahead, device)
+
+
+def _moved(batch: dict, device) -> dict:
+    return {**batch, **{key: batch[key].to(device, non_blocking=True) for key in DEVICE_KEYS if key in batch}}
+
+
+def _ready(batch: dict, copied: torch.cuda.Event, device: torch.device) -> dict:
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(copied)
+    for key in DEVICE_KEYS:
+        if key in batch:
+            batch[key].record_stream(stream)
+    return batch
