@@ -1,7 +1,6 @@
 """pipeline.device: batches reach the device in order and unchanged; the step pads them there to
 the batch the collator pads on the host. The side-stream copy needs a GPU (skipped without one)."""
 
-import pytest
 import torch
 
 from pipeline.collate import Collator, expand_features
@@ -9,7 +8,7 @@ from pipeline.device import DEVICE_KEYS, to_device_ahead
 from pipeline.shard_format import decode_sample
 from pipeline.stream import make_loader
 from pipeline.urls import iter_samples
-from tests.conftest import write_mel_shards
+from tests.conftest import NEEDS_CUDA, write_mel_shards
 
 
 def compact_batches(count: int) -> list[dict]:
@@ -38,7 +37,7 @@ def test_the_loader_hands_over_compact_batches_the_step_pads_like_the_collator(t
     assert torch.equal(expand_features(batch, device="cpu", dtype=torch.float32), padded.float())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@NEEDS_CUDA
 def test_on_cuda_each_copy_is_issued_one_batch_ahead_and_arrives_intact():
     batches, pulled = compact_batches(3), []
 
