@@ -3,7 +3,7 @@ and (``--handover``) the main process's time per batch in the loader, this tree 
 revision's code.
 
     python bench/stream.py [--clips 480] [--batch-size 16] [--workers 0 1 2] [--baseline main]
-    python bench/stream.py --handover [--batch-size 64] [--workers 2] [--step-ms 200] [--device cuda]
+    python bench/stream.py --handover --batch-size 64 --workers 2 [--step-ms 200] [--device cuda]
 
 Throughput: both loaders deliver the same thing to the training step, batches of
 ``input_features`` ``[B, 80, 3000]`` and ``labels`` over the same clips, with the same worker counts:
