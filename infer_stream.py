@@ -92,7 +92,7 @@ from tqdm.auto import tqdm
 
 from pipeline.collate import expand_features
 from pipeline.data_settings import DataSettings
-from pipeline.device import to_device_ahead
+from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import LockBusy, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
@@ -200,7 +200,8 @@ def make_batches(args, processor, accelerator):
     files = find_audio(args.audio)[rank::world]  # no collectives per batch, so ranks need not be even
     loader = DataLoader(AudioFiles(files, processor.feature_extractor.feature_size), batch_size=args.batch_size,
                         num_workers=args.num_dataloader_workers, collate_fn=collate_audio, pin_memory=pin)
-    return to_device_ahead(loader, device), len(files), lambda: 0  # bad files come back in batch["errors"]
+    batches = in_background(loader) if args.num_dataloader_workers > 0 else loader
+    return to_device_ahead(batches, device), len(files), lambda: 0  # bad files come back in batch["errors"]
 
 
 def find_audio(inputs: list[str]) -> list[str]:

@@ -2,7 +2,7 @@
 # The whole GPU check in one command (issue 11), meant to finish within 8 minutes on one H100:
 #   bash bench/gpu.sh            on a GPU machine: install, synthetic corpus, pack, then
 #     bench/train_step.py rows (whisper-small dims batch 32, built-in tiny batch 64; in-memory, shards
-#     with 0/2/4 workers, the seed loader; main's rows beside them with --baseline when git has main),
+#     with 0/2/4 workers, the seed loader; the pre-issue-11 code's rows beside them, --baseline),
 #     the loader handover (bench/stream.py --handover --device cuda), train_stream.py end to end with
 #     bf16 and torch.compile, infer_stream.py; the tables, then one summary table.
 #   bash bench/gpu.sh --cpu      the same steps, small and on the CPU, to know the script runs.
@@ -23,16 +23,20 @@ fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, \
 '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+# the code before issue 11 gives the baseline rows (where git has it: a copied checkout may not)
+rev=${GPU_BENCH_BASELINE:-3633175}
 baseline=()
-git rev-parse -q --verify main >/dev/null 2>&1 && baseline=(--baseline main)
-if [ "$mode" = --cpu ]; then
-  device=(--device cpu); clips=96; small=(--batch-size 4 --steps 2 --warmup 1); tiny=(--batch-size 8 --steps 2 --warmup 1)
-  workers=(0 2); seed=(2); train=(trainer_config.max_steps=4 trainer_config.per_device_train_batch_size=4
+git rev-parse -q --verify "$rev^{commit}" >/dev/null 2>&1 && baseline=(--baseline "$rev")
+if [ "$mode" = --cpu ]; then  # whisper-small dims cost ~1 min a row on 2 cores: one streamed row, no baseline
+  device=(--device cpu); clips=96; small=(--batch-size 2 --steps 1 --warmup 1 --workers 0 --seed-workers)
+  tiny=(--batch-size 8 --steps 2 --warmup 1 --workers 0 2 --seed-workers 2 "${baseline[@]}")
+  train=(trainer_config.max_steps=4 trainer_config.per_device_train_batch_size=4
     ++trainer_config.bf16=true model_config.torch_compile=false); infer=(--batch_size 8)
   handover=(--batch-size 8 --batches 4 --repeats 1 --step-ms 50)
 else
-  device=(--device cuda --bf16 --peak-tflops 989); clips=1024; small=(--batch-size 32); tiny=(--batch-size 64)
-  workers=(0 2 4); seed=(4); train=(trainer_config.max_steps=200 trainer_config.per_device_train_batch_size=64
+  device=(--device cuda --bf16 --peak-tflops 989); clips=1024
+  small=(--batch-size 32 --workers 0 2 4 --seed-workers 4 "${baseline[@]}")
+  tiny=(--batch-size 64 --workers 0 2 4 --seed-workers 4 "${baseline[@]}"); train=(trainer_config.max_steps=200 trainer_config.per_device_train_batch_size=64
     ++trainer_config.bf16=true model_config.torch_compile=true); infer=(--batch_size 64 --bf16)
   handover=(--batch-size 64 --device cuda)
 fi
@@ -42,11 +46,9 @@ t0=$(date +%s)
   python3 -m shard_tools.pack "$work/data/corpus" --out "$work/data/shards" >/dev/null; }
 shards=$work/data/shards/train
 echo "== corpus and shards: $(( $(date +%s) - t0 )) s"
-python3 bench/train_step.py --data "$work/data" --model-dims whisper-small --workers "${workers[@]}" \
-  --seed-workers "${seed[@]}" "${device[@]}" "${small[@]}" "${baseline[@]}" | tee "$work/small.md"
-python3 bench/train_step.py --data "$work/data" --model-dims tiny --workers "${workers[@]}" \
-  --seed-workers "${seed[@]}" "${device[@]}" "${tiny[@]}" "${baseline[@]}" | tee "$work/tiny.md"
-python3 bench/stream.py --handover --data "$work/data" --workers 2 "${handover[@]}" | tee "$work/handover.md"
+python3 bench/train_step.py --data "$work/data" --model-dims whisper-small "${device[@]}" "${small[@]}" | tee "$work/small.md"
+python3 bench/train_step.py --data "$work/data" --model-dims tiny "${device[@]}" "${tiny[@]}" | tee "$work/tiny.md"
+python3 bench/stream.py --handover --data "$work/data" --workers 2 "${handover[@]}" "${baseline[@]}" | tee "$work/handover.md"
 rm -rf "$work/run"
 start=$(date +%s)
 python3 train_stream.py --shards "$shards" --val-shards "$work/data/shards/validation" \

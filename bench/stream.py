@@ -2,8 +2,8 @@
 and (``--handover``) the main process's time per batch in the loader, this tree against another
 revision's code.
 
-    python bench/stream.py [--clips 480] [--batch-size 16] [--workers 0 1 2] [--baseline main]
-    python bench/stream.py --handover [--batch-size 64] [--workers 2] [--step-ms 200] [--device cuda]
+    python bench/stream.py [--clips 480] [--batch-size 16] [--workers 0 1 2] [--baseline 3633175]
+    python bench/stream.py --handover --batch-size 64 --workers 2 [--step-ms 200] [--device cuda]
 
 Throughput: both loaders deliver the same thing to the training step, batches of
 ``input_features`` ``[B, 80, 3000]`` and ``labels`` over the same clips, with the same worker counts:
@@ -20,8 +20,8 @@ workers, as a GPU step does), so the workers are ahead. Per batch: the time insi
 loader's share of the main process) and the time to make the step's float32 ``[B, 80, 3000]``
 features from what it got (REV: the cast and copy ``forward_logits`` did; this tree:
 ``expand_features`` on ``--device``; on a GPU both are only queued, and the step waits for the
-device before sleeping). Rows alternate between REV (``--baseline``, default main) and this tree,
-``--repeats`` times; medians over the batches.
+device before sleeping). Rows alternate between REV (``--baseline``, e.g. 3633175, the code before
+issue 11) and this tree, ``--repeats`` times; medians over the batches.
 """
 
 from __future__ import annotations
@@ -135,10 +135,10 @@ def handover(kind: str, data: Path, args) -> dict:
             "workers": args.workers[0], "device": str(device)}
 
 
-def run_handover(args, data: Path, baseline: Path) -> None:
-    rows = []
+def run_handover(args, data: Path, baseline: Path | None) -> None:
+    rows, codes = [], ([("before", baseline)] if baseline else []) + [("after", ROOT)]
     for _ in range(args.repeats):
-        for kind, code in (("before", baseline), ("after", ROOT)):
+        for kind, code in codes:
             out = subprocess.run([sys.executable, __file__, "--handover-one", kind, "--code-root", str(code),
                                   "--data", str(data), "--batch-size", str(args.batch_size), "--workers",
                                   str(args.workers[0]), "--step-ms", str(args.step_ms), "--batches",
@@ -147,14 +147,14 @@ def run_handover(args, data: Path, baseline: Path) -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"\nbatch {args.batch_size}, {args.workers[0]} workers, {args.step_ms:g}-ms simulated step, "
           f"{args.batches} batches per row, device {args.device}, {os.cpu_count()} cores; "
-          f"before = {args.baseline}, after = this tree\n")
+          f"before = {args.baseline or '-'}, after = this tree\n")
     print("| code | loader ms/batch (main process) | step's features ms/batch | sum |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['kind']} | {r['loader_ms']:.2f} | {r['features_ms']:.2f} | "
               f"{r['loader_ms'] + r['features_ms']:.2f} |")
-    median = {k: statistics.median(r["loader_ms"] for r in rows if r["kind"] == k) for k in ("before", "after")}
-    print(f"\nloader time, median of rows: before {median['before']:.2f} ms, after {median['after']:.2f} ms: "
-          f"{median['before'] / median['after']:.1f}x less")
+    median = {k: statistics.median(r["loader_ms"] for r in rows if r["kind"] == k) for k, _ in codes}
+    print("\nloader time, median of rows: " + ", ".join(f"{k} {v:.2f} ms" for k, v in median.items())
+          + (f": {median['before'] / median['after']:.1f}x less" if baseline else ""))
 
 
 def child_env() -> dict:
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", type=Path, help="work folder to reuse (corpus/ and shards/)")
-    parser.add_argument("--baseline", help="git revision whose code gives the baseline rows (handover: default main)")
+    parser.add_argument("--baseline", help="git revision whose code gives the baseline rows")
     parser.add_argument("--handover", action="store_true", help="main-process time per batch in the loader")
     parser.add_argument("--step-ms", type=float, default=200.0, help="handover: simulated step")
     parser.add_argument("--batches", type=int, default=20, help="handover: timed batches per row")
@@ -200,15 +200,15 @@ def main() -> None:
     data = args.data or Path(tempfile.mkdtemp(prefix="bench_stream_"))
     if args.handover:
         prepare(data, max(args.clips, args.batch_size * (args.batches + 2)))  # one epoch: workers stay ahead
-        args.baseline = args.baseline or "main"
-        run_handover(args, data, checkout(args.baseline))
+        run_handover(args, data, checkout(args.baseline) if args.baseline else None)
         return
     prepare(data, args.clips)
     baseline = checkout(args.baseline) if args.baseline else None
     rows = []
     for workers in args.workers:
-        for kind, script in [("seed", __file__), ("shards", __file__)] + (
-                [(f"shards ({args.baseline})", baseline / "bench" / "stream.py")] if baseline else []):
+        for kind, script in [("seed", __file__)] + (  # REV's row, then this tree's
+                [(f"shards ({args.baseline})", baseline / "bench" / "stream.py")] if baseline else []) + [
+                ("shards", __file__)]:
             out = subprocess.run([sys.executable, str(script), "--data", str(data), "--batch-size",
                                   str(args.batch_size), "--one", kind.split()[0], str(workers)],
                                  cwd=Path(script).resolve().parent.parent, check=True, capture_output=True,

@@ -180,9 +180,10 @@ def expand_features(batch: dict, n_frames: int = N_FRAMES, device=None,
     # rounded to the features' float16, as a stored clip's own frames are: the same batch whatever dtype
     pad_values = batch["pad_values"].to(compact.device, compact.dtype, non_blocking=True)  # [B]
     count, n_mels, width = compact.shape
-    out = torch.empty((count, n_mels, n_frames), dtype=dtype, device=compact.device)  # [B, n_mels, 3000]
+    # filled whole from the pad values, then the clips written over: a plain fill, where assigning
+    # the tail alone is a broadcast copy, the slower one on a CPU
+    out = pad_values.to(dtype)[:, None, None].expand(count, n_mels, n_frames).contiguous()  # [B, n_mels, 3000]
     out[:, :, :width] = compact
-    out[:, :, width:] = pad_values[:, None, None]
     return out
 
 

@@ -1,10 +1,15 @@
-"""Batches onto the device one step ahead, so the host-to-device copy overlaps the step before.
+"""Batches from the loader onto the device ahead of the step that needs them, so receiving them and
+copying them overlap the step before.
 
 Why it looks like this:
 
 * Loaders hand over compact batches (``pipeline.collate``: features cut after the longest clip,
   plus ``pad_values``), pinned by the ``DataLoader``'s pin-memory thread when it has workers;
   the 3000-frame batch is built on the device, in the step (``expand_features``).
+* Receiving a batch from a ``DataLoader`` worker costs the main process milliseconds (unpickling,
+  fetching its shared memory from the worker): ``in_background`` does it in a thread while the
+  step runs, so the step's ``next`` only takes a ready batch. The thread is the only user of the
+  loader's iterator, and closing the generator stops it and waits for it.
 * On CUDA the copy of batch k+1 is issued on a side stream when batch k is handed out, so it runs
   while step k computes. The step's stream waits for it on the GPU (an event, no host sync), and
   ``record_stream`` keeps the caching allocator from reusing that memory while the step reads it.
@@ -16,11 +21,52 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Iterable, Iterator
 
 import torch
 
 DEVICE_KEYS = ("input_features", "pad_values", "labels")
+_END = object()
+
+
+def in_background(batches: Iterable, depth: int = 2) -> Iterator:
+    """``batches``, taken from their iterator by a thread that keeps up to ``depth`` of them ready;
+    an error the iterator raises comes out here, after the batches before it."""
+    ready, stop = queue.Queue(maxsize=depth), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():  # the consumer may be gone: look at ``stop`` now and then
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+            put((_END, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((None, error))
+
+    thread = threading.Thread(target=pull, name="batches-in-background", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            if batch is _END:
+                return
+            yield batch
+    finally:
+        stop.set()
+        thread.join()
 
 
 def to_device_ahead(batches: Iterable[dict], device) -> Iterator[dict]:

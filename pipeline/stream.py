@@ -18,8 +18,9 @@ The epoch plan (all of it a pure function of ``(seed, epoch)`` and the shard sam
    ``in_order`` it hands out worker batches round-robin, dropping workers that are done. That
    order is canonical: worker ``w``'s ``j``-th batch comes at (lap ``j``, position ``w``).
    Batches cross the process boundary cut after their longest clip, and stay so up to the device
-   (``pipeline.device``: pinned by the ``DataLoader``'s pin-memory thread, copied one batch ahead on
-   a side CUDA stream), where the step pads them to 3000 frames: a padded float16 batch of 16 is
+   (``pipeline.device``: received from the workers by a background thread, pinned by the
+   ``DataLoader``'s pin-memory thread, copied one batch ahead on a side CUDA stream; ``_Crossing``
+   for what crosses the process boundary how), where the step pads them to 3000 frames: a padded float16 batch of 16 is
    7.7 MB, and the worker queue alone moved only 500-750 such samples/s here, against ~4,000/s for
    500-frame batches; padding in the main process held every step up by milliseconds.
 4. **Shuffle.** A worker's sample stream is shuffled in blocks of ``shuffle_buffer`` samples,
@@ -86,7 +87,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.collate import Collator
 from pipeline.data_settings import DataSettings
-from pipeline.device import to_device_ahead
+from pipeline.device import in_background, to_device_ahead
 from pipeline.fileio import file_sha256
 from pipeline.retry import RetryPolicy
 from pipeline.shard_format import decode_sample
@@ -442,6 +443,25 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class _Crossing:
+    """A compact batch on its way from a worker to the main process. A torch tensor crosses as
+    shared memory whose file descriptor the main process fetches from the worker, a round trip per
+    tensor that waits while the worker is busy collating; so only the features do (megabytes, which
+    through the queue's pipe would be slower still), and the small tensors travel as numpy arrays
+    pickled into the queue. The pin-memory thread (``pin_memory``) or the main process (``batch``)
+    makes them tensors again."""
+
+    def __init__(self, batch: dict):
+        self.parts = {k: v.numpy() if isinstance(v, torch.Tensor) and k != "input_features" else v
+                      for k, v in batch.items()}
+
+    def batch(self) -> dict:
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in self.parts.items()}
+
+    def pin_memory(self) -> dict:
+        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.batch().items()}
+
+
 class StreamLoader:
     """Batches of one rank, epoch after epoch, with an exact resumable position (module doc).
 
@@ -458,6 +478,7 @@ class StreamLoader:
         self._loader_kwargs = dict(batch_size=None, num_workers=num_workers,
                                    # the compact batch, in the pin-memory thread when there are workers
                                    pin_memory=settings.pin_memory and torch.cuda.is_available(),
+                                   collate_fn=_Crossing if num_workers > 0 else None,
                                    prefetch_factor=settings.prefetch_factor if num_workers > 0 else None,
                                    persistent_workers=settings.persistent_workers and num_workers > 0, in_order=True,
                                    # Worker seeds come from this generator, not torch's global RNG: the
@@ -484,7 +505,10 @@ class StreamLoader:
             if self.batches >= self.dataset.batches_in(self.epoch):
                 self.set_epoch(self.epoch + 1)
             self.dataset.set_position(self.epoch, self.batches)
-            for batch in to_device_ahead(self._loader, self.device):  # the copy ahead is not delivered yet
+            arrived = (b.batch() if isinstance(b, _Crossing) else b for b in self._loader)
+            if self.num_workers > 0:  # without workers the batches are made here: nothing to receive
+                arrived = in_background(arrived)
+            for batch in to_device_ahead(arrived, self.device):  # batches ahead are not delivered yet
                 self._count_skips(batch.pop("_skipped"))
                 self.batches += 1
                 yield batch

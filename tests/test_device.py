@@ -1,10 +1,13 @@
 """pipeline.device: batches reach the device in order and unchanged; the step pads them there to
 the batch the collator pads on the host. The side-stream copy needs a GPU (skipped without one)."""
 
+import threading
+
+import pytest
 import torch
 
 from pipeline.collate import Collator, expand_features
-from pipeline.device import DEVICE_KEYS, to_device_ahead
+from pipeline.device import DEVICE_KEYS, in_background, to_device_ahead
 from pipeline.shard_format import decode_sample
 from pipeline.stream import make_loader
 from pipeline.urls import iter_samples
@@ -23,6 +26,23 @@ def test_on_the_cpu_batches_pass_in_order_unchanged():
     for sent, got in zip(batches, to_device_ahead(iter(batches), "cpu"), strict=True):
         assert got.keys() == sent.keys() and got["keys"] == sent["keys"]
         assert all(torch.equal(got[k], sent[k]) for k in (*DEVICE_KEYS, "is_pad"))
+
+
+def test_in_background_keeps_order_raises_where_the_source_did_and_stops_its_thread():
+    def source():
+        yield from range(5)
+        raise ValueError("shard 3 is damaged")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3"):
+        for item in in_background(source()):
+            got.append(item)
+    assert got == list(range(5))
+    taken = []
+    early = in_background(iter(range(100)), depth=2)
+    taken += [next(early), next(early)]
+    early.close()  # the consumer stops early: the thread ends instead of waiting to hand over more
+    assert taken == [0, 1] and not any(t.name == "batches-in-background" for t in threading.enumerate())
 
 
 def test_the_loader_hands_over_compact_batches_the_step_pads_like_the_collator(tmp_path, tiny_processor):
