@@ -15,6 +15,8 @@ from pipeline.retry import RetryPolicy
 
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder positions: the longest label sequence a model takes
 ON_ERROR = ("skip", "raise")
+SOURCE_KEY = "__source__"  # every sample dict the stream hands the collator names its source here
+DEFAULT_SOURCE = "default"  # the name of the one source of a plain train_shards / --shards run
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,42 @@ class SpecAugment:
     time_width: int = 50
     freq_masks: int = 2
     freq_width: int = 10
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source of a mixed stream (pipeline.stream module doc, item 0): its shards (any
+    form ``expand_urls`` takes), its weight (share of every epoch, relative to the others') and the
+    caption prefix its samples are trained with ("": none)."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+    prefix: str = ""
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    def problems(self) -> list[str]:
+        """``"name=value: why"`` for every field out of range."""
+        out = []
+        if not (isinstance(self.name, str) and self.name.strip()):
+            out.append(f"name={self.name!r}: must be a non-empty string")
+        if not self.shards:
+            out.append(f"shards={self.shards!r}: must name shard URLs")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                or not (math.isfinite(self.weight) and self.weight > 0):
+            out.append(f"weight={self.weight!r}: must be a finite number > 0")
+        if not isinstance(self.prefix, str):
+            out.append(f"prefix={self.prefix!r}: must be a string")
+        return out
+
+
+def source_prefixes(sources: list[Source]) -> tuple[tuple[str, str], ...]:
+    """``DataSettings.prefixes`` of ``sources``: (name, prefix) of those that have one."""
+    return tuple((s.name, s.prefix) for s in sources if s.prefix)
 
 
 @dataclass(frozen=True)
@@ -47,6 +85,7 @@ class DataSettings:
     max_label_tokens: int = MAX_TARGET_POSITIONS
     spec_augment: SpecAugment | None = None
     retry: RetryPolicy | None = None  # http(s) and fsspec reads: retries, deadline (None: retry.DEFAULT_POLICY)
+    prefixes: tuple[tuple[str, str], ...] = ()  # (source name, caption prefix): the collator's per-source prompt
 
     def __post_init__(self):
         problems = self.problems()

@@ -1,11 +1,30 @@
 """Shard streaming for training and inference: every rank and worker exactly once, deterministically
 and resumably.
 
-The epoch plan (all of it a pure function of ``(seed, epoch)`` and the shard sample counts):
+The epoch plan (all of it a pure function of ``(seed, epoch)``, the shard sample counts and the
+sources' weights):
 
-1. **Shard order.** Training permutes the shards with ``numpy.random.default_rng((seed, epoch))``
-   (never Python's ``hash``); evaluation keeps the listed order. Concatenated, the shards give one
-   global sequence of the split's N samples.
+1. **Sources and the epoch's sequence.** A stream reads one or more sources (``Source``: a name,
+   shards, a weight). Each source has its own endless sequence: its own epochs back to back, each
+   its shards in an order permuted (training) with ``numpy.random.default_rng((seed, own epoch, 0,
+   source))`` (never Python's ``hash``; source 0 drops the last part, as streams did before they
+   had sources, so their saved positions still resume) or listed (evaluation). An epoch of the
+   stream has N positions, N being the samples of all sources together; source ``s`` has
+   ``m_s`` of them, its weight's share of N (largest remainder, at least one), and which positions
+   are whose is a seeded shuffle of those counts (``(seed, epoch, 2)``, the same for any number
+   of ranks or workers). The position that is source ``s``'s ``j``-th in epoch ``E`` is sample
+   ``E * m_s + j`` of ``s``'s sequence. So every source is read exactly once per its *own* epoch
+   (its sequence is taken in order, each stream position once); a source weighted above its size
+   cycles several times per stream epoch, one below less than once; within any stretch of the
+   epoch the sources come in proportion to their weights (hypergeometric noise around them,
+   less than independent draws would give); and where each source stands is arithmetic on the
+   stream's position, so everything below (ranks, workers, shuffle, resume, elastic resume) cuts
+   and orders the N positions of an epoch without knowing whose they are. Reading a range of
+   positions reads each source's share of it as one run of its sequence (shards entered
+   mid-shard, as for one source). One source: N is its size, its epochs are the stream's.
+   A stream epoch is what ``num_train_epochs`` counts; ``max_steps`` training (item 7) runs them
+   back to back. Unlike weighted mixes that draw each sample's source at random, and whose
+   resume then needs the sampler's state (LitData #694), nothing here is drawn at run time.
 2. **Ranks.** The sequence is cut into ``world_size`` contiguous near-equal ranges. Every rank has
    ``L = ceil(N / world_size)`` slots; a rank with one sample fewer gets a marked padding sample, so
    every rank yields exactly ``ceil(L / batch_size)`` batches of the same sizes (no DDP hang, and
@@ -64,7 +83,8 @@ The epoch plan (all of it a pure function of ``(seed, epoch)`` and the shard sam
    (the loader is never given to ``accelerator.prepare``). Shard counts are resolved on rank 0 and
    broadcast, so every rank builds the same plan even if a shard is unreachable from one of them.
 
-Memory per process: the plan is O(number of shards) integers; samples stream from the tar reader
+Memory per process: the plan is O(number of shards) integers (a mix of sources adds two bytes per
+position of the epoch: whose it is); samples stream from the tar reader
 through one shuffle block. A position resumes exactly (batch for batch) under the same layout and
 elastically under another; the seed and the data (shard sample counts) must be the same, which
 ``load_state_dict`` checks. An elastic resume costs one boolean per sample of the epoch, once.
@@ -73,6 +93,7 @@ elastically under another; the seed and the data (shard sample counts) must be t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -86,14 +107,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.collate import Collator
-from pipeline.data_settings import DataSettings
+from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings, Source, source_prefixes
 from pipeline.device import in_background, to_device_ahead
 from pipeline.fileio import file_sha256
 from pipeline.retry import RetryPolicy
 from pipeline.shard_format import decode_sample
-from pipeline.urls import Shard, ShardReadError, expand_urls, iter_samples, local_path, open_url, resolve_shards
+from pipeline.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
+                           resolve_shards)
 
-STATE_VERSION = 2  # 2 added the data digest and the epoch's sequence (elastic resume); 1 still loads
+STATE_VERSION = 3  # 3 added the sources (mixing); 2 the data digest and the epoch's sequence (elastic resume)
 DATA_KEYS = ("seed", "num_samples", "train", "data_digest")  # must match to resume at all
 LAYOUT_KEYS = ("world_size", "workers", "batch_size", "shuffle_buffer", "interleave")  # else elastic
 
@@ -112,13 +134,85 @@ def _rng(*parts: int) -> np.random.Generator:
 
 # ------------------------------------------------------------------------------------------ plan
 
+_STRIDE = 4096  # epoch positions between the per-source pick counts a stream keeps (Mix.picked_before)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """The sources of a stream and their share of each of its epochs (module doc, item 1)."""
+
+    names: tuple[str, ...]
+    counts: tuple[tuple[int, ...], ...]  # per source: its shards' sample counts, in listed order
+    quotas: tuple[int, ...]  # per source: its positions in every epoch of the stream (m_s)
+
+    @classmethod
+    def weighted(cls, names: list[str], counts: list[list[int]], weights: list[float]) -> Mix:
+        """Quotas by largest remainder of the weights' shares of all the sources' samples; ValueError
+        naming a source that has no samples or whose weight leaves it no position."""
+        sizes = [sum(c) for c in counts]
+        empty = [n for n, size in zip(names, sizes) if size == 0]
+        if empty:
+            raise ValueError(f"source(s) {empty} have no samples")
+        total, weight = sum(sizes), sum(weights)
+        exact = [total * w / weight for w in weights]
+        quotas = [int(q) for q in exact]
+        by_remainder = sorted(range(len(names)), key=lambda i: (quotas[i] - exact[i], i))
+        for i in by_remainder[:total - sum(quotas)]:
+            quotas[i] += 1
+        starved = [n for n, q in zip(names, quotas) if q == 0]
+        if starved:
+            raise ValueError(f"source(s) {starved}: weight too small for a single sample in an epoch of {total}")
+        return cls(tuple(names), tuple(tuple(map(int, c)) for c in counts), tuple(quotas))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [sum(c) for c in self.counts]
+
+    @property
+    def total(self) -> int:
+        return sum(self.quotas)
+
+    def picks(self, seed: int, epoch: int) -> np.ndarray | None:
+        """``[N]`` int16: the source of each position of ``epoch``; None for one source."""
+        if len(self.quotas) == 1:
+            return None
+        sources = np.repeat(np.arange(len(self.quotas), dtype=np.int16), self.quotas)
+        return sources[_rng(seed, epoch, 2).permutation(len(sources))]
+
+    def marks(self, picks: np.ndarray) -> np.ndarray:
+        """``[N // _STRIDE + 1, sources]``: per source, its picks before every ``_STRIDE``-th position."""
+        out = np.zeros((len(picks) // _STRIDE + 1, len(self.quotas)), dtype=np.int64)
+        for source in range(len(self.quotas)):
+            out[1:, source] = np.cumsum(picks == source)[_STRIDE - 1::_STRIDE][:len(out) - 1]
+        return out
+
+    def picked_before(self, picks: np.ndarray, marks: np.ndarray, position: int) -> np.ndarray:
+        """``[sources]``: each source's positions among the epoch's first ``position``."""
+        block = position // _STRIDE
+        return marks[block] + np.bincount(picks[block * _STRIDE:position], minlength=len(self.quotas))
+
+    def digest(self) -> str:
+        """The data's identity for resuming: per-shard sample counts in listed order (one source: as
+        before sources existed), with a mix's names and quotas."""
+        data = list(self.counts[0]) if len(self.counts) == 1 else [self.names, self.counts, self.quotas]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_plan(counts: tuple[int, ...], seed: int, epoch: int, source: int, train: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, offsets)`` of one source's own ``epoch``: its shard indices in reading order and
+    ``[shards + 1]`` the position in that epoch where each starts."""
+    counts_array = np.asarray(counts, dtype=np.int64)
+    parts = (seed, epoch, 0) if source == 0 else (seed, epoch, 0, source)
+    order = _rng(*parts).permutation(len(counts)) if train else np.arange(len(counts))
+    return order, np.concatenate([[0], np.cumsum(counts_array[order])])
+
 
 @dataclass(frozen=True)
 class RankPlan:
     """One rank's view of one epoch."""
 
-    order: np.ndarray  # [num_shards] shard indices in epoch order
-    offsets: np.ndarray  # [num_shards + 1] global position of each shard in that order
     start: int  # global position of this rank's first sample
     real: int  # real samples of this rank (slots after them are padding)
     slots: int  # samples per rank, padding included: ceil(N / world_size)
@@ -127,7 +221,7 @@ class RankPlan:
     total: int = 0  # N: samples in the sequence
 
     def to_global(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        """Sequence positions ``[lo, hi)`` as ranges of global positions (shard order of the epoch)."""
+        """Sequence positions ``[lo, hi)`` as ranges of global positions (of the epoch's N)."""
         if self.sequence is None:
             yield lo, hi
             return
@@ -145,15 +239,13 @@ def _run_starts(sequence: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sequence[:, 1] - sequence[:, 0])])
 
 
-def plan_epoch(counts: list[int], seed: int, epoch: int, train: bool, rank: int, world_size: int,
-               batch_size: int, sequence: np.ndarray | None = None) -> RankPlan:
-    counts = np.asarray(counts, dtype=np.int64)
-    order = _rng(seed, epoch, 0).permutation(len(counts)) if train else np.arange(len(counts))
-    offsets = np.concatenate([[0], np.cumsum(counts[order])])
-    total = int(offsets[-1]) if sequence is None else int(_run_starts(sequence)[-1])
+def plan_epoch(size: int, rank: int, world_size: int, batch_size: int, sequence: np.ndarray | None = None
+               ) -> RankPlan:
+    """Rank ``rank``'s part of an epoch of ``size`` positions (or of ``sequence``, a part of them)."""
+    total = size if sequence is None else int(_run_starts(sequence)[-1])
     start, end = rank * total // world_size, (rank + 1) * total // world_size
     slots = -(-total // world_size)
-    return RankPlan(order, offsets, start, end - start, slots, -(-slots // batch_size), sequence, total)
+    return RankPlan(start, end - start, slots, -(-slots // batch_size), sequence, total)
 
 
 @dataclass(frozen=True)
@@ -177,13 +269,14 @@ def _interleaved_offsets(items: np.ndarray, total: int, cursors: int) -> np.ndar
     return cursor * base + np.minimum(cursor, extra) + depth
 
 
-def delivered_mask(counts: list[int], seed: int, epoch: int, train: bool, layout: Layout, delivered: int,
+def delivered_mask(positions: int, seed: int, epoch: int, train: bool, layout: Layout, delivered: int,
                    sequence: np.ndarray | None = None) -> np.ndarray:
-    """``[N]`` bool over the epoch's sequence: the samples every rank of ``layout`` had handed out
-    after ``delivered`` batches (the same arithmetic as ``ShardStream.worker_batches``, no data read)."""
+    """``[N]`` bool over the epoch's sequence (of ``positions``, or ``sequence``): the samples every
+    rank of ``layout`` had handed out after ``delivered`` batches (the same arithmetic as
+    ``ShardStream.worker_batches``, no data read)."""
     mask = None
     for rank in range(layout.world_size):
-        plan = plan_epoch(counts, seed, epoch, train, rank, layout.world_size, layout.batch_size, sequence)
+        plan = plan_epoch(positions, rank, layout.world_size, layout.batch_size, sequence)
         mask = np.zeros(plan.total, dtype=bool) if mask is None else mask
         _, done = resume_position(plan.num_batches, layout.workers, min(delivered, plan.num_batches))
         for worker in range(layout.workers):
@@ -205,13 +298,19 @@ def delivered_mask(counts: list[int], seed: int, epoch: int, train: bool, layout
     return mask
 
 
-def remaining_sequence(mask: np.ndarray, plan: RankPlan) -> np.ndarray:
-    """``[runs, 2]`` global ``[lo, hi)`` ranges of the positions ``mask`` leaves out, in order."""
+def undelivered(mask: np.ndarray, sequence: np.ndarray | None) -> np.ndarray:
+    """Global positions of the sequence positions ``mask`` leaves out, in order."""
     left = np.flatnonzero(~mask)
-    if plan.sequence is not None and len(left):  # sequence positions -> global positions
-        starts = _run_starts(plan.sequence)
+    if sequence is not None and len(left):  # sequence positions -> global positions
+        starts = _run_starts(sequence)
         run = np.searchsorted(starts, left, side="right") - 1
-        left = plan.sequence[run, 0] + left - starts[run]
+        left = sequence[run, 0] + left - starts[run]
+    return left
+
+
+def remaining_sequence(mask: np.ndarray, sequence: np.ndarray | None) -> np.ndarray:
+    """``[runs, 2]`` global ``[lo, hi)`` ranges of the positions ``mask`` leaves out, in order."""
+    left = undelivered(mask, sequence)
     breaks = np.flatnonzero(np.diff(left) != 1) + 1
     return np.array([[int(r[0]), int(r[-1]) + 1] for r in np.split(left, breaks) if len(r)],
                     dtype=np.int64).reshape(-1, 2)
@@ -251,14 +350,21 @@ class ShardStream(IterableDataset):
     ``DataLoader(batch_size=None)``. Batches are in ``Collator.compact`` form (features cut after
     the longest clip, ``pad_values``) and carry ``"_skipped"`` (samples replaced by padding in them),
     which ``StreamLoader`` removes. ``set_position(epoch, batches)`` chooses where the next
-    iteration starts, in every worker."""
+    iteration starts, in every worker. ``shards`` are the sources' shards one source after the
+    other, as ``mix.counts`` lists them; every sample handed to the collator names its source
+    under ``SOURCE_KEY`` (padding for equal rank lengths: the first source)."""
 
     def __init__(self, shards: list[Shard], collator: Collator, settings: DataSettings, *, rank: int,
-                 world_size: int, n_mels: int | None = None):
+                 world_size: int, n_mels: int | None = None, mix: Mix | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size; got rank {rank} of {world_size}")
         self.shards, self.collator = list(shards), collator
         self.counts = [s.samples for s in self.shards]
+        self.mix = mix or Mix((DEFAULT_SOURCE,), (tuple(self.counts),), (sum(self.counts),))
+        if [c for counts in self.mix.counts for c in counts] != self.counts:
+            raise ValueError("the mix's shard counts are not those of the shards")
+        self._first_shard = np.cumsum([0, *map(len, self.mix.counts)])[:-1]  # per source, in self.shards
+        self._picks: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, its picks, their marks)
         self.batch_size, self.train, self.seed = settings.batch_size, settings.train, settings.seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.interleave = settings.shuffle_buffer, settings.interleave
@@ -269,12 +375,33 @@ class ShardStream(IterableDataset):
         self._verified: set[str] = set()
         self.sequence: tuple[int, np.ndarray] | None = None  # (epoch, its remaining runs) after an elastic resume
         first = self.plan(0)  # a whole epoch's batch and sample counts per rank do not depend on the epoch
-        self.num_samples, self.num_batches, self.rank_samples = sum(self.counts), first.num_batches, first.real
+        self.num_samples, self.num_batches, self.rank_samples = self.mix.total, first.num_batches, first.real
 
     def plan(self, epoch: int) -> RankPlan:
-        sequence = self.sequence[1] if self.sequence and self.sequence[0] == epoch else None
-        return plan_epoch(self.counts, self.seed, epoch, self.train, self.rank, self.world_size, self.batch_size,
-                          sequence)
+        return plan_epoch(self.mix.total, self.rank, self.world_size, self.batch_size, self.sequence_of(epoch))
+
+    def sequence_of(self, epoch: int) -> np.ndarray | None:
+        """The part of ``epoch`` left to read after an elastic resume; None: all of it."""
+        return self.sequence[1] if self.sequence and self.sequence[0] == epoch else None
+
+    def epoch_picks(self, epoch: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``Mix.picks`` of ``epoch`` and their marks, kept for the epoch being read; None: one source."""
+        if len(self.mix.quotas) == 1:
+            return None
+        if self._picks is None or self._picks[0] != epoch:
+            picks = self.mix.picks(self.seed, epoch)
+            self._picks = (epoch, picks, self.mix.marks(picks))
+        return self._picks[1:]
+
+    def seen(self, epoch: int, layout: Layout, delivered: int) -> list[int]:
+        """Samples of each source handed out by all ranks of ``layout`` since the first epoch, when
+        each has handed out ``delivered`` batches of ``epoch``: the earlier epochs' quotas and the
+        epoch's positions delivered (module doc, item 1), padding not counted."""
+        sequence = self.sequence_of(epoch)
+        mask = delivered_mask(self.mix.total, self.seed, epoch, self.train, layout, delivered, sequence)
+        left, picks = undelivered(mask, sequence), self.epoch_picks(epoch)
+        left_per_source = [len(left)] if picks is None else np.bincount(picks[0][left], minlength=len(picks[1][0]))
+        return [(epoch + 1) * quota - int(n) for quota, n in zip(self.mix.quotas, left_per_source)]
 
     def batches_in(self, epoch: int) -> int:
         """This rank's batches in ``epoch``: a whole epoch's, or fewer for the rest of an epoch
@@ -304,6 +431,7 @@ class ShardStream(IterableDataset):
         n_mels, batch = self.n_mels, []
         for item in self._ordered(plan, epoch, logical, lo, hi, start):
             sample = self._decode(item, n_mels)
+            sample[SOURCE_KEY] = item[SOURCE_KEY]
             if n_mels is None and "mel" in sample:  # no index: the first sample sets it for the rest
                 n_mels = sample["mel"].shape[0]
             batch.append(sample)
@@ -324,11 +452,11 @@ class ShardStream(IterableDataset):
     def _ordered(self, plan: RankPlan, epoch: int, worker: int, lo: int, hi: int, start: int) -> Iterator[dict]:
         """Raw samples of rank slots ``[start, hi)`` in delivery order; blocks are aligned on ``lo``."""
         if not self.train:
-            yield from self._slots(plan, start, hi)
+            yield from self._slots(plan, epoch, start, hi)
             return
         size, total = self.shuffle_buffer, hi - lo
         block, drop = divmod(start - lo, size)
-        stream = self._interleaved(plan, lo, total, block * size)
+        stream = self._interleaved(plan, epoch, lo, total, block * size)
         for first in range(block * size, total, size):
             items = [next(stream) for _ in range(min(size, total - first))]
             order = _rng(self.seed, epoch, 1, self.rank, worker, block).permutation(len(items))
@@ -337,7 +465,7 @@ class ShardStream(IterableDataset):
                 items[j] = None  # release the sample as soon as it is handed on
             drop, block = 0, block + 1
 
-    def _interleaved(self, plan: RankPlan, lo: int, total: int, start: int) -> Iterator[dict]:
+    def _interleaved(self, plan: RankPlan, epoch: int, lo: int, total: int, start: int) -> Iterator[dict]:
         """Items ``start ..`` of slots ``[lo, lo + total)`` read through ``interleave`` cursors on
         near-equal sub-ranges, round-robin (item i comes from cursor i mod K while all are live)."""
         cursors = max(1, min(self.interleave, total))
@@ -345,26 +473,58 @@ class ShardStream(IterableDataset):
         readers = []
         for c in range(cursors):
             first, count = worker_split(total, cursors, c)
-            readers.append(self._slots(plan, lo + first + done[c], lo + first + count))
+            readers.append(self._slots(plan, epoch, lo + first + done[c], lo + first + count))
         base = total // cursors
         for i in range(start, total):
             yield next(readers[i % cursors if i < base * cursors else i - base * cursors])
 
-    def _slots(self, plan: RankPlan, lo: int, hi: int) -> Iterator[dict]:
+    def _slots(self, plan: RankPlan, epoch: int, lo: int, hi: int) -> Iterator[dict]:
         """Rank slots ``[lo, hi)`` in plan order: real samples, then this rank's padding."""
         real_hi = min(hi, plan.real)
         if lo < real_hi:
             for first, end in plan.to_global(plan.start + lo, plan.start + real_hi):
-                yield from self._read_range(plan, first, end)
+                yield from self._read_range(epoch, first, end)
         for _ in range(max(lo, plan.real), hi):
-            yield _pad("rank")
+            yield _pad("rank") | {SOURCE_KEY: self.mix.names[0]}
 
-    def _read_range(self, plan: RankPlan, lo: int, hi: int) -> Iterator[dict]:
-        """Global positions ``[lo, hi)``: only the shards that overlap them, entered mid-shard."""
-        i = int(np.searchsorted(plan.offsets, lo, side="right")) - 1
+    def _read_range(self, epoch: int, lo: int, hi: int) -> Iterator[dict]:
+        """Global positions ``[lo, hi)`` of ``epoch``: each source's share of them read as one run of
+        its own sequence, handed out in the order the epoch's picks give (module doc, item 1)."""
+        picks = self.epoch_picks(epoch)
+        if picks is None:
+            yield from self._read_source(0, epoch * self.mix.quotas[0] + lo, hi - lo)
+            return
+        picks, marks = picks
+        window = picks[lo:hi]
+        before = self.mix.picked_before(picks, marks, lo)
+        taken = np.bincount(window, minlength=len(self.mix.quotas))
+        readers = [self._read_source(s, epoch * quota + int(before[s]), int(taken[s]))
+                   for s, quota in enumerate(self.mix.quotas)]
+        for source in window.tolist():
+            yield next(readers[source])
+        for reader in readers:
+            reader.close()  # each has handed out all it was asked for: its open shard is closed now
+
+    def _read_source(self, source: int, lo: int, count: int) -> Iterator[dict]:
+        """Samples ``[lo, lo + count)`` of ``source``'s own sequence (its epochs back to back), named
+        with the source."""
+        size, name, first_shard = self.mix.sizes[source], self.mix.names[source], int(self._first_shard[source])
+        while count > 0:
+            own_epoch, first = divmod(lo, size)
+            take = min(count, size - first)
+            order, offsets = _shard_plan(self.mix.counts[source], self.seed, own_epoch, source, self.train)
+            for item in self._read_shards(order + first_shard, offsets, first, first + take):
+                item[SOURCE_KEY] = name
+                yield item
+            lo, count = lo + take, count - take
+
+    def _read_shards(self, order: np.ndarray, offsets: np.ndarray, lo: int, hi: int) -> Iterator[dict]:
+        """Positions ``[lo, hi)`` of shards ``order`` (indices into ``self.shards``) read one after
+        another, ``offsets`` their starts: only the shards that overlap them, entered mid-shard."""
+        i = int(np.searchsorted(offsets, lo, side="right")) - 1
         while lo < hi:
-            shard = self.shards[plan.order[i]]
-            skip, count = lo - int(plan.offsets[i]), min(hi, int(plan.offsets[i + 1])) - lo
+            shard = self.shards[order[i]]
+            skip, count = lo - int(offsets[i]), min(hi, int(offsets[i + 1])) - lo
             if count > 0:  # empty shards are never opened
                 yield from self._read_shard(shard, skip, count)
             lo, i = lo + count, i + 1
@@ -534,25 +694,43 @@ class StreamLoader:
         ds = self.dataset
         return Layout(ds.world_size, max(1, self.num_workers), ds.batch_size, ds.shuffle_buffer, ds.interleave)
 
+    def sources(self) -> list[dict]:
+        """Per source: ``name``, ``samples`` (its size), ``per_epoch`` (its positions in each epoch of
+        the stream), ``seen`` (samples of it all ranks have handed out so far) and ``epochs`` (its own
+        epochs that makes, ``seen / samples``). Arithmetic on the position (one pass over the epoch's
+        positions), the same on every rank."""
+        ds = self.dataset
+        seen = ds.seen(self.epoch, self.layout, self.batches)
+        return [{"name": name, "samples": size, "per_epoch": quota, "seen": n, "epochs": n / size}
+                for name, size, quota, n in zip(ds.mix.names, ds.mix.sizes, ds.mix.quotas, seen)]
+
     def state_dict(self) -> dict:
-        """JSON-able position: the same on every rank except the skip counts."""
+        """JSON-able position: the same on every rank except the skip counts. Where every source
+        stands follows from it (module doc, item 1); ``sources`` says so for people and the banner."""
         ds = self.dataset
         sequence = ds.sequence[1].tolist() if ds.sequence and ds.sequence[0] == self.epoch else None
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": ds.seed,
-                "num_samples": ds.num_samples, "train": ds.train, "data_digest": _digest(ds.counts),
+                "num_samples": ds.num_samples, "train": ds.train, "data_digest": ds.mix.digest(),
                 "num_workers": self.num_workers, **dataclasses.asdict(self.layout), "sequence": sequence,
-                "skipped": self.skipped, "epoch_skipped": self.epoch_skipped}
+                "skipped": self.skipped, "epoch_skipped": self.epoch_skipped, "sources": self.sources()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` was taken: batch for batch under the same layout, elastically
         (module doc, item 5) under another. ``StreamError`` if the seed or the data differ. The rank
         is not checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
-        if state.get("version") not in (1, STATE_VERSION):
-            raise StreamError(f"loader state version {state.get('version')!r}, this code reads 1 and {STATE_VERSION}")
-        mine, before = self.state_dict(), self.dataset.sequence
+        if state.get("version") not in range(1, STATE_VERSION + 1):
+            raise StreamError(f"loader state version {state.get('version')!r}, this code reads 1 to {STATE_VERSION}")
+        ds, before = self.dataset, self.dataset.sequence
+        mine = {"seed": ds.seed, "num_samples": ds.num_samples, "train": ds.train, "data_digest": ds.mix.digest(),
+                **dataclasses.asdict(self.layout)}
         saved = {"workers": max(1, int(state.get("num_workers", 0))), "data_digest": mine["data_digest"],
                  **state}  # version 1 states hold neither
         wrong = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in DATA_KEYS if saved.get(k) != mine[k]]
+        if wrong and "sources" in state:  # which sources, and their share of an epoch
+            was = [(s["name"], s["samples"], s["per_epoch"]) for s in state["sources"]]
+            now = list(zip(ds.mix.names, ds.mix.sizes, ds.mix.quotas))
+            if was != now:
+                wrong.append(f"sources (name, samples, per epoch): saved {was}, now {now}")
         if wrong:
             raise StreamError("cannot resume the data stream, its data or seed changed: " + "; ".join(wrong))
         epoch, batches = int(state["epoch"]), int(state["batches"])
@@ -563,10 +741,8 @@ class StreamLoader:
             if "data_digest" not in state:  # version 1 holds no digest to prove the shards are the same
                 raise StreamError(f"a version-1 loader state resumes only under the layout it was saved with "
                                   f"({old}), not {self.layout}")
-            ds = self.dataset
-            delivered = delivered_mask(ds.counts, ds.seed, epoch, ds.train, old, batches, sequence)
-            plan = plan_epoch(ds.counts, ds.seed, epoch, ds.train, 0, old.world_size, old.batch_size, sequence)
-            sequence, batches = remaining_sequence(delivered, plan), 0
+            delivered = delivered_mask(ds.num_samples, ds.seed, epoch, ds.train, old, batches, sequence)
+            sequence, batches = remaining_sequence(delivered, sequence), 0
             warnings.warn(f"the stream was saved under {old} and resumes under {self.layout}: the "
                           f"{int((~delivered).sum())} samples left in epoch {epoch} are re-planned over the new "
                           f"layout (each once); later epochs follow the new layout", StreamWarning)
@@ -576,11 +752,6 @@ class StreamLoader:
         if self.dataset.sequence is not before and self._loader_kwargs["persistent_workers"]:
             self._loader = DataLoader(self.dataset, **self._loader_kwargs)  # running workers hold the old copy
         self.epoch, self.batches = epoch, batches
-
-
-def _digest(counts: list[int]) -> str:
-    """The data's identity for resuming: the per-shard sample counts in listed order."""
-    return hashlib.sha256(json.dumps(list(map(int, counts))).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ make
@@ -622,25 +793,57 @@ def _resolve_everywhere(urls, rank: int, world_size: int, policy: RetryPolicy | 
     return box[0]
 
 
+def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: RetryPolicy | None
+                     ) -> tuple[list[Shard], Mix, int | None]:
+    """All sources' shards (one source after the other), their ``Mix`` and the mel bins they share."""
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise StreamError(f"source names must be unique, got {names}")
+    shards, counts, n_mels, owner = [], [], {}, {}
+    for source in sources:
+        where = f"source '{source.name}': " if len(sources) > 1 else ""
+        try:
+            own, info = _resolve_everywhere(source.shards, rank, world_size, policy)
+        except (OSError, ValueError) as error:  # a glob matching nothing, a missing shard, a broken index
+            raise StreamError(f"{where}{error}") from error
+        if sum(s.samples for s in own) == 0:
+            raise StreamError(f"{where}no samples in {source.shards!r} ({len(own)} shard(s))")
+        for shard in own:  # a shard in two sources would be read twice per epoch of each
+            other = owner.setdefault(canonical_url(shard.url), source.name)
+            if other != source.name:
+                raise StreamError(f"shard {shard.url} is in sources '{other}' and '{source.name}'")
+        if info["n_mels"] is not None:
+            n_mels[source.name] = info["n_mels"]
+        shards += own
+        counts.append([s.samples for s in own])
+    if len(set(n_mels.values())) > 1:
+        raise StreamError(f"the sources' features differ in mel bins: {n_mels}")
+    try:
+        mix = Mix.weighted(names, counts, [s.weight for s in sources])
+    except ValueError as error:
+        raise StreamError(str(error)) from None
+    return shards, mix, next(iter(n_mels.values()), None)
+
+
 def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: int | None = None,
                 world_size: int | None = None, device=None, **changes) -> StreamLoader:
-    """The per-rank loader for ``urls`` (see ``expand_urls``) with ``settings``; keyword ``changes``
-    replace fields of ``settings`` (or of the defaults): ``make_loader(urls, tok, batch_size=8)``.
+    """The per-rank loader for ``urls`` (see ``expand_urls``), or for a list of ``Source`` mixed by
+    weight (module doc, item 1; their prefixes become ``settings.prefixes``), with ``settings``;
+    keyword ``changes`` replace fields of ``settings`` (or of the defaults):
+    ``make_loader(urls, tok, batch_size=8)``.
     Batches are ``Collator.compact`` ones, their tensors on ``device`` (``pipeline.device``; None:
     left on the host) for ``expand_features``.
     Rank and world size default to torch.distributed's. A URL that names nothing or a shard that
     cannot be counted is a ``StreamError`` naming it."""
     settings = dataclasses.replace(settings or DataSettings(), **changes)
+    given = isinstance(urls, (list, tuple)) and bool(urls) and all(isinstance(u, Source) for u in urls)
+    sources = list(urls) if given else [Source(DEFAULT_SOURCE, urls)]
+    if given:
+        settings = dataclasses.replace(settings, prefixes=source_prefixes(sources))
     rank, world_size = _rank_and_world(rank, world_size)
-    try:
-        shards, info = _resolve_everywhere(urls, rank, world_size, settings.retry)
-    except (OSError, ValueError) as error:  # a glob matching nothing, a missing shard, a broken index
-        raise StreamError(str(error)) from error
-    if sum(s.samples for s in shards) == 0:
-        raise StreamError(f"no samples in {urls!r} ({len(shards)} shard(s))")
+    shards, mix, n_mels = _resolve_sources(sources, rank, world_size, settings.retry)
     if settings.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers
-    n_mels = info["n_mels"]
     collator = Collator(tokenizer, settings, n_mels=n_mels or 80)
-    dataset = ShardStream(shards, collator, settings, rank=rank, world_size=world_size, n_mels=n_mels)
+    dataset = ShardStream(shards, collator, settings, rank=rank, world_size=world_size, n_mels=n_mels, mix=mix)
     return StreamLoader(dataset, settings, device)
