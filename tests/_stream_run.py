@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--state-in")
     parser.add_argument("--state-out")
     parser.add_argument("--persistent", action="store_true")
+    parser.add_argument("--sources", help="JSON list of Source fields: a mix (urls is then ignored)")
     args = parser.parse_args()
 
     decoded = [0]
@@ -48,7 +49,8 @@ def main() -> None:
         return original(raw, n_mels)
 
     stream.decode_sample = counting_decode
-    loader = stream.make_loader(args.urls, load_processor("tiny").tokenizer, batch_size=args.batch_size,
+    urls = [stream.Source(**source) for source in json.loads(args.sources)] if args.sources else args.urls
+    loader = stream.make_loader(urls, load_processor("tiny").tokenizer, batch_size=args.batch_size,
                                 num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, seed=3, infinite=True,
                                 persistent_workers=args.persistent)
     if args.state_in:

@@ -3,6 +3,7 @@ exactly once over ranks x workers, equal batch counts, seeded shuffling independ
 exact resume in a fresh process, infinite mode, faults, bounded memory, two ranks under accelerate."""
 
 import collections
+import dataclasses
 import io
 import json
 import os
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.stream import StreamError, StreamWarning, make_loader, resume_position, worker_split
+from pipeline.data_settings import SOURCE_KEY, Source
+from pipeline.stream import Mix, StreamError, StreamWarning, make_loader, resume_position, worker_split
 from tests._stream_run import fingerprint
 from tests.conftest import mel_sample_bytes, write_mel_shards
 
@@ -494,3 +496,124 @@ def test_one_shard_under_two_spellings_is_refused(tmp_path, tiny_processor):
                  [str(d), f"{d}/index.json"], [f"{d}/001.tar", str(d)]):
         with pytest.raises(StreamError, match="more than once"):
             loader(spec, tiny_processor)
+
+
+# ------------------------------------------------------------------------------------- mixed sources
+
+
+def mixed(tmp_path, sizes: dict[str, list[int]], weights: dict[str, float]) -> tuple[list[Source], dict]:
+    """Sources named by ``sizes`` (keys ``{name}{shard}_{i}``) with ``weights``, and each one's keys
+    read with plain tarfile."""
+    sources, keys = [], {}
+    for name, shard_sizes in sizes.items():
+        paths = write_mel_shards(tmp_path / name, shard_sizes, prefix=name)
+        sources.append(Source(name, str(tmp_path / name), weights[name]))
+        keys[name] = tar_keys(paths)
+    return sources, keys
+
+
+def source_of(key: str) -> str:
+    return key.rstrip("0123456789_")
+
+
+def record_sources(dataset) -> list[tuple[str, str]]:
+    """(key, SOURCE_KEY) of every sample the dataset hands its collator, appended as they go."""
+    seen, compact = [], dataset.collator.compact
+
+    def recording(samples, epoch=0):
+        seen.extend((s["__key__"], s[SOURCE_KEY]) for s in samples)
+        return compact(samples, epoch)
+
+    dataset.collator.compact = recording
+    return seen
+
+
+def test_each_source_comes_once_per_its_own_epoch_over_all_ranks_and_workers(tmp_path, tiny_processor):
+    """Sizes 4, 8, 12 at equal weights: each has 8 of an epoch's 24 positions, so one stream epoch
+    is two epochs of a, one of b and two thirds of c, and three stream epochs are 6, 3 and 2 whole
+    epochs; every rank has as many batches as the others, and each sample names its source."""
+    sources, keys = mixed(tmp_path, {"a": [3, 1], "b": [5, 0, 3], "c": [7, 5]}, {"a": 1, "b": 1, "c": 1})
+    for world, workers in [(1, 1), (2, 3), (3, 2)]:
+        per_epoch = []
+        for epoch in range(3):
+            ranks = [loader(sources, tiny_processor, rank=r, world_size=world, batch_size=3).dataset
+                     for r in range(world)]
+            tags = [record_sources(ds) for ds in ranks]
+            batches = [simulate(ds, epoch, workers) for ds in ranks]
+            assert len({tuple(len(b["keys"]) for b in rank) for rank in batches}) == 1, (world, workers)
+            per_epoch.append(collections.Counter(k for rank in batches for b in rank for k in real_keys(b)))
+            assert sum(map(len, tags)) == sum(len(b["keys"]) for rank in batches for b in rank)
+            assert all(tag == (source_of(key) if key else "a") for rank in tags for key, tag in rank)
+        first = per_epoch[0]
+        assert [first[k] for k in keys["a"] + keys["b"]] == [2] * 4 + [1] * 8, (world, workers)
+        assert sorted(first[k] for k in keys["c"]) == [0] * 4 + [1] * 8, (world, workers)  # 8 of its 12, once
+        assert sum(per_epoch, collections.Counter()) == collections.Counter(keys["a"] * 6 + keys["b"] * 3 + keys["c"] * 2)
+
+
+def test_sources_come_in_proportion_to_their_weights_within_binomial_noise(tmp_path, tiny_processor):
+    sources, _ = mixed(tmp_path, {"big": [40, 40], "small": [20, 20]}, {"big": 1, "small": 3})
+    stream = loader(sources, tiny_processor, batch_size=10, shuffle_buffer=20, seed=5)
+    assert stream.dataset.mix.quotas == (30, 90)
+    batches = [[source_of(k) for k in b["keys"]] for b in stream]
+    share = [b.count("small") / len(b) for b in batches]
+    assert np.mean(share) == 0.75  # exact over an epoch
+    sigma = np.sqrt(0.75 * 0.25 / 10)  # of one batch's share, were sources drawn independently
+    assert all(abs(s - 0.75) <= 4 * sigma for s in share) and np.std(share) <= 1.5 * sigma
+    other = [[source_of(k) for k in b["keys"]] for b in loader(sources, tiny_processor, batch_size=10, seed=6)]
+    assert other != batches  # seeded
+
+
+def test_quotas_are_the_weights_share_by_largest_remainder():
+    mix = Mix.weighted(["a", "b", "c"], [[10, 3], [7], [1]], [1, 1, 1])
+    assert mix.quotas == (7, 7, 7) and mix.total == 21
+    assert Mix.weighted(["a", "b"], [[5], [5]], [2, 1]).quotas == (7, 3)
+    assert Mix.weighted(["a", "b", "c"], [[4], [3], [3]], [1, 1, 1]).quotas == (4, 3, 3)
+    with pytest.raises(ValueError, match=r"\['b'\]: weight too small"):
+        Mix.weighted(["a", "b"], [[50], [10]], [1000, 1])
+
+
+def test_a_mix_resumes_in_a_fresh_process_exactly(tmp_path, tiny_processor):
+    """Stopped mid-epoch (and mid own epoch of every source), resumed from the state in a fresh process
+    with workers: the batches of the uninterrupted run, across the next stream epoch too."""
+    sources, _ = mixed(tmp_path, {"a": [5, 4], "b": [7, 6, 2]}, {"a": 2, "b": 1})
+    settings = {"batch_size": 4, "shuffle_buffer": 7, "seed": 3, "num_workers": 2, "infinite": True}
+    endless = loader(sources, tiny_processor, **settings)
+    full = [fingerprint(b) | {"epoch": endless.epoch} for _, b in zip(range(11), endless)]
+    k, state = 3, tmp_path / "state.json"
+    head = loader(sources, tiny_processor, **settings)
+    assert [fingerprint(b) | {"epoch": 0} for _, b in zip(range(k), head)] == full[:k]
+    state.write_text(json.dumps(head.state_dict()))
+    tail = run_helper(["-", "--workers", 2, "--batch-size", 4, "--shuffle-buffer", 7, "--take", len(full) - k,
+                       "--state-in", state, "--sources", json.dumps([dataclasses.asdict(s) for s in sources])])
+    assert tail["batches"] == full[k:]
+    assert [s["seen"] for s in tail["state"]["sources"]] == [sum(source_of(key) == name for b in full for key, pad
+                                                                 in zip(b["keys"], b["is_pad"]) if not pad)
+                                                             for name in ("a", "b")]
+
+
+def test_a_mix_resumes_elastically_and_counts_what_each_source_gave(tmp_path, tiny_processor):
+    sources, keys = mixed(tmp_path, {"a": [5, 4], "b": [7, 6, 2]}, {"a": 2, "b": 1})  # a: 16 of 24, b: 8
+    old, new = (2, 2, 3, 5, 4), (3, 1, 2, 7, 2)
+    seen, _, state = resumed_epoch(sources, tiny_processor, old, None, take=2)
+    assert [s["seen"] for s in state["sources"]] == [sum(source_of(k) == n for k in seen) for n in "ab"]
+    with pytest.warns(StreamWarning, match="re-planned"):
+        rest, counts, after = resumed_epoch(sources, tiny_processor, new, state)
+    assert len(set(counts)) == 1
+    got = collections.Counter(seen + rest)
+    # a's own epoch 0 whole and 7 of its own epoch 1; b: 8 of its first epoch
+    assert sorted(got[k] for k in keys["a"]) == [1] * 2 + [2] * 7 and sorted(got[k] for k in keys["b"]) == [0] * 7 + [1] * 8
+    assert [(s["seen"], s["epochs"]) for s in after["sources"]] == [(16, 16 / 9), (8, 8 / 15)]
+
+
+def test_a_mix_does_not_resume_with_other_weights_and_names_are_checked(tmp_path, tiny_processor):
+    sources, _ = mixed(tmp_path, {"a": [5, 4], "b": [7]}, {"a": 2, "b": 1})
+    state = loader(sources, tiny_processor).state_dict()
+    with pytest.raises(StreamError, match=r"sources \(name, samples, per epoch\): saved \[\('a', 9, 11\), "
+                                          r"\('b', 7, 5\)\], now \[\('a', 9, 8\), \('b', 7, 8\)\]"):
+        loader([dataclasses.replace(s, weight=1) for s in sources], tiny_processor).load_state_dict(state)
+    with pytest.raises(StreamError, match="source names must be unique"):
+        loader([sources[0], dataclasses.replace(sources[1], name="a")], tiny_processor)
+    with pytest.raises(StreamError, match="is in sources 'a' and 'b'"):
+        loader([sources[0], Source("b", f"{tmp_path}/a/000.tar")], tiny_processor)
+    with pytest.raises(StreamError, match="source 'c': .*no file matches"):
+        loader([*sources, Source("c", f"{tmp_path}/none/*.tar")], tiny_processor)
