@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         epilog="overrides: key=value sets a key, +key=value adds one the YAML files do not set, ++key=value "
                "either (Hydra grammar, YAML values), e.g. trainer_config.max_steps=1000 "
                "++trainer_config.bf16=true\n\nkeys (type = default): meaning\n" + keys_help())
-    parser.add_argument("--shards", help="training shard URLs (sets data_config.train_shards)")
+    parser.add_argument("--shards", help="training shard URLs (sets data_config.train_shards; not with "
+                                         "data_config.train_sources)")
     parser.add_argument("--val-shards", "--val_shards", dest="val_shards",
                         help="validation shard URLs (sets data_config.val_shards)")
     parser.add_argument("--config", help="main config file (default: configs/main.yaml)")
@@ -87,8 +88,11 @@ def build_config(argv: list[str] | None) -> RunConfig:
     args, overrides = parse_args(argv)
     values = {"data_config.train_shards": args.shards, "data_config.val_shards": args.val_shards}
     cfg = load_config(args.config, overrides, {k: v for k, v in values.items() if v is not None})
-    if not cfg.data_config.train_shards:
-        raise ConfigError("no training shards: pass --shards URLS or set data_config.train_shards")
+    if args.shards is not None and cfg.data_config.train_sources:
+        raise ConfigError("--shards and data_config.train_sources both name the training data: use one")
+    if not (cfg.data_config.train_shards or cfg.data_config.train_sources):
+        raise ConfigError("no training shards: pass --shards URLS or set data_config.train_shards "
+                          "or data_config.train_sources")
     if cfg.trainer_config.push_to_hub:
         try:
             check_push(cfg.trainer_config.hub_model_id)
@@ -209,7 +213,7 @@ def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: boo
         batch_size=batch_size, seed=tc.seed, infinite=train, num_workers=tc.dataloader_num_workers,
         prefetch_factor=tc.dataloader_prefetch_factor, pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
         persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0)
-    return make_loader(dc.train_shards if train else dc.val_shards, tokenizer, settings, train=train,
+    return make_loader(dc.sources() if train else dc.val_shards, tokenizer, settings, train=train,
                        rank=accelerator.process_index, world_size=accelerator.num_processes,
                        device=accelerator.device)
 
@@ -685,14 +689,23 @@ def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: i
             "mixed_precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
             "model": cfg.model_config.name, "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "device": str(accelerator.device)}
+            "device": str(accelerator.device), "sources": loader.sources()}
     epochs = max_steps * tc.gradient_accumulation_steps / max(1, len(loader))
     log.info("world size %d | batch %d per device, %d effective (x%d accumulation) | %d steps (%.2f epochs) "
              "| data: %d samples, %d batches per rank per epoch | model %s, %.1f M parameters (%.1f M trainable) "
              "| %s on %s", world, per_device, info["effective_batch_size"], tc.gradient_accumulation_steps,
              max_steps, epochs, loader.num_samples, len(loader), info["model"], info["parameters"] / 1e6,
              info["trainable_parameters"] / 1e6, info["mixed_precision"], info["device"])
+    for source in info["sources"]:
+        log.info("source %s: %d samples, %d of each epoch's %d (%.1f%%) | seen %d, %.2f of its epochs done",
+                 source["name"], source["samples"], source["per_epoch"], loader.num_samples,
+                 100 * source["per_epoch"] / loader.num_samples, source["seen"], source["epochs"])
     return info
+
+
+def source_metrics(loader) -> dict:
+    """Per source: samples handed to training so far (all ranks) and its own epochs they make."""
+    return {f"{what}/{source['name']}": float(source[what]) for source in loader.sources() for what in ("seen", "epochs")}
 
 
 # ------------------------------------------------------------------------------------- 10. the loop
@@ -828,8 +841,10 @@ class Trainer:
         self.metrics_log.bar.update(1)
         self.window.add(values, norm)
         if self.step % tc.logging_steps == 0 or self.step in (self.start_step + 1, self.max_steps):
-            self.metrics_log.log_metrics(self.step, self.window.metrics(launched.lr, accelerator.num_processes,
-                                                                        values["skipped"]), "train")
+            metrics = self.window.metrics(launched.lr, accelerator.num_processes, values["skipped"])
+            if self.metrics_log.main:  # arithmetic on the loader's position, the same on every rank
+                metrics |= source_metrics(self.loader)
+            self.metrics_log.log_metrics(self.step, metrics, "train")
             self.window = Window(self.window.micro)
         paused = time.perf_counter()
         if self.val_loader is not None and self.step % tc.eval_steps == 0:

@@ -34,7 +34,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data_settings import DataSettings, SpecAugment
+from pipeline.data_settings import DEFAULT_SOURCE, DataSettings, Source, SpecAugment, source_prefixes
 from pipeline.fileio import write_atomic
 from pipeline.retry import RetryPolicy
 
@@ -44,6 +44,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 _DATA = DataSettings()  # the loader's defaults: DataConfig repeats none of them
 _SPEC = SpecAugment()
 _RETRY = RetryPolicy()
+SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(Source))
 RETRY_KEYS = {"retries": "retries", "backoff": "retry_backoff", "backoff_max": "retry_backoff_max",
               "timeout": "read_timeout", "deadline": "shard_deadline"}  # RetryPolicy field -> data_config key
 
@@ -63,6 +64,11 @@ def key(default: Any, meaning: str) -> Any:
 class DataConfig:
     train_shards: Optional[str] = key("${paths.data_dir}/train", "training shard URLs: 'data/train/<000..099>.tar', "
                                       "a split folder, a glob, http(s)://, pipe: (--shards)")
+    train_sources: Optional[list[dict[str, Any]]] = key(None, "several training sources mixed by weight, each "
+                                                         "{name, shards, weight (1), prefix ('')}; "
+                                                         "null: train_shards alone (README: mixing sources)")
+    caption_prefix: str = key("", "caption prefix of the train_shards source (with train_sources, each "
+                              "source has its own)")
     val_shards: Optional[str] = key(None, "validation shard URLs, as train_shards (--val-shards); null: no evaluation")
     shuffle_buffer: int = key(_DATA.shuffle_buffer, "samples held for shuffling within a worker's shards")
     max_label_tokens: int = key(_DATA.max_label_tokens, "captions longer than this many tokens are cut")
@@ -82,6 +88,35 @@ class DataConfig:
     read_timeout: float = key(_RETRY.timeout, "seconds an http read waits for a byte")
     shard_deadline: Optional[float] = key(_RETRY.deadline, "seconds one shard may spend reading in all; null: none")
 
+    def sources(self) -> list[Source]:
+        """The training sources: ``train_sources``, or ``train_shards`` as the one source named
+        ``DEFAULT_SOURCE`` with ``caption_prefix``. ValueError with one line per problem, each naming
+        its key (``data_config.`` left off, as ``settings`` does)."""
+        if not self.train_sources:
+            return [Source(DEFAULT_SOURCE, self.train_shards or "", 1.0, self.caption_prefix)]
+        problems, sources = [], []
+        if self.caption_prefix:
+            problems.append(f"caption_prefix={self.caption_prefix!r}: applies to train_shards only; give each "
+                            f"of train_sources its prefix")
+        for i, entry in enumerate(self.train_sources):
+            where = f"train_sources[{i}]"
+            unknown, missing = set(entry) - set(SOURCE_FIELDS), {"name", "shards"} - set(entry)
+            if unknown or missing:
+                problems.append(f"{where}: " + "; ".join(
+                    [f"unknown key(s) {sorted(unknown)}"] * bool(unknown) + [f"needs {sorted(missing)}"] * bool(missing))
+                    + f" (keys: {', '.join(SOURCE_FIELDS)})")
+                continue
+            try:
+                sources.append(Source(**entry))
+            except ValueError as error:
+                problems += [f"{where}.{line}" for line in str(error).splitlines()]
+        names = [entry["name"] for entry in self.train_sources if "name" in entry]
+        problems += [f"train_sources: name {name!r} is given to more than one source"
+                     for name in sorted({str(n) for n in names if names.count(n) > 1})]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return sources
+
     def settings(self, **run) -> DataSettings:
         """The loader settings of this section; ``run`` gives the run's own (batch size, seed,
         workers, ...). ValueError with one ``name=value: why`` line per bad setting."""
@@ -94,7 +129,7 @@ class DataConfig:
                                         for line in str(error).splitlines())) from None
         return DataSettings(shuffle_buffer=self.shuffle_buffer, max_label_tokens=self.max_label_tokens,
                             on_error=self.on_error, max_skip_fraction=self.max_skip_fraction, verify=self.verify,
-                            spec_augment=spec, retry=retry, **run)
+                            spec_augment=spec, retry=retry, prefixes=source_prefixes(self.sources()), **run)
 
 
 @dataclass
@@ -355,10 +390,12 @@ def validate(cfg: RunConfig) -> None:
     problems = []
     if tc.lr_scheduler_type not in SCHEDULERS:
         problems.append(f"trainer_config.lr_scheduler_type={tc.lr_scheduler_type!r}: choose from {SCHEDULERS}")
-    try:
-        dc.settings()
-    except ValueError as error:
-        problems += [f"data_config.{line}" for line in str(error).splitlines()]
+    for check in (dc.sources, dc.settings):
+        try:
+            check()
+        except ValueError as error:
+            problems += [f"data_config.{line}" for line in str(error).splitlines()]
+            break  # settings() reads sources() too: said once
     for key in ("learning_rate", "max_grad_norm", "weight_decay", "adam_epsilon"):
         value = getattr(tc, key)
         if not (math.isfinite(value) and value >= 0):  # max_grad_norm=nan would turn clipping off unseen

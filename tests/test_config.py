@@ -1,5 +1,7 @@
 """Run configuration: the YAML files, Hydra-grammar overrides, types, errors, interpolation, --config."""
 
+import shutil
+
 import pytest
 import yaml
 
@@ -185,3 +187,39 @@ def test_logging_dir_takes_the_seeds_interpolation():
     cfg = load_config(overrides=["trainer_config.output_dir=/runs/a", "trainer_config.logging_dir=${trainer_config.output_dir}/tb_logs"])
     assert cfg.trainer_config.logging_dir == "/runs/a/tb_logs"
     assert load_config().trainer_config.logging_dir == "outputs/whisper-caption/tensorboard"
+
+
+def test_train_sources_from_yaml_and_overrides_become_sources_with_their_prefixes(tmp_path):
+    from pipeline.data_settings import DEFAULT_SOURCE, Source
+
+    from pipeline.config import CONFIG_DIR
+
+    for path in CONFIG_DIR.glob("*.yaml"):
+        shutil.copy(path, tmp_path)
+    with open(tmp_path / "main.yaml", "a") as f:
+        f.write("data_config:\n  train_sources:\n"
+                "    - {name: clotho, shards: '${paths.data_dir}/clotho', weight: 2, prefix: 'clotho > caption:'}\n"
+                "    - {name: audiocaps, shards: 'data/ac/<000..009>.tar'}\n")
+    dc = load_config(tmp_path / "main.yaml").data_config
+    assert dc.sources() == [Source("clotho", "data/clotho", 2, "clotho > caption:"), Source("audiocaps", "data/ac/<000..009>.tar")]
+    assert dc.settings().prefixes == (("clotho", "clotho > caption:"),)
+    override = load_config(overrides=["data_config.train_sources=[{name: a, shards: x, weight: 0.5}]"]).data_config
+    assert override.sources() == [Source("a", "x", 0.5)]
+    single = load_config(overrides=['data_config.caption_prefix="tell me:"']).data_config  # quoted: YAML
+    assert single.sources() == [Source(DEFAULT_SOURCE, "data/train", 1.0, "tell me:")]
+    assert single.settings().prefixes == ((DEFAULT_SOURCE, "tell me:"),) and load_config().data_config.settings().prefixes == ()
+
+
+def test_bad_train_sources_are_one_line_each_naming_the_key():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["data_config.train_sources=[{name: a, shards: x, weight: 0}, {name: a, shards: y, "
+                               "wieght: 1}, {shards: z}, {name: a, shards: w}]", "data_config.caption_prefix=p"])
+    lines = str(info.value).splitlines()[1:]
+    assert [line.strip() for line in lines] == [
+        "data_config.caption_prefix='p': applies to train_shards only; give each of train_sources its prefix",
+        "data_config.train_sources[0].weight=0: must be a finite number > 0",
+        "data_config.train_sources[1]: unknown key(s) ['wieght'] (keys: name, shards, weight, prefix)",
+        "data_config.train_sources[2]: needs ['name'] (keys: name, shards, weight, prefix)",
+        "data_config.train_sources: name 'a' is given to more than one source"]
+    with pytest.raises(ConfigError, match="wrong type for 'data_config.train_sources'"):
+        load_config(overrides=["data_config.train_sources=clotho"])
