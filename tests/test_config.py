@@ -223,3 +223,19 @@ def test_bad_train_sources_are_one_line_each_naming_the_key():
         "data_config.train_sources: name 'a' is given to more than one source"]
     with pytest.raises(ConfigError, match="wrong type for 'data_config.train_sources'"):
         load_config(overrides=["data_config.train_sources=clotho"])
+
+
+def test_the_readme_mix_example_loads(tmp_path):
+    from pipeline.config import CONFIG_DIR
+
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    example = readme.split("<!-- mix-example -->\n```yaml\n", 1)[1].split("```", 1)[0]
+    shutil.copytree(CONFIG_DIR, tmp_path / "configs")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mix.yaml").write_text(example)
+    cfg = load_config(tmp_path / "recipes" / "mix.yaml")
+    assert [(s.name, s.shards, s.weight, s.prefix) for s in cfg.data_config.sources()] == [
+        ("clotho", "data/clotho/train", 1, "clotho > caption:"), ("audiocaps", "data/audiocaps/train", 2,
+                                                                  "audiocaps > caption:"),
+        ("wavcaps", "data/wavcaps/train", 3, "wavcaps > caption:")]
+    assert cfg.model_config.name == "openai/whisper-small" and cfg.trainer_config.bf16
