@@ -689,7 +689,7 @@ def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: i
             "mixed_precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
             "model": cfg.model_config.name, "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "device": str(accelerator.device), "sources": loader.sources()}
+            "device": str(accelerator.device), "sources": loader.progress()}
     epochs = max_steps * tc.gradient_accumulation_steps / max(1, len(loader))
     log.info("world size %d | batch %d per device, %d effective (x%d accumulation) | %d steps (%.2f epochs) "
              "| data: %d samples, %d batches per rank per epoch | model %s, %.1f M parameters (%.1f M trainable) "
@@ -705,7 +705,8 @@ def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: i
 
 def source_metrics(loader) -> dict:
     """Per source: samples handed to training so far (all ranks) and its own epochs they make."""
-    return {f"{what}/{source['name']}": float(source[what]) for source in loader.sources() for what in ("seen", "epochs")}
+    return {f"{what}/{source['name']}": float(source[what])
+            for source in loader.progress() for what in ("seen", "epochs")}
 
 
 # ------------------------------------------------------------------------------------- 10. the loop

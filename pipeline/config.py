@@ -102,9 +102,8 @@ class DataConfig:
             where = f"train_sources[{i}]"
             unknown, missing = set(entry) - set(SOURCE_FIELDS), {"name", "shards"} - set(entry)
             if unknown or missing:
-                problems.append(f"{where}: " + "; ".join(
-                    [f"unknown key(s) {sorted(unknown)}"] * bool(unknown) + [f"needs {sorted(missing)}"] * bool(missing))
-                    + f" (keys: {', '.join(SOURCE_FIELDS)})")
+                why = [f"unknown key(s) {sorted(unknown)}"] * bool(unknown) + [f"needs {sorted(missing)}"] * bool(missing)
+                problems.append(f"{where}: {'; '.join(why)} (keys: {', '.join(SOURCE_FIELDS)})")
                 continue
             try:
                 sources.append(Source(**entry))

@@ -10,7 +10,8 @@ sources' weights):
    source))`` (never Python's ``hash``; source 0 drops the last part, as streams did before they
    had sources, so their saved positions still resume) or listed (evaluation). An epoch of the
    stream has N positions, N being the samples of all sources together; source ``s`` has
-   ``m_s`` of them, its weight's share of N (largest remainder, at least one), and which positions
+   ``m_s`` of them, its weight's share of N (largest remainder; a weight too small for one position
+   is refused), and which positions
    are whose is a seeded shuffle of those counts (``(seed, epoch, 2)``, the same for any number
    of ranks or workers). The position that is source ``s``'s ``j``-th in epoch ``E`` is sample
    ``E * m_s + j`` of ``s``'s sequence. So every source is read exactly once per its *own* epoch
@@ -21,7 +22,7 @@ sources' weights):
    stream's position, so everything below (ranks, workers, shuffle, resume, elastic resume) cuts
    and orders the N positions of an epoch without knowing whose they are. Reading a range of
    positions reads each source's share of it as one run of its sequence (shards entered
-   mid-shard, as for one source). One source: N is its size, its epochs are the stream's.
+   mid-shard, as for one source; a reader holds one open shard per source). One source: N is its size, its epochs are the stream's.
    A stream epoch is what ``num_train_epochs`` counts; ``max_steps`` training (item 7) runs them
    back to back. Unlike weighted mixes that draw each sample's source at random, and whose
    resume then needs the sampler's state (LitData #694), nothing here is drawn at run time.
@@ -63,8 +64,8 @@ sources' weights):
    iteration, so it works with ``persistent_workers`` too.
    **Elastic resume.** A position saved under another layout (world size, workers, batch size,
    shuffle buffer, interleave) cannot be continued batch for batch, but what it delivered can be
-   recomputed: everything above is arithmetic on global positions (the epoch's shard order is a
-   function of ``(seed, epoch)`` alone), so replaying the saved layout's plan for ``batches``
+   recomputed: everything above is arithmetic on global positions (which sample each position of
+   an epoch is depends on ``(seed, epoch)`` alone), so replaying the saved layout's plan for ``batches``
    batches per rank gives the set of positions consumed (whole shuffle blocks per worker as
    cursor prefixes, plus the seeded permutation prefix of the block it stopped in). The rest of
    the epoch, kept as sorted runs of global positions (``sequence`` in the state), becomes that
@@ -84,8 +85,7 @@ sources' weights):
    broadcast, so every rank builds the same plan even if a shard is unreachable from one of them.
 
 Memory per process: the plan is O(number of shards) integers (a mix of sources adds two bytes per
-position of the epoch: whose it is); samples stream from the tar reader
-through one shuffle block. A position resumes exactly (batch for batch) under the same layout and
+position of the epoch: whose it is); samples stream from the tar reader through one shuffle block. A position resumes exactly (batch for batch) under the same layout and
 elastically under another; the seed and the data (shard sample counts) must be the same, which
 ``load_state_dict`` checks. An elastic resume costs one boolean per sample of the epoch, once.
 """
@@ -355,13 +355,13 @@ class ShardStream(IterableDataset):
     under ``SOURCE_KEY`` (padding for equal rank lengths: the first source)."""
 
     def __init__(self, shards: list[Shard], collator: Collator, settings: DataSettings, *, rank: int,
-                 world_size: int, n_mels: int | None = None, mix: Mix | None = None):
+                 world_size: int, mix: Mix, n_mels: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size; got rank {rank} of {world_size}")
         self.shards, self.collator = list(shards), collator
         self.counts = [s.samples for s in self.shards]
-        self.mix = mix or Mix((DEFAULT_SOURCE,), (tuple(self.counts),), (sum(self.counts),))
-        if [c for counts in self.mix.counts for c in counts] != self.counts:
+        self.mix = mix
+        if [c for counts in mix.counts for c in counts] != self.counts:
             raise ValueError("the mix's shard counts are not those of the shards")
         self._first_shard = np.cumsum([0, *map(len, self.mix.counts)])[:-1]  # per source, in self.shards
         self._picks: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, its picks, their marks)
@@ -694,7 +694,7 @@ class StreamLoader:
         ds = self.dataset
         return Layout(ds.world_size, max(1, self.num_workers), ds.batch_size, ds.shuffle_buffer, ds.interleave)
 
-    def sources(self) -> list[dict]:
+    def progress(self) -> list[dict]:
         """Per source: ``name``, ``samples`` (its size), ``per_epoch`` (its positions in each epoch of
         the stream), ``seen`` (samples of it all ranks have handed out so far) and ``epochs`` (its own
         epochs that makes, ``seen / samples``). Arithmetic on the position (one pass over the epoch's
@@ -712,7 +712,7 @@ class StreamLoader:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": ds.seed,
                 "num_samples": ds.num_samples, "train": ds.train, "data_digest": ds.mix.digest(),
                 "num_workers": self.num_workers, **dataclasses.asdict(self.layout), "sequence": sequence,
-                "skipped": self.skipped, "epoch_skipped": self.epoch_skipped, "sources": self.sources()}
+                "skipped": self.skipped, "epoch_skipped": self.epoch_skipped, "sources": self.progress()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` was taken: batch for batch under the same layout, elastically

@@ -201,13 +201,15 @@ def test_train_sources_from_yaml_and_overrides_become_sources_with_their_prefixe
                 "    - {name: clotho, shards: '${paths.data_dir}/clotho', weight: 2, prefix: 'clotho > caption:'}\n"
                 "    - {name: audiocaps, shards: 'data/ac/<000..009>.tar'}\n")
     dc = load_config(tmp_path / "main.yaml").data_config
-    assert dc.sources() == [Source("clotho", "data/clotho", 2, "clotho > caption:"), Source("audiocaps", "data/ac/<000..009>.tar")]
+    assert dc.sources() == [Source("clotho", "data/clotho", 2, "clotho > caption:"),
+                            Source("audiocaps", "data/ac/<000..009>.tar")]
     assert dc.settings().prefixes == (("clotho", "clotho > caption:"),)
     override = load_config(overrides=["data_config.train_sources=[{name: a, shards: x, weight: 0.5}]"]).data_config
     assert override.sources() == [Source("a", "x", 0.5)]
     single = load_config(overrides=['data_config.caption_prefix="tell me:"']).data_config  # quoted: YAML
     assert single.sources() == [Source(DEFAULT_SOURCE, "data/train", 1.0, "tell me:")]
-    assert single.settings().prefixes == ((DEFAULT_SOURCE, "tell me:"),) and load_config().data_config.settings().prefixes == ()
+    assert single.settings().prefixes == ((DEFAULT_SOURCE, "tell me:"),)
+    assert load_config().data_config.settings().prefixes == ()
 
 
 def test_bad_train_sources_are_one_line_each_naming_the_key():

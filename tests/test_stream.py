@@ -547,7 +547,8 @@ def test_each_source_comes_once_per_its_own_epoch_over_all_ranks_and_workers(tmp
         first = per_epoch[0]
         assert [first[k] for k in keys["a"] + keys["b"]] == [2] * 4 + [1] * 8, (world, workers)
         assert sorted(first[k] for k in keys["c"]) == [0] * 4 + [1] * 8, (world, workers)  # 8 of its 12, once
-        assert sum(per_epoch, collections.Counter()) == collections.Counter(keys["a"] * 6 + keys["b"] * 3 + keys["c"] * 2)
+        whole = collections.Counter(keys["a"] * 6 + keys["b"] * 3 + keys["c"] * 2)  # own epochs, each whole
+        assert sum(per_epoch, collections.Counter()) == whole
 
 
 def test_sources_come_in_proportion_to_their_weights_within_binomial_noise(tmp_path, tiny_processor):
@@ -601,7 +602,8 @@ def test_a_mix_resumes_elastically_and_counts_what_each_source_gave(tmp_path, ti
     assert len(set(counts)) == 1
     got = collections.Counter(seen + rest)
     # a's own epoch 0 whole and 7 of its own epoch 1; b: 8 of its first epoch
-    assert sorted(got[k] for k in keys["a"]) == [1] * 2 + [2] * 7 and sorted(got[k] for k in keys["b"]) == [0] * 7 + [1] * 8
+    assert sorted(got[k] for k in keys["a"]) == [1] * 2 + [2] * 7
+    assert sorted(got[k] for k in keys["b"]) == [0] * 7 + [1] * 8
     assert [(s["seen"], s["epochs"]) for s in after["sources"]] == [(16, 16 / 9), (8, 8 / 15)]
 
 

@@ -712,7 +712,8 @@ def test_a_mix_of_sources_trains_and_reports_what_each_source_gave(tmp_path, sha
     each one's share, metrics.jsonl its samples seen and own epochs, the loader state its position."""
     for name, size in (("a", 6), ("b", 10)):
         write_mel_shards(tmp_path / name, [size], prefix=name)
-    sources = f"data_config.train_sources=[{{name: a, shards: '{tmp_path}/a', weight: 3}}, {{name: b, shards: '{tmp_path}/b'}}]"
+    sources = (f"data_config.train_sources=[{{name: a, shards: '{tmp_path}/a', weight: 3}}, "
+               f"{{name: b, shards: '{tmp_path}/b'}}]")
     out = tmp_path / "o"
     argv = run_args(out, shards[0], "trainer_config.max_steps=4", "trainer_config.save_steps=4", sources)[2:]
     with caplog.at_level(logging.INFO, logger="train_stream"):
