@@ -709,20 +709,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(t
 
 def test_a_mix_of_sources_trains_and_reports_what_each_source_gave(tmp_path, shards, caplog, capsys):
     """Two sources at 3:1 (a: 6 samples, b: 10; 12 and 4 of each 16-sample epoch): the banner gives
-    each one's share, metrics.jsonl its samples seen and own epochs, the loader state its position."""
+    each one's share, metrics.jsonl its samples seen and own epochs, the loader state its position;
+    a run stopped after step 5 (mid-epoch) and resumed (with loader workers) trains on the same
+    batches, into the next epoch."""
     for name, size in (("a", 6), ("b", 10)):
         write_mel_shards(tmp_path / name, [size], prefix=name)
     sources = (f"data_config.train_sources=[{{name: a, shards: '{tmp_path}/a', weight: 3}}, "
                f"{{name: b, shards: '{tmp_path}/b'}}]")
-    out = tmp_path / "o"
-    argv = run_args(out, shards[0], "trainer_config.max_steps=4", "trainer_config.save_steps=4", sources)[2:]
+    out, parts = tmp_path / "o", tmp_path / "parts"
+    common = ["trainer_config.save_steps=5", "++trainer_config.log_sample_keys=true",
+              "++trainer_config.dataloader_num_workers=2", sources]
     with caplog.at_level(logging.INFO, logger="train_stream"):
-        assert train_stream.main(argv) == 0
+        assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=10", *common)[2:]) == 0
+    assert train_stream.main(run_args(parts, shards[0], "trainer_config.max_steps=5", *common)[2:]) == 0
+    assert train_stream.main(run_args(parts, shards[0], "trainer_config.max_steps=10", *common,
+                                      "trainer_config.resume_from_checkpoint=latest")[2:]) == 0
+    keys = [(out if run == "o" else parts) / "sample_keys" / "rank-0.jsonl" for run in ("o", "parts")]
+    assert keys[0].read_text() == keys[1].read_text()  # the resumed mix trains on the same batches
+    assert [json.loads(line)["epoch"] for line in keys[0].read_text().splitlines()] == [0] * 8 + [1] * 2
     assert "source a: 6 samples, 12 of each epoch's 16 (75.0%) | seen 0, 0.00 of its epochs done" in caplog.text
     assert "source b: 10 samples, 4 of each epoch's 16 (25.0%)" in caplog.text
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert last["seen/a"] + last["seen/b"] == 8 and last["epochs/a"] == last["seen/a"] / 6
-    state = json.loads((out / "checkpoint-4" / "loader_state_0.json").read_text())
+    assert last["seen/a"] + last["seen/b"] == 20 and last["epochs/a"] == last["seen/a"] / 6
+    state = json.loads((out / "checkpoint-10" / "loader_state_0.json").read_text())
     assert [(s["name"], s["seen"]) for s in state["sources"]] == [("a", last["seen/a"]), ("b", last["seen/b"])]
     assert train_stream.main(run_args(tmp_path / "o2", shards[0], sources)) == 2
     assert "--shards and data_config.train_sources both name the training data" in capsys.readouterr().err
