@@ -122,7 +122,6 @@ from transformers.models.whisper.modeling_whisper import (
     WhisperDecoderLayer,
     WhisperEncoder,
     WhisperEncoderLayer,
-    shift_tokens_right,
 )
 
 from pipeline import launch
@@ -262,12 +261,12 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 def forward_logits(model, batch: dict, device, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced logits ``[B, T, V]`` and labels ``[B, T]`` (padding samples all -100) for a
     compact batch; ``features``: its ``expand_features`` on ``device``, if already made."""
-    config = model.module.config if hasattr(model, "module") else model.config
     if features is None:
         features = expand_features(batch, device=device, dtype=torch.float32)  # [B, n_mels, 3000]
     labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
     labels = labels.masked_fill(batch["is_pad"].to(device, non_blocking=True)[:, None], -100)
-    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)  # [B, T]
+    # the collator's, not the labels shifted right: those have the forced caption prefix as -100
+    decoder_input_ids = batch["decoder_input_ids"].to(device, non_blocking=True)  # [B, T]
     logits = model(input_features=features, decoder_input_ids=decoder_input_ids, use_cache=False).logits
     return logits, labels
 

@@ -15,6 +15,19 @@ from pipeline.retry import RetryPolicy
 
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder positions: the longest label sequence a model takes
 ON_ERROR = ("skip", "raise")
+SOURCE_KEY = "__source__"  # the sample field naming the source it came from (missing: DEFAULT_SOURCE)
+DEFAULT_SOURCE = "default"  # the one source of a single-source run
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source: its shard URLs, its weight in the mix, and the caption prefix that tells
+    the decoder which source's style to write (``pipeline.collate``: the prompt)."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,8 @@ class DataSettings:
     max_label_tokens: int = MAX_TARGET_POSITIONS
     spec_augment: SpecAugment | None = None
     retry: RetryPolicy | None = None  # http(s) and fsspec reads: retries, deadline (None: retry.DEFAULT_POLICY)
+    prefixes: tuple[tuple[str, str], ...] = ()  # (source name, caption prefix): the decoder prompt per source
+    normalize_captions: bool = False  # train on lower-cased captions without punctuation (collate.normalize_caption)
 
     def __post_init__(self):
         problems = self.problems()
@@ -64,6 +79,9 @@ class DataSettings:
             out.append(f"on_error={self.on_error!r}: choose from {ON_ERROR}")
         if not (math.isfinite(self.max_skip_fraction) and 0 <= self.max_skip_fraction <= 1):
             out.append(f"max_skip_fraction={self.max_skip_fraction!r}: must be within [0, 1]")
+        names = [name for name, _ in self.prefixes]
+        if len(set(names)) < len(names):
+            out.append(f"prefixes={self.prefixes!r}: a source is named twice")
         if self.spec_augment is not None:
             out += [f"spec_augment.{f.name}={getattr(self.spec_augment, f.name)!r}: must be at least 0"
                     for f in fields(SpecAugment) if getattr(self.spec_augment, f.name) < 0]
