@@ -112,8 +112,8 @@ class ModelConfig:
     attn_implementation: str = key("sdpa", "sdpa | eager | flash_attention_2")
     gradient_checkpointing: bool = key(False, "recompute activations in the backward pass: less memory, slower")
     freeze_encoder: bool = key(False, "train the decoder only")
-    freeze: list[str] = key([], "parameter names to freeze, as fnmatch patterns, e.g. ['model.encoder.conv*', "
-                            "'model.encoder.embed_positions.*', 'model.encoder.layers.[0-3].*']; each must match")
+    freeze: list[str] = key([], "parameter names to freeze, as fnmatch patterns, e.g. \"['model.encoder.conv*', "
+                            "'model.encoder.layers.[0-3].*']\" (front-end, first 4 encoder layers); each must match")
     lora_r: int = key(0, "LoRA rank on lora_target_modules (peft, the 'lora' extra); 0: full fine-tuning. "
                       "final/ holds the adapters merged into the weights")
     lora_alpha: float = key(32.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
