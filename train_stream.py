@@ -14,6 +14,10 @@ Decisions, and why:
   same however many tokens it holds), as in HF's Trainer before ``num_items_in_batch``. Padding samples
   (``is_pad``) have only -100 labels, so they add nothing; an all-padding batch gives loss 0 whose
   gradient is zero for every parameter, so DDP still sees every parameter in every step.
+  ``label_smoothing`` is torch's (``cross_entropy(label_smoothing=)``) on the training loss only; the
+  evaluation loss stays plain cross-entropy, comparable between runs. The decoder input is the
+  collator's (task tokens, a source's caption prefix, the caption), not the labels shifted right:
+  the prefix is -100 in the labels (``pipeline.collate``).
 - Data: ``make_loader`` is sharded per rank already and is not passed to ``accelerator.prepare``. It is
   infinite: ``max_steps`` counts optimizer steps, and ``num_train_epochs`` is turned into steps from
   ``len(loader)``. ``split_batches`` means the configured batch is the global one (divided by world size).
