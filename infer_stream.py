@@ -20,6 +20,9 @@ Why it is built this way:
   clip is captioned.
 - ``generate`` gets ``language="en", task="translate"`` (not ``forced_decoder_ids``), greedy unless
   ``--num-beams`` > 1.
+- The caption prefix a model was trained with (recorded in its generation config by training,
+  ``pipeline.model.recorded_prefixes``) is forced after the task tokens, as in training, and is
+  not part of the output caption; ``--prefix`` or ``--source`` pick another.
 
 Output: one JSON row per clip, ``{"key", "pred_caption", "gt_caption" (first reference or null),
 "gt_captions"}``; a fresh run writes them sorted by key, ``--resume`` keeps the earlier rows and appends
@@ -64,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="1: greedy; >1: beam search")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None,
                         help="longest caption in tokens (default: the model's generation config)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prefix", help="caption prefix forced after the task tokens (stripped from the output); "
+                        "'' for none. Default: the prefix recorded with the model, the first (highest-weight "
+                        "source's) when several are recorded")
+    prompt.add_argument("--source", help="use the prefix recorded with the model for this training source")
     parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16")
     parser.add_argument("--print", action="store_true", help="also print the list of result rows")
     parser.add_argument("--resume", action="store_true", help="skip keys already in --output (and in part files)")
@@ -90,13 +98,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline.collate import expand_features
+from pipeline.collate import expand_features, prompt_ids
 from pipeline.data_settings import DataSettings
 from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import LockBusy, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
-from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor
+from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, recorded_prefixes
 from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
 from pipeline.stream import StreamError, make_loader
 
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         accelerator = make_accelerator()
         processor = load_processor(args.model_name, "--model-name")
         model = load_model(args.model_name, processor, "--model-name")
-    except (LaunchError, ModelLoadError) as error:
+        args.prefix = caption_prefix(args, recorded_prefixes(model))  # resolved once: what every batch forces
+    except (LaunchError, ModelLoadError, UnknownSource) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -130,6 +139,24 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         except StreamError as error:  # too many damaged samples, as in training
             print(f"error: {error}", file=sys.stderr)
             return 1
+
+
+class UnknownSource(ValueError):
+    """``--source`` names a source the model recorded no prefix for."""
+
+
+def caption_prefix(args, recorded: list[tuple[str, str]]) -> str:
+    """The prefix to force: ``--prefix``, the one recorded for ``--source``, or the first recorded
+    (the default source's); ``UnknownSource`` for a ``--source`` the model has no prefix for."""
+    if args.prefix is not None:
+        return args.prefix
+    if args.source is not None:
+        found = dict(recorded).get(args.source)
+        if found is None:
+            raise UnknownSource(f"--source {args.source}: no prefix recorded for it with {args.model_name} (recorded: "
+                             f"{', '.join(name for name, _ in recorded) or 'none'}); pass --prefix TEXT instead")
+        return found
+    return recorded[0][1] if recorded else ""
 
 
 def claim_output(output: Path, lock: contextlib.ExitStack) -> str:
@@ -154,6 +181,7 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
     done = prepare_output(output, args.resume, accelerator)
     if accelerator.is_main_process:
         print(f"captioning on {accelerator.num_processes} process(es), device {accelerator.device}"
+              + (f"; caption prefix {args.prefix!r}" if args.prefix.strip() else "")
               + (f"; {len(done)} keys already done" if args.resume else ""), flush=True)
 
     start = time.perf_counter()
@@ -262,6 +290,7 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
     """Caption every real, not-yet-done clip; append its row to this rank's part file.
     Returns ``(clips captioned, inputs reported as errors)``."""
     count = errors = 0
+    prefix = prompt_ids(processor.tokenizer, args.prefix)
     bar = tqdm(total=expected, unit="clip", desc="captioning", disable=not accelerator.is_local_main_process)
     with open_part(Path(args.output), accelerator.process_index) as out, torch.inference_mode():
         for batch in batches:
@@ -276,7 +305,7 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
             features = expand_features(batch, device=accelerator.device, dtype=dtype)  # [B, n_mels, 3000]
             if len(keep) < len(batch["keys"]):  # clips done before a --resume, rank padding
                 features = features[keep]  # [b, n_mels, 3000]
-            tokens = generate_captions(model, features, args.num_beams, args.max_new_tokens)  # [b, T]
+            tokens = generate_captions(model, features, args.num_beams, args.max_new_tokens, prefix_ids=prefix)  # [b, T]
             captions = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for i, caption in zip(keep, captions):
                 refs = list(batch["captions"][i])

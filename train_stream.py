@@ -14,6 +14,10 @@ Decisions, and why:
   same however many tokens it holds), as in HF's Trainer before ``num_items_in_batch``. Padding samples
   (``is_pad``) have only -100 labels, so they add nothing; an all-padding batch gives loss 0 whose
   gradient is zero for every parameter, so DDP still sees every parameter in every step.
+  ``label_smoothing`` is torch's (``cross_entropy(label_smoothing=)``) on the training loss only; the
+  evaluation loss stays plain cross-entropy, comparable between runs. The decoder input is the
+  collator's (task tokens, a source's caption prefix, the caption), not the labels shifted right:
+  the prefix is -100 in the labels (``pipeline.collate``).
 - Data: ``make_loader`` is sharded per rank already and is not passed to ``accelerator.prepare``. It is
   infinite: ``max_steps`` counts optimizer steps, and ``num_train_epochs`` is turned into steps from
   ``len(loader)``. ``split_batches`` means the configured batch is the global one (divided by world size).
@@ -39,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import fnmatch
 import itertools
 import json
 import logging
@@ -126,11 +132,10 @@ from transformers.models.whisper.modeling_whisper import (
     WhisperDecoderLayer,
     WhisperEncoder,
     WhisperEncoderLayer,
-    shift_tokens_right,
 )
 
 from pipeline import launch
-from pipeline.collate import expand_features
+from pipeline.collate import Collator, expand_features
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
 from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, save_model
@@ -177,15 +182,18 @@ def device_batch_size(batch_size: int, split_batches: bool, world_size: int, key
 # ------------------------------------------------------------------------------------------ 3. model
 
 def build_model(cfg: RunConfig):
+    """The processor and the model to train: with ``lora_r``, a peft ``PeftModel`` around it."""
     mc = cfg.model_config
     processor = load_processor(mc.name)
     model = load_model(mc.name, processor, attn_implementation=mc.attn_implementation)
     apply_model_options(model, mc)
-    return processor, model
+    return processor, add_lora(model, mc) if mc.lora_r else model
 
 
 def apply_model_options(model, mc) -> None:
-    """Dropout, SpecAugment, frozen encoder, gradient checkpointing on a loaded model.
+    """Dropout, SpecAugment, frozen encoder and ``freeze`` patterns, gradient checkpointing on a
+    loaded model. Frozen parameters are left out of the optimizer (``param_groups``), so weight
+    decay does not move them either.
 
     SpecAugment fields are read from ``model.config`` at every forward; dropout is copied into the
     modules when they are built, so it is set on them too (and in the config, for ``save_pretrained``).
@@ -198,9 +206,42 @@ def apply_model_options(model, mc) -> None:
             module.dropout = mc.dropout
     if mc.freeze_encoder:
         model.model.encoder.requires_grad_(False)
+    freeze(model, mc.freeze)
     if mc.gradient_checkpointing:
         model.config.use_cache = False
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def freeze(model, patterns: list[str]) -> None:
+    """No gradient for the parameters whose names match one of ``patterns`` (``fnmatch``, e.g.
+    ``model.encoder.layers.[0-3].*``); a pattern that matches no parameter is a ``ConfigError``,
+    since a typo would otherwise train everything unseen."""
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"model_config.freeze: '{pattern}' matches no parameter name; names look like "
+                              f"{', '.join(names[:2])}, model.encoder.layers.0.fc1.weight, "
+                              f"model.decoder.layers.0.self_attn.q_proj.weight")
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+
+
+def add_lora(model, mc):
+    """``model`` inside a peft ``PeftModel`` with LoRA adapters on ``lora_target_modules``: only the
+    adapters train (``save_final`` merges them into the weights)."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model_config.lora_r > 0 needs peft: pip install 'whisper-caption-stream[lora]' "
+                          "(or pip install peft), or set model_config.lora_r=0") from None
+    config = peft.LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=mc.lora_dropout,
+                             target_modules=list(mc.lora_target_modules))
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as error:  # target modules not found in the model
+        raise ConfigError(f"model_config.lora_target_modules={list(mc.lora_target_modules)}: "
+                          f"{str(error).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------------------------------- 4. data
@@ -253,40 +294,44 @@ def set_lr(optimizer, lr: float) -> None:
 
 # ------------------------------------------------------------------------------- 6. loss and a step
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of token cross-entropy over ``labels != -100`` and the number of those tokens.
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token cross-entropy (with ``label_smoothing``, torch's) over ``labels != -100`` and
+    the number of those tokens.
 
     logits ``[B, T, V]``, labels ``[B, T]``. With no real token the sum is 0 and still depends on every
     logit (zero gradient), which keeps DDP's gradient reduction in step on all-padding batches.
     """
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
+                            label_smoothing=label_smoothing)
     return total, (labels != -100).sum()
 
 
 def forward_logits(model, batch: dict, device, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced logits ``[B, T, V]`` and labels ``[B, T]`` (padding samples all -100) for a
     compact batch; ``features``: its ``expand_features`` on ``device``, if already made."""
-    config = model.module.config if hasattr(model, "module") else model.config
     if features is None:
         features = expand_features(batch, device=device, dtype=torch.float32)  # [B, n_mels, 3000]
     labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
     labels = labels.masked_fill(batch["is_pad"].to(device, non_blocking=True)[:, None], -100)
-    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)  # [B, T]
+    # the collator's, not the labels shifted right: those have the forced caption prefix as -100
+    decoder_input_ids = batch["decoder_input_ids"].to(device, non_blocking=True)  # [B, T]
     logits = model(input_features=features, decoder_input_ids=decoder_input_ids, use_cache=False).logits
     return logits, labels
 
 
-def compute_loss(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The micro-batch loss (token mean, = HF's ``model(..., labels=labels).loss``) and its token count."""
+def compute_loss(model, batch: dict, device, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch loss (token mean, = HF's ``model(..., labels=labels).loss`` without
+    ``label_smoothing``) and its token count."""
     logits, labels = forward_logits(model, batch, device)
-    total, tokens = caption_loss(logits, labels)
+    total, tokens = caption_loss(logits, labels, label_smoothing)
     return total / tokens.clamp(min=1), tokens
 
 
-def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor) -> None:
+def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor, label_smoothing: float = 0.0) -> None:
     """Forward and backward of one micro-batch inside ``accelerator.accumulate``; adds to ``stats``."""
     with accelerator.accumulate(model):
-        loss, tokens = compute_loss(model, batch, accelerator.device)
+        loss, tokens = compute_loss(model, batch, accelerator.device, label_smoothing=label_smoothing)
         accelerator.backward(loss)
     loss = loss.detach().double()
     stats[STATS.index("loss")] += loss
@@ -322,10 +367,27 @@ def optimizer_step(model, optimizer, accelerator: Accelerator, lr: float, max_gr
 
 # ------------------------------------------------------------------------------------- 7. evaluation
 
+def generate_prompted(model, features: torch.Tensor, sources: list[str], collator: Collator,
+                      **options) -> list[list[int]]:
+    """Caption ids of each row of ``features``, prompted with its own source's prefix, as in
+    training: one ``generate_captions`` call per distinct prefix."""
+    groups = {}
+    for row, source in enumerate(sources):
+        groups.setdefault(tuple(collator.prompt(source)), []).append(row)
+    out = [None] * len(sources)
+    for prefix, rows in groups.items():
+        tokens = generate_captions(model, features[rows], prefix_ids=prefix, **options)  # [rows, T]
+        for row, ids in zip(rows, tokens.tolist()):
+            out[row] = ids
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc) -> tuple[dict, list]:
-    """Validation loss (token mean over all ranks) and greedy captions on at most ``eval_max_batches``
-    batches per rank, gathered across ranks, padding samples left out, scored on the main process."""
+    """Validation loss (token mean over all ranks, no label smoothing) and captions (greedy, or
+    ``generation_num_beams`` beams; each row prompted with its source's prefix) on at most
+    ``eval_max_batches`` batches per rank, gathered across ranks, padding samples left out, scored
+    on the main process."""
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     unwrapped.eval()
     loader.load_state_dict(start_state)  # every evaluation reads the same batches from the start
@@ -338,7 +400,8 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
             features = expand_features(batch, device=accelerator.device, dtype=torch.float32)  # [B, n_mels, 3000]
             logits, labels = forward_logits(unwrapped, batch, accelerator.device, features)
             total, tokens = caption_loss(logits, labels)
-            ids = generate_captions(unwrapped, features, max_new_tokens=tc.generation_max_new_tokens)  # [B, T']
+            ids = generate_prompted(unwrapped, features, batch["sources"], loader.dataset.collator,
+                                    num_beams=tc.generation_num_beams, max_new_tokens=tc.generation_max_new_tokens)
         sums += torch.stack([total.double(), tokens.double()])
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         rows += [{"key": key, "prediction": text.strip(), "references": refs}
@@ -866,7 +929,7 @@ class Trainer:
             batch = next(batches)
             stats[STATS.index("wait_s")] += time.perf_counter() - waited
             epoch = self.loader.epoch if epoch is None else epoch
-            train_step(self.model, batch, self.accelerator, stats)
+            train_step(self.model, batch, self.accelerator, stats, self.tc.label_smoothing)
             keys += [key for key, pad in zip(batch["keys"], batch["is_pad"].tolist()) if not pad]
         return stats, keys, epoch
 
@@ -891,12 +954,16 @@ class Trainer:
 # --------------------------------------------------------------------------------- 11. end and main
 
 def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, output_dir: Path) -> Path:
-    """``output_dir/final``: ``save_pretrained`` model, tokenizer and feature extractor, plus the config."""
+    """``output_dir/final``: ``save_pretrained`` model (LoRA adapters merged into a copy: a plain
+    Whisper folder), tokenizer and feature extractor, the caption prefixes, plus the config."""
     final, tmp = output_dir / "final", output_dir / ".tmp-final"
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_model(accelerator.unwrap_model(model, keep_torch_compile=False), processor, tmp)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if cfg.model_config.lora_r:
+            unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
+        save_model(unwrapped, processor, tmp, prefixes=cfg.data_config.prefixes())
         save_config(cfg, tmp / "config.yaml")
         if final.exists():
             shutil.rmtree(final)

@@ -14,6 +14,18 @@ Why it looks like this:
   labels right and prepends ``decoder_start_token_id`` itself, so keeping it would train on a doubled
   start token. Padding is -100 chosen by each caption's *length*, never by token id, because
   ``<|endoftext|>`` is both the end of every caption (which must be learned) and the pad id.
+* Prompts: a source's caption prefix (``DataSettings.prefixes``, looked up by the sample's
+  ``SOURCE_KEY``) is forced after ``<|startoftranscript|><|en|><|translate|><|notimestamps|>``, as
+  the prompt that tells the decoder which source's style to write. Its positions are -100 in the
+  labels (given, never trained on), so the batch also carries ``decoder_input_ids``: the model's
+  own right shift of the labels would turn the prefix into padding. The prefix is tokenized as
+  written (surrounding whitespace dropped, no leading space: a caption without prefix starts that
+  way here too), and a caption after a prefix gets one leading space, the BPE word boundary, so
+  ``prefix + caption`` tokenize exactly as the text ``"prefix caption"``. ``prompt_ids`` is the one
+  home of that rule; training, evaluation and inference force the same ids.
+* Normalised captions (``normalize_captions``): the training targets are lower-cased with
+  punctuation dropped (``normalize_caption``); the references kept in the batch stay as written,
+  since the metrics tokenize both sides the same way (PTB tokenizer, lower-case, no punctuation).
 * Captions: training draws one caption per visit with a hash of ``(seed, epoch, key)``, so the
   draw does not depend on worker count, batch position or process; evaluation labels use the first
   caption and every batch keeps all captions as references.
@@ -26,19 +38,21 @@ Why it looks like this:
   ``pad_value`` of silence, all -100 labels, no captions, key ``""`` and ``is_pad`` True.
 
 A sample dict is ``{"__key__": str, "mel": float16 [n_mels, frames] (numpy or torch; "mel.npy" is
-also accepted), "json": dict with "captions" and "pad_value"}`` or ``{"__key__": "", "__pad__": True}``.
+also accepted), "json": dict with "captions" and "pad_value"}`` or ``{"__key__": "", "__pad__": True}``,
+either with an optional ``SOURCE_KEY`` (the source's name; missing: ``DEFAULT_SOURCE``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import unicodedata
 import warnings
 
 import numpy as np
 import torch
 
-from pipeline.data_settings import DataSettings
+from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings
 from pipeline.features import LOG_FLOOR, N_FRAMES, pad_mel
 
 IGNORE_INDEX = -100  # ignored by torch's cross-entropy and by the HF Whisper loss
@@ -56,11 +70,26 @@ def caption_index(seed: int, epoch: int, key: str, count: int) -> int:
     return _hash64("caption", seed, epoch, key) % count
 
 
+def normalize_caption(text: str) -> str:
+    """Lower-case, punctuation (Unicode category P) dropped, except dashes, which separate words
+    (``"Rock-and-roll!"`` -> ``"rock and roll"``), whitespace collapsed."""
+    kept = (" " if unicodedata.category(c) == "Pd" else "" if unicodedata.category(c).startswith("P") else c
+            for c in text.lower())
+    return " ".join("".join(kept).split())
+
+
+def prompt_ids(tokenizer, prefix: str) -> list[int]:
+    """The ids of caption prefix ``prefix``, forced after the task tokens (module doc: the rule)."""
+    prefix = prefix.strip()
+    return tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+
+
 class Collator:
     """``Collator(tokenizer, settings)(samples, epoch)`` -> batch dict (see module doc):
-    ``input_features`` float16 ``[B, n_mels, 3000]``, ``labels`` int64 ``[B, T]``, ``keys``,
-    ``captions``, ``is_pad`` bool ``[B]``, ``meta``; ``compact`` gives the form loaders hand over. It reads ``train``, ``seed``,
-    ``max_label_tokens`` and ``spec_augment`` of the settings; keyword ``changes`` replace fields of
+    ``input_features`` float16 ``[B, n_mels, 3000]``, ``labels`` and ``decoder_input_ids`` int64
+    ``[B, T]``, ``keys``, ``captions``, ``sources``, ``is_pad`` bool ``[B]``, ``meta``; ``compact`` gives
+    the form loaders hand over. It reads ``train``, ``seed``, ``max_label_tokens``, ``spec_augment``,
+    ``prefixes`` and ``normalize_captions`` of the settings; keyword ``changes`` replace fields of
     ``settings`` (or of the defaults)."""
 
     def __init__(self, tokenizer, settings: DataSettings | None = None, n_mels: int = 80,
@@ -70,7 +99,18 @@ class Collator:
         self.train, self.seed = settings.train, settings.seed
         self.max_label_tokens = settings.max_label_tokens
         self.spec_augment = settings.spec_augment
+        self.normalize = settings.normalize_captions
         self.n_mels, self.n_frames = n_mels, n_frames
+        self.task_ids = list(tokenizer.prefix_tokens)  # <|startoftranscript|><|en|><|translate|><|notimestamps|>
+        self.prompts = {name: prompt_ids(tokenizer, prefix) for name, prefix in settings.prefixes}
+        for name, ids in self.prompts.items():
+            if len(self.task_ids) + len(ids) + 1 >= self.max_label_tokens:
+                raise ValueError(f"the caption prefix of source '{name}' has {len(ids)} tokens: no room for a "
+                                 f"caption within max_label_tokens={self.max_label_tokens}")
+
+    def prompt(self, source: str) -> list[int]:
+        """The prefix ids forced after the task tokens for samples of ``source`` ([] for none)."""
+        return self.prompts.get(source, [])
 
     def __call__(self, samples: list[dict], epoch: int = 0) -> dict:
         batch = self.compact(samples, epoch)
@@ -90,16 +130,20 @@ class Collator:
         real = [s for s, pad in zip(samples, is_pad) if not pad]
         metas = [s["json"] for s in real]
         keys = [s["__key__"] for s in real]
+        sources = [s.get(SOURCE_KEY, DEFAULT_SOURCE) for s in samples]
         features, pad_values = self._features(samples, is_pad, epoch)  # [B, n_mels, max_frames], [B]
-        labels = self._labels(metas, keys, is_pad, epoch)  # [B, T] int64
+        real_sources = [source for source, pad in zip(sources, is_pad) if not pad]
+        labels, decoder_input_ids = self._labels(metas, keys, real_sources, is_pad, epoch)  # [B, T] int64 each
         real_iter = iter(zip(keys, metas))
         rows = [("", {}) if pad else next(real_iter) for pad in is_pad]
         return {
             "input_features": features,
             "pad_values": pad_values,
             "labels": labels,
+            "decoder_input_ids": decoder_input_ids,
             "keys": [key for key, _ in rows],
             "captions": [list(meta.get("captions", [])) for _, meta in rows],
+            "sources": sources,
             "is_pad": torch.tensor(is_pad, dtype=torch.bool),  # [B]
             "meta": [meta for _, meta in rows],
         }
@@ -146,29 +190,40 @@ class Collator:
 
     def _caption(self, meta: dict, key: str, epoch: int) -> str:
         captions = meta["captions"]
-        if self.train and len(captions) > 1:
-            return captions[caption_index(self.seed, epoch, key, len(captions))]
-        return captions[0]
+        caption = captions[caption_index(self.seed, epoch, key, len(captions))] if self.train and len(captions) > 1 \
+            else captions[0]
+        return normalize_caption(caption) if self.normalize else caption
 
-    def _labels(self, metas: list[dict], keys: list[str], is_pad: list[bool], epoch: int) -> torch.Tensor:
-        texts = [self._caption(meta, key, epoch) for meta, key in zip(metas, keys)]
+    def _labels(self, metas: list[dict], keys: list[str], sources: list[str], is_pad: list[bool],
+                epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labels, decoder_input_ids)``, both ``[B, T]``: the labels with the prompt's positions
+        -100, the decoder inputs ``<|startoftranscript|>`` + the whole row but its last token."""
+        prompts = [self.prompt(source) for source in sources]
+        texts = [(" " if prompt else "") + self._caption(meta, key, epoch)
+                 for meta, key, prompt in zip(metas, keys, prompts)]
         ids = self.tokenizer(texts).input_ids if texts else []
-        rows = []
-        for key, row in zip(keys, ids):
-            row = row[1:]  # drop <|startoftranscript|>: the model prepends decoder_start itself
+        task = len(self.task_ids) - 1  # task tokens after <|startoftranscript|>, which the row drops
+        rows, given = [], []
+        for key, row, prompt in zip(keys, ids, prompts):
+            row = row[1:1 + task] + prompt + row[1 + task:]  # the model prepends decoder_start itself
             if len(row) > self.max_label_tokens:
                 warnings.warn(f"caption of '{key}' has {len(row)} label tokens; cut to max_label_tokens="
                               f"{self.max_label_tokens}", stacklevel=3)
                 row = row[:self.max_label_tokens - 1] + row[-1:]  # keep <|endoftext|>: it teaches stopping
             rows.append(row)
+            given.append(len(prompt))
         width = max((len(r) for r in rows), default=1)
         labels = np.full((len(is_pad), width), IGNORE_INDEX, dtype=np.int64)  # [B, T]
-        real_rows = iter(rows)
+        inputs = np.full((len(is_pad), width), self.tokenizer.pad_token_id, dtype=np.int64)  # [B, T]
+        inputs[:, 0] = self.task_ids[0]
+        real_rows = iter(zip(rows, given))
         for i, pad in enumerate(is_pad):
             if not pad:
-                row = next(real_rows)
+                row, prompt = next(real_rows)
                 labels[i, :len(row)] = row
-        return torch.from_numpy(labels)
+                labels[i, task:task + prompt] = IGNORE_INDEX  # the prefix is given, not predicted
+                inputs[i, 1:len(row)] = row[:-1]
+        return torch.from_numpy(labels), torch.from_numpy(inputs)
 
 
 def expand_features(batch: dict, n_frames: int = N_FRAMES, device=None,

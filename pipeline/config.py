@@ -67,8 +67,9 @@ class DataConfig:
     train_sources: Optional[list[dict[str, Any]]] = key(None, "several training sources mixed by weight, each "
                                                          "{name, shards, weight (1), prefix ('')}; "
                                                          "null: train_shards alone (README: mixing sources)")
-    caption_prefix: str = key("", "caption prefix of the train_shards source (with train_sources, each "
-                              "source has its own)")
+    caption_prefix: str = key("", "text forced after the task tokens as the decoder prompt of the train_shards "
+                              "source, not trained on, recorded with the model for inference (e.g. 'clotho > "
+                              "caption:'); '': none; with train_sources each source has its own prefix")
     val_shards: Optional[str] = key(None, "validation shard URLs, as train_shards (--val-shards); null: no evaluation")
     shuffle_buffer: int = key(_DATA.shuffle_buffer, "samples held for shuffling within a worker's shards")
     max_label_tokens: int = key(_DATA.max_label_tokens, "captions longer than this many tokens are cut")
@@ -76,6 +77,7 @@ class DataConfig:
     max_skip_fraction: float = key(_DATA.max_skip_fraction, "more skipped samples than this fraction of the plan "
                                    "stops the run")
     verify: bool = key(_DATA.verify, "check local shards against index.json's sha256 first")
+    normalize_captions: bool = key(_DATA.normalize_captions, "train on the captions lower-cased, without punctuation")
     spec_augment: bool = key(False, "SpecAugment in the data loader (on the log-mel, per clip)")
     spec_time_masks: int = key(_SPEC.time_masks, "loader SpecAugment: time masks per clip")
     spec_time_width: int = key(_SPEC.time_width, "loader SpecAugment: widest time mask, in frames")
@@ -128,7 +130,8 @@ class DataConfig:
                                         for line in str(error).splitlines())) from None
         return DataSettings(shuffle_buffer=self.shuffle_buffer, max_label_tokens=self.max_label_tokens,
                             on_error=self.on_error, max_skip_fraction=self.max_skip_fraction, verify=self.verify,
-                            spec_augment=spec, retry=retry, prefixes=source_prefixes(self.sources()), **run)
+                            spec_augment=spec, retry=retry, prefixes=source_prefixes(self.sources()),
+                            normalize_captions=self.normalize_captions, **run)
 
 
 @dataclass
@@ -138,6 +141,14 @@ class ModelConfig:
     attn_implementation: str = key("sdpa", "sdpa | eager | flash_attention_2")
     gradient_checkpointing: bool = key(False, "recompute activations in the backward pass: less memory, slower")
     freeze_encoder: bool = key(False, "train the decoder only")
+    freeze: list[str] = key([], "parameter names to freeze, as fnmatch patterns, e.g. \"['model.encoder.conv*', "
+                            "'model.encoder.layers.[0-3].*']\" (front-end, first 4 encoder layers); each must match")
+    lora_r: int = key(0, "LoRA rank on lora_target_modules (peft, the 'lora' extra); 0: full fine-tuning. "
+                      "final/ holds the adapters merged into the weights")
+    lora_alpha: float = key(32.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = key(0.05, "dropout on the LoRA branch")
+    lora_target_modules: list[str] = key(["q_proj", "v_proj"], "module names that get LoRA adapters "
+                                         "(peft target_modules), in encoder and decoder")
     dropout: float = key(0.0, "dropout in every encoder and decoder layer")
     apply_spec_augment: bool = key(False, "the model's own SpecAugment (HF WhisperConfig fields mask_*)")
     mask_time_prob: float = key(0.05, "model SpecAugment: share of frames masked")
@@ -176,6 +187,9 @@ class TrainerConfig:
     eval_max_batches: int = key(50, "batches per process per evaluation")
     eval_metrics: list[str] = key(["bleu", "rouge_l", "cider_d"], "captioning metrics of each evaluation")
     generation_max_new_tokens: int = key(64, "longest caption generated during evaluation, in tokens")
+    generation_num_beams: int = key(1, "beams of the captions generated during evaluation; 1: greedy")
+    label_smoothing: float = key(0.0, "label smoothing of the training loss (the evaluation loss stays plain "
+                                 "cross-entropy, comparable between runs)")
     save_steps: int = key(500, "save a checkpoint every N steps (and at the end)")
     save_total_limit: Optional[int] = key(None, "keep the newest N checkpoints; null keeps all")
     resume_from_checkpoint: Optional[str] = key(None, "latest | a checkpoint-STEP folder: continue that run")
@@ -401,6 +415,15 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"trainer_config.{key}={value}: must be a finite number >= 0")
     if tc.seed < 0:
         problems.append(f"trainer_config.seed={tc.seed}: must be at least 0")
+    if not 0 <= tc.label_smoothing < 1:
+        problems.append(f"trainer_config.label_smoothing={tc.label_smoothing}: must be within [0, 1)")
+    if tc.generation_num_beams < 1:
+        problems.append(f"trainer_config.generation_num_beams={tc.generation_num_beams}: must be at least 1")
+    mc = cfg.model_config
+    if mc.lora_r < 0:
+        problems.append(f"model_config.lora_r={mc.lora_r}: must be at least 0 (0: no LoRA)")
+    if mc.lora_r and not mc.lora_target_modules:
+        problems.append("model_config.lora_target_modules is empty: name the modules LoRA adapts")
     if tc.bf16 and tc.fp16:
         problems.append("trainer_config.bf16 and trainer_config.fp16 are both true: pick one")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -86,6 +86,7 @@ class DataSettings:
     spec_augment: SpecAugment | None = None
     retry: RetryPolicy | None = None  # http(s) and fsspec reads: retries, deadline (None: retry.DEFAULT_POLICY)
     prefixes: tuple[tuple[str, str], ...] = ()  # (source name, caption prefix): the collator's per-source prompt
+    normalize_captions: bool = False  # train on lower-cased captions without punctuation (collate.normalize_caption)
 
     def __post_init__(self):
         problems = self.problems()
@@ -103,6 +104,9 @@ class DataSettings:
             out.append(f"on_error={self.on_error!r}: choose from {ON_ERROR}")
         if not (math.isfinite(self.max_skip_fraction) and 0 <= self.max_skip_fraction <= 1):
             out.append(f"max_skip_fraction={self.max_skip_fraction!r}: must be within [0, 1]")
+        names = [name for name, _ in self.prefixes]
+        if len(set(names)) < len(names):
+            out.append(f"prefixes={self.prefixes!r}: a source is named twice")
         if self.spec_augment is not None:
             out += [f"spec_augment.{f.name}={getattr(self.spec_augment, f.name)!r}: must be at least 0"
                     for f in fields(SpecAugment) if getattr(self.spec_augment, f.name) < 0]

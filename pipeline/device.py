@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-DEVICE_KEYS = ("input_features", "pad_values", "labels")
+DEVICE_KEYS = ("input_features", "pad_values", "labels", "decoder_input_ids")
 _END = object()
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from transformers import (
     GenerationConfig,
@@ -116,11 +117,13 @@ def caption_generation_config(tokenizer: WhisperTokenizer, base: GenerationConfi
     return gen
 
 
-def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int | None = None):
+def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int | None = None,
+                      prefix_ids: Sequence[int] = ()):
     """Caption token ids ``[B, T]`` (prompt stripped) for log-mel ``features [B, n_mels, frames]``:
-    greedy, or beam search with ``num_beams`` > 1. The call carries its own generation config and the
-    encoder's attention mask (every frame is real: features are padded as Whisper's 30-s window), so
-    ``generate`` has nothing to warn about at every batch."""
+    greedy, or beam search with ``num_beams`` > 1. ``prefix_ids`` (``pipeline.collate.prompt_ids``)
+    are forced after the task tokens and stripped from the output with them. The call carries its
+    own generation config and the encoder's attention mask (every frame is real: features are padded
+    as Whisper's 30-s window), so ``generate`` has nothing to warn about at every batch."""
     import torch
 
     gen = copy.deepcopy(model.generation_config)
@@ -130,8 +133,14 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
         # and warns at every call where both are set (its own defaults set max_length)
         gen.max_length = max_new_tokens
     mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)  # [B, frames]
+    prompt = {}
+    if prefix_ids:  # Whisper's generate takes decoder_input_ids as the whole prompt and strips it
+        start = [gen.decoder_start_token_id, gen.lang_to_id[f"<|{LANGUAGE}|>"], gen.task_to_id[TASK],
+                 gen.no_timestamps_token_id]
+        prompt["decoder_input_ids"] = torch.tensor([start + list(prefix_ids)], device=features.device).expand(
+            features.shape[0], -1)  # [B, 4 + P]
     return model.generate(input_features=features, attention_mask=mask, generation_config=gen,
-                          language=LANGUAGE, task=TASK)
+                          language=LANGUAGE, task=TASK, **prompt)
 
 
 class _WhisperOwnArguments(logging.Filter):
@@ -231,8 +240,18 @@ def _from_pretrained(cls, name: str, option: str, **kwargs):
                              f"{_way_out(option)}") from error
 
 
-def save_model(model, processor: WhisperProcessor, directory: str | os.PathLike) -> None:
-    """``save_pretrained`` model + processor so that ``from_pretrained`` loads both back."""
+def save_model(model, processor: WhisperProcessor, directory: str | os.PathLike,
+               prefixes: Sequence[tuple[str, str]] = ()) -> None:
+    """``save_pretrained`` model + processor so that ``from_pretrained`` loads both back; ``prefixes``
+    (source name, caption prefix), the default first, are recorded in the generation config
+    (``recorded_prefixes``), so inference prompts as training did without being told."""
     model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
+    model.generation_config.caption_prefixes = [[name, prefix] for name, prefix in prefixes]
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
+
+
+def recorded_prefixes(model) -> list[tuple[str, str]]:
+    """The (source name, caption prefix) pairs ``save_model`` recorded with ``model``, the default
+    first ([] for a model trained without prefixes)."""
+    return [(name, prefix) for name, prefix in getattr(model.generation_config, "caption_prefixes", None) or []]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the project and its test, metrics and Hugging Face dataset extras into the current Python
+# Install the project and its test, metrics, Hugging Face dataset and LoRA (peft) extras into the current Python
 # environment, and a Java runtime for METEOR where none is on the PATH (Debian package, needs root).
 # torch: an importable torch that meets setup.cfg's requirement is kept as it is (a GPU machine's
 # CUDA build stays). Only when torch is missing or older is `torch==2.13.0` installed: on these
@@ -19,7 +19,7 @@ else
 fi
 python -c "import torch" 2>/dev/null || { echo "torch failed to install" >&2; exit 1; }
 echo "install 2/4: the project and its dependencies (transformers, accelerate, librosa, tensorboard, ...)"
-python -m pip install -q --disable-pip-version-check -e ".[test,metrics,hf]" 2>&1 | grep -v -i "running pip as the 'root'" || true
+python -m pip install -q --disable-pip-version-check -e ".[test,metrics,hf,lora]" 2>&1 | grep -v -i "running pip as the 'root'" || true
 echo "install 3/4: a Java runtime for METEOR"
 if ! command -v java >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -30,6 +30,6 @@ if ! command -v java >/dev/null 2>&1; then
   fi
 fi
 echo "install 4/4: checking the imports"
-python -c "import pipeline, shard_tools, webdataset, transformers, accelerate, soxr, tiktoken, datasets" \
+python -c "import pipeline, shard_tools, webdataset, transformers, accelerate, soxr, tiktoken, datasets, peft" \
   || { echo "install failed: see the pip output above" >&2; exit 1; }
 echo "installed"

@@ -2,8 +2,11 @@
 
 Each clip is one of four sound kinds (a steady tone, a rising chirp, noise, a click train) at a low or
 high pitch and a short or long duration; its captions name all three ("a short high rising chirp"),
-so a model that learns gets them right and the most common caption does not. Clips come in mixed
-formats, sample rates and channel counts, as real corpora do, in the layout the packer reads:
+so a model that learns gets them right and the most common caption does not. ``--style keywords``
+writes the same facts as one terse keyword caption instead ("chirp, high, short"), as AudioSet-derived
+corpora do: a second source with its own caption style for mixing with task prefixes; with the same
+``--validation-seed`` both styles describe the same held-out clips. Clips come in mixed formats,
+sample rates and channel counts, as real corpora do, in the layout the packer reads:
 
     ROOT/train/00000.flac + 00000.json  ({"text": [caption, paraphrase]})
     ROOT/validation/...
@@ -30,6 +33,9 @@ DURATIONS = {"short": (1.0, 1.8), "long": (2.6, 3.5)}  # seconds
 FORMATS = ((".wav", "WAV", "PCM_16"), (".flac", "FLAC", "PCM_16"), (".ogg", "OGG", "VORBIS"),
            (".mp3", "MP3", "MPEG_LAYER_III"))
 SAMPLE_RATES = (16000, 22050, 44100, 48000)
+STYLES = ("captions", "keywords")
+KEYWORDS = {"tone": "tone", "rising chirp": "chirp", "noise": "noise", "click train": "clicks"}
+VALIDATION_SEED_OFFSET = 1_000_003  # the validation split's seed: the training seed + this, unless given
 
 
 def render(kind: str, pitch_hz: float, seconds: float, sr: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,14 +67,18 @@ def render(kind: str, pitch_hz: float, seconds: float, sr: int, rng: np.random.G
     return (0.5 * wave * envelope + 0.005 * rng.standard_normal(n)).astype(np.float32)
 
 
-def captions_for(kind: str, pitch: str, duration: str) -> list[str]:
-    """Two references per clip, as captioning corpora have several (Clotho has five)."""
+def captions_for(kind: str, pitch: str, duration: str, style: str = "captions") -> list[str]:
+    """Two references per clip, as captioning corpora have several (Clotho has five); ``keywords``:
+    one terse keyword line."""
+    if style == "keywords":
+        return [f"{KEYWORDS[kind]}, {pitch}, {duration}"]
     other = {"low": "low-pitched", "high": "high-pitched"}[pitch]
     return [f"a {duration} {pitch} {kind}", f"a {other} {kind}, {duration}"]
 
 
-def make_clip(index: int, seed: int, min_seconds: float | None, max_seconds: float | None):
-    """Deterministic clip ``index``: (mono audio, sample rate, channels, format, captions)."""
+def make_clip(index: int, seed: int, min_seconds: float | None, max_seconds: float | None, style: str = "captions"):
+    """Deterministic clip ``index``: (mono audio, sample rate, channels, format, captions); the audio
+    does not depend on ``style``."""
     rng = np.random.default_rng([seed, index])
     kind = KINDS[rng.integers(len(KINDS))]
     pitch = ("low", "high")[rng.integers(2)]
@@ -79,14 +89,14 @@ def make_clip(index: int, seed: int, min_seconds: float | None, max_seconds: flo
     audio = render(kind, float(rng.uniform(*PITCHES[pitch])), seconds, sr, rng)
     channels = int(rng.integers(1, 3))
     fmt = FORMATS[rng.integers(len(FORMATS))]
-    return audio, sr, channels, fmt, captions_for(kind, pitch, duration)
+    return audio, sr, channels, fmt, captions_for(kind, pitch, duration, style)
 
 
 def write_split(directory: Path, count: int, seed: int, min_seconds=None, max_seconds=None,
-                desc: str = "") -> int:
+                desc: str = "", style: str = "captions") -> int:
     directory.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(count), desc=desc or f"synth {directory.name}", unit="clip", leave=False):
-        audio, sr, channels, (suffix, fmt, subtype), captions = make_clip(i, seed, min_seconds, max_seconds)
+        audio, sr, channels, (suffix, fmt, subtype), captions = make_clip(i, seed, min_seconds, max_seconds, style)
         data = audio if channels == 1 else np.stack([audio, 0.8 * audio], axis=1)  # [samples, channels]
         soundfile.write(str(directory / f"{i:05d}{suffix}"), data, sr, format=fmt, subtype=subtype)
         (directory / f"{i:05d}.json").write_text(json.dumps({"text": captions}))
@@ -94,12 +104,14 @@ def write_split(directory: Path, count: int, seed: int, min_seconds=None, max_se
 
 
 def make_corpus(root: str | Path, train: int = 480, validation: int = 64, seed: int = 0,
-                min_seconds: float | None = None, max_seconds: float | None = None) -> Path:
+                min_seconds: float | None = None, max_seconds: float | None = None, style: str = "captions",
+                validation_seed: int | None = None) -> Path:
     """Write ``root/train`` and ``root/validation``; the splits use different seeds (no shared clip)."""
     root = Path(root)
-    write_split(root / "train", train, seed, min_seconds, max_seconds)
+    write_split(root / "train", train, seed, min_seconds, max_seconds, style=style)
     if validation:
-        write_split(root / "validation", validation, seed + 1_000_003, min_seconds, max_seconds)
+        validation_seed = seed + VALIDATION_SEED_OFFSET if validation_seed is None else validation_seed
+        write_split(root / "validation", validation, validation_seed, min_seconds, max_seconds, style=style)
     return root
 
 
@@ -112,10 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-seconds", type=float, help="draw durations uniformly from this range "
                         "instead of the short/long classes (benchmark corpora)")
     parser.add_argument("--max-seconds", type=float)
+    parser.add_argument("--style", choices=STYLES, default="captions",
+                        help="captions: 'a short high rising chirp' and a paraphrase; keywords: 'chirp, high, short'")
+    parser.add_argument("--validation-seed", type=int, help=f"seed of the validation clips (default: --seed + "
+                        f"{VALIDATION_SEED_OFFSET}); the same value gives the same clips in another --style")
     args = parser.parse_args(argv)
     if (args.min_seconds is None) != (args.max_seconds is None):
         parser.error("--min-seconds and --max-seconds go together")
-    make_corpus(args.root, args.train, args.validation, args.seed, args.min_seconds, args.max_seconds)
+    make_corpus(args.root, args.train, args.validation, args.seed, args.min_seconds, args.max_seconds, args.style,
+                args.validation_seed)
     print(f"wrote {args.train} train and {args.validation} validation clips under {args.root}")
 
 

@@ -45,8 +45,8 @@ def main(out: Path, argv: list[str]) -> int:
                 return getattr(loader, name)
         return Recorder()
 
-    def compute_loss(model, batch, device):
-        loss, tokens = real_compute_loss(model, batch, device)
+    def compute_loss(model, batch, device, **options):
+        loss, tokens = real_compute_loss(model, batch, device, **options)
         return (loss * float("nan") if rank == nan_rank and len(keys) == nan_call else loss), tokens
 
     def save_final(model, processor, cfg, accelerator, output_dir):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from pipeline.collate import Collator, expand_features
-from pipeline.data_settings import SpecAugment
+from pipeline.collate import Collator, expand_features, normalize_caption
+from pipeline.data_settings import SOURCE_KEY, SpecAugment
 from pipeline.features import clip_features, pad_mel
 from pipeline.model import load_model
 from tests.conftest import tone
@@ -100,6 +100,47 @@ def test_hf_loss_with_these_labels_is_the_manual_cross_entropy(tiny_processor):
         logits = model(input_features=feats, decoder_input_ids=decoder_input_ids).logits  # [B, T, V]
     manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(loss, manual)
+
+
+def test_a_sources_prefix_is_the_prompt_and_masked_in_the_labels(tiny_processor):
+    """The prefix follows the task tokens in the decoder input, as the tokenizer writes the text
+    "prefix caption"; the HF loss on those inputs counts the caption tokens only."""
+    tok = tiny_processor.tokenizer
+    prefix, caption, other = "clotho > caption:", "A dog barks.", "Birds sing at dawn in a park."
+    tagged = dict(clip_sample("a", 1.0, [caption])[0], **{SOURCE_KEY: "clotho"})
+    samples = [tagged, clip_sample("b", 2.0, [other])[0], {"__key__": "", "__pad__": True}]
+    batch = Collator(tok, train=False, prefixes=(("clotho", f" {prefix} "), ("macs", "macs > caption:")))(samples)
+    assert batch["sources"] == ["clotho", "default", "default"]
+    whole = tok(f"{prefix} {caption}").input_ids  # <|startoftranscript|> ... <|endoftext|>
+    given = len(tok.encode(prefix, add_special_tokens=False))
+    width = batch["labels"].shape[1]
+    assert batch["decoder_input_ids"][0].tolist() == whole[:-1] + [tok.pad_token_id] * (width - len(whole) + 1)
+    assert batch["labels"][0].tolist() == (whole[1:4] + [-100] * given + whole[4 + given:]
+                                           + [-100] * (width - len(whole) + 1))
+    plain = tok(other).input_ids  # no prefix for the default source: as before
+    assert batch["labels"][1].tolist() == plain[1:] + [-100] * (width - len(plain) + 1)
+    assert batch["decoder_input_ids"][1, :len(plain) - 1].tolist() == plain[:-1]
+
+    model = load_model("tiny", tiny_processor).eval()
+    feats = batch["input_features"].float()
+    with torch.no_grad():
+        loss = model(input_features=feats, decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"]).loss
+        logits = model(input_features=feats[:1], decoder_input_ids=torch.tensor([whole[:-1]])).logits[0]  # [T, V]
+        other_logits = model(input_features=feats[1:2], decoder_input_ids=torch.tensor([plain[:-1]])).logits[0]
+    targets = [(t, whole[t + 1]) for t in range(len(whole) - 1) if not 3 <= t < 3 + given]
+    manual = torch.cat([logits[[t for t, _ in targets]], other_logits])
+    expected = F.cross_entropy(manual, torch.tensor([w for _, w in targets] + plain[1:]), reduction="mean")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_normalized_captions_are_the_targets_references_stay(tiny_processor):
+    assert normalize_caption("A Rock-and-roll band,  playing \"LOUD\" music!") == "a rock and roll band playing loud music"
+    assert normalize_caption("The dog's bark... echoes; (far away)?") == "the dogs bark echoes far away"
+    tok = tiny_processor.tokenizer
+    sample = clip_sample("a", 1.0, ["A Dog barks, LOUDLY!"])[0]
+    batch = Collator(tok, train=False, normalize_captions=True)([sample])
+    assert batch["labels"][0].tolist() == tok("a dog barks loudly").input_ids[1:]
+    assert batch["captions"] == [["A Dog barks, LOUDLY!"]]
 
 
 def test_long_captions_are_cut_with_a_warning(tiny_processor):

@@ -132,10 +132,20 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("data_config.shard_deadline=0", "data_config.shard_deadline=0"),
     ("data_config.read_timeout=.inf", "data_config.read_timeout=inf"),
     ("data_config.retry_backoff_max=.inf", "data_config.retry_backoff_max=inf"),
+    ("trainer_config.label_smoothing=1.0", "trainer_config.label_smoothing=1.0"),
+    ("trainer_config.generation_num_beams=0", "trainer_config.generation_num_beams=0"),
+    ("model_config.lora_r=-1", "model_config.lora_r=-1"),
 ])
 def test_out_of_range_values_are_refused_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[override])
+
+
+def test_caption_prefix_and_normalisation_reach_the_loader_settings():
+    settings = load_config(overrides=["data_config.caption_prefix='clotho > caption:'",
+                                      "data_config.normalize_captions=true"]).data_config.settings()
+    assert settings.prefixes == (("default", "clotho > caption:"),) and settings.normalize_captions
+    assert load_config().data_config.settings().prefixes == ()
 
 
 def test_retry_keys_reach_the_loader_settings():

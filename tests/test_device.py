@@ -17,7 +17,8 @@ from tests.conftest import NEEDS_CUDA, write_mel_shards
 def compact_batches(count: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     return [{"input_features": torch.randn(2, 80, 7 + i, generator=gen).half(), "pad_values": torch.tensor([-1.5, 0.25]),
-             "labels": torch.tensor([[5, 6], [7, -100]]), "is_pad": torch.tensor([False, True]), "keys": [f"k{i}", ""]}
+             "labels": torch.tensor([[5, 6], [7, -100]]), "decoder_input_ids": torch.tensor([[1, 5], [1, 7]]),
+             "is_pad": torch.tensor([False, True]), "keys": [f"k{i}", ""]}
             for i in range(count)]
 
 

@@ -20,6 +20,8 @@ from transformers import WhisperFeatureExtractor
 
 import infer_stream
 from pipeline import metrics
+from pipeline.collate import prompt_ids
+from pipeline.model import load_model, load_processor, save_model
 from tests._infer_helpers import read_shards, reference_captions, serve_directory, write_sensitive_tiny
 from tests.conftest import write_audio, write_mel_shards
 
@@ -102,6 +104,34 @@ def test_http_shards_with_beam_search(model_dir, shards, tmp_path):
                    "--num_dataloader_workers", 1, "--max_new_tokens", 4, "--num_beams", 2,
                    "--output", out, "--metrics", "bleu") == 0
     assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, beams, captions)})
+
+
+def test_the_recorded_prefix_prompts_and_is_stripped_unless_told_otherwise(model_dir, shards, expected, tmp_path,
+                                                                          capsys):
+    """No flag: the first prefix recorded with the model; ``--source``: that source's; ``--prefix ''``:
+    none. Each against HF ``generate`` with the task tokens + prefix as its prompt."""
+    prefixed, processor = tmp_path / "prefixed", load_processor(str(model_dir))
+    recorded = [("clotho", "clotho > caption:"), ("kw", "keywords:")]
+    save_model(load_model(str(model_dir), processor), processor, prefixed, prefixes=recorded)
+    keys, features, captions = read_shards(shards)
+    tok = processor.tokenizer
+
+    def prompted(prefix: str) -> dict:
+        prompt = torch.tensor([tok.prefix_tokens + prompt_ids(tok, prefix)]).expand(len(keys), -1)
+        preds = reference_captions(prefixed, features, max_new_tokens=MAX_NEW, decoder_input_ids=prompt)
+        return {k: (p, c) for k, p, c in zip(keys, preds, captions)}
+
+    common = ["--model_name", prefixed, "--shards", Path(shards[0]).parent, "--batch_size", 4,
+              "--num_dataloader_workers", 0, "--max_new_tokens", MAX_NEW, "--metrics", "bleu"]
+    first = prompted("clotho > caption:")
+    assert first != expected  # the prompt changes the captions
+    for name, flags, want in [("first", [], first), ("kw", ["--source", "kw"], prompted("keywords:")),
+                              ("none", ["--prefix", ""], expected)]:
+        assert run(*common, "--output", tmp_path / f"{name}.jsonl", *flags) == 0
+        assert_rows_match(read_jsonl(tmp_path / f"{name}.jsonl"), want)
+    assert "caption prefix 'clotho > caption:'" in capsys.readouterr().out
+    assert run(*common, "--output", tmp_path / "x.jsonl", "--source", "macs") == 2
+    assert "--source macs: no prefix recorded for it" in capsys.readouterr().err
 
 
 def test_raw_audio_matches_feature_extractor(model_dir, tmp_path, capsys):

@@ -7,7 +7,15 @@ import time
 import pytest
 import torch
 
-from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, save_model
+from pipeline.collate import prompt_ids
+from pipeline.model import (
+    ModelLoadError,
+    generate_captions,
+    load_model,
+    load_processor,
+    recorded_prefixes,
+    save_model,
+)
 
 
 def test_builtin_tokenizer_has_real_whisper_ids(tiny_processor):
@@ -82,6 +90,51 @@ def test_generate_captions_matches_generate_without_warnings(tiny_processor, mon
         assert torch.equal(generate_captions(model, feats, max_new_tokens=5), plain)
     assert generate_captions(model, feats, num_beams=2, max_new_tokens=3).shape == (3, 3)
     assert [r.getMessage() for r in said] == []
+
+
+def greedy_by_hand(model, feats: torch.Tensor, prompt: list[int], steps: int) -> list[list[int]]:
+    """Greedy decoding one forward per token from ``prompt``, the generation config's
+    ``begin_suppress_tokens`` at the first new token; the new tokens, <|endoftext|> repeated after it."""
+    eot, out = model.generation_config.eos_token_id, []
+    for clip in feats:
+        tokens = list(prompt)
+        with torch.no_grad():
+            encoded = (model.model.encoder(clip[None]).last_hidden_state,)
+        while len(tokens) < len(prompt) + steps and tokens[-1] != eot or len(tokens) == len(prompt):
+            with torch.no_grad():
+                logits = model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([tokens])).logits[0, -1]
+            if len(tokens) == len(prompt):
+                logits[model.generation_config.begin_suppress_tokens] = -float("inf")
+            tokens.append(int(logits.argmax()))
+        new = tokens[len(prompt):]
+        out.append(new + [eot] * (steps - len(new)))
+    return out
+
+
+def test_a_forced_prefix_is_the_prompt_and_stripped_from_the_caption(tiny_processor):
+    model = load_model("tiny", tiny_processor).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # weights large enough that the prompt and the clip change the caption
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed_positions" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * (0.02 if "embed_tokens" in name else 0.2))
+    feats = torch.randn(2, 80, 3000, generator=generator)
+    tok = tiny_processor.tokenizer
+    task, prefix = tok.prefix_tokens, prompt_ids(tok, "clotho > caption:")
+    prefixed = generate_captions(model, feats, max_new_tokens=6, prefix_ids=prefix)
+    plain = generate_captions(model, feats, max_new_tokens=6)
+    assert prefixed.tolist() == greedy_by_hand(model, feats, task + prefix, 6)
+    assert plain.tolist() == greedy_by_hand(model, feats, task, 6)
+    assert prefixed.tolist() != plain.tolist()
+    assert generate_captions(model, feats[:1], num_beams=2, max_new_tokens=2, prefix_ids=prefix).shape == (1, 2)
+
+
+def test_recorded_prefixes_round_trip(tmp_path, tiny_processor):
+    model = load_model("tiny", tiny_processor)
+    assert recorded_prefixes(model) == []
+    pairs = [("clotho", "clotho > caption:"), ("audioset", "audioset > keywords:")]
+    save_model(model, tiny_processor, tmp_path / "m", prefixes=pairs)
+    assert recorded_prefixes(load_model(str(tmp_path / "m"))) == pairs
 
 
 def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(monkeypatch, caplog):

@@ -27,8 +27,9 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 import train_stream
 from pipeline.collate import expand_features
-from pipeline.config import load_config
-from pipeline.model import load_model
+from pipeline.config import ConfigError, load_config
+from pipeline.collate import prompt_ids
+from pipeline.model import LANGUAGE, TASK, load_model, load_processor, recorded_prefixes
 from pipeline.stream import make_loader
 from tests.conftest import write_mel_shards
 
@@ -265,6 +266,89 @@ def test_model_options_apply(tiny_processor, shards):
     assert model.model.encoder.conv1.weight.grad is None and model.model.decoder.layers[0].fc1.weight.grad is not None
 
 
+def test_label_smoothing_prefix_and_beams_reach_the_loss_evaluation_and_final_model(tmp_path, shards, monkeypatch):
+    """A run with a caption prefix, label smoothing and 2-beam evaluation: its first loss is torch's
+    smoothed cross-entropy on the HF model's logits; its evaluation captions are HF ``generate``'s,
+    prompted with the prefix (stripped); final/ records the prefix."""
+    batches, prefix = [], "clotho > caption:"
+
+    def recording_make_loader(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        return KeyRecorder(loader, batches, keep_batches=True) if kwargs.get("train") else loader
+
+    monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
+    out = tmp_path / "o"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=1", "--val-shards", shards[1],
+                                      f"data_config.caption_prefix='{prefix}'", "trainer_config.label_smoothing=0.2",
+                                      "trainer_config.generation_num_beams=2", "++trainer_config.eval_metrics=[bleu]",
+                                      "++trainer_config.generation_max_new_tokens=4")) == 0
+    batch, tok = batches[0], load_processor("tiny").tokenizer
+    given = len(prompt_ids(tok, prefix))
+    assert (batch["labels"][:, 3:3 + given] == -100).all()
+    assert batch["decoder_input_ids"][0, 4:4 + given].tolist() == prompt_ids(tok, prefix)
+    set_seed(load_config().trainer_config.seed)
+    logits = load_model("tiny")(input_features=expand_features(batch).float(),
+                                decoder_input_ids=batch["decoder_input_ids"]).logits
+    smoothed = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                                                 label_smoothing=0.2)
+    assert math.isclose(train_losses(out)[1], smoothed.item(), rel_tol=1e-5)
+
+    final = load_model(str(out / "final")).eval()
+    assert recorded_prefixes(final) == [("default", prefix)]
+    rows = {r["key"]: r["prediction"] for r in json.loads((out / "eval" / "step-1.json").read_text())}
+    val = next(iter(make_loader(shards[1], tok, batch_size=5, train=False)))
+    prompt = torch.tensor([tok.prefix_tokens + prompt_ids(tok, prefix)]).expand(5, -1)
+    with torch.no_grad():
+        ids = final.generate(input_features=expand_features(val).float(), decoder_input_ids=prompt, num_beams=2,
+                             max_new_tokens=4, language=LANGUAGE, task=TASK, do_sample=False)
+    assert rows == {k: t.strip() for k, t in zip(val["keys"], tok.batch_decode(ids, skip_special_tokens=True))}
+
+
+def test_freeze_patterns_keep_weights_out_of_the_optimizer_and_unchanged(tmp_path, shards, tiny_processor):
+    patterns = ["model.encoder.conv*", "model.encoder.layers.0.*"]
+    cfg = load_config(overrides=[f"model_config.freeze={patterns}"])
+    model = load_model("tiny", tiny_processor)
+    fixed = {n for n, p in model.named_parameters() if not p.requires_grad}  # Whisper's sinusoidal positions
+    train_stream.apply_model_options(model, cfg.model_config)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen - fixed == {n for n, _ in model.named_parameters() if n.startswith(("model.encoder.conv",
+                                                                                     "model.encoder.layers.0."))}
+    optimized = {id(p) for g in train_stream.param_groups(model, 0.01) for p in g["params"]}
+    assert not any(id(p) in optimized for n, p in model.named_parameters() if n in frozen)
+
+    out = tmp_path / "o"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=2", f"model_config.freeze={patterns}")) == 0
+    before, after = initial_weights(), final_weights(out)
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+    assert not torch.equal(after["model.encoder.layers.1.fc1.weight"], before["model.encoder.layers.1.fc1.weight"])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["trainable_parameters"] == info["parameters"] - sum(before[n].numel() for n in frozen)
+
+    cfg = load_config(overrides=["model_config.freeze=[model.encoder.layer.*]"])
+    with pytest.raises(ConfigError, match="'model.encoder.layer.\\*' matches no parameter name"):
+        train_stream.apply_model_options(load_model("tiny", tiny_processor), cfg.model_config)
+
+
+def test_lora_trains_adapters_only_and_final_is_a_plain_merged_whisper(tmp_path, shards):
+    pytest.importorskip("peft")
+    out = tmp_path / "o"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=2", "model_config.lora_r=4")) == 0
+    before, after = initial_weights(), final_weights(out)
+    assert set(after) <= set(before)  # the adapters are merged: no lora_* tensors, Whisper's own names
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["trainable_parameters"] == 2 * 4 * 4 * 64 * 3  # 6 attentions x (q, v) x (A + B) of rank 4, d 64
+    assert isinstance(load_model(str(out / "final")), WhisperForConditionalGeneration)
+
+
+def test_lora_without_peft_is_one_clear_error(monkeypatch, tiny_processor):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    mc = load_config(overrides=["model_config.lora_r=4"]).model_config
+    with pytest.raises(ConfigError, match=r"lora_r > 0 needs peft: pip install 'whisper-caption-stream\[lora\]'"):
+        train_stream.add_lora(load_model("tiny", tiny_processor), mc)
+
+
 # ---------------------------------------------------------------------------- resume and checkpoints
 
 def test_resume_is_exact_checkpoints_rotate_final_model_loads(tmp_path, shards, monkeypatch):
@@ -441,9 +525,9 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
     real, calls = train_stream.compute_loss, []
 
     def nan_on(bad):
-        def compute_loss(model, batch, device):
+        def compute_loss(model, batch, device, **options):
             calls.append(1)
-            loss, tokens = real(model, batch, device)
+            loss, tokens = real(model, batch, device, **options)
             return (loss * float("nan") if bad(len(calls)) else loss), tokens
         return compute_loss
 
