@@ -65,8 +65,9 @@ class DataConfig:
     train_shards: Optional[str] = key("${paths.data_dir}/train", "training shard URLs: 'data/train/<000..099>.tar', "
                                       "a split folder, a glob, http(s)://, pipe: (--shards)")
     train_sources: Optional[list[dict[str, Any]]] = key(None, "several training sources mixed by weight, each "
-                                                         "{name, shards, weight (1), prefix ('')}; "
-                                                         "null: train_shards alone (README: mixing sources)")
+                                                         f"{{name, shards, weight ({Source.weight:g}), prefix "
+                                                         f"({Source.prefix!r})}}; null: train_shards alone "
+                                                         "(README: mixing sources)")
     caption_prefix: str = key("", "caption prefix of the train_shards source (with train_sources, each "
                               "source has its own)")
     val_shards: Optional[str] = key(None, "validation shard URLs, as train_shards (--val-shards); null: no evaluation")
