@@ -65,8 +65,9 @@ class DataConfig:
     train_shards: Optional[str] = key("${paths.data_dir}/train", "training shard URLs: 'data/train/<000..099>.tar', "
                                       "a split folder, a glob, http(s)://, pipe: (--shards)")
     train_sources: Optional[list[dict[str, Any]]] = key(None, "several training sources mixed by weight, each "
-                                                         "{name, shards, weight (1), prefix ('')}; "
-                                                         "null: train_shards alone (README: mixing sources)")
+                                                         f"{{name, shards, weight ({Source.weight:g}), prefix "
+                                                         f"({Source.prefix!r})}}; null: train_shards alone "
+                                                         "(README: mixing sources)")
     caption_prefix: str = key("", "text forced after the task tokens as the decoder prompt of the train_shards "
                               "source, not trained on, recorded with the model for inference (e.g. 'clotho > "
                               "caption:'); '': none; with train_sources each source has its own prefix")

@@ -9,23 +9,24 @@ sources' weights):
    its shards in an order permuted (training) with ``numpy.random.default_rng((seed, own epoch, 0,
    source))`` (never Python's ``hash``; source 0 drops the last part, as streams did before they
    had sources, so their saved positions still resume) or listed (evaluation). An epoch of the
-   stream has N positions, N being the samples of all sources together; source ``s`` has
-   ``m_s`` of them, its weight's share of N (largest remainder; a weight too small for one position
-   is refused), and which positions
-   are whose is a seeded shuffle of those counts (``(seed, epoch, 2)``, the same for any number
-   of ranks or workers). The position that is source ``s``'s ``j``-th in epoch ``E`` is sample
-   ``E * m_s + j`` of ``s``'s sequence. So every source is read exactly once per its *own* epoch
-   (its sequence is taken in order, each stream position once); a source weighted above its size
-   cycles several times per stream epoch, one below less than once; within any stretch of the
-   epoch the sources come in proportion to their weights (hypergeometric noise around them,
-   less than independent draws would give); and where each source stands is arithmetic on the
-   stream's position, so everything below (ranks, workers, shuffle, resume, elastic resume) cuts
-   and orders the N positions of an epoch without knowing whose they are. Reading a range of
-   positions reads each source's share of it as one run of its sequence (shards entered
-   mid-shard, as for one source; a reader holds one open shard per source). One source: N is its size, its epochs are the stream's.
-   A stream epoch is what ``num_train_epochs`` counts; ``max_steps`` training (item 7) runs them
-   back to back. Unlike weighted mixes that draw each sample's source at random, and whose
-   resume then needs the sampler's state (LitData #694), nothing here is drawn at run time.
+   stream has N positions, N being the samples of all sources together; source ``s`` has ``m_s``
+   of them, its weight's share of N (largest remainder; a weight too small for one position is
+   refused), and which positions are whose is a seeded shuffle of those counts (``(seed, epoch,
+   2)``, the same for any number of ranks or workers). The position that is source ``s``'s
+   ``j``-th in epoch ``E`` is sample ``E * m_s + j`` of ``s``'s sequence. So every source is read
+   exactly once per its *own* epoch (its sequence is taken in order, each stream position once);
+   a source weighted above its size cycles several times per stream epoch, one below less than
+   once; within any stretch of the epoch the sources come in proportion to their weights
+   (hypergeometric noise around them, less than independent draws would give); and where each
+   source stands is arithmetic on the stream's position, so everything below (ranks, workers,
+   shuffle, resume, elastic resume) cuts and orders the N positions of an epoch without knowing
+   whose they are. Reading a range of positions reads each source's share of it as one run of its
+   sequence (shards entered mid-shard, as for one source; a reader holds one open shard per
+   source), and each sample names its source under ``SOURCE_KEY`` for the collator (its prefix).
+   One source: N is its size, its epochs are the stream's. A stream epoch is what
+   ``num_train_epochs`` counts; ``max_steps`` training (item 7) runs them back to back. Unlike
+   weighted mixes that draw each sample's source at random, and whose resume then needs the
+   sampler's state (LitData #694), nothing here is drawn at run time.
 2. **Ranks.** The sequence is cut into ``world_size`` contiguous near-equal ranges. Every rank has
    ``L = ceil(N / world_size)`` slots; a rank with one sample fewer gets a marked padding sample, so
    every rank yields exactly ``ceil(L / batch_size)`` batches of the same sizes (no DDP hang, and
@@ -85,9 +86,10 @@ sources' weights):
    broadcast, so every rank builds the same plan even if a shard is unreachable from one of them.
 
 Memory per process: the plan is O(number of shards) integers (a mix of sources adds two bytes per
-position of the epoch: whose it is); samples stream from the tar reader through one shuffle block. A position resumes exactly (batch for batch) under the same layout and
-elastically under another; the seed and the data (shard sample counts) must be the same, which
-``load_state_dict`` checks. An elastic resume costs one boolean per sample of the epoch, once.
+position of the epoch: whose it is); samples stream from the tar reader through one shuffle block.
+A position resumes exactly (batch for batch) under the same layout and elastically under another;
+the seed and the data (shard sample counts, and a mix's sources and their shares) must be the same,
+which ``load_state_dict`` checks. An elastic resume costs one boolean per sample of the epoch, once.
 """
 
 from __future__ import annotations
@@ -400,7 +402,7 @@ class ShardStream(IterableDataset):
         sequence = self.sequence_of(epoch)
         mask = delivered_mask(self.mix.total, self.seed, epoch, self.train, layout, delivered, sequence)
         left, picks = undelivered(mask, sequence), self.epoch_picks(epoch)
-        left_per_source = [len(left)] if picks is None else np.bincount(picks[0][left], minlength=len(picks[1][0]))
+        left_per_source = [len(left)] if picks is None else np.bincount(picks[0][left], minlength=len(self.mix.quotas))
         return [(epoch + 1) * quota - int(n) for quota, n in zip(self.mix.quotas, left_per_source)]
 
     def batches_in(self, epoch: int) -> int:

@@ -36,7 +36,8 @@ def write_shards(folder: Path, samples: int, frames: int, per_shard: int = 250) 
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         count = min(samples, (s + 1) * per_shard) - s * per_shard
-        entries.append({"name": path.name, "samples": count, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        entries.append({"name": path.name, "samples": count, "seconds": count * frames / 100,
+                        "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     (folder / "index.json").write_text(json.dumps({"format": "whisper-caption-stream", "version": 1,
                                                    "features": {"n_mels": 80}, "shards": entries}))
 
