@@ -1,14 +1,16 @@
 """Score the demo's captions next to a trivial baseline: the most common training caption for every clip.
 
     python scripts/demo_report.py --train-shards DIR --predictions preds.jsonl [--out report.json] \
-        [--style captions=preds.jsonl --style keywords=preds_keywords.jsonl]
+        [--style captions=preds.jsonl,data/train --style keywords=preds_keywords.jsonl,data_keywords/train]
 
 The baseline is what a model that learnt nothing from the sound can reach; the demo passes only if the
-trained model beats it on CIDEr-D. ``--style NAME=PREDICTIONS``, one per caption style of a mixed run
-(each the held-out clips captioned with that source's prefix, scored against that style's
-references): the exact match of each style, and how often its captions match another style's
-references of the same clip instead; then the demo also needs every style to match its own
-references more often than any other's (the prefix picks the style).
+trained model beats it on CIDEr-D. ``--style NAME=PREDICTIONS[,TRAIN_SHARDS]``, one per caption style
+of a mixed run, each the held-out clips captioned with that source's prefix and its references in
+that style: two tables, rows the prefix, columns the style. Exact match: the share of captions that
+are one of that style's references of the same clip (content and style right). Style match: the
+share that are a caption of that style at all, for any clip (its references here and in its
+TRAIN_SHARDS): the style is right even where the content is not learnt yet. The demo then also
+needs every prefix to give its own style more often than any other.
 """
 
 from __future__ import annotations
@@ -39,13 +41,20 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def style_matches(styles: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """``{style: {other style: share of style's captions in other's references of the same clip}}``
-    (the diagonal is each style's own exact match), over the clips every style captioned."""
+def style_matches(styles: dict[str, list[dict]], vocabulary: dict[str, set[str]]) -> dict[str, dict]:
+    """``{prefix style: {"exact_match": {style: share}, "style_match": {style: share}}}`` over the
+    clips every style captioned: a caption among ``style``'s references of the same clip, and among
+    ``vocabulary[style]`` (that style's captions of any clip)."""
     by_key = {name: {row["key"]: row for row in rows} for name, rows in styles.items()}
     keys = sorted(set.intersection(*(set(rows) for rows in by_key.values())))
-    return {name: {other: sum(by_key[name][k]["pred_caption"].strip() in by_key[other][k]["gt_captions"]
-                              for k in keys) / max(1, len(keys)) for other in styles} for name in styles}
+
+    def share(name: str, matches) -> float:
+        return sum(matches(by_key[name][k]["pred_caption"].strip(), k) for k in keys) / max(1, len(keys))
+
+    return {name: {"exact_match": {other: share(name, lambda pred, k: pred in by_key[other][k]["gt_captions"])
+                                   for other in styles},
+                   "style_match": {other: share(name, lambda pred, k: pred in vocabulary[other]) for other in styles}}
+            for name in styles}
 
 
 def main() -> int:
@@ -53,11 +62,13 @@ def main() -> int:
     parser.add_argument("--train-shards", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--style", action="append", default=[], metavar="NAME=PREDICTIONS",
-                        help="a caption style's predictions (held-out clips prompted with its prefix)")
+    parser.add_argument("--style", action="append", default=[], metavar="NAME=PREDICTIONS[,TRAIN_SHARDS]",
+                        help="a caption style's predictions (held-out clips prompted with its prefix) and the "
+                             "training shards of that style")
     args = parser.parse_args()
     if any("=" not in item for item in args.style):
-        parser.error("--style takes NAME=PREDICTIONS, e.g. --style keywords=demo_run/preds_keywords.jsonl")
+        parser.error("--style takes NAME=PREDICTIONS[,TRAIN_SHARDS], e.g. "
+                     "--style keywords=demo_run/preds_keywords.jsonl,demo_run/data_keywords/train")
 
     rows = read_rows(args.predictions)
     references = [row["gt_captions"] for row in rows]
@@ -79,15 +90,23 @@ def main() -> int:
     beat = ours > theirs
     print(f"\nCIDEr-D: model {ours:.3f} vs baseline {theirs:.3f} "
           f"({'the model beats the baseline by ' + format(ours - theirs, '.3f') if beat else 'NOT beaten'})")
-    styles = style_matches({name: read_rows(Path(path)) for name, path in
-                            (item.split("=", 1) for item in args.style)}) if args.style else {}
+    styles = {}
+    if args.style:
+        given = {name: value.split(",", 1) for name, value in (item.split("=", 1) for item in args.style)}
+        rows_of = {name: read_rows(Path(parts[0])) for name, parts in given.items()}
+        vocabulary = {name: {c for row in rows_of[name] for c in row["gt_captions"]}
+                      | (set(training_captions(Path(parts[1]))) if len(parts) > 1 else set())
+                      for name, parts in given.items()}
+        styles = style_matches(rows_of, vocabulary)
+    for table in ("exact_match", "style_match") if styles else ():
+        print(f"\n| {table.replace('_', ' ')}: prompted with | " + " | ".join(f"{name} style" for name in styles)
+              + " |\n|---" + "|---" * len(styles) + "|")
+        for name, result in styles.items():
+            print(f"| {name} prefix | " + " | ".join(f"{v:.3f}" for v in result[table].values()) + " |")
     if styles:
-        print("\n| prompted with | " + " | ".join(f"matches {name} references" for name in styles) + " |\n|---"
-              + "|---" * len(styles) + "|")
-        for name, shares in styles.items():
-            print(f"| {name} prefix | " + " | ".join(f"{share:.3f}" for share in shares.values()) + " |")
-        own = all(shares[name] > max((v for o, v in shares.items() if o != name), default=0.0)
-                  for name, shares in styles.items())
+        own = all(result["style_match"][name] > max((v for o, v in result["style_match"].items() if o != name),
+                                                    default=0.0)
+                  for name, result in styles.items())
         print(f"\neach prefix gives its own style: {'yes' if own else 'NO'}")
         beat = beat and own
     if args.out:
