@@ -136,6 +136,7 @@ from transformers.models.whisper.modeling_whisper import (
 
 from pipeline import launch
 from pipeline.collate import Collator, expand_features
+from pipeline.data_settings import DEFAULT_SOURCE
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
 from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, save_model
@@ -254,6 +255,9 @@ def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: boo
         batch_size=batch_size, seed=tc.seed, infinite=train, num_workers=tc.dataloader_num_workers,
         prefetch_factor=tc.dataloader_prefetch_factor, pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
         persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0)
+    if not train:  # validation samples are all DEFAULT_SOURCE's: one prompt for the split
+        prefix = dc.val_prefix()
+        settings = dataclasses.replace(settings, prefixes=((DEFAULT_SOURCE, prefix),) if prefix else ())
     return make_loader(dc.sources() if train else dc.val_shards, tokenizer, settings, train=train,
                        rank=accelerator.process_index, world_size=accelerator.num_processes,
                        device=accelerator.device)

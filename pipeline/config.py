@@ -72,6 +72,8 @@ class DataConfig:
                               "source, not trained on, recorded with the model for inference (e.g. 'clotho > "
                               "caption:'); '': none; with train_sources each source has its own prefix")
     val_shards: Optional[str] = key(None, "validation shard URLs, as train_shards (--val-shards); null: no evaluation")
+    val_source: Optional[str] = key(None, "with train_sources: the source whose prefix validation prompts with; "
+                                    "null: the highest-weight source (the one inference uses by default)")
     shuffle_buffer: int = key(_DATA.shuffle_buffer, "samples held for shuffling within a worker's shards")
     max_label_tokens: int = key(_DATA.max_label_tokens, "captions longer than this many tokens are cut")
     on_error: str = key(_DATA.on_error, "skip | raise: what a damaged sample does")
@@ -118,6 +120,21 @@ class DataConfig:
         if problems:
             raise ValueError("\n".join(problems))
         return sources
+
+    def prefixes(self) -> tuple[tuple[str, str], ...]:
+        """(source name, caption prefix) recorded with the model, highest weight first: inference
+        (and validation, unless ``val_source`` names another) prompts with the first."""
+        return source_prefixes(sorted(self.sources(), key=lambda source: -source.weight))
+
+    def val_prefix(self) -> str:
+        """The prefix validation prompts with: validation shards are one split, so one prompt
+        (``val_source``'s, else the first of ``prefixes``). ValueError naming an unknown source."""
+        if self.val_source is None:
+            return next((prefix for _, prefix in self.prefixes()), "")
+        names = [source.name for source in self.sources()]
+        if self.val_source not in names:
+            raise ValueError(f"val_source={self.val_source!r}: not one of the training sources ({', '.join(names)})")
+        return dict(self.prefixes()).get(self.val_source, "")
 
     def settings(self, **run) -> DataSettings:
         """The loader settings of this section; ``run`` gives the run's own (batch size, seed,
@@ -404,12 +421,12 @@ def validate(cfg: RunConfig) -> None:
     problems = []
     if tc.lr_scheduler_type not in SCHEDULERS:
         problems.append(f"trainer_config.lr_scheduler_type={tc.lr_scheduler_type!r}: choose from {SCHEDULERS}")
-    for check in (dc.sources, dc.settings):
+    for check in (dc.sources, dc.settings, dc.val_prefix):
         try:
             check()
         except ValueError as error:
             problems += [f"data_config.{line}" for line in str(error).splitlines()]
-            break  # settings() reads sources() too: said once
+            break  # settings() and val_prefix() read sources() too: said once
     for key in ("learning_rate", "max_grad_norm", "weight_decay", "adam_epsilon"):
         value = getattr(tc, key)
         if not (math.isfinite(value) and value >= 0):  # max_grad_norm=nan would turn clipping off unseen

@@ -222,6 +222,18 @@ def test_train_sources_from_yaml_and_overrides_become_sources_with_their_prefixe
     assert load_config().data_config.settings().prefixes == ()
 
 
+def test_recorded_prefixes_put_the_highest_weight_first_and_validation_prompts_with_it_or_val_source():
+    mix = ["data_config.train_sources=[{name: a, shards: x, prefix: 'a:'}, {name: b, shards: y, weight: 3, "
+           "prefix: 'b:'}, {name: c, shards: z, weight: 2}]"]
+    dc = load_config(overrides=mix).data_config
+    assert dc.prefixes() == (("b", "b:"), ("a", "a:"))
+    assert dc.val_prefix() == "b:"
+    assert load_config(overrides=mix + ["data_config.val_source=a"]).data_config.val_prefix() == "a:"
+    assert load_config(overrides=mix + ["data_config.val_source=c"]).data_config.val_prefix() == ""
+    with pytest.raises(ConfigError, match=r"data_config.val_source='d': not one of the training sources \(a, b, c\)"):
+        load_config(overrides=mix + ["data_config.val_source=d"])
+
+
 def test_bad_train_sources_are_one_line_each_naming_the_key():
     with pytest.raises(ConfigError) as info:
         load_config(overrides=["data_config.train_sources=[{name: a, shards: x, weight: 0}, {name: a, shards: y, "
