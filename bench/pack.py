@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import resource
@@ -103,15 +104,27 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def floor_seconds(files: list[str], workers: int, pool) -> tuple[float, float | None]:
-    """Wall seconds to decode and resample ``files`` in this process (``pool`` None) or across the
-    pool's ``workers`` processes, and this process's CPU seconds for it (None with a pool)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    if pool is None:
-        _decode_all(files)
-        return time.perf_counter() - start, time.process_time() - cpu
-    pool.map(_decode_all, [files[i::workers] for i in range(workers)])
-    return time.perf_counter() - start, None
+# Run by ``python -c`` in a code folder (this tree or a baseline's), so its own decode_audio is timed.
+FLOOR_SCRIPT = """
+import json, sys, time
+from pipeline.features import decode_audio
+files = json.load(sys.stdin)
+decode_audio(files[0])  # imports and first-call set-up out of the timing
+wall, cpu = time.perf_counter(), time.process_time()
+for path in files:
+    decode_audio(path)
+print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
+"""
+
+
+def floor_seconds(files: list[str], workers: int, code: Path) -> tuple[float, float]:
+    """Wall and CPU seconds for ``code``'s ``decode_audio`` to decode and resample ``files``, split
+    across ``workers`` processes (started, and their imports done, outside the timing; wall: the
+    slowest, CPU: the sum)."""
+    procs = [subprocess.Popen([sys.executable, "-c", FLOOR_SCRIPT], cwd=code, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    results = [json.loads(p.communicate(json.dumps(files[i::workers]))[0]) for i, p in enumerate(procs)]
+    return max(r["wall"] for r in results), sum(r["cpu"] for r in results)
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -123,8 +136,6 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 def short_clips(args) -> None:
     """The ``--short`` rows (module doc)."""
-    import multiprocessing
-
     from bench.baseline import checkout
 
     work = Path(tempfile.mkdtemp(prefix="bench_pack_short_"))
@@ -138,40 +149,36 @@ def short_clips(args) -> None:
     codes = ([(args.baseline, checkout(args.baseline))] if args.baseline else []) + [("this tree", ROOT)]
     print(f"corpus: {n} clips, {seconds / n:.1f} s/clip on average; {os.cpu_count()} cores; "
           f"--workers {args.workers}; {args.repeats} repeats")
-    pool = None
-    if args.workers > 1:
-        os.environ["OMP_NUM_THREADS"] = "1"  # as the packer's workers run (see shard_tools/pack.py)
-        pool = multiprocessing.get_context("spawn").Pool(args.workers)
-        pool.map(_decode_all, [files[:1]] * args.workers)  # start-up (imports) out of the timing
-    else:
-        import torch
-
-        torch.set_num_threads(1)
-        _decode_all(files[:1])  # warm-up: imports
     rows = []
     for repeat in range(args.repeats):
-        floor_wall, floor_cpu = floor_seconds(files, args.workers, pool)
+        floors = {name: floor_seconds(files, args.workers, code) for name, code in codes}
         for name, code in codes:
             out = work / f"out_{repeat}_{len(rows)}"
             wall, _, cpu = run_packer(corpus, out, args.workers, code)
-            rows.append({"repeat": repeat, "code": name, "out": out, "floor": floor_wall, "floor_cpu": floor_cpu,
-                         "wall": wall, "cpu": cpu if args.workers == 1 else None})
-    if pool is not None:
-        pool.close()
-    print("\n| code | repeat | floor s | packer s, end to end | packer / floor | extra ms per clip "
-          "| floor CPU s | packer CPU s | CPU packer / floor |\n|---|---|---|---|---|---|---|---|---|")
+            rows.append({"repeat": repeat, "code": name, "out": out, "wall": wall, "cpu": cpu, "floors": floors})
+    floor_of = "this tree"  # the strict floor: this tree's decode_audio
+    print(f"\nfloor: decode + resample with {floor_of}'s decode_audio"
+          + (f" ({args.baseline}'s in brackets)" if args.baseline else "") + "; packer: python -m shard_tools.pack "
+          f"--workers {args.workers}, end to end (start-up and writing included); CPU: user + sys\n")
+    print("| packer | repeat | floor s | packer s | packer / floor | extra ms per clip | floor CPU s | packer CPU s "
+          "| CPU packer / floor |\n|---|---|---|---|---|---|---|---|---|")
+
+    def cells(r: dict, floor: tuple[float, float]) -> list[str]:
+        return [f"{floor[0]:.2f}", f"{r['wall'] / floor[0]:.2f}x", f"{1000 * (r['wall'] - floor[0]) / n:.2f}",
+                f"{floor[1]:.2f}", f"{r['cpu'] / floor[1]:.2f}x"]
+
     for r in rows:
-        cpu = (f"{r['floor_cpu']:.2f} | {r['cpu']:.2f} | {r['cpu'] / r['floor_cpu']:.2f}x" if r["cpu"] is not None
-               else "- | - | -")
-        print(f"| {r['code']} | {r['repeat']} | {r['floor']:.2f} | {r['wall']:.2f} | {r['wall'] / r['floor']:.2f}x | "
-              f"{1000 * (r['wall'] - r['floor']) / n:.2f} | {cpu} |")
-    print("\nmedians over the repeats:")
+        mine = cells(r, r["floors"][floor_of])
+        if args.baseline:
+            mine = [f"{a} ({b})" for a, b in zip(mine, cells(r, r["floors"][args.baseline]))]
+        print(f"| {r['code']} | {r['repeat']} | {mine[0]} | {r['wall']:.2f} | {mine[1]} | {mine[2]} | {mine[3]} | "
+              f"{r['cpu']:.2f} | {mine[4]} |")
+    print("\nmedians over the repeats, against this tree's floor:")
     for name, _ in codes:
         mine = [r for r in rows if r["code"] == name]
-        line = f"- {name}: packer / floor {statistics.median(r['wall'] / r['floor'] for r in mine):.2f}x wall"
-        if args.workers == 1:
-            line += f", {statistics.median(r['cpu'] / r['floor_cpu'] for r in mine):.2f}x CPU"
-        print(line + f", {statistics.median(n / r['wall'] for r in mine):.1f} clips/s end to end")
+        print(f"- {name}: {statistics.median(r['wall'] / r['floors'][floor_of][0] for r in mine):.2f}x wall, "
+              f"{statistics.median(r['cpu'] / r['floors'][floor_of][1] for r in mine):.2f}x CPU, "
+              f"{statistics.median(n / r['wall'] for r in mine):.1f} clips/s end to end")
     if args.baseline:
         print(f"\nshards, index and rejects byte-identical ({args.baseline} vs this tree): "
               f"{all(same_bytes(a['out'], b['out']) for a, b in zip(rows[::2], rows[1::2]))}")
