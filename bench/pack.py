@@ -148,7 +148,7 @@ def short_clips(args) -> None:
     seconds = sum(soundfile.info(p).duration for p in files)
     codes = ([(args.baseline, checkout(args.baseline))] if args.baseline else []) + [("this tree", ROOT)]
     print(f"corpus: {n} clips, {seconds / n:.1f} s/clip on average; {os.cpu_count()} cores; "
-          f"--workers {args.workers}; {args.repeats} repeats")
+          f"--workers {args.workers}; {args.repeats} repeats; load average {os.getloadavg()[0]:.1f}")
     rows = []
     for repeat in range(args.repeats):
         floors = {name: floor_seconds(files, args.workers, code) for name, code in codes}
@@ -182,7 +182,7 @@ def short_clips(args) -> None:
     if args.baseline:
         print(f"\nshards, index and rejects byte-identical ({args.baseline} vs this tree): "
               f"{all(same_bytes(a['out'], b['out']) for a, b in zip(rows[::2], rows[1::2]))}")
-    print(f"(work folder: {work})")
+    print(f"(work folder: {work}; load average at the end {os.getloadavg()[0]:.1f}, other jobs included)")
 
 
 def flac_bytes_16k(files: list[str]) -> int:

@@ -117,11 +117,13 @@ def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray,
     # Channel mean as librosa's (channels summed in order, then divided), column by column: numpy's
     # mean over the short last axis of [samples, channels] is a strided reduction ~50x slower, and a
     # matmul wakes numpy's BLAS thread pool, whose idle threads then spin on the other cores.
-    mono = y[:, 0].copy()
-    for channel in range(1, y.shape[1]):
-        mono += y[:, channel]
-    y = mono / np.float32(y.shape[1]) if y.shape[1] > 1 else mono
-    return y, orig_sr, None if wanted == total else total / orig_sr
+    mono = y[:, 0]
+    if y.shape[1] > 1:
+        mono = mono.copy()
+        for channel in range(1, y.shape[1]):
+            mono += y[:, channel]
+        mono /= y.shape[1]
+    return mono, orig_sr, None if wanted == total else total / orig_sr
 
 
 def _decode_with_librosa(data, sf_error: Exception, max_seconds: float | None) -> tuple[np.ndarray, int, float | None]:

@@ -143,8 +143,8 @@ def worker_pool(workers: int, n_mels: int):
     context = multiprocessing.get_context("forkserver")  # never fork a parent whose torch has run
     context.set_forkserver_preload(WORKER_PRELOAD)
     # One thread per worker for the libraries that read this when they load (the forkserver and its
-    # workers inherit this environment): numpy's BLAS and OpenMP start a pool per process whose idle
-    # threads spin, which gains nothing within one worker but oversubscribes the cores once several run.
+    # workers inherit this environment): numpy's BLAS and torch's OpenMP start a pool per process whose
+    # idle threads spin, which gains nothing within one worker but oversubscribes the cores once several run.
     omp_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
