@@ -142,9 +142,9 @@ def worker_pool(workers: int, n_mels: int):
         return
     context = multiprocessing.get_context("forkserver")  # never fork a parent whose torch has run
     context.set_forkserver_preload(WORKER_PRELOAD)
-    # One OpenMP thread per worker (the forkserver and its workers inherit this environment): soxr
-    # resamples on an OpenMP pool that gains nothing within one process but oversubscribes the cores
-    # once several workers run (bench: two processes decoding ran 0.95x as fast as one, 1.72x with this).
+    # One thread per worker for the libraries that read this when they load (the forkserver and its
+    # workers inherit this environment): numpy's BLAS and torch's OpenMP start a pool per process whose
+    # idle threads spin, which gains nothing within one worker but oversubscribes the cores once several run.
     omp_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:

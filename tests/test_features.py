@@ -21,7 +21,7 @@ def test_decode_matches_librosa_load(tmp_path, suffix, sr, channels):
     ref, _ = librosa.load(str(path), sr=16000)  # soundfile + mono mean + soxr_hq: the seed's path
     assert orig_sr == sr
     assert ours.dtype == np.float32 and ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    np.testing.assert_array_equal(ours, ref)  # the same numbers: channels summed in order, then divided
     # Bytes (as read from a shard member) decode the same as the path.
     np.testing.assert_array_equal(decode_audio(path.read_bytes()).audio, ours)
     assert decoded.seconds == round(len(ref) / 16000, 6)
@@ -41,6 +41,27 @@ def test_log_mel_matches_whisper_feature_extractor(n, n_mels):
     stored = pad_mel(mel.astype(np.float16), pad_value).astype(np.float32)  # what a shard holds
     np.testing.assert_allclose(stored, ref, atol=2e-3)
 
+
+
+@pytest.mark.parametrize("n", [1, 199, 201, 16000, 96123, 479999, 480000, 520000])
+def test_log_mel_spectrum_is_torch_stft_bit_for_bit(n):
+    # log_mel frames the STFT itself; torch.stft of the zero-extended clip is the reference, so
+    # shards keep the bytes the packer wrote before (and the float16 cast rounds as numpy's).
+    import torch
+
+    from pipeline.features import _hann_window, mel_filters
+
+    audio = (0.1 * np.random.default_rng(n).standard_normal(n)).astype(np.float32)
+    frames = valid_frames(n)
+    wave = torch.zeros(min(480000, max(n + 201, (frames - 1) * 160 + 201)))
+    wave[:min(n, 480000)] = torch.from_numpy(audio[:480000])
+    spectrum = torch.stft(wave, 400, 160, window=_hann_window(), return_complex=True)[:, :frames]
+    power = torch.addcmul(spectrum.real.square(), spectrum.imag, spectrum.imag)
+    ref = (mel_filters(80) @ power).clamp_(min=1e-10).log10_()
+    ref = torch.maximum(ref, torch.tensor(max(float(ref.max()), -10.0 if frames < N_FRAMES else -np.inf) - 8.0))
+    mel, _ = log_mel(audio)
+    np.testing.assert_array_equal(mel, ((ref + 4.0) / 4.0).numpy())
+    np.testing.assert_array_equal(clip_features(audio)["mel"], mel.astype(np.float16))
 
 def test_clip_features_of_real_files_match_the_seed_path(tmp_path):
     # The seed: librosa.load(sr=16000) then the extractor on the (30-s padded) clip.
