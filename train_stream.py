@@ -759,10 +759,10 @@ def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: i
             "device": str(accelerator.device), "sources": loader.progress()}
     epochs = max_steps * tc.gradient_accumulation_steps / max(1, len(loader))
     log.info("world size %d | batch %d per device, %d effective (x%d accumulation) | %d steps (%.2f epochs) "
-             "| data: %d samples, %d batches per rank per epoch | model %s, %.1f M parameters (%.1f M trainable) "
+             "| data: %d samples, %d batches per rank per epoch | model %s, %.1f M parameters (%s trainable) "
              "| %s on %s", world, per_device, info["effective_batch_size"], tc.gradient_accumulation_steps,
              max_steps, epochs, loader.num_samples, len(loader), info["model"], info["parameters"] / 1e6,
-             info["trainable_parameters"] / 1e6, info["mixed_precision"], info["device"])
+             f"{info['trainable_parameters'] / 1e6:.3g} M", info["mixed_precision"], info["device"])
     for source in info["sources"]:
         log.info("source %s: %d samples, %d of each epoch's %d (%.1f%%) | seen %d, %.2f of its epochs done",
                  source["name"], source["samples"], source["per_epoch"], loader.num_samples,
