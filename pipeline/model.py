@@ -29,6 +29,8 @@ from transformers import (
     WhisperTokenizer,
 )
 
+from pipeline.config import DECODE_METHODS
+
 log = logging.getLogger(__name__)
 BUILTIN_TINY = "tiny"
 LANGUAGE = "en"
@@ -115,9 +117,6 @@ def caption_generation_config(tokenizer: WhisperTokenizer, base: GenerationConfi
     gen._from_model_config = False  # else from_pretrained rebuilds it from config.json and drops the above
     gen.max_length, gen.max_new_tokens = MAX_TARGET_POSITIONS, None
     return gen
-
-
-DECODE_METHODS = ("static", "hf")  # pipeline.decode's static-cache path; HF generate, the reference
 
 
 def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int | None = None,

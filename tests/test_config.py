@@ -130,6 +130,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("data_config.shard_deadline=0", "data_config.shard_deadline=0"),
     ("data_config.read_timeout=.inf", "data_config.read_timeout=inf"),
     ("data_config.retry_backoff_max=.inf", "data_config.retry_backoff_max=inf"),
+    ("trainer_config.generation_max_new_tokens=0", "trainer_config.generation_max_new_tokens=0"),
 ])
 def test_out_of_range_values_are_refused_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -185,3 +186,15 @@ def test_logging_dir_takes_the_seeds_interpolation():
     cfg = load_config(overrides=["trainer_config.output_dir=/runs/a", "trainer_config.logging_dir=${trainer_config.output_dir}/tb_logs"])
     assert cfg.trainer_config.logging_dir == "/runs/a/tb_logs"
     assert load_config().trainer_config.logging_dir == "outputs/whisper-caption/tensorboard"
+
+
+def test_caption_length_is_read_from_the_config_saved_beside_a_model(tmp_path):
+    from pipeline.config import caption_length, caption_length_default
+
+    assert caption_length(tmp_path) == (caption_length_default(), "the default trainer_config.generation_max_new_tokens")
+    assert caption_length("tiny")[0] == load_config().trainer_config.generation_max_new_tokens
+    save_config(load_config(overrides=["trainer_config.generation_max_new_tokens=7"]), tmp_path / "config.yaml")
+    assert caption_length(tmp_path) == (7, f"trainer_config.generation_max_new_tokens of {tmp_path / 'config.yaml'}")
+    (tmp_path / "config.yaml").write_text("trainer_config:\n  generation_max_new_tokens: many\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: trainer_config.generation_max_new_tokens='many': must be"):
+        caption_length(tmp_path)

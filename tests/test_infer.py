@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -237,3 +238,36 @@ def test_a_busy_or_unwritable_output_is_refused_before_any_clip(model_dir, shard
     assert run("--model_name", model_dir, "--shards", ",".join(shards), "--output", out,
                "--max_new_tokens", MAX_NEW, "--num_dataloader_workers", 0, "--metrics", "bleu") == 0
     assert_rows_match(read_jsonl(out), expected)
+
+
+def test_caption_length_defaults_to_the_trained_models_and_stages_are_timed(model_dir, shards, tmp_path, capsys):
+    """No --max-new-tokens: the checkpoint's config.yaml (train_stream.py's) gives the length."""
+    import shutil
+
+    from pipeline.config import load_config, save_config
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    save_config(load_config(overrides=["trainer_config.generation_max_new_tokens=3"]), model / "config.yaml")
+    keys, features, captions = read_shards(shards[1:2])
+    reference = reference_captions(model_dir, features, max_new_tokens=3)
+    out = tmp_path / "preds.jsonl"
+    assert run("--model_name", model, "--shards", shards[1], "--num_dataloader_workers", 0, "--output", out,
+               "--metrics", "bleu") == 0
+    assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, reference, captions)})
+    stdout = capsys.readouterr().out
+    assert f"at most 3 tokens per caption (trainer_config.generation_max_new_tokens of {model / 'config.yaml'})" \
+        in stdout
+    assert re.search(r"^time: encoder \d+%, decoder \d+%, data and output \d+% \(this process\)$", stdout, re.M)
+
+
+def test_bf16_is_the_default_on_a_gpu_only():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    args = SimpleNamespace(bf16=False, fp32=False)
+    assert infer_stream.model_dtype(args, cuda) == torch.bfloat16
+    assert infer_stream.model_dtype(args, cpu) == torch.float32
+    assert infer_stream.model_dtype(SimpleNamespace(bf16=False, fp32=True), cuda) == torch.float32
+    assert infer_stream.model_dtype(SimpleNamespace(bf16=True, fp32=False), cpu) == torch.bfloat16
+    with pytest.raises(SystemExit):
+        infer_stream.parse_args(["--model-name", "tiny", "--shards", "x", "--bf16", "--fp32"])
