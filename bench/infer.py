@@ -111,7 +111,8 @@ def decode_rows(model_name: str, device: str, fp32: bool, batch_size: int, batch
     assert all(t.shape == (batch_size, max_new_tokens) for t in static), "captions not of the forced length"
     return {"seconds": seconds, "clips": batch_size * batches,
             "identical": all(torch.equal(a, b) for a, b in zip(static, hf)),
-            "same_tokens": sum(int((a == b).sum()) for a, b in zip(static, hf)) / (batch_size * batches * max_new_tokens)}
+            "same_tokens": sum(int((a == b).sum()) for a, b in zip(static, hf))
+            / (batch_size * batches * max_new_tokens)}
 
 
 def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
@@ -218,7 +219,8 @@ def main() -> None:
               f"| {first_best / best:.2f}x |")
     decode_clips = args.batch_size * args.decode_batches
     print(f"\nDecoding the same {args.decode_batches} batches of {args.batch_size} (in one process):\n")
-    print("| path | best s | clips/s (best) | clips/s (median) | vs generate_captions hf (best) |\n|---|---|---|---|---|")
+    print("| path | best s | clips/s (best) | clips/s (median) | vs generate_captions hf (best) |\n"
+          "|---|---|---|---|---|")
     hf_best = min(rows[DECODE_ROWS[2]])
     for name in DECODE_ROWS:
         best, median = min(rows[name]), statistics.median(rows[name])

@@ -27,6 +27,7 @@ the prompt, the end token cut, rows right-padded with the pad token to the longe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+log = logging.getLogger(__name__)
 SYNC_EVERY = 8  # CUDA: tokens decoded between two "every row finished?" reads (each read waits for the GPU)
 DROP_SHARE = 0.25  # CPU: drop finished rows from the batch once they are this share of the rows still in it
+_capture_failed = ""  # why the CUDA graph capture failed in this process, once it has
 
 # GenerationConfig settings that add logits processors or change the search, with their neutral
 # values; the static path implements none of them, so a config that sets one is refused rather than
@@ -214,7 +217,8 @@ def _hf_layout(tokens: torch.Tensor, rules: DecodeRules) -> torch.Tensor:
 GREEDY_MODES = ("graph", "mask", "drop")
 
 
-def greedy(model, features: torch.Tensor, rules: DecodeRules, max_new_tokens: int, mode: str | None = None) -> torch.Tensor:
+def greedy(model, features: torch.Tensor, rules: DecodeRules, max_new_tokens: int,
+           mode: str | None = None) -> torch.Tensor:
     """Greedy captions ``[B, T]`` (HF layout) for ``features [B, n_mels, frames]``. ``mode``: ``graph``
     (the default on CUDA): the step captured as a CUDA graph and replayed, finished rows masked;
     ``mask``: the same step run eagerly; ``drop`` (the default elsewhere): eager, finished rows dropped."""
@@ -279,9 +283,19 @@ def _greedy_static(model, caches: _Caches, first: torch.Tensor, suppress: torch.
         position.add_(1)
         column.add_(1)
 
+    global _capture_failed
     run = step
-    if capture and max_new_tokens > 1:
-        run = _capture(step, [last, finished, position, column, out] + caches.self_k + caches.self_v)
+    if capture and max_new_tokens > 1 and not _capture_failed:
+        state = [last, finished, position, column, out] + caches.self_k + caches.self_v
+        saved = [t.clone() for t in state]
+        try:
+            run = _capture(step)
+        except RuntimeError as error:  # an op this torch cannot capture: the same step, eagerly, from now on
+            _capture_failed = str(error).splitlines()[0]
+            log.warning("CUDA graph capture of the decoder step failed (%s); decoding without a graph",
+                        _capture_failed)
+        for target, value in zip(state, saved):  # the warm-up ran a step: back to the state after the prompt
+            target.copy_(value)
     for index in range(1, max_new_tokens):
         if index % SYNC_EVERY == 1 and bool(finished.all()):
             break
@@ -289,24 +303,21 @@ def _greedy_static(model, caches: _Caches, first: torch.Tensor, suppress: torch.
     return out
 
 
-def _capture(step, state: list[torch.Tensor]):
-    """``step`` recorded as a CUDA graph; returns its replay. The warm-up run (outside the capture:
-    lazy initialisation, cuBLAS workspaces) changes ``state``, which is then put back."""
-    saved = [t.clone() for t in state]
-    device = state[0].device
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+def _capture(step):
+    """``step`` recorded as a CUDA graph; returns its replay. ``step`` runs once before, outside the
+    capture (lazy initialisation, cuBLAS workspaces): its state must be put back afterwards."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    # autocast (training's evaluation) must not reuse its cast-weight cache inside a capture
+    # autocast (training's evaluation) must not reuse its cast-weight cache inside a capture; other
+    # threads (the loader's pinning and hand-over threads) may go on using CUDA meanwhile
     autocast = torch.is_autocast_enabled("cuda")
     with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False), \
-            torch.cuda.graph(graph):
+            torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
-    for target, value in zip(state, saved):
-        target.copy_(value)
     return graph.replay
 
 
@@ -377,7 +388,8 @@ def beam_search(model, features: torch.Tensor, rules: DecodeRules, max_new_token
     return _hf_layout(finished[:, 0], rules)
 
 
-def generate(model, features: torch.Tensor, rules: DecodeRules, max_new_tokens: int, num_beams: int = 1) -> torch.Tensor:
+def generate(model, features: torch.Tensor, rules: DecodeRules, max_new_tokens: int,
+             num_beams: int = 1) -> torch.Tensor:
     """Caption token ids ``[B, T]`` for ``features [B, n_mels, frames]``: greedy, or beam search."""
     if num_beams == 1:
         return greedy(model, features, rules, max_new_tokens)

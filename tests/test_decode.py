@@ -124,7 +124,7 @@ def test_beam_search_equals_hf_on_whisper_small_dims(small_dims):
     assert torch.equal(fast, reference)
 
 
-def test_caption_length_is_capped_as_hf_caps_it(tiny_ending):
+def test_caption_length_is_capped_by_the_decoder_positions(tiny_ending):
     model, _ = tiny_ending
     long_prefix = (PREFIX * 90)[:440]  # 4 + 440 prompt tokens: 4 positions left of 448
     rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK, long_prefix)
@@ -151,7 +151,7 @@ def test_settings_the_static_path_does_not_implement_are_refused(tiny_ending):
 
 
 @NEEDS_CUDA
-def test_cuda_graph_greedy_equals_hf(tiny_processor):
+def test_cuda_graph_greedy_equals_hf(tiny_processor, caplog):
     model = load_model("tiny", tiny_processor).eval()
     features = ending(model, 0, 6, alpha=0.1)
     model, features = model.cuda(), features.cuda()
@@ -160,3 +160,4 @@ def test_cuda_graph_greedy_equals_hf(tiny_processor):
         reference = generate_captions(model, features, max_new_tokens=20, prefix_ids=PREFIX, method="hf")
         for mode in decode.GREEDY_MODES:
             assert torch.equal(decode.greedy(model, features, rules, 20, mode=mode), reference), mode
+    assert not decode._capture_failed and "capture" not in caplog.text
