@@ -22,7 +22,9 @@ Decoding rows (one fresh process per round): ``--decode-batches`` batches of ran
 the encoder alone (the floor), ``generate_captions(method="static")`` and ``(method="hf")``; token ids
 compared. On CUDA the model runs in bfloat16 (as infer_stream.py does) unless ``--fp32``.
 Every caption is exactly ``max_new_tokens`` long in every row: the end token is added to the model's
-``suppress_tokens`` (random models rarely end a caption, but may), so decoding costs the same per clip.
+``suppress_tokens`` (random models rarely end a caption, but may), so decoding costs the same per clip;
+so are the timestamp tokens, which a random whisper-small-dims model emits and HF ``generate`` then
+reads as segment ends, decoding further 30-s windows (55 tokens for 3 asked).
 Models: ``tiny`` is the built-in model; ``--model-dims whisper-small`` saves random weights with
 openai/whisper-small's dimensions (``bench.train_step.WHISPER_SMALL``) as a checkpoint in the work folder.
 The rows run interleaved for ``--rounds`` rounds; the table gives the best and the median, since on a
@@ -118,14 +120,14 @@ def decode_rows(model_name: str, device: str, fp32: bool, batch_size: int, batch
 def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
     """A checkpoint that never ends a caption early (the end token suppressed): the built-in tiny
     model's weights or random whisper-small-dims weights, saved once in ``data``."""
-    folder = data / f"model-{model_dims}-forced"
+    folder = data / f"model-{model_dims}-forced-v2"
     if (folder / "config.json").exists():
         return str(folder)
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     from bench.train_step import WHISPER_SMALL
-    from pipeline.model import caption_generation_config, load_model, load_processor, save_model
+    from pipeline.model import NUM_TIMESTAMPS, caption_generation_config, load_model, load_processor, save_model
 
     processor = load_processor(model_name)
     tid = processor.tokenizer.convert_tokens_to_ids
@@ -139,7 +141,9 @@ def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
         model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
     else:
         model = load_model(model_name, processor)
-    model.generation_config.suppress_tokens = [tid("<|endoftext|>")]
+    # timestamp tokens too: HF generate takes them for segment ends and decodes further windows
+    timestamps = range(tid("<|0.00|>"), tid("<|0.00|>") + NUM_TIMESTAMPS)
+    model.generation_config.suppress_tokens = [tid("<|endoftext|>"), *timestamps]
     save_model(model, processor, folder)
     return str(folder)
 

@@ -16,6 +16,7 @@ from pipeline.model import (LANGUAGE, MAX_TARGET_POSITIONS, TASK, caption_genera
                             load_model)
 from tests.conftest import NEEDS_CUDA
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PREFIX = (13619, 78, 12331, 31974, 25)  # " clotho > caption:" in the multilingual tokenizer's ids
 
 

@@ -27,16 +27,7 @@ from tests.conftest import write_audio, write_mel_shards
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [3, 2, 2]  # 7 clips in 3 shards: divisible neither by 2 ranks nor by the batch sizes
 MAX_NEW = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on 2 busy cores, two spinning threads made the tiny model's many small
-    ops about 3x slower. Restored afterwards for the rest of the session."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
