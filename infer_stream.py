@@ -18,8 +18,13 @@ Why it is built this way:
   process dies): a second run on the same output refuses at once instead of removing the first
   run's part files under it. An output that is a folder or cannot be written is refused before any
   clip is captioned.
-- ``generate`` gets ``language="en", task="translate"`` (not ``forced_decoder_ids``), greedy unless
-  ``--num-beams`` > 1.
+- Captions come from ``generate_captions``: by default ``pipeline.decode``'s static-cache decoder
+  (cross-attention keys/values once per batch, the greedy step a CUDA graph on a GPU), token-identical
+  to HF ``generate`` in fp32, which ``--decoder hf`` runs instead; greedy unless ``--num-beams`` > 1.
+- On a GPU the model runs in bfloat16 unless ``--fp32``. Captions stop at ``--max-new-tokens``, by
+  default the length the checkpoint's training evaluated with (``CAPTION_LENGTH_KEY`` in the
+  ``config.yaml`` beside it), else that setting's default: a model that has not learnt to stop
+  costs a few dozen tokens per clip, not Whisper's 448.
 - The caption prefix a model was trained with (recorded in its generation config by training,
   ``pipeline.model.recorded_prefixes``) is forced after the task tokens, as in training, and is
   not part of the output caption; ``--prefix`` or ``--source`` pick another.
@@ -43,6 +48,7 @@ import time
 from pathlib import Path
 
 from pipeline import metrics
+from pipeline.config import CAPTION_LENGTH_KEY, DECODE_METHODS, caption_length_default
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help with each option's default, where it has one."""
@@ -66,13 +72,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
                         help="1: greedy; >1: beam search")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None,
-                        help="longest caption in tokens (default: the model's generation config)")
+                        help=f"longest caption in tokens, the end token included (default: "
+                             f"{CAPTION_LENGTH_KEY} from the config.yaml train_stream.py saved beside the "
+                             f"checkpoint, i.e. what its evaluation generated; else that key's default, "
+                             f"{caption_length_default()})")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prefix", help="caption prefix forced after the task tokens (stripped from the output); "
                         "'' for none. Default: the prefix recorded with the model, the first (highest-weight "
                         "source's) when several are recorded")
     prompt.add_argument("--source", help="use the prefix recorded with the model for this training source")
-    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16")
+    parser.add_argument("--decoder", choices=DECODE_METHODS, default=DECODE_METHODS[0],
+                        help="static: static KV cache (CUDA graph on a GPU); hf: transformers' generate, "
+                             "the reference")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (the default on a GPU)")
+    precision.add_argument("--fp32", action="store_true", help="run the model in float32 on a GPU too")
     parser.add_argument("--print", action="store_true", help="also print the list of result rows")
     parser.add_argument("--resume", action="store_true", help="skip keys already in --output (and in part files)")
     parser.add_argument("--metrics-out", "--metrics_out", dest="metrics_out", help="write the scores here as JSON")
@@ -99,6 +113,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline.collate import expand_features, prompt_ids
+from pipeline.config import ConfigError, caption_length
 from pipeline.data_settings import DataSettings
 from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
@@ -117,10 +132,14 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         processor = load_processor(args.model_name, "--model-name")
         model = load_model(args.model_name, processor, "--model-name")
         args.prefix = caption_prefix(args, recorded_prefixes(model))  # resolved once: what every batch forces
-    except (LaunchError, ModelLoadError, UnknownSource) as error:
+        if args.max_new_tokens is None:
+            args.max_new_tokens, args.caption_length_from = caption_length(args.model_name)
+        else:
+            args.caption_length_from = "--max-new-tokens"
+    except (LaunchError, ModelLoadError, ConfigError, UnknownSource) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = model_dtype(args, accelerator.device)
     model = model.to(accelerator.device, dtype=dtype).eval()
 
     output = Path(args.output)
@@ -159,6 +178,11 @@ def caption_prefix(args, recorded: list[tuple[str, str]]) -> str:
     return recorded[0][1] if recorded else ""
 
 
+def model_dtype(args, device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU unless ``--fp32``, and wherever ``--bf16`` asks; float32 otherwise."""
+    return torch.bfloat16 if args.bf16 or (device.type == "cuda" and not args.fp32) else torch.float32
+
+
 def claim_output(output: Path, lock: contextlib.ExitStack) -> str:
     """Check ``output`` can be written and lock it for this run (held until ``lock`` closes); the
     problem as one line, or ""."""
@@ -180,15 +204,20 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
     """Caption every clip of ``batches`` into ``output``; print the summary and scores."""
     done = prepare_output(output, args.resume, accelerator)
     if accelerator.is_main_process:
-        print(f"captioning on {accelerator.num_processes} process(es), device {accelerator.device}"
+        print(f"captioning on {accelerator.num_processes} process(es), device {accelerator.device}, "
+              f"{str(dtype).removeprefix('torch.')}, decoder {args.decoder}, "
+              f"{'greedy' if args.num_beams == 1 else f'{args.num_beams} beams'}, at most {args.max_new_tokens} "
+              f"tokens per caption ({args.caption_length_from})"
               + (f"; caption prefix {args.prefix!r}" if args.prefix.strip() else "")
               + (f"; {len(done)} keys already done" if args.resume else ""), flush=True)
 
     start = time.perf_counter()
-    generated, errors = run_generation(model, processor, batches, done, args, accelerator, expected, dtype)
+    timer = StageTimer(model, accelerator.device)
+    generated, errors = run_generation(model, processor, batches, done, args, accelerator, expected, dtype, timer)
     generated = sum(gather(accelerator, generated))
     skipped = sum(gather(accelerator, errors + stream_skipped()))
     elapsed = time.perf_counter() - start
+    timer.close()
     if accelerator.is_main_process:
         rows = merge_outputs(output, args.resume)
         if skipped:
@@ -197,6 +226,7 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
             print(rows)
         report_scores(rows, args)
         print(f"{generated} clips in {elapsed:.1f} s ({generated / max(elapsed, 1e-9):.1f} clips/s)", flush=True)
+        print(timer.summary(elapsed), flush=True)
         print(f"predictions: {output.resolve()} ({len(rows)} rows)"
               + (f"; metrics: {Path(args.metrics_out).resolve()}" if args.metrics_out else ""), flush=True)
     accelerator.wait_for_everyone()
@@ -286,7 +316,51 @@ def collate_audio(samples: list[dict]) -> dict:
 # Generation
 
 
-def run_generation(model, processor, batches, done: set, args, accelerator, expected: int, dtype) -> tuple[int, int]:
+class StageTimer:
+    """Where captioning time goes, on this process: the encoder (hooks around its forward), the
+    decoding (the rest of ``generate_captions``) and everything else (loading, featurising, padding,
+    writing rows). On a GPU the hooks and ``generating`` synchronise, so that queued work is counted
+    where it runs (a few syncs per batch)."""
+
+    def __init__(self, model, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.encoder = self.generate = 0.0
+        self._start = 0.0
+        encoder = model.model.encoder
+        self._hooks = [encoder.register_forward_pre_hook(lambda *_: self._mark()),
+                       encoder.register_forward_hook(lambda *_: self._add_encoder())]
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _mark(self) -> None:
+        self._start = self._now()
+
+    def _add_encoder(self) -> None:
+        self.encoder += self._now() - self._start
+
+    @contextlib.contextmanager
+    def generating(self):
+        start = self._now()
+        yield
+        self.generate += self._now() - start
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def summary(self, elapsed: float) -> str:
+        def share(seconds: float) -> str:
+            return f"{100 * seconds / max(elapsed, 1e-9):.0f}%"
+
+        return (f"time: encoder {share(self.encoder)}, decoder {share(self.generate - self.encoder)}, "
+                f"data and output {share(elapsed - self.generate)} (this process)")
+
+
+def run_generation(model, processor, batches, done: set, args, accelerator, expected: int, dtype,
+                   timer: StageTimer) -> tuple[int, int]:
     """Caption every real, not-yet-done clip; append its row to this rank's part file.
     Returns ``(clips captioned, inputs reported as errors)``."""
     count = errors = 0
@@ -299,13 +373,15 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
             errors += len(batch.get("errors", ()))
             real = [i for i, pad in enumerate(batch["is_pad"].tolist()) if not pad]
             keep = [i for i in real if batch["keys"][i] not in done]
-            bar.update(len(real) + len(batch.get("errors", ())))
+            bar.update(len(real) - len(keep) + len(batch.get("errors", ())))  # the rest once captioned
             if not keep:
                 continue
             features = expand_features(batch, device=accelerator.device, dtype=dtype)  # [B, n_mels, 3000]
             if len(keep) < len(batch["keys"]):  # clips done before a --resume, rank padding
                 features = features[keep]  # [b, n_mels, 3000]
-            tokens = generate_captions(model, features, args.num_beams, args.max_new_tokens, prefix_ids=prefix)  # [b, T]
+            with timer.generating():
+                tokens = generate_captions(model, features, args.num_beams, args.max_new_tokens,
+                                           prefix_ids=prefix, method=args.decoder)  # [b, T]
             captions = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for i, caption in zip(keep, captions):
                 refs = list(batch["captions"][i])
@@ -313,6 +389,7 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
                                       "gt_caption": refs[0] if refs else None, "gt_captions": refs}) + "\n")
             out.flush()  # a killed run keeps every finished batch for --resume
             count += len(keep)
+            bar.update(len(keep))
     bar.close()
     return count, errors
 

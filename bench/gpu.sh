@@ -4,7 +4,9 @@
 #     bench/train_step.py rows (whisper-small dims batch 32, built-in tiny batch 64; in-memory, shards
 #     with 0/2/4 workers, the seed loader; the pre-issue-11 code's rows beside them, --baseline),
 #     the loader handover (bench/stream.py --handover --device cuda), train_stream.py end to end with
-#     bf16 and torch.compile, infer_stream.py; the tables, then one summary table.
+#     bf16 and torch.compile, infer_stream.py; bench/infer.py (issue 12: whisper-small dims, bf16, 30
+#     tokens forced, batch 64 and 256: static decoder vs HF generate vs the encoder alone, end to end
+#     and on the same batches); the tables, then one summary table.
 #   bash bench/gpu.sh --cpu      the same steps, small and on the CPU, to know the script runs.
 # Install: with a `.whl/` folder (wheels fetched on a machine with an index: ../shared/FACTS.md) they
 # are installed into /tmp/site without an index, as on the GPU image that reaches none; without one,
@@ -33,12 +35,15 @@ if [ "$mode" = --cpu ]; then  # whisper-small dims cost ~1 min a row on 2 cores:
   train=(trainer_config.max_steps=4 trainer_config.per_device_train_batch_size=4
     ++trainer_config.bf16=true model_config.torch_compile=false); infer=(--batch_size 8)
   handover=(--batch-size 8 --batches 4 --repeats 1 --step-ms 50)
+  decode=(--device cpu --model-dims tiny --max-new-tokens 5 --workers 0 --decode-batches 1); decode_batches=(8)
 else
   device=(--device cuda --bf16 --peak-tflops 989); clips=1024
   small=(--batch-size 32 --workers 0 2 4 --seed-workers 4 "${baseline[@]}")
   tiny=(--batch-size 64 --workers 0 2 4 --seed-workers 4 "${baseline[@]}"); train=(trainer_config.max_steps=200 trainer_config.per_device_train_batch_size=64
     ++trainer_config.bf16=true model_config.torch_compile=true); infer=(--batch_size 64 --bf16)
   handover=(--batch-size 64 --device cuda)
+  decode=(--device cuda --model-dims whisper-small --max-new-tokens 30 --workers 4 --decode-batches 4)
+  decode_batches=(64 256)
 fi
 t0=$(date +%s)
 [ -d "$work/data/shards/train" ] || {
@@ -59,6 +64,11 @@ start=$(date +%s)
 python3 infer_stream.py --model_name "$work/run/final" --shards "$work/data/shards/validation" \
   --output "$work/preds.jsonl" --metrics bleu "${infer[@]}" | tail -4
 infer_s=$(( $(date +%s) - start ))
+for b in "${decode_batches[@]}"; do  # the seed's float32 loop at 64 only: its batch of 256 costs minutes
+  seed=(); [ "$b" -gt 64 ] && seed=(--no-seed)
+  python3 bench/infer.py --data "$work/data" --clips "$clips" --rounds 1 --batch-size "$b" "${decode[@]}" \
+    "${seed[@]}" | tee "$work/infer-$b.md"
+done
 echo
 echo "| check | result |"
 echo "|---|---|"
@@ -68,4 +78,8 @@ done
 grep -E '^loader time' "$work/handover.md" | sed 's/^/| handover | /; s/$/ |/'
 echo "| train_stream.py end to end (${train[*]}) | ${train_s} s, $(tail -1 "$work/run/metrics.jsonl" | cut -c1-120) |"
 echo "| infer_stream.py (${infer[*]}) | ${infer_s} s, $(wc -l < "$work/preds.jsonl") captions |"
+for b in "${decode_batches[@]}"; do
+  grep -E '^\| (seed|infer_stream|encoder only|generate_captions)' "$work/infer-$b.md" | sed "s/^| /| infer batch $b: /"
+  grep -E '^static vs HF' "$work/infer-$b.md" | sed "s/^/| infer batch $b | /; s/$/ |/"
+done
 echo "| whole script | $(( $(date +%s) - t0 )) s |"

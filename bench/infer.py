@@ -1,18 +1,32 @@
-"""Inference throughput: infer_stream.py against the seed's test.py approach, same clips and model, one run.
+"""Inference throughput: infer_stream.py against the seed's test.py approach, and the static decoder
+against HF ``generate`` on the same batches, same clips and model, one run.
 
     python bench/infer.py [--clips 200] [--batch-size 16] [--workers 2] [--max-new-tokens 30] [--rounds 3]
                           [--data DIR]
+    python bench/infer.py --device cuda --model-dims whisper-small --batch-size 64 [--decode-batches 8]
 
-Rows, each in a fresh process, all over the same generated corpus (wav/flac/ogg/mp3, 16-48 kHz, mono
-and stereo), the same model (built-in ``tiny``), greedy decoding with the same ``max_new_tokens``,
+End-to-end rows, each in a fresh process, all over the same generated corpus (wav/flac/ogg/mp3,
+16-48 kHz, mono and stereo), the same model, greedy decoding with the same ``max_new_tokens``,
 batch size and DataLoader workers:
 - seed: a map-style ``Dataset`` whose ``__getitem__`` runs ``librosa.load`` + ``WhisperFeatureExtractor``
   (``bench.seed.seed_features``, the seed's per-item work) in a ``DataLoader``, then ``model.generate``;
-- ``infer_stream.py --shards``: the same clips packed by ``shard_tools.pack`` (packing not timed);
+- ``infer_stream.py --shards --decoder hf``: the same clips packed by ``shard_tools.pack`` (packing not
+  timed), captioned by HF ``generate`` as infer_stream.py did before issue 12;
+- ``infer_stream.py --shards``: the same, with the static decoder (the default);
 - ``infer_stream.py --audio``: the raw files, decoded and featurised in workers by ``pipeline.features``.
 clips/s counts from the first batch requested to the last caption (model loading excluded), as the
-final line of infer_stream.py does. The random tiny model never ends a caption by itself, so every
-clip gets exactly ``max_new_tokens`` tokens: a fixed decoding cost per clip, the same in every row.
+final line of infer_stream.py does. The two ``--shards`` rows' predictions are compared: "outputs
+identical" under the table.
+Decoding rows (one fresh process per round): ``--decode-batches`` batches of random log-mel features
+``[batch, 80, 3000]`` on ``--device``, the same tensors for each row, one untimed batch first:
+the encoder alone (the floor), ``generate_captions(method="static")`` and ``(method="hf")``; token ids
+compared. On CUDA the model runs in bfloat16 (as infer_stream.py does) unless ``--fp32``.
+Every caption is exactly ``max_new_tokens`` long in every row: the end token is added to the model's
+``suppress_tokens`` (random models rarely end a caption, but may), so decoding costs the same per clip;
+so are the timestamp tokens, which a random whisper-small-dims model emits and HF ``generate`` then
+reads as segment ends, decoding further 30-s windows (55 tokens for 3 asked).
+Models: ``tiny`` is the built-in model; ``--model-dims whisper-small`` saves random weights with
+openai/whisper-small's dimensions (``bench.train_step.WHISPER_SMALL``) as a checkpoint in the work folder.
 The rows run interleaved for ``--rounds`` rounds; the table gives the best and the median, since on a
 shared machine one row can land in a busy spell (we saw the same command take 10 s and 34 s).
 Every row runs with ``--threads`` torch threads (default 1): on 2 cores shared with other work, two
@@ -36,12 +50,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ROWS = ("seed: DataLoader(librosa.load + WhisperFeatureExtractor) + generate",
-        "infer_stream.py --shards (packed log-mel)", "infer_stream.py --audio (raw files)")
+        "infer_stream.py --shards --decoder hf (packed log-mel, HF generate)",
+        "infer_stream.py --shards (packed log-mel, static decoder)", "infer_stream.py --audio (raw files)")
+DECODE_ROWS = ("encoder only", "generate_captions static", "generate_captions hf")
 FINAL_LINE = re.compile(r"^(\d+) clips in ([\d.]+) s \(([\d.]+) clips/s\)$", re.M)
 
 
-def seed_row(data: Path, batch_size: int, workers: int, max_new_tokens: int) -> dict:
-    """The seed's loop, in this process: per-item features in a DataLoader, then generate."""
+def seed_row(data: Path, model_name: str, device: str, batch_size: int, workers: int, max_new_tokens: int) -> dict:
+    """The seed's loop, in this process: per-item features in a DataLoader, then generate (float32)."""
     import torch
     from transformers import WhisperFeatureExtractor
     from transformers.utils import logging as hf_logging
@@ -52,25 +68,91 @@ def seed_row(data: Path, batch_size: int, workers: int, max_new_tokens: int) -> 
     hf_logging.set_verbosity_error()
     dataset = SeedDataset(audio_files(data / "corpus" / "train"), WhisperFeatureExtractor(feature_size=80))
 
-    processor = load_processor("tiny")
-    model = load_model("tiny", processor).eval()
+    processor = load_processor(model_name)
+    model = load_model(model_name, processor).to(device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     clips = 0
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
-            tokens = model.generate(input_features=batch["input_features"], language=LANGUAGE, task=TASK, do_sample=False,
-                                    max_new_tokens=max_new_tokens)
+            tokens = model.generate(input_features=batch["input_features"].to(device), language=LANGUAGE, task=TASK,
+                                    do_sample=False, max_new_tokens=max_new_tokens)
             processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)  # decoded as the seed did
             clips += len(batch["path"])
+    if device == "cuda":
+        torch.cuda.synchronize()
     return {"clips": clips, "seconds": time.perf_counter() - start}
 
 
-def infer_stream_row(source: list[str], out: Path, env: dict, batch_size: int, workers: int,
-                     max_new_tokens: int) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "infer_stream.py"), "--model_name", "tiny", *source,
+def decode_rows(model_name: str, device: str, fp32: bool, batch_size: int, batches: int, max_new_tokens: int) -> dict:
+    """Seconds of each ``DECODE_ROWS`` row over the same ``batches`` feature batches, and whether the
+    static decoder's token ids equal HF's."""
+    import torch
+
+    from pipeline.model import generate_captions, load_model, load_processor
+
+    dtype = torch.bfloat16 if device == "cuda" and not fp32 else torch.float32
+    model = load_model(model_name, load_processor(model_name)).to(device, dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(batch_size, 80, 3000, generator=generator).to(device, dtype) for _ in range(batches + 1)]
+    calls = {DECODE_ROWS[0]: lambda f: model.model.encoder(f).last_hidden_state,
+             DECODE_ROWS[1]: lambda f: generate_captions(model, f, max_new_tokens=max_new_tokens),
+             DECODE_ROWS[2]: lambda f: generate_captions(model, f, max_new_tokens=max_new_tokens, method="hf")}
+    seconds, outputs = {}, {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            call(features[0])  # warm-up: lazy initialisation, kernel choices
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs[name] = [call(f) for f in features[1:]]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] = time.perf_counter() - start
+    static, hf = outputs[DECODE_ROWS[1]], outputs[DECODE_ROWS[2]]
+    assert all(t.shape == (batch_size, max_new_tokens) for t in static), "captions not of the forced length"
+    return {"seconds": seconds, "clips": batch_size * batches,
+            "identical": all(torch.equal(a, b) for a, b in zip(static, hf)),
+            "same_tokens": sum(int((a == b).sum()) for a, b in zip(static, hf))
+            / (batch_size * batches * max_new_tokens)}
+
+
+def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
+    """A checkpoint that never ends a caption early (the end token suppressed): the built-in tiny
+    model's weights or random whisper-small-dims weights, saved once in ``data``."""
+    folder = data / f"model-{model_dims}-forced-v2"
+    if (folder / "config.json").exists():
+        return str(folder)
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from bench.train_step import WHISPER_SMALL
+    from pipeline.model import NUM_TIMESTAMPS, caption_generation_config, load_model, load_processor, save_model
+
+    processor = load_processor(model_name)
+    tid = processor.tokenizer.convert_tokens_to_ids
+    if model_dims == "whisper-small":
+        eot = tid("<|endoftext|>")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = WhisperForConditionalGeneration(WhisperConfig(
+                **WHISPER_SMALL, decoder_start_token_id=tid("<|startoftranscript|>"), pad_token_id=eot,
+                bos_token_id=eot, eos_token_id=eot))
+        model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
+    else:
+        model = load_model(model_name, processor)
+    # timestamp tokens too: HF generate takes them for segment ends and decodes further windows
+    timestamps = range(tid("<|0.00|>"), tid("<|0.00|>") + NUM_TIMESTAMPS)
+    model.generation_config.suppress_tokens = [tid("<|endoftext|>"), *timestamps]
+    save_model(model, processor, folder)
+    return str(folder)
+
+
+def infer_stream_row(source: list[str], out: Path, env: dict, model: str, batch_size: int, workers: int,
+                     max_new_tokens: int, extra: tuple[str, ...] = ()) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "infer_stream.py"), "--model_name", model, *source,
                            "--batch_size", str(batch_size), "--num_dataloader_workers", str(workers),
-                           "--max_new_tokens", str(max_new_tokens), "--output", str(out), "--metrics", "bleu"],
+                           "--max_new_tokens", str(max_new_tokens), "--output", str(out), "--metrics", "bleu", *extra],
                           cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     clips, seconds, _ = FINAL_LINE.findall(proc.stdout)[-1]
     return {"clips": int(clips), "seconds": float(seconds)}
@@ -87,10 +169,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in every row (OMP_NUM_THREADS)")
     parser.add_argument("--data", type=Path, help="work folder to reuse (corpus/ and shards/)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every row runs")
+    parser.add_argument("--model-dims", choices=("tiny", "whisper-small"), default="tiny")
+    parser.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default there: bfloat16)")
+    parser.add_argument("--decode-batches", type=int, default=4, help="timed batches of the decoding rows")
+    parser.add_argument("--seed", action=argparse.BooleanOptionalAction, default=True,
+                        help="the seed's row (--no-seed: left out, e.g. where its float32 batch would not fit)")
     parser.add_argument("--seed-row", action="store_true", help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--decode-rows", action="store_true", help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # child process: the checkpoint
     args = parser.parse_args()
     if args.seed_row:
-        print(json.dumps(seed_row(args.data, args.batch_size, args.workers, args.max_new_tokens)))
+        print(json.dumps(seed_row(args.data, args.model, args.device, args.batch_size, args.workers,
+                                  args.max_new_tokens)))
+        return
+    if args.decode_rows:
+        print(json.dumps(decode_rows(args.model, args.device, args.fp32, args.batch_size, args.decode_batches,
+                                     args.max_new_tokens)))
         return
 
     data = args.data or Path(tempfile.mkdtemp(prefix="bench_infer_"))
@@ -102,38 +197,73 @@ def main() -> None:
     if not (data / "shards" / "train" / "index.json").exists():
         subprocess.run([sys.executable, "-m", "shard_tools.pack", str(data / "corpus"), "--out", str(data / "shards")],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    model = forced_length_model("tiny", args.model_dims, data)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = {name: [] for name in ROWS}
+    paths = ROWS if args.seed else ROWS[1:]
+    rows = {name: [] for name in paths + DECODE_ROWS}
+    identical, same_tokens = [], []
     for _ in range(args.rounds):  # rows interleaved, so a busy spell on the machine hits all of them
-        for name, seconds in one_round(data, args).items():
-            rows[name].append(seconds)
+        seconds, same, decoded = one_round(data, model, args)
+        for name, value in seconds.items():
+            rows[name].append(value)
+        identical += [same, decoded["identical"]]
+        same_tokens.append(decoded["same_tokens"])
 
-    print(f"\n{args.clips} clips, model tiny, greedy, max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, "
-          f"{args.workers} DataLoader workers, {os.cpu_count()} cores, torch threads {args.threads}, "
-          f"best and median of {args.rounds} interleaved rounds; load average before: {load}\n")
-    print("| path | best s | clips/s (best) | clips/s (median) | vs seed (best) |\n|---|---|---|---|---|")
-    seed_best = min(rows[ROWS[0]])
-    for name, times in rows.items():
-        best, median = min(times), statistics.median(times)
+    dtype = "bfloat16" if args.device == "cuda" and not args.fp32 else "float32"
+    print(f"\n{args.clips} clips, model {args.model_dims} (random weights, every caption {args.max_new_tokens} "
+          f"tokens), greedy, batch {args.batch_size}, {args.workers} DataLoader workers, device {args.device} "
+          f"({dtype} in infer_stream.py and the decoding rows), {os.cpu_count()} cores, torch threads "
+          f"{args.threads}, best and median of {args.rounds} interleaved rounds; load average before: {load}\n")
+    print(f"| path | best s | clips/s (best) | clips/s (median) | vs {paths[0].split(':')[0]} (best) |\n"
+          f"|---|---|---|---|---|")
+    first_best = min(rows[paths[0]])
+    for name in paths:
+        best, median = min(rows[name]), statistics.median(rows[name])
         print(f"| {name} | {best:.1f} | {args.clips / best:.1f} | {args.clips / median:.1f} "
-              f"| {seed_best / best:.2f}x |")
+              f"| {first_best / best:.2f}x |")
+    decode_clips = args.batch_size * args.decode_batches
+    print(f"\nDecoding the same {args.decode_batches} batches of {args.batch_size} (in one process):\n")
+    print("| path | best s | clips/s (best) | clips/s (median) | vs generate_captions hf (best) |\n"
+          "|---|---|---|---|---|")
+    hf_best = min(rows[DECODE_ROWS[2]])
+    for name in DECODE_ROWS:
+        best, median = min(rows[name]), statistics.median(rows[name])
+        print(f"| {name} | {best:.2f} | {decode_clips / best:.1f} | {decode_clips / median:.1f} "
+              f"| {hf_best / best:.2f}x |")
+    print(f"\nstatic vs HF infer_stream.py --shards (best): {min(rows[ROWS[1]]) / min(rows[ROWS[2]]):.2f}x; "
+          f"outputs identical (predictions, token ids) in every round: {all(identical)}; "
+          f"share of equal tokens, decoding rows: {min(same_tokens):.4f}")
     print(f"(work folder: {data})")
 
 
-def one_round(data: Path, args) -> dict:
-    """Seconds per row, each row in a fresh process."""
-    common = (args.batch_size, args.workers, args.max_new_tokens)
+def one_round(data: Path, model: str, args) -> tuple[dict, bool, dict]:
+    """``(seconds per row, --shards predictions identical, the decoding rows' result)``, each row
+    (the decoding rows together) in a fresh process."""
+    common = (model, args.batch_size, args.workers, args.max_new_tokens)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    seed = subprocess.run([sys.executable, __file__, "--seed-row", "--data", str(data), "--batch-size",
-                           str(args.batch_size), "--workers", str(args.workers), "--max-new-tokens",
-                           str(args.max_new_tokens)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    results = [json.loads(seed.stdout.strip().splitlines()[-1]),
-               infer_stream_row(["--shards", str(data / "shards" / "train")], data / "shards.jsonl", env, *common),
-               infer_stream_row(["--audio", str(data / "corpus" / "train")], data / "audio.jsonl", env, *common)]
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # infer_stream.py takes a GPU wherever it sees one
+    child = [sys.executable, __file__, "--data", str(data), "--model", model, "--device", args.device,
+             "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--max-new-tokens",
+             str(args.max_new_tokens), "--decode-batches", str(args.decode_batches)] + (["--fp32"] if args.fp32 else [])
+    results = []
+    if args.seed:
+        seed = subprocess.run(child + ["--seed-row"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        results.append(json.loads(seed.stdout.strip().splitlines()[-1]))
+    shards = ["--shards", str(data / "shards" / "train")]
+    precision = ("--fp32",) if args.fp32 else ()
+    results += [infer_stream_row(shards, data / "shards-hf.jsonl", env, *common, ("--decoder", "hf", *precision)),
+                infer_stream_row(shards, data / "shards.jsonl", env, *common, precision),
+                infer_stream_row(["--audio", str(data / "corpus" / "train")], data / "audio.jsonl", env, *common,
+                                 precision)]
     for result in results:
         if result["clips"] != args.clips:
             raise RuntimeError(f"a row captioned {result['clips']} clips, not {args.clips}: {result}")
-    return {name: result["seconds"] for name, result in zip(ROWS, results)}
+    same = (data / "shards-hf.jsonl").read_text() == (data / "shards.jsonl").read_text()
+    decode = subprocess.run(child + ["--decode-rows"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    decoded = json.loads(decode.stdout.strip().splitlines()[-1])
+    seconds = {name: result["seconds"] for name, result in zip(ROWS if args.seed else ROWS[1:], results)}
+    return seconds | decoded["seconds"], same, decoded
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ from pipeline.retry import RetryPolicy
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MAIN = CONFIG_DIR / "main.yaml"
 SCHEDULERS = ("linear", "cosine", "constant")
+# generate_captions' decoders: pipeline.decode's static-cache path, and HF generate (the reference)
+DECODE_METHODS = ("static", "hf")
+# the caption length a trained model was evaluated with: infer_stream.py's default --max-new-tokens
+CAPTION_LENGTH_KEY = "trainer_config.generation_max_new_tokens"
 _DATA = DataSettings()  # the loader's defaults: DataConfig repeats none of them
 _SPEC = SpecAugment()
 _RETRY = RetryPolicy()
@@ -445,7 +449,7 @@ def validate(cfg: RunConfig) -> None:
     if tc.bf16 and tc.fp16:
         problems.append("trainer_config.bf16 and trainer_config.fp16 are both true: pick one")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "eval_steps", "save_steps", "max_bad_steps"):
+                "logging_steps", "eval_steps", "save_steps", "max_bad_steps", "generation_max_new_tokens"):
         if getattr(tc, key) < 1:
             problems.append(f"trainer_config.{key}={getattr(tc, key)}: must be at least 1")
     if tc.max_steps <= 0 and tc.num_train_epochs <= 0:
@@ -454,6 +458,25 @@ def validate(cfg: RunConfig) -> None:
         problems.append("trainer_config.push_to_hub=true needs trainer_config.hub_model_id")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def caption_length_default() -> int:
+    """``CAPTION_LENGTH_KEY``'s default."""
+    section, name = CAPTION_LENGTH_KEY.split(".")
+    return _section_fields(section)[name].default
+
+
+def caption_length(model_dir: str | os.PathLike) -> tuple[int, str]:
+    """``(tokens, where from)``: ``CAPTION_LENGTH_KEY`` of the ``config.yaml`` that train_stream.py
+    saves beside a model it trained, else the key's default (the built-in model, a Hub id)."""
+    path = Path(model_dir) / "config.yaml"
+    if not path.is_file():
+        return caption_length_default(), f"the default {CAPTION_LENGTH_KEY}"
+    section, name = CAPTION_LENGTH_KEY.split(".")
+    value = (_read_yaml(path).get(section) or {}).get(name, caption_length_default())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: {CAPTION_LENGTH_KEY}={value!r}: must be an integer >= 1")
+    return value, f"{CAPTION_LENGTH_KEY} of {path}"
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -29,6 +29,8 @@ from transformers import (
     WhisperTokenizer,
 )
 
+from pipeline.config import DECODE_METHODS
+
 log = logging.getLogger(__name__)
 BUILTIN_TINY = "tiny"
 LANGUAGE = "en"
@@ -118,14 +120,25 @@ def caption_generation_config(tokenizer: WhisperTokenizer, base: GenerationConfi
 
 
 def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int | None = None,
-                      prefix_ids: Sequence[int] = ()):
-    """Caption token ids ``[B, T]`` (prompt stripped) for log-mel ``features [B, n_mels, frames]``:
-    greedy, or beam search with ``num_beams`` > 1. ``prefix_ids`` (``pipeline.collate.prompt_ids``)
-    are forced after the task tokens and stripped from the output with them. The call carries its
-    own generation config and the encoder's attention mask (every frame is real: features are padded
-    as Whisper's 30-s window), so ``generate`` has nothing to warn about at every batch."""
+                      prefix_ids: Sequence[int] = (), method: str = "static"):
+    """Caption token ids ``[B, T]`` for log-mel ``features [B, n_mels, frames]``: greedy, or beam
+    search with ``num_beams`` > 1; the prompt and ``prefix_ids`` (decoder tokens forced after
+    ``<|startoftranscript|><|en|><|translate|><|notimestamps|>``, the same for every clip; ``pipeline.collate.prompt_ids``) stripped, the
+    end token cut, rows padded with the pad token. ``max_new_tokens``: caption tokens at most (default:
+    the generation config's ``max_length``, capped by the decoder's positions).
+    ``method``: ``static`` (``pipeline.decode``) or ``hf`` (``model.generate``, the reference it equals).
+    The HF call carries its own generation config and the encoder's attention mask (every frame is
+    real: features are padded as Whisper's 30-s window), so ``generate`` has nothing to warn about."""
     import torch
 
+    if method == "static":
+        from pipeline import decode
+
+        rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK, prefix_ids)
+        return decode.generate(model, features, rules, decode.max_new_tokens_for(model, rules, max_new_tokens),
+                               num_beams)
+    if method != "hf":
+        raise ValueError(f"decoding method {method!r}: choose from {', '.join(DECODE_METHODS)}")
     gen = copy.deepcopy(model.generation_config)
     gen.do_sample, gen.num_beams = False, num_beams
     if max_new_tokens:
@@ -133,14 +146,15 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
         # and warns at every call where both are set (its own defaults set max_length)
         gen.max_length = max_new_tokens
     mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)  # [B, frames]
-    prompt = {}
-    if prefix_ids:  # Whisper's generate takes decoder_input_ids as the whole prompt and strips it
-        start = [gen.decoder_start_token_id, gen.lang_to_id[f"<|{LANGUAGE}|>"], gen.task_to_id[TASK],
-                 gen.no_timestamps_token_id]
-        prompt["decoder_input_ids"] = torch.tensor([start + list(prefix_ids)], device=features.device).expand(
-            features.shape[0], -1)  # [B, 4 + P]
+    extra = {}
+    if prefix_ids:
+        # the prompt Whisper would build, then the prefix; generate starts its caption (and the
+        # begin suppression) after them and strips them from its output
+        prompt = [gen.decoder_start_token_id, gen.lang_to_id[f"<|{LANGUAGE}|>"], gen.task_to_id[TASK],
+                  gen.no_timestamps_token_id, *prefix_ids]
+        extra["decoder_input_ids"] = torch.tensor(prompt, device=features.device).expand(features.shape[0], -1)
     return model.generate(input_features=features, attention_mask=mask, generation_config=gen,
-                          language=LANGUAGE, task=TASK, **prompt)
+                          language=LANGUAGE, task=TASK, **extra)
 
 
 class _WhisperOwnArguments(logging.Filter):

@@ -109,6 +109,18 @@ def pytest_runtest_makereport(item, call):
         report.outcome, report.longrepr = "failed", f"skipped under CI (every dependency is installed there): {reason}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on 2 busy cores, two spinning threads made the tiny model's many small
+    ops about 3x slower. Restored afterwards for the rest of the session."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_processor():
     from pipeline.model import load_processor

@@ -135,6 +135,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("trainer_config.label_smoothing=1.0", "trainer_config.label_smoothing=1.0"),
     ("trainer_config.generation_num_beams=0", "trainer_config.generation_num_beams=0"),
     ("model_config.lora_r=-1", "model_config.lora_r=-1"),
+    ("trainer_config.generation_max_new_tokens=0", "trainer_config.generation_max_new_tokens=0"),
 ])
 def test_out_of_range_values_are_refused_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -263,3 +264,15 @@ def test_the_readme_mix_example_loads(tmp_path):
                                                                   "audiocaps > caption:"),
         ("wavcaps", "data/wavcaps/train", 3, "wavcaps > caption:")]
     assert cfg.model_config.name == "openai/whisper-small" and cfg.trainer_config.bf16
+
+
+def test_caption_length_is_read_from_the_config_saved_beside_a_model(tmp_path):
+    from pipeline.config import caption_length, caption_length_default
+
+    assert caption_length(tmp_path) == (caption_length_default(), "the default trainer_config.generation_max_new_tokens")
+    assert caption_length("tiny")[0] == load_config().trainer_config.generation_max_new_tokens
+    save_config(load_config(overrides=["trainer_config.generation_max_new_tokens=7"]), tmp_path / "config.yaml")
+    assert caption_length(tmp_path) == (7, f"trainer_config.generation_max_new_tokens of {tmp_path / 'config.yaml'}")
+    (tmp_path / "config.yaml").write_text("trainer_config:\n  generation_max_new_tokens: many\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: trainer_config.generation_max_new_tokens='many': must be"):
+        caption_length(tmp_path)

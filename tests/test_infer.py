@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,16 +29,7 @@ from tests.conftest import write_audio, write_mel_shards
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [3, 2, 2]  # 7 clips in 3 shards: divisible neither by 2 ranks nor by the batch sizes
 MAX_NEW = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on 2 busy cores, two spinning threads made the tiny model's many small
-    ops about 3x slower. Restored afterwards for the rest of the session."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +259,36 @@ def test_a_busy_or_unwritable_output_is_refused_before_any_clip(model_dir, shard
     assert run("--model_name", model_dir, "--shards", ",".join(shards), "--output", out,
                "--max_new_tokens", MAX_NEW, "--num_dataloader_workers", 0, "--metrics", "bleu") == 0
     assert_rows_match(read_jsonl(out), expected)
+
+
+def test_caption_length_defaults_to_the_trained_models_and_stages_are_timed(model_dir, shards, tmp_path, capsys):
+    """No --max-new-tokens: the checkpoint's config.yaml (train_stream.py's) gives the length."""
+    import shutil
+
+    from pipeline.config import load_config, save_config
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    save_config(load_config(overrides=["trainer_config.generation_max_new_tokens=3"]), model / "config.yaml")
+    keys, features, captions = read_shards(shards[1:2])
+    reference = reference_captions(model_dir, features, max_new_tokens=3)
+    out = tmp_path / "preds.jsonl"
+    assert run("--model_name", model, "--shards", shards[1], "--num_dataloader_workers", 0, "--output", out,
+               "--metrics", "bleu") == 0
+    assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, reference, captions)})
+    stdout = capsys.readouterr().out
+    assert f"at most 3 tokens per caption (trainer_config.generation_max_new_tokens of {model / 'config.yaml'})" \
+        in stdout
+    assert re.search(r"^time: encoder \d+%, decoder \d+%, data and output \d+% \(this process\)$", stdout, re.M)
+
+
+def test_bf16_is_the_default_on_a_gpu_only():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    args = SimpleNamespace(bf16=False, fp32=False)
+    assert infer_stream.model_dtype(args, cuda) == torch.bfloat16
+    assert infer_stream.model_dtype(args, cpu) == torch.float32
+    assert infer_stream.model_dtype(SimpleNamespace(bf16=False, fp32=True), cuda) == torch.float32
+    assert infer_stream.model_dtype(SimpleNamespace(bf16=True, fp32=False), cpu) == torch.bfloat16
+    with pytest.raises(SystemExit):
+        infer_stream.parse_args(["--model-name", "tiny", "--shards", "x", "--bf16", "--fp32"])
