@@ -22,9 +22,8 @@ Decoding rows (one fresh process per round): ``--decode-batches`` batches of ran
 the encoder alone (the floor), ``generate_captions(method="static")`` and ``(method="hf")``; token ids
 compared. On CUDA the model runs in bfloat16 (as infer_stream.py does) unless ``--fp32``.
 Every caption is exactly ``max_new_tokens`` long in every row: the end token is added to the model's
-``suppress_tokens`` (random models rarely end a caption, but may), so decoding costs the same per clip;
-so are the timestamp tokens, which a random whisper-small-dims model emits and HF ``generate`` then
-reads as segment ends, decoding further 30-s windows (55 tokens for 3 asked).
+``suppress_tokens`` (random models rarely end a caption, but may), so decoding costs the same per clip
+(timestamp tokens are suppressed for every captioning model: ``caption_generation_config``).
 Models: ``tiny`` is the built-in model; ``--model-dims whisper-small`` saves random weights with
 openai/whisper-small's dimensions (``bench.train_step.WHISPER_SMALL``) as a checkpoint in the work folder.
 The rows run interleaved for ``--rounds`` rounds; the table gives the best and the median, since on a
@@ -127,7 +126,7 @@ def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     from bench.train_step import WHISPER_SMALL
-    from pipeline.model import NUM_TIMESTAMPS, caption_generation_config, load_model, load_processor, save_model
+    from pipeline.model import caption_generation_config, load_model, load_processor, save_model
 
     processor = load_processor(model_name)
     tid = processor.tokenizer.convert_tokens_to_ids
@@ -141,9 +140,9 @@ def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
         model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
     else:
         model = load_model(model_name, processor)
-    # timestamp tokens too: HF generate takes them for segment ends and decodes further windows
-    timestamps = range(tid("<|0.00|>"), tid("<|0.00|>") + NUM_TIMESTAMPS)
-    model.generation_config.suppress_tokens = [tid("<|endoftext|>"), *timestamps]
+    # the end token too (timestamp tokens already are, by caption_generation_config)
+    gen = model.generation_config
+    gen.suppress_tokens = sorted({*gen.suppress_tokens, tid("<|endoftext|>")})
     save_model(model, processor, folder)
     return str(folder)
 

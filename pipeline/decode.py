@@ -22,11 +22,9 @@ same logits processors (``suppress_tokens`` at every step, ``begin_suppress_toke
 caption token; a generation config asking for anything else is refused, see ``check_supported``), HF's
 beam-search rules (top ``2 * beams`` candidates, finished hypotheses scored ``sum / length **
 length_penalty``, the ``early_stopping=False`` heuristic) and HF's output: the caption tokens without
-the prompt, the end token cut, rows right-padded with the pad token to the longest. One difference:
-a model that emits timestamp tokens despite ``<|notimestamps|>`` (random weights do; a captioner
-trained without timestamps does not) makes HF ``generate`` read them as segment ends and decode
-further 30-s windows after them (55 tokens for 3 asked, seen with random whisper-small weights);
-here they are caption tokens like any other, and the caption ends at ``max_new_tokens``.
+the prompt, the end token cut, rows right-padded with the pad token to the longest. Timestamp
+tokens are among ``suppress_tokens`` (``pipeline.model.caption_generation_config``): HF ``generate``
+would read one as a segment end and decode another 30-s window after it.
 """
 
 from __future__ import annotations

@@ -109,6 +109,10 @@ def caption_generation_config(tokenizer: WhisperTokenizer, base: GenerationConfi
     gen.bos_token_id = gen.eos_token_id = gen.pad_token_id = tid("<|endoftext|>")
     gen.begin_suppress_tokens = [220, tid("<|endoftext|>")]  # a leading space or an empty caption
     gen.no_timestamps_token_id = tid("<|notimestamps|>")
+    # Captions carry no timestamps; one emitted anyway (an undertrained model does) would make HF
+    # generate end the segment there and decode another 30-s window, past max_new_tokens.
+    timestamps = range(tid("<|0.00|>"), tid("<|0.00|>") + NUM_TIMESTAMPS)
+    gen.suppress_tokens = sorted(set(gen.suppress_tokens or ()) | set(timestamps))
     gen.lang_to_id = {f"<|{code}|>": tid(f"<|{code}|>") for code in list(LANGUAGES)[:NUM_LANGUAGES]}
     gen.task_to_id = {"transcribe": tid("<|transcribe|>"), "translate": tid("<|translate|>")}
     gen.is_multilingual = True

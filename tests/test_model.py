@@ -94,7 +94,8 @@ def test_generate_captions_matches_generate_without_warnings(tiny_processor, mon
 
 def greedy_by_hand(model, feats: torch.Tensor, prompt: list[int], steps: int) -> list[list[int]]:
     """Greedy decoding one forward per token from ``prompt``, the generation config's
-    ``begin_suppress_tokens`` at the first new token; the new tokens, <|endoftext|> repeated after it."""
+    ``suppress_tokens`` at every token and ``begin_suppress_tokens`` at the first; the new tokens,
+    <|endoftext|> repeated after it."""
     eot, out = model.generation_config.eos_token_id, []
     for clip in feats:
         tokens = list(prompt)
@@ -103,12 +104,28 @@ def greedy_by_hand(model, feats: torch.Tensor, prompt: list[int], steps: int) ->
         while len(tokens) < len(prompt) + steps and tokens[-1] != eot or len(tokens) == len(prompt):
             with torch.no_grad():
                 logits = model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([tokens])).logits[0, -1]
+            logits[model.generation_config.suppress_tokens] = -float("inf")
             if len(tokens) == len(prompt):
                 logits[model.generation_config.begin_suppress_tokens] = -float("inf")
             tokens.append(int(logits.argmax()))
         new = tokens[len(prompt):]
         out.append(new + [eot] * (steps - len(new)))
     return out
+
+
+def test_captions_never_contain_timestamp_tokens(tiny_processor):
+    """A timestamp token would make HF generate decode another 30-s window past max_new_tokens."""
+    model = load_model("tiny", tiny_processor).eval()
+    tid = tiny_processor.tokenizer.convert_tokens_to_ids
+    with torch.no_grad():  # every position's last hidden state is v, and a timestamp's logit row is 100 v
+        norm = model.model.decoder.layer_norm
+        norm.weight.zero_()
+        norm.bias.copy_(torch.randn(norm.bias.shape))
+        model.proj_out.weight[tid("<|1.00|>")] = 100 * norm.bias
+    feats = torch.randn(2, 80, 3000)
+    for method in ("static", "hf"):
+        tokens = generate_captions(model, feats, max_new_tokens=4, method=method)
+        assert tokens.shape == (2, 4) and not ((tokens >= tid("<|0.00|>")) & (tokens <= tid("<|30.00|>"))).any()
 
 
 def test_a_forced_prefix_is_the_prompt_and_stripped_from_the_caption(tiny_processor):
