@@ -166,7 +166,7 @@ class UnknownSource(ValueError):
 
 def caption_prefix(args, recorded: list[tuple[str, str]]) -> str:
     """The prefix to force: ``--prefix``, the one recorded for ``--source``, or the first recorded
-    (the default source's); ``UnknownSource`` for a ``--source`` the model has no prefix for."""
+    (the highest-weight source's); ``UnknownSource`` for a ``--source`` the model has no prefix for."""
     if args.prefix is not None:
         return args.prefix
     if args.source is not None:

@@ -74,12 +74,18 @@ def check_supported(gen: GenerationConfig) -> None:
                              f"use method='hf' (infer_stream.py --decoder hf)")
 
 
+def task_prompt(gen: GenerationConfig, language: str, task: str, prefix_ids: Sequence[int] = ()) -> tuple[int, ...]:
+    """The decoder prompt HF Whisper ``generate`` builds for ``language``/``task`` without timestamps
+    (generation_whisper.py: ``_retrieve_init_tokens``), then ``prefix_ids``."""
+    return (gen.decoder_start_token_id, gen.lang_to_id[f"<|{language}|>"], gen.task_to_id[task],
+            gen.no_timestamps_token_id, *[int(i) for i in prefix_ids])
+
+
 def decode_rules(gen: GenerationConfig, language: str, task: str, prefix_ids: Sequence[int] = ()) -> DecodeRules:
     """The prompt and token rules HF Whisper ``generate`` derives from ``gen`` for ``language``/``task``
-    without timestamps (generation_whisper.py: ``_retrieve_init_tokens``, ``_retrieve_logit_processors``)."""
+    without timestamps (generation_whisper.py: ``_retrieve_logit_processors``)."""
     check_supported(gen)
-    prompt = (gen.decoder_start_token_id, gen.lang_to_id[f"<|{language}|>"], gen.task_to_id[task],
-              gen.no_timestamps_token_id, *[int(i) for i in prefix_ids])
+    prompt = task_prompt(gen, language, task, prefix_ids)
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, int) else gen.eos_token_id[0]
     return DecodeRules(prompt=prompt, eos=eos, pad=eos if gen.pad_token_id is None else gen.pad_token_id,
                        suppress=tuple(gen.suppress_tokens or ()), begin_suppress=tuple(gen.begin_suppress_tokens or ()),

@@ -127,17 +127,18 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
                       prefix_ids: Sequence[int] = (), method: str = "static"):
     """Caption token ids ``[B, T]`` for log-mel ``features [B, n_mels, frames]``: greedy, or beam
     search with ``num_beams`` > 1; the prompt and ``prefix_ids`` (decoder tokens forced after
-    ``<|startoftranscript|><|en|><|translate|><|notimestamps|>``, the same for every clip; ``pipeline.collate.prompt_ids``) stripped, the
-    end token cut, rows padded with the pad token. ``max_new_tokens``: caption tokens at most (default:
-    the generation config's ``max_length``, capped by the decoder's positions).
+    ``<|startoftranscript|><|en|><|translate|><|notimestamps|>``, the same for every clip;
+    ``pipeline.collate.prompt_ids``) stripped, the end token cut, rows padded with the pad token.
+    ``max_new_tokens``: caption tokens at most (default: the generation config's ``max_length``,
+    capped by the decoder's positions).
     ``method``: ``static`` (``pipeline.decode``) or ``hf`` (``model.generate``, the reference it equals).
     The HF call carries its own generation config and the encoder's attention mask (every frame is
     real: features are padded as Whisper's 30-s window), so ``generate`` has nothing to warn about."""
     import torch
 
-    if method == "static":
-        from pipeline import decode
+    from pipeline import decode
 
+    if method == "static":
         rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK, prefix_ids)
         return decode.generate(model, features, rules, decode.max_new_tokens_for(model, rules, max_new_tokens),
                                num_beams)
@@ -154,8 +155,7 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
     if prefix_ids:
         # the prompt Whisper would build, then the prefix; generate starts its caption (and the
         # begin suppression) after them and strips them from its output
-        prompt = [gen.decoder_start_token_id, gen.lang_to_id[f"<|{LANGUAGE}|>"], gen.task_to_id[TASK],
-                  gen.no_timestamps_token_id, *prefix_ids]
+        prompt = decode.task_prompt(gen, LANGUAGE, TASK, prefix_ids)
         extra["decoder_input_ids"] = torch.tensor(prompt, device=features.device).expand(features.shape[0], -1)
     return model.generate(input_features=features, attention_mask=mask, generation_config=gen,
                           language=LANGUAGE, task=TASK, **extra)
@@ -261,7 +261,7 @@ def _from_pretrained(cls, name: str, option: str, **kwargs):
 def save_model(model, processor: WhisperProcessor, directory: str | os.PathLike,
                prefixes: Sequence[tuple[str, str]] = ()) -> None:
     """``save_pretrained`` model + processor so that ``from_pretrained`` loads both back; ``prefixes``
-    (source name, caption prefix), the default first, are recorded in the generation config
+    (source name, caption prefix), the one inference uses by default first, are recorded in the generation config
     (``recorded_prefixes``), so inference prompts as training did without being told."""
     model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
     model.generation_config.caption_prefixes = [[name, prefix] for name, prefix in prefixes]
@@ -270,6 +270,6 @@ def save_model(model, processor: WhisperProcessor, directory: str | os.PathLike,
 
 
 def recorded_prefixes(model) -> list[tuple[str, str]]:
-    """The (source name, caption prefix) pairs ``save_model`` recorded with ``model``, the default
-    first ([] for a model trained without prefixes)."""
+    """The (source name, caption prefix) pairs ``save_model`` recorded with ``model``, inference's
+    default first ([] for a model trained without prefixes)."""
     return [(name, prefix) for name, prefix in getattr(model.generation_config, "caption_prefixes", None) or []]
