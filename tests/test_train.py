@@ -626,31 +626,39 @@ def audited_keys(out: Path) -> collections.Counter:
     return collections.Counter((row["epoch"], key) for row in rows if not row.get("skipped") for key in row["keys"])
 
 
-def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_three(tmp_path, shards):
+def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_three(tmp_path, shards, tiny_processor):
     """Preempted on 2 processes (2 workers each), continued on 1 (batch 3, no workers) and on 3
     (1 worker each): over the two runs, the audit logs show every sample of the interrupted epoch
-    trained on exactly once, and the epoch ends where the samples run out."""
+    trained on exactly once, and the epoch ends where the samples run out. The longest caption
+    trained on is the maximum over the ranks, in the checkpoint and in both final models."""
     every = collections.Counter((0, key) for key in tar_keys(Path(shards[0])))  # 24 samples
+    seed = "trainer_config.seed=0"  # its shuffle gives rank 1, not rank 0, the longest caption of the first run
     out = tmp_path / "two"
-    done = launch(2, ROOT / "train_stream.py", *run_args(out, shards[0], "trainer_config.max_steps=3",
+    done = launch(2, ROOT / "train_stream.py", *run_args(out, shards[0], seed, "trainer_config.max_steps=3",
                                                          "++trainer_config.dataloader_num_workers=2",
                                                          "++trainer_config.log_sample_keys=true"))
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
     assert sum(audited_keys(out).values()) == 12  # 3 steps x 2 ranks x 2
+    tok = tiny_processor.tokenizer
+    per_rank = [longest_caption(tok, [key for line in open(out / "sample_keys" / f"rank-{rank}.jsonl")
+                                      for key in json.loads(line)["keys"]]) for rank in (0, 1)]
+    assert per_rank[1] > per_rank[0], per_rank  # else rank 0 alone would give the right answer
+    assert checkpoint_caption_tokens(out / "checkpoint-3") == final_caption_tokens(out) == per_rank[1]
 
     one = tmp_path / "one"
     shutil.copytree(out, one)  # 12 samples left: 4 steps of 3 finish the epoch
-    assert train_stream.main(run_args(one, shards[0], "trainer_config.max_steps=7",
+    assert train_stream.main(run_args(one, shards[0], seed, "trainer_config.max_steps=7",
                                       "trainer_config.per_device_train_batch_size=3",
                                       "++trainer_config.log_sample_keys=true",
                                       "trainer_config.resume_from_checkpoint=latest")) == 0
     assert json.loads((one / "run_info.json").read_text())["world_size"] == 1
     assert audited_keys(one) == every
+    assert final_caption_tokens(one) == longest_caption(tok, [key for _, key in every])
 
     three = tmp_path / "three"
     shutil.copytree(out, three)  # 12 samples left: 2 steps of 3 x 2 finish the epoch
-    done = launch(3, ROOT / "train_stream.py", *run_args(three, shards[0], "trainer_config.max_steps=5",
+    done = launch(3, ROOT / "train_stream.py", *run_args(three, shards[0], seed, "trainer_config.max_steps=5",
                                                          "++trainer_config.dataloader_num_workers=1",
                                                          "++trainer_config.log_sample_keys=true",
                                                          "trainer_config.resume_from_checkpoint=latest"))
@@ -658,6 +666,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_three(tmp_path, sha
     assert "saved by 2 processes, now 3" in done.stderr and "re-planned over the new layout" in done.stderr
     assert json.loads((three / "run_info.json").read_text())["world_size"] == 3
     assert audited_keys(three) == every
+    assert final_caption_tokens(three) == longest_caption(tok, [key for _, key in every])
 
 
 def test_a_process_count_accelerate_did_not_set_up_stops_the_run(tmp_path, shards, monkeypatch, caplog, capsys):
