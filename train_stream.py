@@ -67,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
+from pipeline.config import CAPTION_LENGTH_KEY, ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
 from pipeline.hub import HubError, check_push
 
 
@@ -672,7 +672,7 @@ def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerat
     caption_tokens = state.get(CAPTION_TOKENS_KEY)
     if CAPTION_TOKENS_KEY not in state:
         log.warning("%s predates the record of the longest training caption: the final model will record none, "
-                    "and inference will default to trainer_config.generation_max_new_tokens", path)
+                    "and inference will default to %s", path, CAPTION_LENGTH_KEY)
     elif caption_tokens is not None and (isinstance(caption_tokens, bool) or not isinstance(caption_tokens, int)
                                          or caption_tokens < 0):
         raise TrainingError(f"{path / 'trainer_state.json'}: {CAPTION_TOKENS_KEY}={caption_tokens!r}: must be an "
@@ -981,13 +981,13 @@ class Trainer:
                             self.accelerator, self.cfg, self.run_id, self.longest_caption())
             self.saved_step = self.step
 
-
     def longest_caption(self) -> int | None:
         """The longest caption trained on so far over all ranks (a collective: every rank calls it);
         None where a rank does not know it (all ranks resumed from the same checkpoint, so all alike)."""
         if self.accelerator.num_processes == 1:
             return self.caption_tokens
-        mine = torch.tensor([-1 if self.caption_tokens is None else self.caption_tokens], device=self.accelerator.device)
+        mine = torch.tensor([-1 if self.caption_tokens is None else self.caption_tokens],
+                            device=self.accelerator.device)
         every = self.accelerator.gather(mine).tolist()
         return None if min(every) < 0 else max(every)
 
@@ -1059,7 +1059,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_di
     tc = cfg.trainer_config
     processor, model, optimizer, loader, val_loader = prepare_run(cfg, accelerator)
     max_steps = total_steps(tc, len(loader))
-    start_step, caption_tokens = load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint else (0, 0)
+    start_step, caption_tokens = (load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint
+                                  else (0, 0))
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         info = banner(cfg, accelerator, model, loader, max_steps, start_step)

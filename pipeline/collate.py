@@ -202,7 +202,7 @@ class Collator:
 
     def _labels(self, metas: list[dict], keys: list[str], sources: list[str], is_pad: list[bool],
                 epoch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(labels, decoder_input_ids, longest)``, both ``[B, T]``: the labels with the prompt's
+        """``(labels, decoder_input_ids, longest)``, the first two ``[B, T]``: the labels with the prompt's
         positions -100, the decoder inputs ``<|startoftranscript|>`` + the whole row but its last
         token; ``longest``: the longest caption's tokens after the task tokens and the prefix, the
         end token included (0 for no caption)."""

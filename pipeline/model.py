@@ -291,5 +291,6 @@ def recorded_caption_tokens(model) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelLoadError(f"{Path(model.name_or_path) / 'generation_config.json'}: {CAPTION_TOKENS_KEY}={value!r}: must be an integer >= 1")
+        raise ModelLoadError(f"{Path(model.name_or_path) / 'generation_config.json'}: {CAPTION_TOKENS_KEY}={value!r}: "
+                             f"must be an integer >= 1")
     return value

@@ -289,7 +289,8 @@ def test_caption_length_defaults_to_the_trained_models_and_stages_are_timed(mode
     assert run("--model_name", model, "--shards", shards[1], "--num_dataloader_workers", 0, "--output", out,
                "--metrics", "bleu") == 0
     assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, longer, captions)})
-    assert f"at most 5 tokens per caption (the longest training caption, recorded with {model})" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert f"at most 5 tokens per caption (the longest training caption, recorded with {model})" in stdout
 
 
 def test_bf16_is_the_default_on_a_gpu_only():

@@ -169,7 +169,8 @@ def test_the_longest_caption_round_trips_and_a_save_without_one_drops_the_old(tm
     assert recorded_caption_tokens(load_model(str(tmp_path / "n"))) is None
     config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**config, "caption_tokens_longest": "many"}))
-    with pytest.raises(ModelLoadError, match=re.escape(f"{tmp_path / 'm' / 'generation_config.json'}: caption_tokens_longest='many': must be")):
+    wrong = re.escape(f"{tmp_path / 'm' / 'generation_config.json'}: caption_tokens_longest='many': must be")
+    with pytest.raises(ModelLoadError, match=wrong):
         recorded_caption_tokens(load_model(str(tmp_path / "m")))
 
 
