@@ -22,9 +22,11 @@ Why it is built this way:
   (cross-attention keys/values once per batch, the greedy step a CUDA graph on a GPU), token-identical
   to HF ``generate`` in fp32, which ``--decoder hf`` runs instead; greedy unless ``--num-beams`` > 1.
 - On a GPU the model runs in bfloat16 unless ``--fp32``. Captions stop at ``--max-new-tokens``, by
-  default the length the checkpoint's training evaluated with (``CAPTION_LENGTH_KEY`` in the
-  ``config.yaml`` beside it), else that setting's default: a model that has not learnt to stop
-  costs a few dozen tokens per clip, not Whisper's 448.
+  default the longest caption the checkpoint was trained on (recorded with it by training,
+  ``pipeline.model.recorded_caption_tokens``), else the length its training evaluated with
+  (``CAPTION_LENGTH_KEY`` in the ``config.yaml`` beside it), else that setting's default
+  (``default_caption_length``): a model that has not learnt to stop costs what its data's longest
+  caption does per clip, not Whisper's 448.
 - The caption prefix a model was trained with (recorded in its generation config by training,
   ``pipeline.model.recorded_prefixes``) is forced after the task tokens, as in training, and is
   not part of the output caption; ``--prefix`` or ``--source`` pick another.
@@ -72,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
                         help="1: greedy; >1: beam search")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None,
-                        help=f"longest caption in tokens, the end token included (default: "
-                             f"{CAPTION_LENGTH_KEY} from the config.yaml train_stream.py saved beside the "
-                             f"checkpoint, i.e. what its evaluation generated; else that key's default, "
-                             f"{caption_length_default()})")
+                        help=f"longest caption in tokens, the end token included (default: the longest "
+                             f"caption the checkpoint was trained on, recorded with it by train_stream.py; else "
+                             f"{CAPTION_LENGTH_KEY} from the config.yaml saved beside it, i.e. what its "
+                             f"evaluation generated; else that key's default, {caption_length_default()})")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prefix", help="caption prefix forced after the task tokens (stripped from the output); "
                         "'' for none. Default: the prefix recorded with the model, the first (highest-weight "
@@ -119,7 +121,14 @@ from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import LockBusy, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
-from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, recorded_prefixes
+from pipeline.model import (
+    ModelLoadError,
+    generate_captions,
+    load_model,
+    load_processor,
+    recorded_caption_tokens,
+    recorded_prefixes,
+)
 from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
 from pipeline.stream import StreamError, make_loader
 
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         model = load_model(args.model_name, processor, "--model-name")
         args.prefix = caption_prefix(args, recorded_prefixes(model))  # resolved once: what every batch forces
         if args.max_new_tokens is None:
-            args.max_new_tokens, args.caption_length_from = caption_length(args.model_name)
+            args.max_new_tokens, args.caption_length_from = default_caption_length(model, args.model_name)
         else:
             args.caption_length_from = "--max-new-tokens"
     except (LaunchError, ModelLoadError, ConfigError, UnknownSource) as error:
@@ -176,6 +185,23 @@ def caption_prefix(args, recorded: list[tuple[str, str]]) -> str:
                              f"{', '.join(name for name, _ in recorded) or 'none'}); pass --prefix TEXT instead")
         return found
     return recorded[0][1] if recorded else ""
+
+
+def default_caption_length(model, model_name: str) -> tuple[int, str]:
+    """``(tokens, where from)`` when ``--max-new-tokens`` is not given: the longest caption ``model``
+    was trained on, end token included (recorded by training), else ``CAPTION_LENGTH_KEY`` of the
+    ``config.yaml`` beside it, else that key's default (``pipeline.config.caption_length``).
+
+    The recorded length is not capped by ``CAPTION_LENGTH_KEY``: that setting is how long training's
+    own evaluation lets captions run, fixed before any data was seen, and the saved ``config.yaml``
+    holds it whether the user chose it or not (the default 64 looks the same as a 64 chosen); a cap
+    would cut a trained model's captions wherever the data's are longer than the setting, and a
+    model still learning to stop is already held to the data's longest caption. The cap a user means
+    for inference is ``--max-new-tokens``."""
+    recorded = recorded_caption_tokens(model)
+    if recorded is not None:
+        return recorded, f"the longest training caption, recorded with {model_name}"
+    return caption_length(model_name)
 
 
 def model_dtype(args, device: torch.device) -> torch.dtype:

@@ -34,6 +34,13 @@ Decisions, and why:
 - One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, a bad-loss flag
   and the stop (signal) flag, so every rank skips, saves and stops at the same step (a stop: at the
   end of the step after the signal, as the flag is read one step late).
+- The longest caption trained on, in tokens (each batch's ``longest_caption_tokens``, a host int: no
+  sync), is a running maximum per rank, taken over the ranks at each checkpoint (``trainer_state.json``)
+  and at the end, and recorded with the final model: inference's default caption length
+  (``pipeline.model.recorded_caption_tokens``). It counts every batch drawn for training, a step
+  skipped for a non-finite loss included, as the stream position does, so a resumed run records what
+  a straight one does. A run resumed from a checkpoint older than the record records none: it would
+  be the maximum over part of the data.
 - Checkpoints are written by our own code (safetensors model, optimizer, RNG per rank, the loader's
   stream position per rank, step, config) into a temporary folder that is renamed when complete. They
   assume a file system shared by all ranks (one node, or a shared mount across nodes).
@@ -60,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
+from pipeline.config import CAPTION_LENGTH_KEY, ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
 from pipeline.hub import HubError, check_push
 
 
@@ -139,7 +146,14 @@ from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import DEFAULT_SOURCE
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
-from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor, save_model
+from pipeline.model import (
+    CAPTION_TOKENS_KEY,
+    ModelLoadError,
+    generate_captions,
+    load_model,
+    load_processor,
+    save_model,
+)
 from pipeline.stream import StreamError, make_loader
 
 log = logging.getLogger("train_stream")
@@ -568,8 +582,9 @@ def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.E
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
-                    cfg: RunConfig, run_id: str) -> Path:
-    """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed."""
+                    cfg: RunConfig, run_id: str, caption_tokens: int | None) -> Path:
+    """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed;
+    ``caption_tokens``: the longest caption trained on so far, over all ranks (None: not known)."""
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         if tmp.exists():
@@ -581,7 +596,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accel
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes,
-                                                "run_id": run_id})
+                                                "run_id": run_id, CAPTION_TOKENS_KEY: caption_tokens})
         save_config(cfg, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
@@ -628,8 +643,9 @@ def checkpoint_part(file: Path, load):
                             f"checkpoint") from error
 
 
-def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> int:
-    """Restore model, optimizer, scaler, RNG and stream position; returns the step. On another number
+def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> tuple[int, int | None]:
+    """Restore model, optimizer, scaler, RNG and stream position; returns the step and the longest
+    caption trained on so far (None: not known, a checkpoint older than that record). On another number
     of processes the stream re-plans the rest of the epoch (``pipeline.stream``, elastic resume); a
     rank the checkpoint has no RNG state for keeps its freshly seeded generators. A file that cannot
     be read is a ``TrainingError`` naming it and the problem."""
@@ -653,7 +669,15 @@ def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerat
     log.info("resumed from %s at step %d%s", path, state["step"],
              f" (saved by {state['world_size']} processes, now {accelerator.num_processes})"
              if state["world_size"] != accelerator.num_processes else "")
-    return state["step"]
+    caption_tokens = state.get(CAPTION_TOKENS_KEY)
+    if CAPTION_TOKENS_KEY not in state:
+        log.warning("%s predates the record of the longest training caption: the final model will record none, "
+                    "and inference will default to %s", path, CAPTION_LENGTH_KEY)
+    elif caption_tokens is not None and (isinstance(caption_tokens, bool) or not isinstance(caption_tokens, int)
+                                         or caption_tokens < 0):
+        raise TrainingError(f"{path / 'trainer_state.json'}: {CAPTION_TOKENS_KEY}={caption_tokens!r}: must be an "
+                            f"integer >= 0 or null; resume from another checkpoint")
+    return state["step"], caption_tokens
 
 
 # ---------------------------------------------------------------------------------------- 9. logging
@@ -844,13 +868,14 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, accelerator: Accelerator, model, optimizer, processor, loader,
                  val_loader, output_dir: Path, max_steps: int, stop: StopRequest, run_id: str,
-                 sample_log: SampleKeysLog):
+                 sample_log: SampleKeysLog, caption_tokens: int | None):
         self.cfg, self.tc, self.accelerator = cfg, cfg.trainer_config, accelerator
         self.model, self.optimizer, self.processor = model, optimizer, processor
         self.loader, self.val_loader, self.output_dir = loader, val_loader, output_dir
         self.max_steps, self.stop, self.run_id, self.sample_log = max_steps, stop, run_id, sample_log
         self.val_start = val_loader.state_dict() if val_loader is not None else None
         self.step = self.saved_step = self.evaluated_step = -1
+        self.caption_tokens = caption_tokens  # this rank's longest training caption so far (None: not known)
 
     def run(self, start_step: int, metrics_log: MetricsLog) -> bool:
         """Train from ``start_step`` to ``max_steps``; True if stopped early by a signal. At most one
@@ -934,6 +959,8 @@ class Trainer:
             stats[STATS.index("wait_s")] += time.perf_counter() - waited
             epoch = self.loader.epoch if epoch is None else epoch
             train_step(self.model, batch, self.accelerator, stats, self.tc.label_smoothing)
+            if self.caption_tokens is not None:
+                self.caption_tokens = max(self.caption_tokens, batch["longest_caption_tokens"])
             keys += [key for key, pad in zip(batch["keys"], batch["is_pad"].tolist()) if not pad]
         return stats, keys, epoch
 
@@ -951,15 +978,27 @@ class Trainer:
     def save(self) -> None:
         if self.saved_step != self.step:
             save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.loader,
-                            self.accelerator, self.cfg, self.run_id)
+                            self.accelerator, self.cfg, self.run_id, self.longest_caption())
             self.saved_step = self.step
+
+    def longest_caption(self) -> int | None:
+        """The longest caption trained on so far over all ranks (a collective: every rank calls it);
+        None where a rank does not know it (all ranks resumed from the same checkpoint, so all alike)."""
+        if self.accelerator.num_processes == 1:
+            return self.caption_tokens
+        mine = torch.tensor([-1 if self.caption_tokens is None else self.caption_tokens],
+                            device=self.accelerator.device)
+        every = self.accelerator.gather(mine).tolist()
+        return None if min(every) < 0 else max(every)
 
 
 # --------------------------------------------------------------------------------- 11. end and main
 
-def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, output_dir: Path) -> Path:
+def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, output_dir: Path,
+               caption_tokens: int | None) -> Path:
     """``output_dir/final``: ``save_pretrained`` model (LoRA adapters merged into a copy: a plain
-    Whisper folder), tokenizer and feature extractor, the caption prefixes, plus the config."""
+    Whisper folder), tokenizer and feature extractor, the caption prefixes and ``caption_tokens``
+    (the longest caption trained on, over all ranks), plus the config."""
     final, tmp = output_dir / "final", output_dir / ".tmp-final"
     if accelerator.is_main_process:
         if tmp.exists():
@@ -967,7 +1006,7 @@ def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, outpu
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if cfg.model_config.lora_r:
             unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-        save_model(unwrapped, processor, tmp, prefixes=cfg.data_config.prefixes())
+        save_model(unwrapped, processor, tmp, prefixes=cfg.data_config.prefixes(), caption_tokens=caption_tokens)
         save_config(cfg, tmp / "config.yaml")
         if final.exists():
             shutil.rmtree(final)
@@ -1020,7 +1059,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_di
     tc = cfg.trainer_config
     processor, model, optimizer, loader, val_loader = prepare_run(cfg, accelerator)
     max_steps = total_steps(tc, len(loader))
-    start_step = load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint else 0
+    start_step, caption_tokens = (load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint
+                                  else (0, 0))
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         info = banner(cfg, accelerator, model, loader, max_steps, start_step)
@@ -1029,7 +1069,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_di
     accelerator.wait_for_everyone()
     sample_log = SampleKeysLog(output_dir, accelerator, start_step, tc.log_sample_keys)
     trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop,
-                      run_id, sample_log)
+                      run_id, sample_log, caption_tokens)
     metrics_log = MetricsLog(output_dir, Path(tc.logging_dir), accelerator, max_steps, start_step)
     try:
         if trainer.run(start_step, metrics_log):
@@ -1041,7 +1081,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_di
     finally:
         metrics_log.close()
         sample_log.close()
-    final = save_final(model, processor, cfg, accelerator, output_dir)
+    final = save_final(model, processor, cfg, accelerator, output_dir, trainer.longest_caption())
     log.info("metrics in %s; TensorBoard: tensorboard --logdir %s", output_dir / "metrics.jsonl", tc.logging_dir)
     if tc.push_to_hub and accelerator.is_main_process:
         push_to_hub(final, tc.hub_model_id, trainer.step)

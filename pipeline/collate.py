@@ -34,6 +34,10 @@ Why it looks like this:
   mask looks like "no sound here" instead of a constant the model never meets (a clip mean would
   also be dragged towards ``pad_value`` by the long padded tail of short clips). Time masks fall
   inside the clip's valid frames; the masks are seeded by ``(seed, epoch, key)``.
+* ``longest_caption_tokens`` (a host int): the batch's longest caption as trained, in label tokens,
+  the end token included, the task tokens and the prefix not (cut ones counted as cut): what
+  ``max_new_tokens`` must allow for the model to write that caption. Training keeps the maximum
+  and records it with the final model (``pipeline.model.save_model``), inference's default length.
 * Padding samples (``"__pad__": True``: rank padding or replacements for skipped samples) give a
   ``pad_value`` of silence, all -100 labels, no captions, key ``""`` and ``is_pad`` True.
 
@@ -87,7 +91,8 @@ def prompt_ids(tokenizer, prefix: str) -> list[int]:
 class Collator:
     """``Collator(tokenizer, settings)(samples, epoch)`` -> batch dict (see module doc):
     ``input_features`` float16 ``[B, n_mels, 3000]``, ``labels`` and ``decoder_input_ids`` int64
-    ``[B, T]``, ``keys``, ``captions``, ``sources``, ``is_pad`` bool ``[B]``, ``meta``; ``compact`` gives
+    ``[B, T]``, ``keys``, ``captions``, ``sources``, ``is_pad`` bool ``[B]``, ``meta``,
+    ``longest_caption_tokens`` int (0 for padding only); ``compact`` gives
     the form loaders hand over. It reads ``train``, ``seed``, ``max_label_tokens``, ``spec_augment``,
     ``prefixes`` and ``normalize_captions`` of the settings; keyword ``changes`` replace fields of
     ``settings`` (or of the defaults)."""
@@ -133,7 +138,7 @@ class Collator:
         sources = [s.get(SOURCE_KEY, DEFAULT_SOURCE) for s in samples]
         features, pad_values = self._features(samples, is_pad, epoch)  # [B, n_mels, max_frames], [B]
         real_sources = [source for source, pad in zip(sources, is_pad) if not pad]
-        labels, decoder_input_ids = self._labels(metas, keys, real_sources, is_pad, epoch)  # [B, T] int64 each
+        labels, decoder_input_ids, longest = self._labels(metas, keys, real_sources, is_pad, epoch)  # [B, T] int64 each
         real_iter = iter(zip(keys, metas))
         rows = [("", {}) if pad else next(real_iter) for pad in is_pad]
         return {
@@ -146,6 +151,7 @@ class Collator:
             "sources": sources,
             "is_pad": torch.tensor(is_pad, dtype=torch.bool),  # [B]
             "meta": [meta for _, meta in rows],
+            "longest_caption_tokens": longest,
         }
 
     # -------------------------------------------------------------------------------- features
@@ -195,9 +201,11 @@ class Collator:
         return normalize_caption(caption) if self.normalize else caption
 
     def _labels(self, metas: list[dict], keys: list[str], sources: list[str], is_pad: list[bool],
-                epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(labels, decoder_input_ids)``, both ``[B, T]``: the labels with the prompt's positions
-        -100, the decoder inputs ``<|startoftranscript|>`` + the whole row but its last token."""
+                epoch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(labels, decoder_input_ids, longest)``, the first two ``[B, T]``: the labels with the prompt's
+        positions -100, the decoder inputs ``<|startoftranscript|>`` + the whole row but its last
+        token; ``longest``: the longest caption's tokens after the task tokens and the prefix, the
+        end token included (0 for no caption)."""
         prompts = [self.prompt(source) for source in sources]
         texts = [(" " if prompt else "") + self._caption(meta, key, epoch)
                  for meta, key, prompt in zip(metas, keys, prompts)]
@@ -223,7 +231,8 @@ class Collator:
                 labels[i, :len(row)] = row
                 labels[i, task:task + prompt] = IGNORE_INDEX  # the prefix is given, not predicted
                 inputs[i, 1:len(row)] = row[:-1]
-        return torch.from_numpy(labels), torch.from_numpy(inputs)
+        longest = max((len(row) - task - prompt for row, prompt in zip(rows, given)), default=0)
+        return torch.from_numpy(labels), torch.from_numpy(inputs), longest
 
 
 def expand_features(batch: dict, n_frames: int = N_FRAMES, device=None,

@@ -45,6 +45,7 @@ SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 NUM_LANGUAGES = 99
 NUM_TIMESTAMPS = 1501  # <|0.00|> … <|30.00|> in 20-ms steps
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prompt included
+CAPTION_TOKENS_KEY = "caption_tokens_longest"  # generation config: the longest training caption, in tokens
 
 # The built-in model: d_model 64, 2 + 2 layers, 4 heads (3.7 M parameters, most in the embedding).
 TINY_CONFIG = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -259,12 +260,19 @@ def _from_pretrained(cls, name: str, option: str, **kwargs):
 
 
 def save_model(model, processor: WhisperProcessor, directory: str | os.PathLike,
-               prefixes: Sequence[tuple[str, str]] = ()) -> None:
+               prefixes: Sequence[tuple[str, str]] = (), caption_tokens: int | None = None) -> None:
     """``save_pretrained`` model + processor so that ``from_pretrained`` loads both back; ``prefixes``
     (source name, caption prefix), the one inference uses by default first, are recorded in the generation config
-    (``recorded_prefixes``), so inference prompts as training did without being told."""
-    model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
-    model.generation_config.caption_prefixes = [[name, prefix] for name, prefix in prefixes]
+    (``recorded_prefixes``), so inference prompts as training did without being told; so is
+    ``caption_tokens``, the longest caption trained on in tokens, the end token included
+    (``recorded_caption_tokens``; None or 0: not known, nothing recorded, and a record the model
+    came with is dropped: it described other data)."""
+    gen = model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
+    gen.caption_prefixes = [[name, prefix] for name, prefix in prefixes]
+    if caption_tokens:
+        setattr(gen, CAPTION_TOKENS_KEY, int(caption_tokens))
+    elif hasattr(gen, CAPTION_TOKENS_KEY):
+        delattr(gen, CAPTION_TOKENS_KEY)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 
@@ -273,3 +281,16 @@ def recorded_prefixes(model) -> list[tuple[str, str]]:
     """The (source name, caption prefix) pairs ``save_model`` recorded with ``model``, inference's
     default first ([] for a model trained without prefixes)."""
     return [(name, prefix) for name, prefix in getattr(model.generation_config, "caption_prefixes", None) or []]
+
+
+def recorded_caption_tokens(model) -> int | None:
+    """The longest training caption in tokens (the end token included) that ``save_model`` recorded
+    with ``model``, None where none was (the built-in model, a Hub id, a run resumed from a checkpoint
+    older than the record). ``ModelLoadError`` for a value that is not a positive integer."""
+    value = getattr(model.generation_config, CAPTION_TOKENS_KEY, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"{Path(model.name_or_path) / 'generation_config.json'}: {CAPTION_TOKENS_KEY}={value!r}: "
+                             f"must be an integer >= 1")
+    return value

@@ -49,12 +49,12 @@ def main(out: Path, argv: list[str]) -> int:
         loss, tokens = real_compute_loss(model, batch, device, **options)
         return (loss * float("nan") if rank == nan_rank and len(keys) == nan_call else loss), tokens
 
-    def save_final(model, processor, cfg, accelerator, output_dir):
+    def save_final(model, processor, cfg, accelerator, output_dir, caption_tokens):
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         safetensors.torch.save_model(unwrapped, str(out / f"rank-{accelerator.process_index}.safetensors"))
         (out / f"rank-{accelerator.process_index}.json").write_text(json.dumps(
             {"world_size": accelerator.num_processes, "keys": keys}))
-        return real_save_final(model, processor, cfg, accelerator, output_dir)
+        return real_save_final(model, processor, cfg, accelerator, output_dir, caption_tokens)
 
     train_stream.make_loader, train_stream.compute_loss = make_loader, compute_loss
     train_stream.save_final = save_final

@@ -133,6 +133,29 @@ def test_a_sources_prefix_is_the_prompt_and_masked_in_the_labels(tiny_processor)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_longest_caption_is_counted_as_the_tokenizer_writes_it_prefix_and_task_left_out(tiny_processor):
+    """What ``max_new_tokens`` must allow to write the batch's longest caption: its tokens after the
+    task tokens (and after the prefix, which is forced), the end token included."""
+    tok = tiny_processor.tokenizer
+    prefix, short, longer = "clotho > caption:", "A dog barks.", "Birds sing at dawn in a quiet park, far away."
+    task = len(tok("").input_ids) - 1  # <|startoftranscript|><|en|><|translate|><|notimestamps|>, no end token
+    given = len(tok.encode(prefix, add_special_tokens=False))
+    pad = {"__key__": "", "__pad__": True}
+    collate = Collator(tok, train=False, prefixes=(("clotho", prefix),))
+
+    def tagged(key: str, caption: str) -> dict:
+        return dict(clip_sample(key, 1.0, [caption])[0], **{SOURCE_KEY: "clotho"})
+
+    prefixed = collate([tagged("a", longer), clip_sample("b", 1.0, [short])[0], pad])
+    assert prefixed["longest_caption_tokens"] == len(tok(f"{prefix} {longer}").input_ids) - task - given
+    plain = collate([tagged("a", short), clip_sample("b", 1.0, [longer])[0]])
+    assert plain["longest_caption_tokens"] == len(tok(longer).input_ids) - task
+    assert collate([pad, pad])["longest_caption_tokens"] == 0
+    with pytest.warns(UserWarning, match="cut to max_label_tokens=8"):
+        cut = Collator(tok, train=False, max_label_tokens=8)([clip_sample("c", 1.0, [longer])[0]])
+    assert cut["longest_caption_tokens"] == 8 - (task - 1) == (cut["labels"][0] != -100).sum() - (task - 1)
+
+
 def test_normalized_captions_are_the_targets_references_stay(tiny_processor):
     assert normalize_caption("A Rock-and-roll band,  playing \"LOUD\" music!") == "a rock and roll band playing loud music"
     assert normalize_caption("The dog's bark... echoes; (far away)?") == "the dogs bark echoes far away"

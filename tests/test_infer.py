@@ -262,7 +262,9 @@ def test_a_busy_or_unwritable_output_is_refused_before_any_clip(model_dir, shard
 
 
 def test_caption_length_defaults_to_the_trained_models_and_stages_are_timed(model_dir, shards, tmp_path, capsys):
-    """No --max-new-tokens: the checkpoint's config.yaml (train_stream.py's) gives the length."""
+    """No --max-new-tokens: the longest training caption recorded with the checkpoint gives the
+    length, even above the config's setting; without a record, the checkpoint's config.yaml
+    (train_stream.py's) does."""
     import shutil
 
     from pipeline.config import load_config, save_config
@@ -279,6 +281,16 @@ def test_caption_length_defaults_to_the_trained_models_and_stages_are_timed(mode
     assert f"at most 3 tokens per caption (trainer_config.generation_max_new_tokens of {model / 'config.yaml'})" \
         in stdout
     assert re.search(r"^time: encoder \d+%, decoder \d+%, data and output \d+% \(this process\)$", stdout, re.M)
+
+    processor = load_processor(str(model))
+    save_model(load_model(str(model), processor), processor, model, caption_tokens=5)  # as training records it
+    longer = reference_captions(model_dir, features, max_new_tokens=5)
+    assert longer != reference
+    assert run("--model_name", model, "--shards", shards[1], "--num_dataloader_workers", 0, "--output", out,
+               "--metrics", "bleu") == 0
+    assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, longer, captions)})
+    stdout = capsys.readouterr().out
+    assert f"at most 5 tokens per caption (the longest training caption, recorded with {model})" in stdout
 
 
 def test_bf16_is_the_default_on_a_gpu_only():

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from pipeline.model import (
     generate_captions,
     load_model,
     load_processor,
+    recorded_caption_tokens,
     recorded_prefixes,
     save_model,
 )
@@ -152,6 +154,24 @@ def test_recorded_prefixes_round_trip(tmp_path, tiny_processor):
     pairs = [("clotho", "clotho > caption:"), ("audioset", "audioset > keywords:")]
     save_model(model, tiny_processor, tmp_path / "m", prefixes=pairs)
     assert recorded_prefixes(load_model(str(tmp_path / "m"))) == pairs
+
+
+def test_the_longest_caption_round_trips_and_a_save_without_one_drops_the_old(tmp_path, tiny_processor):
+    from transformers import GenerationConfig
+
+    model = load_model("tiny", tiny_processor)
+    assert recorded_caption_tokens(model) is None
+    save_model(model, tiny_processor, tmp_path / "m", caption_tokens=23)
+    assert GenerationConfig.from_pretrained(tmp_path / "m").caption_tokens_longest == 23  # plain transformers reads it
+    again = load_model(str(tmp_path / "m"))
+    assert recorded_caption_tokens(again) == 23
+    save_model(again, tiny_processor, tmp_path / "n")  # trained on other data, length unknown
+    assert recorded_caption_tokens(load_model(str(tmp_path / "n"))) is None
+    config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**config, "caption_tokens_longest": "many"}))
+    wrong = re.escape(f"{tmp_path / 'm' / 'generation_config.json'}: caption_tokens_longest='many': must be")
+    with pytest.raises(ModelLoadError, match=wrong):
+        recorded_caption_tokens(load_model(str(tmp_path / "m")))
 
 
 def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(monkeypatch, caplog):

@@ -29,7 +29,7 @@ import train_stream
 from pipeline.collate import expand_features
 from pipeline.config import ConfigError, load_config
 from pipeline.collate import prompt_ids
-from pipeline.model import LANGUAGE, TASK, load_model, load_processor, recorded_prefixes
+from pipeline.model import LANGUAGE, TASK, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
 from pipeline.stream import make_loader
 from tests.conftest import write_mel_shards
 
@@ -150,6 +150,25 @@ def launch_ranks(out: Path, train: str, *extra, env: dict | None = None) -> list
         ranks.append(info)
     assert [r["world_size"] for r in ranks] == [2, 2]
     return ranks
+
+
+def longest_caption(tokenizer, keys) -> int:
+    """What ``max_new_tokens`` must allow for the longest caption of ``keys`` (the ``shards`` fixture's
+    "caption KEY J"), as the tokenizer writes it: the ids after <|startoftranscript|> and the three
+    task tokens, the end token included. Both captions of a key have the same length, so which one
+    a visit drew does not matter."""
+    task = len(tokenizer("").input_ids) - 1
+    lengths = {key: {len(tokenizer(f"caption {key} {j}").input_ids) - task for j in range(2)} for key in keys if key}
+    assert all(len(both) == 1 for both in lengths.values()), lengths
+    return max(both.pop() for both in lengths.values())
+
+
+def checkpoint_caption_tokens(checkpoint: Path) -> int | None:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["caption_tokens_longest"]
+
+
+def final_caption_tokens(out: Path) -> int | None:
+    return recorded_caption_tokens(WhisperForConditionalGeneration.from_pretrained(out / "final"))
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -351,7 +370,7 @@ def test_lora_without_peft_is_one_clear_error(monkeypatch, tiny_processor):
 
 # ---------------------------------------------------------------------------- resume and checkpoints
 
-def test_resume_is_exact_checkpoints_rotate_final_model_loads(tmp_path, shards, monkeypatch):
+def test_resume_is_exact_checkpoints_rotate_final_model_loads(tmp_path, shards, monkeypatch, tiny_processor):
     common = ["trainer_config.max_steps=6", "trainer_config.gradient_accumulation_steps=2",
               "model_config.dropout=0.1", "++trainer_config.dataloader_num_workers=2"]
     straight, seen_straight = tmp_path / "straight", []
@@ -383,6 +402,13 @@ def test_resume_is_exact_checkpoints_rotate_final_model_loads(tmp_path, shards, 
     for step in range(1, 7):
         assert abs(losses[step] - resumed[step]) <= 1e-6, (step, losses[step], resumed[step])
     assert losses[6] < losses[1]
+
+    # the longest caption trained on: in the checkpoint so far, and the same in both final models
+    tok = tiny_processor.tokenizer
+    trained_first = longest_caption(tok, [k for keys in seen_first for k in keys])
+    assert checkpoint_caption_tokens(parts / "checkpoint-4") == trained_first
+    assert final_caption_tokens(straight) == final_caption_tokens(parts) == longest_caption(
+        tok, [k for keys in seen_straight for k in keys])
 
     # rotation: save_steps=1 with save_total_limit=2 leaves the newest two
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
@@ -487,10 +513,13 @@ def test_a_fresh_run_never_lands_among_another_runs_checkpoints(tmp_path, shards
 
 def test_going_back_to_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, shards, caplog):
     """Resuming checkpoint-2 of a run that reached 6: its checkpoints 4 and 6 belong to an abandoned
-    line, so they are moved aside (not deleted, not taken for the newest by latest or rotation)."""
+    line, so they are moved aside (not deleted, not taken for the newest by latest or rotation). The
+    longest caption checkpoint-2 recorded is carried to the end (set longer than any in the data here)."""
     out = tmp_path / "back"
     assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=6", "trainer_config.save_steps=2")) == 0
     old_six = (out / "checkpoint-6" / "model.safetensors").read_bytes()
+    state = out / "checkpoint-2" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "caption_tokens_longest": 99}))
     back = ("trainer_config.save_steps=2", "++trainer_config.save_total_limit=1")
     assert train_stream.main(run_args(out, shards[0], *back, "trainer_config.max_steps=5",
                                       f"trainer_config.resume_from_checkpoint={out / 'checkpoint-2'}")) == 0
@@ -502,16 +531,22 @@ def test_going_back_to_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, s
     assert train_stream.main(run_args(out, shards[0], *back, "trainer_config.max_steps=6",
                                       "trainer_config.resume_from_checkpoint=latest")) == 0
     assert f"resumed from {out / 'checkpoint-5'} at step 5" in caplog.text
+    assert checkpoint_caption_tokens(out / "checkpoint-6") == final_caption_tokens(out) == 99
 
 
 def test_a_checkpoint_without_a_run_id_joins_the_folders_run(tmp_path, shards, caplog):
-    """Checkpoints written before runs had ids: resumed by path twice, or by latest, the same run."""
+    """Checkpoints written before runs had ids (and before the longest caption was recorded): resumed
+    by path twice, or by latest, the same run; the final model records no caption length, since the
+    run saw part of its data before the record."""
     out = tmp_path / "legacy"
     assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=4", "trainer_config.save_steps=2")) == 0
+    assert final_caption_tokens(out) >= 1
     for path in [out / "run_info.json", *out.glob("checkpoint-*/trainer_state.json")]:
-        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "run_id"}))
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                    if k not in ("run_id", "caption_tokens_longest")}))
     resume = ("trainer_config.max_steps=5", f"trainer_config.resume_from_checkpoint={out / 'checkpoint-4'}")
     assert train_stream.main(run_args(out, shards[0], *resume)) == 0
+    assert f"{out / 'checkpoint-4'} predates the record of the longest training caption" in caplog.text
     run_id = json.loads((out / "run_info.json").read_text())["run_id"]
     assert train_stream.main(run_args(out, shards[0], *resume)) == 0  # again: not "belongs to another run"
     assert json.loads((out / "run_info.json").read_text())["run_id"] == run_id
@@ -519,6 +554,7 @@ def test_a_checkpoint_without_a_run_id_joins_the_folders_run(tmp_path, shards, c
     assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=6",
                                       "trainer_config.resume_from_checkpoint=latest")) == 0
     assert f"resumed from {out / 'checkpoint-5'} at step 5" in caplog.text
+    assert checkpoint_caption_tokens(out / "checkpoint-5") is None and final_caption_tokens(out) is None
 
 
 def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypatch, caplog):
@@ -590,31 +626,39 @@ def audited_keys(out: Path) -> collections.Counter:
     return collections.Counter((row["epoch"], key) for row in rows if not row.get("skipped") for key in row["keys"])
 
 
-def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_three(tmp_path, shards):
+def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_three(tmp_path, shards, tiny_processor):
     """Preempted on 2 processes (2 workers each), continued on 1 (batch 3, no workers) and on 3
     (1 worker each): over the two runs, the audit logs show every sample of the interrupted epoch
-    trained on exactly once, and the epoch ends where the samples run out."""
+    trained on exactly once, and the epoch ends where the samples run out. The longest caption
+    trained on is the maximum over the ranks, in the checkpoint and in both final models."""
     every = collections.Counter((0, key) for key in tar_keys(Path(shards[0])))  # 24 samples
+    seed = "trainer_config.seed=0"  # its shuffle gives rank 1, not rank 0, the longest caption of the first run
     out = tmp_path / "two"
-    done = launch(2, ROOT / "train_stream.py", *run_args(out, shards[0], "trainer_config.max_steps=3",
+    done = launch(2, ROOT / "train_stream.py", *run_args(out, shards[0], seed, "trainer_config.max_steps=3",
                                                          "++trainer_config.dataloader_num_workers=2",
                                                          "++trainer_config.log_sample_keys=true"))
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
     assert sum(audited_keys(out).values()) == 12  # 3 steps x 2 ranks x 2
+    tok = tiny_processor.tokenizer
+    per_rank = [longest_caption(tok, [key for line in open(out / "sample_keys" / f"rank-{rank}.jsonl")
+                                      for key in json.loads(line)["keys"]]) for rank in (0, 1)]
+    assert per_rank[1] > per_rank[0], per_rank  # else rank 0 alone would give the right answer
+    assert checkpoint_caption_tokens(out / "checkpoint-3") == final_caption_tokens(out) == per_rank[1]
 
     one = tmp_path / "one"
     shutil.copytree(out, one)  # 12 samples left: 4 steps of 3 finish the epoch
-    assert train_stream.main(run_args(one, shards[0], "trainer_config.max_steps=7",
+    assert train_stream.main(run_args(one, shards[0], seed, "trainer_config.max_steps=7",
                                       "trainer_config.per_device_train_batch_size=3",
                                       "++trainer_config.log_sample_keys=true",
                                       "trainer_config.resume_from_checkpoint=latest")) == 0
     assert json.loads((one / "run_info.json").read_text())["world_size"] == 1
     assert audited_keys(one) == every
+    assert final_caption_tokens(one) == longest_caption(tok, [key for _, key in every])
 
     three = tmp_path / "three"
     shutil.copytree(out, three)  # 12 samples left: 2 steps of 3 x 2 finish the epoch
-    done = launch(3, ROOT / "train_stream.py", *run_args(three, shards[0], "trainer_config.max_steps=5",
+    done = launch(3, ROOT / "train_stream.py", *run_args(three, shards[0], seed, "trainer_config.max_steps=5",
                                                          "++trainer_config.dataloader_num_workers=1",
                                                          "++trainer_config.log_sample_keys=true",
                                                          "trainer_config.resume_from_checkpoint=latest"))
@@ -622,6 +666,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_and_on_three(tmp_path, sha
     assert "saved by 2 processes, now 3" in done.stderr and "re-planned over the new layout" in done.stderr
     assert json.loads((three / "run_info.json").read_text())["world_size"] == 3
     assert audited_keys(three) == every
+    assert final_caption_tokens(three) == longest_caption(tok, [key for _, key in every])
 
 
 def test_a_process_count_accelerate_did_not_set_up_stops_the_run(tmp_path, shards, monkeypatch, caplog, capsys):
