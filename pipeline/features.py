@@ -186,10 +186,34 @@ _LOG10_E = np.float32(1.0 / np.log(10.0))  # log10(x) = ln(x) / ln(10): numpy's 
 
 @functools.lru_cache(maxsize=1)
 def _blas():
-    """numpy's BLAS libraries (threadpoolctl): the mel projection runs them on one thread, since a
-    [80 x 201] @ [201 x frames] product gains nothing from the pool, whose idle threads then spin on
-    the other cores (several times the product's own CPU time)."""
+    """numpy's BLAS libraries (threadpoolctl): the mel projection runs them on one thread, since its
+    small products gain nothing from the pool, whose idle threads then spin on the other cores
+    (several times the products' own CPU time)."""
     return threadpoolctl.ThreadpoolController().select(user_api="blas")
+
+
+MEL_ROW_GROUPS = 4  # filter bank row blocks: 4 do a quarter of the dense product's work
+
+
+@functools.lru_cache(maxsize=4)
+def _mel_blocks(n_mels: int) -> tuple[tuple[slice, slice, np.ndarray], ...]:
+    """``mel_filters(n_mels)`` as ``(rows, columns, block)`` products over the interleaved
+    (re, im) float32 view of the spectrum: each block holds a group of filters over the columns
+    their triangles cover (Slaney triangles are narrow: the dense product is mostly zeros), every
+    weight twice, for the real and the imaginary part, so the product of the squared view sums
+    re^2 + im^2 itself (no separate power pass over strided halves of a complex array)."""
+    filters = mel_filters(n_mels)
+    nonzero = filters != 0
+    first = nonzero.argmax(1)
+    end = filters.shape[1] - nonzero[:, ::-1].argmax(1)
+    bounds = np.linspace(0, n_mels, MEL_ROW_GROUPS + 1).astype(int)
+    blocks = []
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+        c0, c1 = int(first[r0:r1].min()), int(end[r0:r1].max())
+        block = np.repeat(filters[r0:r1, c0:c1], 2, axis=1)  # [rows, 2 * columns]: re, im, re, im, ...
+        block.flags.writeable = False
+        blocks.append((slice(r0, r1), slice(2 * c0, 2 * c1), block))
+    return tuple(blocks)
 
 
 def log_mel(audio: np.ndarray, n_mels: int = 80) -> tuple[np.ndarray, float]:
@@ -218,11 +242,11 @@ def log_mel(audio: np.ndarray, n_mels: int = 80) -> tuple[np.ndarray, float]:
     windows = np.lib.stride_tricks.as_strided(padded, (frames, N_FFT), (HOP_LENGTH * padded.itemsize,
                                                                         padded.itemsize), writeable=False)
     spectrum = scipy.fft.rfft(windows * HANN_WINDOW, axis=-1)  # [frames, 201] complex64
-    # |z|^2 as re^2 + im^2: abs() takes a square root only to square it again
-    power = spectrum.real * spectrum.real
-    power += spectrum.imag * spectrum.imag  # [frames, 201]
+    squares = np.square(spectrum.view(np.float32), out=spectrum.view(np.float32)).T  # [402, frames]: re^2, im^2, ...
+    log_spec = np.empty((n_mels, frames), dtype=np.float32)
     with _blas().limit(limits=1):
-        log_spec = mel_filters(n_mels) @ power.T  # [n_mels, frames]
+        for rows, columns, block in _mel_blocks(n_mels):  # |z|^2 projected: re^2 + im^2 summed by the product
+            np.matmul(block, squares[columns], out=log_spec[rows])
     np.maximum(log_spec, 1e-10, out=log_spec)
     np.log(log_spec, out=log_spec)
     log_spec *= _LOG10_E
