@@ -212,12 +212,14 @@ def short_clips(args) -> None:
             mine = [f"{a} ({b})" for a, b in zip(mine, cells(r, r["floors"][args.baseline]))]
         print(f"| {r['code']} | {r['repeat']} | {mine[0]} | {r['wall']:.2f} | {mine[1]} | {mine[2]} | {mine[3]} | "
               f"{r['cpu']:.2f} | {mine[4]} |")
-    print("\nmedians over the repeats, against this tree's floor:")
+    print("\nover the repeats (median; best in brackets: the machine's noise only adds), against this tree's floor:")
     for name, _ in codes:
         mine = [r for r in rows if r["code"] == name]
-        print(f"- {name}: {statistics.median(r['wall'] / r['floors'][floor_of][0] for r in mine):.2f}x wall, "
-              f"{statistics.median(r['cpu'] / r['floors'][floor_of][1] for r in mine):.2f}x CPU, "
-              f"{statistics.median(n / r['wall'] for r in mine):.1f} clips/s end to end")
+        wall = [r["wall"] / r["floors"][floor_of][0] for r in mine]
+        cpu = [r["cpu"] / r["floors"][floor_of][1] for r in mine]
+        print(f"- {name}: {statistics.median(wall):.2f}x ({min(wall):.2f}x) wall, {statistics.median(cpu):.2f}x "
+              f"({min(cpu):.2f}x) CPU, {statistics.median(n / r['wall'] for r in mine):.1f} clips/s end to end; "
+              f"packer CPU {statistics.median(r['cpu'] for r in mine):.2f} s ({min(r['cpu'] for r in mine):.2f} s)")
     if args.baseline:
         print(f"\n{args.baseline}'s output vs this tree's, per repeat: "
               + "; ".join(compare_outputs(a["out"], b["out"]) for a, b in zip(rows[::2], rows[1::2])))
