@@ -261,6 +261,31 @@ def log_mel(audio: np.ndarray, n_mels: int = 80) -> tuple[np.ndarray, float]:
     return log_spec, float(pad_value)
 
 
+_F32_MIN_NORMAL_F16 = np.uint32(113 << 23)  # float32 bits of 2**-14, the smallest normal float16
+_F32_ROUNDS_TO_INF = np.uint32(0x477FF000)  # float32 bits of 65520, the first value float16 rounds to inf
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """``x.astype(np.float16)``, the same bits (round to nearest even; tested against numpy), in
+    about half the time: numpy converts element by element here, this shifts the float32 bits in a
+    few integer passes, and leaves numpy's own cast the few values whose float16 is not a normal
+    number (subnormal, zero, overflow, NaN)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    # drop 13 mantissa bits rounding to nearest even (a carry moves into the exponent, as it should),
+    # then rebias the exponent from 127 to 15
+    half = (magnitude + np.uint32(0x0FFF) + ((magnitude >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    half -= np.uint32((127 - 15) << 10)
+    out = half.astype(np.uint16)
+    out |= (bits >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
+    out = out.view(np.float16).reshape(np.shape(x))
+    odd = np.flatnonzero((magnitude < _F32_MIN_NORMAL_F16) | (magnitude >= _F32_ROUNDS_TO_INF))
+    if odd.size:
+        with np.errstate(over="ignore"):
+            out.flat[odd] = np.asarray(x, dtype=np.float32).flat[odd].astype(np.float16)
+    return out
+
+
 def pad_mel(mel, pad_value: float, n_frames: int = N_FRAMES):
     """Pad ``mel [n_mels, frames]`` (a numpy array or a torch tensor) on the right to ``n_frames``
     with ``pad_value`` (the extractor's output for the silent rest of the 30-s window)."""
@@ -293,7 +318,7 @@ def clip_features(audio: np.ndarray, n_mels: int = 80, seconds: float | None = N
         raise AudioDecodeError(f"the log-mel is not finite: sample values up to {float(np.abs(head).max()):.3g} "
                                f"overflow the power spectrum (audio should lie within [-1, 1])")
     return {
-        "mel": mel.astype(np.float16),  # [n_mels, valid_frames]
+        "mel": to_float16(mel),  # [n_mels, valid_frames]
         "pad_value": pad_value,
         "seconds": round(len(audio) / SAMPLE_RATE, 6) if seconds is None else seconds,
         "truncated": len(audio) > N_SAMPLES,

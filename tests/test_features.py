@@ -58,6 +58,25 @@ def test_features_never_import_torch():
     assert done.stdout.strip() == "False"
 
 
+def test_to_float16_is_numpys_cast():
+    from pipeline.features import to_float16
+
+    rng = np.random.default_rng(0)
+    n = 2_000_000  # every exponent from subnormal to overflow, both signs
+    x = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 20, n)).astype(np.float32)
+    ties = np.float32(1.0) + np.arange(64, dtype=np.float32) * np.float32(2.0 ** -11)  # halfway between float16s
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.996, 65520, -65520, 2 ** -14,
+                      2 ** -14 * (1 - 2 ** -12), 2 ** -24, 2 ** -25, 2 ** -25 * 1.0001, 1 + 2 ** -11 + 2 ** -20],
+                     dtype=np.float32)
+    x = np.concatenate([edges, ties, -ties, x])[:7 * (n // 7)].reshape(-1, 7)  # 2-D, as mels are
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    ours = to_float16(x)
+    assert ours.dtype == np.float16 and ours.shape == x.shape
+    np.testing.assert_array_equal(ours.view(np.uint16)[~np.isnan(x)], ref.view(np.uint16)[~np.isnan(x)])
+    assert np.isnan(ours[np.isnan(x)]).all()
+
+
 def test_clip_features_of_real_files_match_the_seed_path(tmp_path):
     # The seed: librosa.load(sr=16000) then the extractor on the (30-s padded) clip.
     fe = WhisperFeatureExtractor(feature_size=80)
