@@ -32,10 +32,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import soundfile
 from transformers import WhisperFeatureExtractor
 
@@ -134,6 +136,43 @@ def same_bytes(a: Path, b: Path) -> bool:
         (a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
+def compare_outputs(a: Path, b: Path) -> str:
+    """"byte-identical", or how two packer outputs differ: the same members, metadata and rejects,
+    and how many log-mel values (and pad values) differ by how much (float16 rounding of a different
+    FFT), or what else."""
+    if same_bytes(a, b):
+        return "byte-identical"
+    members = {}
+    for out in (a, b):
+        members[out] = {}
+        for tar_path in sorted(out.rglob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                for info in tar:
+                    members[out][f"{tar_path.relative_to(out)}/{info.name}"] = tar.extractfile(info).read()
+    if members[a].keys() != members[b].keys():
+        return "different samples"
+    if (a / "train" / "rejects.jsonl").read_bytes() != (b / "train" / "rejects.jsonl").read_bytes():
+        return "different rejects"
+    differing = values = 0
+    worst = worst_pad = 0.0
+    for name, data in members[a].items():
+        if not name.endswith(".npy"):
+            x, y = json.loads(data), json.loads(members[b][name])
+            worst_pad = max(worst_pad, abs(x.pop("pad_value") - y.pop("pad_value")))
+            if x != y:
+                return f"different metadata ({name})"
+            continue
+        x = np.load(io.BytesIO(data)).astype(np.float32)
+        y = np.load(io.BytesIO(members[b][name])).astype(np.float32)
+        if x.shape != y.shape:
+            return f"different mel shapes ({name})"
+        differing += int((x != y).sum())
+        values += x.size
+        worst = max(worst, float(np.abs(x - y).max()))
+    return (f"same samples, metadata and rejects; log-mel values differ at {differing} of {values} "
+            f"({100 * differing / values:.3f} %), by at most {worst:.2g}; pad values by at most {worst_pad:.2g}")
+
+
 def short_clips(args) -> None:
     """The ``--short`` rows (module doc)."""
     from bench.baseline import checkout
@@ -173,15 +212,17 @@ def short_clips(args) -> None:
             mine = [f"{a} ({b})" for a, b in zip(mine, cells(r, r["floors"][args.baseline]))]
         print(f"| {r['code']} | {r['repeat']} | {mine[0]} | {r['wall']:.2f} | {mine[1]} | {mine[2]} | {mine[3]} | "
               f"{r['cpu']:.2f} | {mine[4]} |")
-    print("\nmedians over the repeats, against this tree's floor:")
+    print("\nover the repeats (median; best in brackets: the machine's noise only adds), against this tree's floor:")
     for name, _ in codes:
         mine = [r for r in rows if r["code"] == name]
-        print(f"- {name}: {statistics.median(r['wall'] / r['floors'][floor_of][0] for r in mine):.2f}x wall, "
-              f"{statistics.median(r['cpu'] / r['floors'][floor_of][1] for r in mine):.2f}x CPU, "
-              f"{statistics.median(n / r['wall'] for r in mine):.1f} clips/s end to end")
+        wall = [r["wall"] / r["floors"][floor_of][0] for r in mine]
+        cpu = [r["cpu"] / r["floors"][floor_of][1] for r in mine]
+        print(f"- {name}: {statistics.median(wall):.2f}x ({min(wall):.2f}x) wall, {statistics.median(cpu):.2f}x "
+              f"({min(cpu):.2f}x) CPU, {statistics.median(n / r['wall'] for r in mine):.1f} clips/s end to end; "
+              f"packer CPU {statistics.median(r['cpu'] for r in mine):.2f} s ({min(r['cpu'] for r in mine):.2f} s)")
     if args.baseline:
-        print(f"\nshards, index and rejects byte-identical ({args.baseline} vs this tree): "
-              f"{all(same_bytes(a['out'], b['out']) for a, b in zip(rows[::2], rows[1::2]))}")
+        print(f"\n{args.baseline}'s output vs this tree's, per repeat: "
+              + "; ".join(compare_outputs(a["out"], b["out"]) for a, b in zip(rows[::2], rows[1::2])))
     print(f"(work folder: {work}; load average at the end {os.getloadavg()[0]:.1f}, other jobs included)")
 
 

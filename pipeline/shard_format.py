@@ -12,6 +12,7 @@ This module imports numpy only: the packer's main process reads it without start
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -97,11 +98,12 @@ def load_json(data: bytes | str, what: str = "JSON") -> Any:
     return obj
 
 
-def check_json(obj: Any, what: str) -> None:
-    """ValueError when ``obj`` nests too deeply or holds a string that is not valid Unicode."""
+def check_json(obj: Any, what: str) -> str:
+    """``obj`` as JSON text (non-ASCII kept); ValueError when it nests too deeply or holds a string
+    that is not valid Unicode."""
     if json_depth(obj) > MAX_JSON_DEPTH:
         raise ValueError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
-    check_text(json.dumps(obj, ensure_ascii=False), what)
+    return check_text(json.dumps(obj, ensure_ascii=False), what)
 
 
 def json_line(obj: Any) -> str:
@@ -123,15 +125,15 @@ class SampleMeta:
     truncated: bool = False
     extra: dict = field(default_factory=dict)
 
-    def check(self) -> None:
-        """ValueError for metadata the loader would refuse."""
+    def to_json(self) -> bytes:
+        """The member's UTF-8 JSON, serialised once; ValueError for metadata the loader would refuse."""
         if not (isinstance(self.captions, list) and self.captions
                 and all(isinstance(c, str) and c.strip() for c in self.captions)):
             raise ValueError("'captions' must be a non-empty list of non-empty strings")
         check_pad_value(self.pad_value)
         if not isinstance(self.extra, dict):
             raise ValueError("'extra' must be a JSON object")
-        check_json(asdict(self), "the sample's JSON")
+        return check_json(asdict(self), "the sample's JSON").encode("utf-8")
 
 
 def check_pad_value(value: Any) -> float:
@@ -215,13 +217,20 @@ def encode_sample(key: str, mel: np.ndarray, meta: SampleMeta) -> list[tuple[str
         if not KEY_RE.match(key):
             raise ValueError(f"key {key!r} has characters outside [A-Za-z0-9_-]")
         stored = _check_mel(np.asarray(mel), None)
-        meta.check()
+        meta_json = meta.to_json()
     except ValueError as error:
         raise SampleError(str(error)) from None
+    return [(f"{key}.{MEL_MEMBER}", _npy_header(stored.shape) + stored.tobytes()), (f"{key}.{META_MEMBER}", meta_json)]
+
+
+@functools.lru_cache(maxsize=2 * N_FRAMES)
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered ``MEL_DTYPE`` array of ``shape`` (one
+    per frame count: building it costs more than copying the data)."""
     buf = io.BytesIO()
-    np.save(buf, stored, allow_pickle=False)
-    return [(f"{key}.{MEL_MEMBER}", buf.getvalue()),
-            (f"{key}.{META_MEMBER}", json.dumps(asdict(meta), ensure_ascii=False).encode("utf-8"))]
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(MEL_DTYPE)),
+                                               "fortran_order": False, "shape": shape})
+    return buf.getvalue()
 
 
 def decode_sample(raw: dict, n_mels: int | None = None) -> dict:

@@ -14,9 +14,9 @@ back only the two members' bytes; the main process writes the shards in input or
 come back in input order whatever the number of workers (``apply_async`` on chunks of inputs with a
 bounded number of chunks in flight: ordered like ``Pool.imap``, but it never reads the whole input
 ahead, which matters when raw-audio shards put the audio itself in the input stream), so the shards
-are byte-identical for any ``--workers``. Workers run torch on one thread and are forked from a
-forkserver that has imported torch and the features once; ``--workers 1`` computes in-process.
-Only workers import torch, so with a pool the main process starts at once.
+are byte-identical for any ``--workers``. Workers are forked from a forkserver that has imported the
+features once; ``--workers 1`` computes in-process. Nothing in the packer imports torch (about 2.5 s
+of CPU per process), so every process starts in a fraction of a second.
 
 ``--part I --num-parts N`` packs the I-th of N contiguous, disjoint slices of every split into
 ``OUT/<split>/part-I-of-N/`` (its own ``000.tar …``, ``index.json`` and ``rejects.jsonl``), so parts
@@ -83,16 +83,13 @@ class PackError(Exception):
 
 # ----------------------------------------------------------------------------- worker side
 
-# torch and the features are imported by the workers only (init_worker first): with --workers > 1 the
-# main process lists inputs and writes tars, and starts in a fraction of a second without them.
+# The features (numpy, scipy, soundfile, soxr; never torch) are imported by the workers only
+# (init_worker first): with --workers > 1 the main process lists inputs and writes tars.
 
 def init_worker(n_mels: int) -> None:
-    """Once per worker: one torch thread (the pool gives the parallelism), filters built up front."""
-    import torch
-
+    """Once per worker: the features module loaded and the mel filters built up front."""
     from pipeline.features import mel_filters
 
-    torch.set_num_threads(1)
     mel_filters(n_mels)
 
 
@@ -128,23 +125,16 @@ def chunks(items: Iterable, size: int) -> Iterator[list]:
 
 @contextlib.contextmanager
 def worker_pool(workers: int, n_mels: int):
-    """A pool of ``workers`` processes, or None to compute in this process (``workers <= 1``) with
-    torch on one thread, as in the workers, so the bytes do not depend on the worker count."""
+    """A pool of ``workers`` processes, or None to compute in this process (``workers <= 1``)."""
     if workers <= 1:
-        import torch
-
-        threads = torch.get_num_threads()
         init_worker(n_mels)
-        try:
-            yield None
-        finally:
-            torch.set_num_threads(threads)
+        yield None
         return
-    context = multiprocessing.get_context("forkserver")  # never fork a parent whose torch has run
+    context = multiprocessing.get_context("forkserver")  # never fork a caller's threads (torch, BLAS)
     context.set_forkserver_preload(WORKER_PRELOAD)
     # One thread per worker for the libraries that read this when they load (the forkserver and its
-    # workers inherit this environment): numpy's BLAS and torch's OpenMP start a pool per process whose
-    # idle threads spin, which gains nothing within one worker but oversubscribes the cores once several run.
+    # workers inherit this environment): numpy's BLAS starts a pool per process whose idle threads spin,
+    # which gains nothing within one worker but oversubscribes the cores once several run.
     omp_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:

@@ -33,14 +33,15 @@ TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive
 
 # ----------------------------------------------------------------------------- tar bytes
 
-def member_block(name: str, data: bytes) -> bytes:
-    """One tar member, header and zero-padded data, with fixed metadata."""
+def member_pieces(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """One tar member as (header, data, zero padding to a whole block), with fixed metadata; written
+    piece by piece, so the data (a clip's log-mel) is not copied into a joined block first."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-    return header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    return header, data, b"\0" * (-len(data) % tarfile.BLOCKSIZE)
 
 
 def archive_size(content_bytes: int) -> int:
@@ -79,12 +80,14 @@ class ShardWriter:
     def add(self, key: str, members: list[tuple[str, bytes]], seconds: float, truncated: bool,
             position: int) -> None:
         """Append one sample, the input at ``position``."""
-        blocks = b"".join(member_block(name, data) for name, data in members)
-        if self._file is not None and self.max_bytes and archive_size(self._size + len(blocks)) > self.max_bytes:
+        pieces = [piece for name, data in members for piece in member_pieces(name, data)]
+        size = sum(len(piece) for piece in pieces)
+        if self._file is not None and self.max_bytes and archive_size(self._size + size) > self.max_bytes:
             self._finish(next_input=position)
         if self._file is None:
             self._open()
-        self._write(blocks)
+        for piece in pieces:
+            self._write(piece)
         self._samples += 1
         self._seconds += seconds
         self._truncated += int(truncated)

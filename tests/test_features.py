@@ -1,6 +1,9 @@
 """Features against the references: librosa.load for decoding, WhisperFeatureExtractor for log-mel."""
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import librosa
 import numpy as np
@@ -37,31 +40,42 @@ def test_log_mel_matches_whisper_feature_extractor(n, n_mels):
     ref = ref.input_features[0]  # [n_mels, 3000]
     mel, pad_value = log_mel(audio, n_mels)
     assert mel.shape == (n_mels, valid_frames(n))
-    np.testing.assert_allclose(pad_mel(mel, pad_value), ref, atol=1e-5)
+    # scipy's FFT, not torch's: float32 rounding differs, up to ~4e-5 where the power is tiny (a
+    # fifth of the float16 step a shard stores values near 1 with)
+    np.testing.assert_allclose(pad_mel(mel, pad_value), ref, atol=1e-4)
     stored = pad_mel(mel.astype(np.float16), pad_value).astype(np.float32)  # what a shard holds
     np.testing.assert_allclose(stored, ref, atol=2e-3)
 
 
 
-@pytest.mark.parametrize("n", [1, 199, 201, 16000, 96123, 479999, 480000, 520000])
-def test_log_mel_spectrum_is_torch_stft_bit_for_bit(n):
-    # log_mel frames the STFT itself; torch.stft of the zero-extended clip is the reference, so
-    # shards keep the bytes the packer wrote before (and the float16 cast rounds as numpy's).
-    import torch
+def test_features_never_import_torch():
+    # The packer's workers compute features with numpy and scipy alone: importing torch would cost
+    # each of them seconds of start-up.
+    code = ("import sys, numpy as np; import shard_tools.pack; from pipeline.features import clip_features; "
+            "clip_features(np.ones(16000, dtype=np.float32)); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "False"
 
-    from pipeline.features import _hann_window, mel_filters
 
-    audio = (0.1 * np.random.default_rng(n).standard_normal(n)).astype(np.float32)
-    frames = valid_frames(n)
-    wave = torch.zeros(min(480000, max(n + 201, (frames - 1) * 160 + 201)))
-    wave[:min(n, 480000)] = torch.from_numpy(audio[:480000])
-    spectrum = torch.stft(wave, 400, 160, window=_hann_window(), return_complex=True)[:, :frames]
-    power = torch.addcmul(spectrum.real.square(), spectrum.imag, spectrum.imag)
-    ref = (mel_filters(80) @ power).clamp_(min=1e-10).log10_()
-    ref = torch.maximum(ref, torch.tensor(max(float(ref.max()), -10.0 if frames < N_FRAMES else -np.inf) - 8.0))
-    mel, _ = log_mel(audio)
-    np.testing.assert_array_equal(mel, ((ref + 4.0) / 4.0).numpy())
-    np.testing.assert_array_equal(clip_features(audio)["mel"], mel.astype(np.float16))
+def test_to_float16_is_numpys_cast():
+    from pipeline.features import to_float16
+
+    rng = np.random.default_rng(0)
+    n = 2_000_000  # every exponent from subnormal to overflow, both signs
+    x = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 20, n)).astype(np.float32)
+    ties = np.float32(1.0) + np.arange(64, dtype=np.float32) * np.float32(2.0 ** -11)  # halfway between float16s
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.996, 65520, -65520, 2 ** -14,
+                      2 ** -14 * (1 - 2 ** -12), 2 ** -24, 2 ** -25, 2 ** -25 * 1.0001, 1 + 2 ** -11 + 2 ** -20],
+                     dtype=np.float32)
+    x = np.concatenate([edges, ties, -ties, x])[:7 * (n // 7)].reshape(-1, 7)  # 2-D, as mels are
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    ours = to_float16(x)
+    assert ours.dtype == np.float16 and ours.shape == x.shape
+    np.testing.assert_array_equal(ours.view(np.uint16)[~np.isnan(x)], ref.view(np.uint16)[~np.isnan(x)])
+    assert np.isnan(ours[np.isnan(x)]).all()
+
 
 def test_clip_features_of_real_files_match_the_seed_path(tmp_path):
     # The seed: librosa.load(sr=16000) then the extractor on the (30-s padded) clip.
@@ -108,4 +122,4 @@ def test_mel_filters_equal_the_extractors(n_mels):
     from pipeline.features import mel_filters
 
     ref = WhisperFeatureExtractor(feature_size=n_mels).mel_filters.T  # [n_mels, 201] float64
-    np.testing.assert_allclose(mel_filters(n_mels).numpy(), ref.astype(np.float32), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(mel_filters(n_mels), ref.astype(np.float32), rtol=1e-6, atol=1e-9)

@@ -35,6 +35,17 @@ def test_encoded_sample_reads_back_with_plain_webdataset(tmp_path):
     assert decoded["mel"].dtype == np.float16 and decoded["json"]["captions"] == ["a dog barks"]
 
 
+@pytest.mark.parametrize("shape", [(80, 1), (80, 9), (128, 3000), (80, 601)])
+def test_mel_member_is_what_np_save_writes(shape):
+    mel = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, mel, allow_pickle=False)
+    for _ in range(2):  # the header is cached per shape
+        assert encode_sample("k", mel, meta())[0] == ("k.mel.npy", buf.getvalue())
+    fortran = np.asfortranarray(mel)  # stored C-ordered whatever the input's order
+    assert encode_sample("k", fortran, meta())[0][1] == buf.getvalue()
+
+
 @pytest.mark.parametrize("bad,reason", [
     (dict(captions=["bad \ud800"]), "lone surrogate"),
     (dict(extra={"note": "half an emoji \udc3d"}), "lone surrogate"),

@@ -72,7 +72,7 @@ def test_shards_roll_by_size_and_long_keys_fit(tmp_path):
     for i in range(12):
         key = f"{long_key}{i:02d}"
         sample = members(key, frames=20 + 10 * i)
-        sizes.append(len(writer.member_block(*sample[0]) + writer.member_block(*sample[1])))
+        sizes.append(sum(len(piece) for member in sample for piece in writer.member_pieces(*member)))
         w.add(key, sample, seconds=1.0, truncated=False, position=i)
     w.close(next_input=12)
     assert sum(e["samples"] for e in entries) == 12 and len(entries) > 2
