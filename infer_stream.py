@@ -121,14 +121,8 @@ from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import LockBusy, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
-from pipeline.model import (
-    ModelLoadError,
-    generate_captions,
-    load_model,
-    load_processor,
-    recorded_caption_tokens,
-    recorded_prefixes,
-)
+from pipeline.model import (ModelLoadError, generate_captions, load_model, load_processor, recorded_caption_tokens,
+                            recorded_prefixes)
 from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
 from pipeline.stream import StreamError, make_loader
 

@@ -134,26 +134,15 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers.models.whisper.modeling_whisper import (
-    WhisperDecoder,
-    WhisperDecoderLayer,
-    WhisperEncoder,
-    WhisperEncoderLayer,
-)
+from transformers.models.whisper.modeling_whisper import (WhisperDecoder, WhisperDecoderLayer, WhisperEncoder,
+                                                          WhisperEncoderLayer)
 
 from pipeline import launch
 from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import DEFAULT_SOURCE
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
-from pipeline.model import (
-    CAPTION_TOKENS_KEY,
-    ModelLoadError,
-    generate_captions,
-    load_model,
-    load_processor,
-    save_model,
-)
+from pipeline.model import CAPTION_TOKENS_KEY, ModelLoadError, generate_captions, load_model, load_processor, save_model
 from pipeline.stream import StreamError, make_loader
 
 log = logging.getLogger("train_stream")

@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from pipeline.collate import prompt_ids
-from pipeline.model import (
-    ModelLoadError,
-    generate_captions,
-    load_model,
-    load_processor,
-    recorded_caption_tokens,
-    recorded_prefixes,
-    save_model,
-)
+from pipeline.model import (ModelLoadError, generate_captions, load_model, load_processor, recorded_caption_tokens,
+                            recorded_prefixes, save_model)
 
 
 def test_builtin_tokenizer_has_real_whisper_ids(tiny_processor):
