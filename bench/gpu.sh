@@ -23,6 +23,16 @@ elif [ "$mode" != --cpu ]; then
   bash scripts/install.sh
 fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# every module the steps import beyond torch and transformers, named at once when one is missing
+# (scipy and threadpoolctl: the log-mel since issue 12; a GPU image may lack them as it lacks librosa)
+python3 - <<'PY'
+import importlib.util, sys
+needed = ["webdataset", "braceexpand", "librosa", "soundfile", "soxr", "scipy", "threadpoolctl", "omegaconf",
+          "tensorboardX", "accelerate", "tqdm", "yaml"]
+missing = [m for m in needed if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing: {' '.join(missing)}: put their wheels in .whl/ (../shared/FACTS.md says how)")
+PY
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, \
 '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 # the code before issue 11 gives the baseline rows (where git has it: a copied checkout may not)
