@@ -182,7 +182,8 @@ def mel_filters(n_mels: int) -> np.ndarray:
     return filters
 
 
-# The periodic Hann window of torch.hann_window and the extractor's window_function(N_FFT, "hann").
+# The periodic Hann window (the extractor's window_function(N_FFT, "hann")), computed in float64 and
+# rounded to float32; torch.hann_window's float32 values differ from it in the last bit at most.
 HANN_WINDOW = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 HANN_WINDOW.flags.writeable = False
 _LOG10_E = np.float32(1.0 / np.log(10.0))  # log10(x) = ln(x) / ln(10): numpy's float32 log is SIMD, its log10 is not
