@@ -15,8 +15,8 @@ come back in input order whatever the number of workers (``apply_async`` on chun
 bounded number of chunks in flight: ordered like ``Pool.imap``, but it never reads the whole input
 ahead, which matters when raw-audio shards put the audio itself in the input stream), so the shards
 are byte-identical for any ``--workers``. Workers are forked from a forkserver that has imported the
-features once; ``--workers 1`` computes in-process. Nothing in the packer imports torch (about 2.5 s
-of CPU per process), so every process starts in a fraction of a second.
+features once; ``--workers 1`` computes in-process. Nothing in the packer imports torch (2.5-3 s of
+CPU per process): a packing process starts in about 1 s of CPU, Python and numpy included.
 
 ``--part I --num-parts N`` packs the I-th of N contiguous, disjoint slices of every split into
 ``OUT/<split>/part-I-of-N/`` (its own ``000.tar …``, ``index.json`` and ``rejects.jsonl``), so parts
