@@ -8,7 +8,7 @@
 #     tokens forced, batch 64 and 256: static decoder vs HF generate vs the encoder alone, end to end
 #     and on the same batches); the tables, then one summary table.
 #   bash bench/gpu.sh --cpu      the same steps, small and on the CPU, to know the script runs.
-# Install: with a `.whl/` folder (wheels fetched on a machine with an index: ../shared/FACTS.md) they
+# Install: with a `.whl/` folder (wheels fetched on a machine with an index: `bash bench/gpu_wheels.sh`) they
 # are installed into /tmp/site without an index, as on the GPU image that reaches none; without one,
 # scripts/install.sh (keeps the machine's torch when it meets setup.cfg).
 set -euo pipefail
