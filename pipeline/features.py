@@ -270,11 +270,10 @@ _F32_ROUNDS_TO_INF = np.uint32(0x477FF000)  # float32 bits of 65520, the first v
 
 
 def to_float16(x: np.ndarray) -> np.ndarray:
-    """``x.astype(np.float16)`` for float32 ``x`` (other dtypes pass through float32 first), the same
-    bits (round to nearest even; tested against numpy), in
-    about half the time: numpy converts element by element here, this shifts the float32 bits in a
-    few integer passes, and leaves numpy's own cast the few values whose float16 is not a normal
-    number (subnormal, zero, overflow, NaN)."""
+    """``x.astype(np.float16)`` for float32 ``x`` (other dtypes pass through float32 first): the same
+    bits (round to nearest even; tested against numpy) in about half the time. numpy converts element
+    by element here; this shifts the float32 bits in a few integer passes and leaves numpy's own cast
+    the few values whose float16 is not a normal number (subnormal, zero, overflow, NaN)."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     magnitude = bits & np.uint32(0x7FFFFFFF)
     # drop 13 mantissa bits rounding to nearest even (a carry moves into the exponent, as it should),
