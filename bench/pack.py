@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.seed import audio_files, seed_features  # noqa: E402
 from pipeline.features import decode_audio  # noqa: E402
+from pipeline.shard_format import REJECTS_FILE  # noqa: E402
 from shard_tools.synth import make_corpus  # noqa: E402
 
 def replicate(corpus: Path, times: int) -> Path:
@@ -151,7 +152,9 @@ def compare_outputs(a: Path, b: Path) -> str:
                     members[out][f"{tar_path.relative_to(out)}/{info.name}"] = tar.extractfile(info).read()
     if members[a].keys() != members[b].keys():
         return "different samples"
-    if (a / "train" / "rejects.jsonl").read_bytes() != (b / "train" / "rejects.jsonl").read_bytes():
+    rejects = sorted(p.relative_to(a) for p in a.rglob(REJECTS_FILE))  # every split's
+    if rejects != sorted(p.relative_to(b) for p in b.rglob(REJECTS_FILE)) or any(
+            (a / r).read_bytes() != (b / r).read_bytes() for r in rejects):
         return "different rejects"
     differing = values = 0
     worst = worst_pad = 0.0
@@ -221,8 +224,9 @@ def short_clips(args) -> None:
               f"({min(cpu):.2f}x) CPU, {statistics.median(n / r['wall'] for r in mine):.1f} clips/s end to end; "
               f"packer CPU {statistics.median(r['cpu'] for r in mine):.2f} s ({min(r['cpu'] for r in mine):.2f} s)")
     if args.baseline:
-        print(f"\n{args.baseline}'s output vs this tree's, per repeat: "
-              + "; ".join(compare_outputs(a["out"], b["out"]) for a, b in zip(rows[::2], rows[1::2])))
+        verdicts = [compare_outputs(a["out"], b["out"]) for a, b in zip(rows[::2], rows[1::2])]
+        print(f"\n{args.baseline}'s output vs this tree's: "
+              + "; ".join(f"{v} ({verdicts.count(v)} of {len(verdicts)} repeats)" for v in dict.fromkeys(verdicts)))
     print(f"(work folder: {work}; load average at the end {os.getloadavg()[0]:.1f}, other jobs included)")
 
 
