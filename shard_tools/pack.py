@@ -29,8 +29,10 @@ Crash safety: shards are renamed into place only when complete and ``.progress.j
 one with a digest of its inputs (paths, captions, and each file's size and mtime); ``--resume`` keeps
 the leading shards whose bytes (size and sha256) and inputs still match and packs the rest, producing
 the same bytes as an uninterrupted run (see ``writer``). So fixing a rejected file and resuming repacks
-from that file on. A lock file (``.lock``, released when the process dies) keeps a second packer out
-of a split folder while one runs.
+from that file on. A resume with other options (the input, its fields, the shard limits, ...) is refused
+before any split is touched: repacking under a mistyped option would replace every complete shard.
+A lock file (``.lock``, released when the process dies) keeps a second packer out of a split folder
+while one runs.
 
 Exit status: 0; 1 when more than ``--max-reject-fraction`` of the inputs were rejected (all that
 could be packed still is); 2 for a usage error (bad arguments, missing input, unresumable output, an
@@ -210,18 +212,26 @@ def digest_range(digests: Iterable[str]) -> str:
     return hashlib.sha256("".join(digests).encode("ascii")).hexdigest()
 
 
-def resume_state(directory: Path, settings: dict, split_input: sources.SplitInput
-                 ) -> tuple[list[dict], list[Reject], bool]:
-    """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file: the
-    leading shards whose bytes are intact and whose inputs are unchanged (module doc)."""
+def check_resumable(directory: Path, settings: dict) -> dict | None:
+    """An earlier run's progress in ``directory`` (None without one); PackError when it was packed
+    with other settings, so that a mistyped option is refused instead of repacking (and removing)
+    every shard."""
     progress = writer.read_progress(directory)
-    if progress is None:
-        return [], [], False
-    if progress["settings"] != settings:
+    if progress is not None and progress["settings"] != settings:
         earlier = progress["settings"] or {}
         changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
         raise PackError(f"cannot resume {directory}: it was packed with other settings "
                         f"({', '.join(changed)} differ); pass --overwrite to pack it again")
+    return progress
+
+
+def resume_state(directory: Path, settings: dict, split_input: sources.SplitInput
+                 ) -> tuple[list[dict], list[Reject], bool]:
+    """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file: the
+    leading shards whose bytes are intact and whose inputs are unchanged (module doc)."""
+    progress = check_resumable(directory, settings)
+    if progress is None:
+        return [], [], False
     intact = writer.intact_prefix(directory, progress["shards"])
     digests = (sources.item_digest(item) for item in split_input.items())
     kept, first = [], 0
@@ -401,21 +411,37 @@ def input_layout(args) -> str:
     return chosen[0]
 
 
-def open_inputs(args, layout: str) -> list[sources.SplitInput]:
+@dataclass(frozen=True)
+class InputFields:
+    """Where the audio and the captions are in each input (the layout's defaults filled in)."""
+
+    audio: str | None
+    captions: list[str]
+
+
+def input_fields(args, layout: str) -> InputFields:
     try:
         captions = sources.parse_fields(args.caption_field or DEFAULT_CAPTION_FIELD[layout])
     except ValueError as error:
         raise PackError(f"--caption-field: {error}") from error
-    audio_field = args.audio_field or DEFAULT_AUDIO_FIELD.get(layout)
+    return InputFields(args.audio_field or DEFAULT_AUDIO_FIELD.get(layout), captions)
+
+
+def input_name(args) -> str:
+    """The input as given: the DATASET folder, manifest, shard pattern or HF dataset."""
+    return str(args.dataset or args.manifest or args.from_shards or args.hf_dataset)
+
+
+def open_inputs(args, layout: str, fields: InputFields) -> list[sources.SplitInput]:
     common = {"part": args.part, "num_parts": args.num_parts, "split": args.split}
     try:
         if layout == "folder":
-            return sources.folder_inputs(args.dataset, captions, **common)
+            return sources.folder_inputs(args.dataset, fields.captions, **common)
         if layout == "manifest":
-            return sources.manifest_inputs(args.manifest, audio_field, captions, **common)
+            return sources.manifest_inputs(args.manifest, fields.audio, fields.captions, **common)
         if layout == "shards":
-            return sources.shard_inputs(args.from_shards, audio_field, captions, **common)
-        return sources.hf_inputs(args.hf_dataset, audio_field, captions, **common)
+            return sources.shard_inputs(args.from_shards, fields.audio, fields.captions, **common)
+        return sources.hf_inputs(args.hf_dataset, fields.audio, fields.captions, **common)
     except (OSError, ValueError, ImportError) as error:  # a missing folder, manifest or 'datasets' package
         raise PackError(str(error)) from error
 
@@ -435,10 +461,11 @@ def validate(args) -> None:
         raise PackError(f"--out {args.out} is a file, not a folder")
 
 
-def run_settings(args, layout: str, split_input: sources.SplitInput) -> dict:
-    """What determines a split's bytes besides its inputs (checked shard by shard, ``resume_state``):
-    a resumed run must match it exactly."""
-    return {"layout": layout, "split": split_input.name, "n_mels": args.n_mels,
+def run_settings(args, layout: str, fields: InputFields, split_input: sources.SplitInput) -> dict:
+    """What determines a split's bytes besides its inputs' contents (checked shard by shard,
+    ``resume_state``): a resumed run must match it exactly."""
+    return {"layout": layout, "input": input_name(args), "audio_field": fields.audio,
+            "caption_fields": fields.captions, "split": split_input.name, "n_mels": args.n_mels,
             "samples_per_shard": args.samples_per_shard, "max_shard_mb": args.max_shard_mb,
             "part": args.part, "num_parts": args.num_parts, "format_version": shard_format.FORMAT_VERSION}
 
@@ -454,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(args)
         layout = input_layout(args)
+        fields = input_fields(args, layout)
     except PackError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -461,13 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with worker_pool(args.workers, args.n_mels) as pool:  # workers start while the inputs are listed
-            split_inputs = open_inputs(args, layout)
-            for split_input in split_inputs:
+            split_inputs = open_inputs(args, layout, fields)
+            plan = [(split_input, split_directory(args.out, split_input.name, args.part, args.num_parts),
+                     run_settings(args, layout, fields, split_input)) for split_input in split_inputs]
+            if args.resume:  # every split's settings checked before any split is touched
+                for _, directory, settings in plan:
+                    check_resumable(directory, settings)
+            for split_input, directory, settings in plan:
                 t0 = time.perf_counter()
-                directory = split_directory(args.out, split_input.name, args.part, args.num_parts)
                 if args.num_parts > 1:  # the merged index is stale while any part is being packed
                     (directory.parent / INDEX_FILE).unlink(missing_ok=True)
-                result = pack_split(split_input, directory, run_settings(args, layout, split_input), args, pool)
+                result = pack_split(split_input, directory, settings, args, pool)
                 results.append((result, time.perf_counter() - t0))
                 if args.num_parts > 1 and merge_parts(directory.parent, split_input.name, args.num_parts, args.n_mels):
                     print(f"all {args.num_parts} parts of {directory.parent} are complete: wrote its index.json")

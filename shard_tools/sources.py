@@ -16,12 +16,14 @@ packer's workers turn those records into rejects.
 Layouts (one ``SplitInput`` per output split):
 
 - folder: ``ROOT/<split>/**/clip.wav`` when ROOT holds no audio itself, else a flat folder (split "");
-  the caption sits beside the audio in ``clip.json`` (preferred) or ``clip.txt`` (whole file). Names
-  starting with a dot are inputs like any other (``infer_stream.py --audio`` captions them too); only
-  ROOT's own dot folders are not splits;
+  the caption sits beside the audio in ``clip.json`` or ``clip.txt`` (whole file); with both, each
+  gives references (the JSON's first, and its other fields are the extra). Names starting with a dot
+  are inputs like any other (``infer_stream.py --audio`` captions them too); only ROOT's own dot
+  folders are not splits. Symlinked folders are followed; a folder or clip reached a second time
+  (a symlink loop, two paths to one place) is a reject naming the first path;
 - manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
-  rows naming the same audio file are merged into one record with all their captions (AudioCaps
-  lists one caption per row);
+  rows naming the same audio file (by resolved path) are merged into one record with all their
+  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a reject;
 - raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
   the sample (``json.text``), named and read by the loader's own ``pipeline.urls`` (one URL grammar,
   one tar reader);
@@ -55,6 +57,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from pipeline.shard_format import AUDIO_SUFFIXES, Reject, check_text, load_json
 
 CAPTION_SUFFIXES = (".json", ".txt")  # in order of preference when both sit beside one clip
+DATASET_FOLDER = "the dataset folder"  # how rejects name the folder given to the packer
 KEY_HASH_DIGITS = 10
 
 
@@ -220,35 +223,71 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
     flat = any(file_kind(os.path.splitext(e)[1]) == "audio" and not (root / e).is_dir() for e in entries)
     if flat:
         return [listed(split or "", folder_items(root, root, split or "", caption_fields), part, num_parts)]
-    names = [e for e in entries if (root / e).is_dir() and not e.startswith(".") and (split is None or e == split)]
+    names = [e for e in entries if (root / e).is_dir() and not e.startswith(".")]
+    claimed = {os.path.realpath(root): DATASET_FOLDER}  # resolved folder -> the split folder that is it
+    for name in sorted(names, key=lambda n: (root / n).is_symlink()):  # the folder itself before links to it
+        claimed.setdefault(os.path.realpath(root / name), f"{name}/")
+    names = [name for name in names if split is None or name == split]
     if not names:
         raise FileNotFoundError(f"{root} holds no audio files and no split folder"
                                 + (f" named {split!r}" if split else ""))
-    return [listed(name, folder_items(root, root / name, name, caption_fields), part, num_parts)
+    return [listed(name, folder_items(root, root / name, name, caption_fields, claimed), part, num_parts)
             for name in names]
 
 
-def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequence[str]) -> list:
+def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequence[str],
+                 claimed: dict[str, str] | None = None) -> list:
     """Records and rejects for every audio and caption file under ``directory``, sorted by source;
-    a folder that cannot be listed is a reject of its own."""
+    a folder that cannot be listed is a reject of its own. Symlinked folders are followed, each
+    folder read once by its resolved path: a symlink loop, or a second path to a folder already
+    read (``claimed`` holds the dataset folder and every split folder), is a reject naming the first."""
     items = []
+    seen = {os.path.realpath(root): DATASET_FOLDER, **(claimed or {})}
+
+    def rel(path: str | Path) -> str:
+        return Path(path).relative_to(root).as_posix()
 
     def unreadable(error: OSError) -> None:
-        rel = Path(error.filename).relative_to(root).as_posix()
-        items.append(reject(f"{rel}/", split, f"cannot read folder ({type(error).__name__}: {error.strerror})"))
+        items.append(reject(f"{rel(error.filename)}/", split,
+                            f"cannot read folder ({type(error).__name__}: {error.strerror})"))
 
-    for dirpath, dirnames, filenames in os.walk(directory, onerror=unreadable):
-        dirnames.sort()
+    def first_visit(path: Path) -> bool:
+        label = f"{rel(path)}/" if path != root else DATASET_FOLDER
+        first = seen.setdefault(os.path.realpath(path), label)
+        if first != label:
+            items.append(reject(label, split, f"same folder as {first} (a symlink loop or a second path to it): "
+                                              "read once"))
+        return first == label
+
+    if not first_visit(directory):
+        return items
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=unreadable, followlinks=True):
+        dirnames[:] = [name for name in sorted(dirnames) if first_visit(Path(dirpath) / name)]
         groups: dict[str, dict[str, list[str]]] = {}  # stem -> {"audio": [...], "caption": [...]}
         for name in sorted(filenames):
             stem, suffix = os.path.splitext(name)
             kind = file_kind(suffix)
             if kind:
                 groups.setdefault(stem, {"audio": [], "caption": []})[kind].append(name)
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        rel_dir = rel(dirpath)
         for stem, group in groups.items():
             items += _group_items(Path(dirpath), rel_dir, stem, group, split, caption_fields)
-    return sorted(items, key=source_of)
+    return unique_files(sorted(items, key=source_of))
+
+
+def unique_files(items: list) -> list:
+    """``items`` with a record whose audio file (by resolved path) an earlier record holds turned
+    into a reject: a symlink to a clip, or one reached through two folders, is packed once."""
+    first: dict[str, str] = {}
+    out = []
+    for item in items:
+        if not is_reject(item):
+            source = first.setdefault(os.path.realpath(item["audio"]), item["source"])
+            if source != item["source"]:
+                item = reject(item["source"], item["split"], f"same audio file as {source} (a symlink or a "
+                                                             "second path to it): packed once")
+        out.append(item)
+    return out
 
 
 def file_kind(suffix: str) -> str | None:
@@ -271,26 +310,36 @@ def not_regular(path: Path) -> str | None:
 
 def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: str,
                  caption_fields: Sequence[str]) -> list:
+    """The records or rejects of the audio files of one stem; every caption file beside them
+    (``clip.json``, then ``clip.txt``) gives references, so none is ignored."""
     def rel(name: str) -> str:
         return name if rel_dir == "." else f"{rel_dir}/{name}"
 
-    by_suffix = {os.path.splitext(name)[1].lower(): name for name in group["caption"]}
-    caption_file = next((by_suffix[s] for s in CAPTION_SUFFIXES if s in by_suffix), None)
     if not group["audio"]:
         return [reject(rel(name), split, "caption without audio") for name in group["caption"]]
-    if caption_file is None:
+    if not group["caption"]:
         return [reject(rel(name), split, f"audio without caption (no {stem}.txt or {stem}.json beside it)")
                 for name in group["audio"]]
-    try:
-        captions, extra = read_caption_file(directory / caption_file, caption_fields)
-    except CaptionError as error:
-        return [reject(rel(name), split, f"{caption_file}: {error}") for name in group["audio"]]
+    captions, extra = [], {}
+    for name in sorted(group["caption"], key=lambda n: (CAPTION_SUFFIXES.index(os.path.splitext(n)[1].lower()), n)):
+        try:
+            more, more_extra = read_caption_file(directory / name, caption_fields)
+        except CaptionError as error:
+            return [reject(rel(audio), split, f"{name}: {error}") for audio in group["audio"]]
+        captions += new_captions(captions, more)
+        extra = {**more_extra, **extra}  # the preferred file's fields win
     items = []
     for name in group["audio"]:
         problem = not_regular(directory / name)
         items.append(reject(rel(name), split, f"audio file {problem}") if problem
                      else record(rel(name), split, str(directory / name), captions, extra))
     return items
+
+
+def new_captions(captions: list[str], more: list[str]) -> list[str]:
+    """The captions of ``more`` not already in ``captions``: a second caption file or manifest row
+    for a clip adds references, never a repeat of one."""
+    return [c for c in more if c not in captions]
 
 
 def read_caption_file(path: Path, caption_fields: Sequence[str]) -> tuple[list[str], dict]:
@@ -348,41 +397,53 @@ def manifest_rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
 
 
 def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], split: str) -> list[dict]:
-    """Records (rows of one audio file merged) and rejects, sorted by source."""
+    """Records (the rows naming one audio file, by resolved path, merged) and rejects, sorted by source."""
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     base = path.resolve().parent
-    merged: dict[str, dict] = {}
+    merged: dict[str, tuple[str, dict]] = {}  # resolved audio file -> (its first row, its record)
     rejects = []
     for where, row, error in manifest_rows(path):
-        audio = row.get(audio_field) if row is not None else None
-        if error or not isinstance(audio, str) or not audio.strip() or not _utf8(audio):
-            rejects.append(reject(where, split, error or f"row has no audio field {audio_field!r}"))
+        problem = error or audio_path_problem(row.get(audio_field), f"audio field {audio_field!r}")
+        if problem:
+            rejects.append(reject(where, split, problem))
             continue
-        source = posixpath.normpath(audio.strip().replace(os.sep, "/"))
+        source = posixpath.normpath(row[audio_field].strip().replace(os.sep, "/"))
         try:
             captions = captions_from(row, caption_fields)
         except CaptionError as err:
             rejects.append(reject(source, split, f"{where}: {err}"))
-            continue
-        if source in merged:
-            merged[source]["captions"] += captions
             continue
         file = Path(os.path.normpath(base / source))
         problem = not_regular(file)
         if problem:
             rejects.append(reject(source, split, f"{where}: audio file {problem} ({file})"))
             continue
-        merged[source] = record(source, split, str(file), captions, without(row, [audio_field, *caption_fields]))
-    return sorted([*merged.values(), *rejects], key=source_of)
+        resolved = os.path.realpath(file)
+        if resolved not in merged:
+            merged[resolved] = (where, record(source, split, str(file), captions,
+                                              without(row, [audio_field, *caption_fields])))
+            continue
+        first, earlier = merged[resolved]
+        added = new_captions(earlier["captions"], captions)
+        if not added:
+            rejects.append(reject(where, split, f"repeats {first}: the same audio file with no new caption"))
+        earlier["captions"] += added
+    return sorted([*(r for _, r in merged.values()), *rejects], key=source_of)
 
 
-def _utf8(text: str) -> bool:
+def audio_path_problem(path, what: str) -> str | None:
+    """Why ``path`` (an input's audio value) cannot name a file, or None: not a string, blank, a
+    NUL byte (which the OS refuses) or a lone surrogate."""
+    if not isinstance(path, str) or not path.strip():
+        return f"row has no {what}"
+    if "\0" in path:
+        return f"{what} holds a NUL byte"
     try:
-        check_text(text, "audio path")
-    except ValueError:
-        return False
-    return True
+        check_text(path, what)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 # ----------------------------------------------------------------------------- raw-audio shards
@@ -501,6 +562,9 @@ def hf_row_item(row: dict, source: str, split: str, audio_field: str, caption_fi
     data = audio.get("bytes") or audio.get("path")
     if not data:
         return reject(source, split, f"row has no audio in column {audio_field!r}")
+    problem = isinstance(data, str) and audio_path_problem(data, f"audio path in column {audio_field!r}")
+    if problem:
+        return reject(source, split, problem)
     try:
         captions = captions_from(row, caption_fields)
     except CaptionError as error:

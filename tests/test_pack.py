@@ -427,3 +427,40 @@ def test_outputs_honour_the_umask_and_bad_outputs_are_one_line(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / 'full'}: No space left on device"
     assert not list((tmp_path / "full").glob("*.tmp"))
+
+
+def test_resume_with_another_caption_field_is_refused_before_anything_is_touched(tmp_path, capsys):
+    for split in ("train", "validation"):
+        make_clips(tmp_path / "ds" / split, 3, caption_suffix=".json")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--samples-per-shard", "2"]
+    assert main(args) == 0
+    before = tree_bytes(out)
+    capsys.readouterr()
+    assert main([*args, "--resume", "--caption-field", "nope"]) == 2  # a typo must not repack (and remove) shards
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "caption_fields differ" in err and "--overwrite" in err
+    assert tree_bytes(out) == before
+    assert main([*args, "--resume", "--caption-field", "text"]) == 0  # unchanged options: every shard kept
+    assert "6 clips (6 kept from an earlier run)" in capsys.readouterr().out
+    assert tree_bytes(out) == before
+
+
+def test_hostile_manifest_rows_cost_only_themselves_and_are_counted(tmp_path, capsys):
+    clips = make_clips(tmp_path / "audio", 2)
+    manifest = tmp_path / "m.jsonl"
+    rows = [["audio/clip00.wav", "an array"], {"audio_file": "audio/\0.wav", "caption_text": "a NUL byte"},
+            *({"audio_file": f"audio/{p.name}", "caption_text": f"caption {i}"} for i, p in enumerate(clips)),
+            {"audio_file": "audio/clip00.wav", "caption_text": "caption 0"}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    assert main(["--manifest", str(manifest), "--out", str(out), "--workers", "1", "--max-reject-fraction", "1"]) == 0
+    total = capsys.readouterr().out.splitlines()[-1]
+    assert total.startswith("total: 2 clips,") and total.endswith("rejected 3")
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["reason"]) for r in rejects] == [
+        ("m.jsonl:1", "JSON line is not an object"), ("m.jsonl:2", "audio field 'audio_file' holds a NUL byte"),
+        ("m.jsonl:5", "repeats m.jsonl:3: the same audio file with no new caption")]
+    index = json.loads((out / "index.json").read_text())
+    assert index["totals"]["samples"] == 2 and index["totals"]["rejected"] == 3
+    assert [s["meta"]["captions"] for s in read_split(out)] == [["caption 0"], ["caption 1"]]

@@ -243,3 +243,81 @@ def test_hf_dataset_from_a_local_directory(tmp_path):
     assert items[0]["captions"] == ["a"] and items[0]["extra"] == {"n": 1}
     assert isinstance(items[0]["audio"], (bytes, str))
     assert items[2].reason == "empty caption"
+
+
+def test_every_caption_file_beside_a_clip_gives_references(tmp_path):
+    write_audio(tmp_path / "cat.wav", seconds=0.2)
+    (tmp_path / "cat.txt").write_text("a cat purrs\n")
+    (tmp_path / "cat.json").write_text(json.dumps({"text": ["a cat meows", "a cat purrs"], "id": 3}))
+    write_audio(tmp_path / "dog.wav", seconds=0.2)
+    (tmp_path / "dog.json").write_text(json.dumps({"text": "a dog barks"}))
+    (tmp_path / "dog.txt").write_text(" \n")  # a bad second caption file rejects the clip, naming it
+    items = by_source(sources.folder_inputs(tmp_path, ["text"])[0])
+    cat = items["cat.wav"]
+    assert cat["captions"] == ["a cat meows", "a cat purrs"] and cat["extra"] == {"id": 3}  # no repeat
+    assert items["dog.wav"].reason == "dog.txt: empty caption"
+    assert sorted(items) == ["cat.wav", "dog.wav"]
+
+
+def test_symlinked_folders_are_followed_and_each_place_read_once(tmp_path):
+    root, elsewhere = tmp_path / "ds", tmp_path / "elsewhere" / "more"
+    write_audio(root / "train" / "a.wav", seconds=0.2)
+    (root / "train" / "a.txt").write_text("in the split")
+    write_audio(elsewhere / "b.wav", seconds=0.2)
+    (elsewhere / "b.txt").write_text("behind a link")
+    (root / "train" / "linked").symlink_to(elsewhere)
+    (root / "train" / "again").symlink_to(elsewhere)  # a second path to the same folder
+    (elsewhere / "loop").symlink_to(root / "train")  # back to the split: a loop
+    (root / "train" / "up").symlink_to(root)  # to the dataset folder: a loop
+    (root / "train" / "link.wav").symlink_to(root / "train" / "a.wav")  # a second path to a clip
+    (root / "train" / "link.txt").write_text("same clip")
+    (root / "copy").symlink_to(root / "train")  # a split folder that is another split
+    copy, train = sources.folder_inputs(root, ["text"])
+    items = by_source(train)
+    packed = {s: i["captions"] for s, i in items.items() if not sources.is_reject(i)}
+    assert packed == {"train/a.wav": ["in the split"], "train/again/b.wav": ["behind a link"]}
+    reasons = {s: i.reason for s, i in items.items() if sources.is_reject(i)}
+    assert reasons == {
+        "train/again/loop/": "same folder as train/ (a symlink loop or a second path to it): read once",
+        "train/linked/": "same folder as train/again/ (a symlink loop or a second path to it): read once",
+        "train/up/": "same folder as the dataset folder (a symlink loop or a second path to it): read once",
+        "train/link.wav": "same audio file as train/a.wav (a symlink or a second path to it): packed once"}
+    assert [(i.source, i.reason) for i in copy.items()] == [
+        ("copy/", "same folder as train/ (a symlink loop or a second path to it): read once")]
+
+
+def test_manifest_repeated_rows_merge_new_captions_and_reject_repeats(tmp_path):
+    write_audio(tmp_path / "audio" / "a.wav", seconds=0.2)
+    (tmp_path / "link.wav").symlink_to(tmp_path / "audio" / "a.wav")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("audio_file,caption_text\naudio/a.wav,a hum\naudio/a.wav,a hum\n"
+                        "./audio/a.wav,a low hum\nlink.wav,a hum\n")
+    items = list(sources.manifest_inputs(manifest, "audio_file", ["caption_text"])[0].items())
+    assert [(i["source"], i["captions"]) for i in items if not sources.is_reject(i)] == [
+        ("audio/a.wav", ["a hum", "a low hum"])]  # one file by any path, each caption once
+    assert [(i.source, i.reason) for i in items if sources.is_reject(i)] == [
+        ("m.csv:3", "repeats m.csv:2: the same audio file with no new caption"),
+        ("m.csv:5", "repeats m.csv:2: the same audio file with no new caption")]
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_rows_that_name_no_file_are_rejects_naming_the_row(tmp_path, kind):
+    write_audio(tmp_path / "a.wav", seconds=0.2)
+    manifest = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        manifest.write_text("audio_file,caption_text\nb\0.wav,a NUL byte\na.wav,fine\n")
+        expected = [("m.csv:2", "audio field 'audio_file' holds a NUL byte")]
+    else:
+        manifest.write_text('["a.wav", "an array"]\n7\n{"audio_file": "b\\u0000.wav", "caption_text": "x"}\n'
+                            '{"audio_file": "a.wav", "caption_text": "fine"}\n')
+        expected = [("m.jsonl:1", "JSON line is not an object"), ("m.jsonl:2", "JSON line is not an object"),
+                    ("m.jsonl:3", "audio field 'audio_file' holds a NUL byte")]
+    items = list(sources.manifest_inputs(manifest, "audio_file", ["caption_text"])[0].items())
+    assert [(i["source"], i["captions"]) for i in items if not sources.is_reject(i)] == [("a.wav", ["fine"])]
+    assert [(i.source, i.reason) for i in items if sources.is_reject(i)] == expected
+
+
+def test_hf_row_with_a_nul_byte_in_its_audio_path_is_a_reject():
+    row = {"audio": {"bytes": None, "path": "clips/a\0.wav"}, "text": "x"}
+    item = sources.hf_row_item(row, "train/00000000", "train", "audio", ["text"])
+    assert item.reason == "audio path in column 'audio' holds a NUL byte"
