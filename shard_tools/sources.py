@@ -379,21 +379,54 @@ def manifest_inputs(manifest: str | Path, audio_field: str, caption_fields: Sequ
 
 
 def manifest_rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
-    """``(where, row or None, error)`` for each row of a ``.csv`` or JSON-lines manifest."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    """``(where, row or None, error)`` for each row of a ``.csv`` or JSON-lines manifest. Bytes that
+    are not UTF-8 are kept as surrogate escapes, so that they cost only their own row (a path or
+    caption that is not valid Unicode is a reject)."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if path.suffix.lower() == ".csv":
-            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield f"{path.name}:{i}", row, ""
+            yield from _csv_rows(path.name, f)
             return
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = load_json(line, "JSON line")
+            try:  # the line's own bytes, so that a decoding error names the byte
+                row = load_json(line.encode("utf-8", "surrogateescape"), "JSON line")
             except ValueError as error:
                 yield f"{path.name}:{i}", None, str(error)
                 continue
             yield f"{path.name}:{i}", row, "" if isinstance(row, dict) else "JSON line is not an object"
+
+
+def _csv_rows(name: str, f) -> Iterator[tuple[str, dict | None, str]]:
+    """``manifest_rows`` of a CSV file: each row keyed by the header (line 1), named by the line it
+    starts on (a quoted caption may span lines)."""
+    reader = csv.reader(f)
+    header = next(reader, [])
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # a field over csv's size limit; the reader goes on after it
+            yield f"{name}:{start}", None, f"unreadable CSV row ({error})"
+            continue
+        if not values:  # a blank line
+            continue
+        if len(values) > len(header):
+            yield f"{name}:{start}", None, f"row has {len(values)} fields, the header {len(header)}"
+            continue
+        row = dict(zip(header, values))
+        broken = [field for field, value in row.items() if not _is_utf8(value)]
+        yield f"{name}:{start}", row, f"field {broken[0]!r} is not UTF-8 text" if broken else ""
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], split: str) -> list[dict]:
@@ -433,17 +466,11 @@ def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], 
 
 
 def audio_path_problem(path, what: str) -> str | None:
-    """Why ``path`` (an input's audio value) cannot name a file, or None: not a string, blank, a
-    NUL byte (which the OS refuses) or a lone surrogate."""
+    """Why ``path`` (an input's audio value) cannot name a file, or None: not a string, blank, or
+    holding a NUL byte (which the OS refuses)."""
     if not isinstance(path, str) or not path.strip():
         return f"row has no {what}"
-    if "\0" in path:
-        return f"{what} holds a NUL byte"
-    try:
-        check_text(path, what)
-    except ValueError as error:
-        return str(error)
-    return None
+    return f"{what} holds a NUL byte" if "\0" in path else None
 
 
 # ----------------------------------------------------------------------------- raw-audio shards

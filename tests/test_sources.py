@@ -304,16 +304,24 @@ def test_manifest_repeated_rows_merge_new_captions_and_reject_repeats(tmp_path):
 def test_manifest_rows_that_name_no_file_are_rejects_naming_the_row(tmp_path, kind):
     write_audio(tmp_path / "a.wav", seconds=0.2)
     manifest = tmp_path / f"m.{kind}"
-    if kind == "csv":
-        manifest.write_text("audio_file,caption_text\nb\0.wav,a NUL byte\na.wav,fine\n")
-        expected = [("m.csv:2", "audio field 'audio_file' holds a NUL byte")]
+    if kind == "csv":  # rows named by the line they start on, after a caption of two lines
+        manifest.write_bytes(b'audio_file,caption_text\na.wav,"two\nlines"\nb\0.wav,a NUL byte\n'
+                             b'a.wav,one,too many\n\xff.wav,not UTF-8\na.wav,' + b"x" * 200_000 + b"\na.wav,fine\n")
+        expected = [("m.csv:4", "audio field 'audio_file' holds a NUL byte"),
+                    ("m.csv:5", "row has 3 fields, the header 2"), ("m.csv:6", "field 'audio_file' is not UTF-8 text"),
+                    ("m.csv:7", "unreadable CSV row (field larger than field limit (131072))")]
+        captions = ["two\nlines", "fine"]
     else:
-        manifest.write_text('["a.wav", "an array"]\n7\n{"audio_file": "b\\u0000.wav", "caption_text": "x"}\n'
-                            '{"audio_file": "a.wav", "caption_text": "fine"}\n')
+        manifest.write_bytes(b'["a.wav", "an array"]\n7\n{"audio_file": "b\\u0000.wav", "caption_text": "x"}\n'
+                             b'{"audio_file": "\xff.wav", "caption_text": "x"}\n'
+                             b'{"audio_file": "a.wav", "caption_text": "fine"}\n')
         expected = [("m.jsonl:1", "JSON line is not an object"), ("m.jsonl:2", "JSON line is not an object"),
-                    ("m.jsonl:3", "audio field 'audio_file' holds a NUL byte")]
+                    ("m.jsonl:3", "audio field 'audio_file' holds a NUL byte"),
+                    ("m.jsonl:4", "invalid JSON line ('utf-8' codec can't decode byte 0xff in position 16: "
+                                  "invalid start byte)")]
+        captions = ["fine"]
     items = list(sources.manifest_inputs(manifest, "audio_file", ["caption_text"])[0].items())
-    assert [(i["source"], i["captions"]) for i in items if not sources.is_reject(i)] == [("a.wav", ["fine"])]
+    assert [(i["source"], i["captions"]) for i in items if not sources.is_reject(i)] == [("a.wav", captions)]
     assert [(i.source, i.reason) for i in items if sources.is_reject(i)] == expected
 
 
