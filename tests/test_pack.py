@@ -464,3 +464,24 @@ def test_hostile_manifest_rows_cost_only_themselves_and_are_counted(tmp_path, ca
     index = json.loads((out / "index.json").read_text())
     assert index["totals"]["samples"] == 2 and index["totals"]["rejected"] == 3
     assert [s["meta"]["captions"] for s in read_split(out)] == [["caption 0"], ["caption 1"]]
+
+
+def test_symlinked_folders_and_second_caption_files_are_packed_or_reported(tmp_path, capsys):
+    root = tmp_path / "ds" / "train"
+    make_clips(root, 1)
+    (root / "clip00.json").write_text(json.dumps({"text": "from the json"}))  # beside clip00.txt
+    make_clips(tmp_path / "elsewhere", 2)
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "loop").symlink_to(root)
+    out = tmp_path / "out"
+    args = [str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--max-reject-fraction", "1"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("rejected 1")
+    assert {s["meta"]["source"]: s["meta"]["captions"] for s in read_split(out / "train")} == {
+        "train/clip00.wav": ["from the json", "caption 0"], "train/linked/clip00.wav": ["caption 0"],
+        "train/linked/clip01.flac": ["caption 1"]}
+    assert [json.loads(line) for line in (out / "train" / "rejects.jsonl").read_text().splitlines()] == [
+        {"path": "train/linked/loop/", "reason": "same folder as train/ (a symlink loop or a second path to it): "
+                                                 "read once"}]
+    before = tree_bytes(out)
+    assert main([*args, "--resume"]) == 0 and tree_bytes(out) == before
