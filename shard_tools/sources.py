@@ -7,8 +7,9 @@ Every layout yields, in a deterministic order, two kinds of dict:
   ``captions`` is a non-empty list of stripped strings; ``extra`` the input's own JSON/manifest fields
   other than the caption and audio fields;
 - a ``pipeline.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
-  empty caption, a JSON without the caption field, an unreadable caption file, folder or shard, a
-  path that is not a regular file).
+  empty caption, a JSON without the caption field, an unreadable caption file, folder, shard or
+  manifest row, a path that is not a regular file, a second path to a folder or clip already read,
+  a manifest row that repeats an earlier one).
 
 Decoding failures (corrupt, zero-length or silent audio) only show when the audio is decoded, so the
 packer's workers turn those records into rejects.
@@ -417,16 +418,13 @@ def _csv_rows(name: str, f) -> Iterator[tuple[str, dict | None, str]]:
             yield f"{name}:{start}", None, f"row has {len(values)} fields, the header {len(header)}"
             continue
         row = dict(zip(header, values))
-        broken = [field for field, value in row.items() if not _is_utf8(value)]
-        yield f"{name}:{start}", row, f"field {broken[0]!r} is not UTF-8 text" if broken else ""
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        try:
+            for field, value in row.items():
+                check_text(value, field)
+        except ValueError:  # a surrogate escape (manifest_rows): bytes that are not UTF-8
+            yield f"{name}:{start}", None, f"field {field!r} is not UTF-8 text"
+            continue
+        yield f"{name}:{start}", row, ""
 
 
 def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], split: str) -> list[dict]:
