@@ -424,7 +424,9 @@ def input_fields(args, layout: str) -> InputFields:
         captions = sources.parse_fields(args.caption_field or DEFAULT_CAPTION_FIELD[layout])
     except ValueError as error:
         raise PackError(f"--caption-field: {error}") from error
-    return InputFields(args.audio_field or DEFAULT_AUDIO_FIELD.get(layout), captions)
+    # a folder's audio is found by suffix: an --audio-field there changes nothing, so it is not recorded
+    audio = None if layout == "folder" else args.audio_field or DEFAULT_AUDIO_FIELD[layout]
+    return InputFields(audio, captions)
 
 
 def input_name(args) -> str:

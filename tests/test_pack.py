@@ -485,3 +485,15 @@ def test_symlinked_folders_and_second_caption_files_are_packed_or_reported(tmp_p
                                                  "read once"}]
     before = tree_bytes(out)
     assert main([*args, "--resume"]) == 0 and tree_bytes(out) == before
+
+
+def test_refused_resume_of_a_part_keeps_the_merged_index(tmp_path, capsys):
+    make_clips(tmp_path / "ds" / "train", 2)
+    out = tmp_path / "out"
+    args = [str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--num-parts", "2"]
+    for part in ("0", "1"):
+        assert main([*args, "--part", part]) == 0
+    before = tree_bytes(out)
+    assert (out / "train" / "index.json").is_file()  # merged from both parts
+    assert main([*args, "--part", "0", "--resume", "--caption-field", "nope"]) == 2
+    assert "caption_fields differ" in capsys.readouterr().err and tree_bytes(out) == before
