@@ -430,8 +430,10 @@ def input_fields(args, layout: str) -> InputFields:
 
 
 def input_name(args) -> str:
-    """The input as given: the DATASET folder, manifest, shard pattern or HF dataset."""
-    return str(args.dataset or args.manifest or args.from_shards or args.hf_dataset)
+    """The input: the DATASET folder or manifest as an absolute path (``ds``, ``ds/`` and ``./ds``
+    are one input), the shard pattern or HF dataset as given."""
+    path = args.dataset or args.manifest
+    return os.path.abspath(path) if path else args.from_shards or args.hf_dataset
 
 
 def open_inputs(args, layout: str, fields: InputFields) -> list[sources.SplitInput]:
