@@ -452,6 +452,10 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(mc, key)
         if not (0 <= value < 1 if interval.endswith(")") else 0 <= value <= 1):  # nan fails both
             problems.append(f"model_config.{key}={value}: must be within {interval}")
+    for key, low in (("mask_time_length", 1), ("mask_feature_length", 1), ("mask_time_min_masks", 0),
+                     ("mask_feature_min_masks", 0)):  # HF raises on a length of 0 at the first masked step
+        if getattr(mc, key) < low:
+            problems.append(f"model_config.{key}={getattr(mc, key)}: must be at least {low}")
     if mc.lora_r < 0:
         problems.append(f"model_config.lora_r={mc.lora_r}: must be at least 0 (0: no LoRA)")
     if mc.lora_r and not mc.lora_target_modules:

@@ -142,6 +142,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("model_config.lora_dropout=-0.1", "model_config.lora_dropout=-0.1: must be within [0, 1)"),
     ("model_config.mask_time_prob=1.5", "model_config.mask_time_prob=1.5: must be within [0, 1]"),
     ("model_config.mask_feature_prob=-1", "model_config.mask_feature_prob=-1.0: must be within [0, 1]"),
+    ("model_config.mask_time_length=0", "model_config.mask_time_length=0: must be at least 1"),
+    ("model_config.mask_feature_min_masks=-1", "model_config.mask_feature_min_masks=-1: must be at least 0"),
     ("data_config.max_label_tokens=100000", "data_config.max_label_tokens=100000: must be at most 448"),
     ("data_config.max_label_tokens=449", "data_config.max_label_tokens=449: must be at most 448"),
 ])
