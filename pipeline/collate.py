@@ -22,7 +22,10 @@ Why it looks like this:
   written (surrounding whitespace dropped, no leading space: a caption without prefix starts that
   way here too), and a caption after a prefix gets one leading space, the BPE word boundary, so
   ``prefix + caption`` tokenize exactly as the text ``"prefix caption"``. ``prompt_ids`` is the one
-  home of that rule; training, evaluation and inference force the same ids.
+  home of that rule; training, evaluation and inference force the same ids. A prefix that leaves no
+  room for a caption within ``max_label_tokens`` is a ``ConfigError`` when the collator is made.
+* Captions and prefixes are plain text (``text_ids``): a scraped caption that spells
+  ``<|endoftext|>`` is trained on as those characters, never as a control token.
 * Normalised captions (``normalize_captions``): the training targets are lower-cased with
   punctuation dropped (``normalize_caption``); the references kept in the batch stay as written,
   since the metrics tokenize both sides the same way (PTB tokenizer, lower-case, no punctuation).
@@ -56,6 +59,7 @@ import warnings
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings
 from pipeline.features import LOG_FLOOR, N_FRAMES, pad_mel
 
@@ -82,10 +86,22 @@ def normalize_caption(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
+def text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The ids of each of ``texts`` read as plain text, the one home of caption and prefix
+    tokenization: a control token's spelling (``<|endoftext|>``, ``<|0.00|>``) in a scraped caption
+    stays the characters it is, as openai-whisper's ``encode_ordinary`` reads it. The backend's
+    pre-tokenizer and BPE model are used directly: ``split_special_tokens`` splits only tokens marked
+    special, and the Hub's Whisper tokenizers add their 1,501 timestamps as non-special tokens."""
+    backend = tokenizer.backend_tokenizer
+    normalize = backend.normalizer.normalize_str if backend.normalizer else str  # Whisper's have none
+    split, bpe = backend.pre_tokenizer.pre_tokenize_str, backend.model.tokenize
+    return [[token.id for piece, _ in split(normalize(text)) for token in bpe(piece)] for text in texts]
+
+
 def prompt_ids(tokenizer, prefix: str) -> list[int]:
     """The ids of caption prefix ``prefix``, forced after the task tokens (module doc: the rule)."""
     prefix = prefix.strip()
-    return tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+    return text_ids(tokenizer, [prefix])[0] if prefix else []
 
 
 class Collator:
@@ -107,11 +123,17 @@ class Collator:
         self.normalize = settings.normalize_captions
         self.n_mels, self.n_frames = n_mels, n_frames
         self.task_ids = list(tokenizer.prefix_tokens)  # <|startoftranscript|><|en|><|translate|><|notimestamps|>
+        self.end_id = tokenizer.eos_token_id  # <|endoftext|>
         self.prompts = {name: prompt_ids(tokenizer, prefix) for name, prefix in settings.prefixes}
+        task = len(self.task_ids) - 1  # in the labels: <|startoftranscript|> is the model's own
+        room = self.max_label_tokens - task - 2  # a caption token and the end token follow the prefix
         for name, ids in self.prompts.items():
-            if len(self.task_ids) + len(ids) + 1 >= self.max_label_tokens:
-                raise ValueError(f"the caption prefix of source '{name}' has {len(ids)} tokens: no room for a "
-                                 f"caption within max_label_tokens={self.max_label_tokens}")
+            if len(ids) > room:
+                where = ("data_config.caption_prefix" if name == DEFAULT_SOURCE
+                         else f"the prefix of data_config.train_sources '{name}'")
+                raise ConfigError(f"{where} is {len(ids)} tokens: at most {room} fit, leaving a caption "
+                                  f"token and the end token within max_label_tokens={self.max_label_tokens} "
+                                  f"({task} task tokens before it)")
 
     def prompt(self, source: str) -> list[int]:
         """The prefix ids forced after the task tokens for samples of ``source`` ([] for none)."""
@@ -209,11 +231,10 @@ class Collator:
         prompts = [self.prompt(source) for source in sources]
         texts = [(" " if prompt else "") + self._caption(meta, key, epoch)
                  for meta, key, prompt in zip(metas, keys, prompts)]
-        ids = self.tokenizer(texts).input_ids if texts else []
         task = len(self.task_ids) - 1  # task tokens after <|startoftranscript|>, which the row drops
         rows, given = [], []
-        for key, row, prompt in zip(keys, ids, prompts):
-            row = row[1:1 + task] + prompt + row[1 + task:]  # the model prepends decoder_start itself
+        for key, caption, prompt in zip(keys, text_ids(self.tokenizer, texts), prompts):
+            row = self.task_ids[1:] + prompt + caption + [self.end_id]  # the model prepends decoder_start itself
             if len(row) > self.max_label_tokens:
                 warnings.warn(f"caption of '{key}' has {len(row)} label tokens; cut to max_label_tokens="
                               f"{self.max_label_tokens}", stacklevel=3)

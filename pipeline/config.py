@@ -34,7 +34,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data_settings import DEFAULT_SOURCE, DataSettings, Source, SpecAugment, source_prefixes
+from pipeline.data_settings import (DEFAULT_SOURCE, MAX_TARGET_POSITIONS, DataSettings, Source, SpecAugment,
+                                    source_prefixes)
 from pipeline.fileio import write_atomic
 from pipeline.retry import RetryPolicy
 
@@ -48,6 +49,9 @@ CAPTION_LENGTH_KEY = "trainer_config.generation_max_new_tokens"
 _DATA = DataSettings()  # the loader's defaults: DataConfig repeats none of them
 _SPEC = SpecAugment()
 _RETRY = RetryPolicy()
+# model_config's probabilities and their ranges: a dropout of 1 would zero every activation it drops
+PROBABILITIES = {"dropout": "[0, 1)", "lora_dropout": "[0, 1)", "mask_time_prob": "[0, 1]",
+                 "mask_feature_prob": "[0, 1]"}
 SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(Source))
 RETRY_KEYS = {"retries": "retries", "backoff": "retry_backoff", "backoff_max": "retry_backoff_max",
               "timeout": "read_timeout", "deadline": "shard_deadline"}  # RetryPolicy field -> data_config key
@@ -79,7 +83,9 @@ class DataConfig:
     val_source: Optional[str] = key(None, "with train_sources: the source whose prefix validation prompts with; "
                                     "null: the highest-weight source (the one inference uses by default)")
     shuffle_buffer: int = key(_DATA.shuffle_buffer, "samples held for shuffling within a worker's shards")
-    max_label_tokens: int = key(_DATA.max_label_tokens, "captions longer than this many tokens are cut")
+    max_label_tokens: int = key(_DATA.max_label_tokens, "longest label row, in tokens: 3 task tokens, the caption "
+                                "prefix, the caption and its end token; longer captions are cut (at most "
+                                f"{MAX_TARGET_POSITIONS}, the decoder's positions)")
     on_error: str = key(_DATA.on_error, "skip | raise: what a damaged sample does")
     max_skip_fraction: float = key(_DATA.max_skip_fraction, "more skipped samples than this fraction of the plan "
                                    "stops the run")
@@ -442,6 +448,14 @@ def validate(cfg: RunConfig) -> None:
     if tc.generation_num_beams < 1:
         problems.append(f"trainer_config.generation_num_beams={tc.generation_num_beams}: must be at least 1")
     mc = cfg.model_config
+    for key, interval in PROBABILITIES.items():
+        value = getattr(mc, key)
+        if not (0 <= value < 1 if interval.endswith(")") else 0 <= value <= 1):  # nan fails both
+            problems.append(f"model_config.{key}={value}: must be within {interval}")
+    for key, low in (("mask_time_length", 1), ("mask_feature_length", 1), ("mask_time_min_masks", 0),
+                     ("mask_feature_min_masks", 0)):  # HF raises on a length of 0 at the first masked step
+        if getattr(mc, key) < low:
+            problems.append(f"model_config.{key}={getattr(mc, key)}: must be at least {low}")
     if mc.lora_r < 0:
         problems.append(f"model_config.lora_r={mc.lora_r}: must be at least 0 (0: no LoRA)")
     if mc.lora_r and not mc.lora_target_modules:

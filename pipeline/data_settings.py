@@ -100,6 +100,9 @@ class DataSettings:
                if getattr(self, name) < 1]
         out += [f"{name}={getattr(self, name)!r}: must be at least 0"
                 for name in ("seed", "num_workers") if getattr(self, name) < 0]
+        if self.max_label_tokens > MAX_TARGET_POSITIONS:  # the decoder row, task tokens and prefix included
+            out.append(f"max_label_tokens={self.max_label_tokens!r}: must be at most {MAX_TARGET_POSITIONS}, "
+                       f"the decoder's positions")
         if self.on_error not in ON_ERROR:
             out.append(f"on_error={self.on_error!r}: choose from {ON_ERROR}")
         if not (math.isfinite(self.max_skip_fraction) and 0 <= self.max_skip_fraction <= 1):

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from pipeline.collate import Collator, expand_features, normalize_caption
-from pipeline.data_settings import SOURCE_KEY, SpecAugment
+from pipeline.collate import Collator, expand_features, normalize_caption, prompt_ids
+from pipeline.config import ConfigError
+from pipeline.data_settings import DEFAULT_SOURCE, MAX_TARGET_POSITIONS, SOURCE_KEY, SpecAugment
 from pipeline.features import clip_features, pad_mel
 from pipeline.model import load_model
 from tests.conftest import tone
@@ -206,3 +207,117 @@ def test_spec_augment_is_seeded_off_by_default_and_fills_pad_value(tiny_processo
     assert not changed[:, sample["mel"].shape[1]:].any()  # the padded tail already is pad_value
     evaluation = Collator(tiny_processor.tokenizer, train=False, spec_augment=options)([sample])["input_features"][0]
     assert torch.equal(evaluation, plain)
+
+
+@pytest.fixture(scope="module")
+def openai_encoding():
+    """openai-whisper's own tokenizer (tiktoken, the same ranks and split), with no special token:
+    the reference ids of any text read as plain text."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    from pipeline.model import SPLIT_PATTERN, TIKTOKEN_FILE
+
+    return tiktoken.Encoding("whisper-plain", pat_str=SPLIT_PATTERN, special_tokens={},
+                             mergeable_ranks=load_tiktoken_bpe(str(TIKTOKEN_FILE)))
+
+
+@pytest.fixture(scope="module")
+def hub_like_tokenizer(tmp_path_factory, tiny_processor):
+    """The built-in tokenizer with the timestamps as *non-special* added tokens, as the Hub's Whisper
+    tokenizers have them (``WhisperTokenizer``: ``timestamp_begin = all_special_ids[-1] + 1``)."""
+    import json
+
+    from transformers import WhisperTokenizer
+
+    from pipeline.model import builtin_tokenizer_file
+
+    data = json.loads(builtin_tokenizer_file().read_text())
+    for token in data["added_tokens"]:
+        token["special"] = not (token["content"].startswith("<|") and token["content"][2:3].isdigit())
+    path = tmp_path_factory.mktemp("hub") / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    tok = tiny_processor.tokenizer
+    return WhisperTokenizer(tokenizer_file=str(path), language="en", task="translate", predict_timestamps=False,
+                            unk_token=tok.eos_token, bos_token=tok.eos_token, eos_token=tok.eos_token,
+                            pad_token=tok.eos_token)
+
+
+@pytest.mark.parametrize("which", ["builtin", "hub_like"])
+def test_special_token_spellings_in_captions_and_prefixes_stay_text(which, tiny_processor, hub_like_tokenizer,
+                                                                    openai_encoding):
+    """A scraped caption or a prefix holding ``<|endoftext|>``, ``<|notimestamps|>``, a language tag
+    or a timestamp is trained on (and prompted with) as the characters it is: exactly the ids
+    openai-whisper's tokenizer gives that text with no special token, never a control token."""
+    tok = tiny_processor.tokenizer if which == "builtin" else hub_like_tokenizer
+    if which == "hub_like":  # what makes it hub-like: split_special_tokens leaves its timestamps whole
+        assert 50364 in tok.encode("<|0.00|>", add_special_tokens=False, split_special_tokens=True)
+    caption = "A dog <|endoftext|> barks<|notimestamps|> at <|0.00|> then <|en|><|translate|> stops."
+    prefix = "site <|startoftranscript|> says:"
+    specials = set(tok.added_tokens_decoder)  # every control token: <|endoftext|> … the timestamps
+    tagged = dict(clip_sample("a", 1.0, [caption])[0], **{SOURCE_KEY: "web"})
+    batch = Collator(tok, train=False, prefixes=(("web", prefix),))([tagged, clip_sample("b", 1.0, [caption])[0]])
+    task = tok.prefix_tokens[1:]  # <|en|><|translate|><|notimestamps|>
+    expected = [task + openai_encoding.encode_ordinary(prefix) + openai_encoding.encode_ordinary(f" {caption}"),
+                task + openai_encoding.encode_ordinary(caption)]
+    given = len(openai_encoding.encode_ordinary(prefix))
+    for row, inputs, want, prompt in zip(batch["labels"], batch["decoder_input_ids"], expected, (given, 0)):
+        row = row[row != -100].tolist()
+        assert row == want[:3] + want[3 + prompt:] + [tok.eos_token_id]
+        assert not specials & set(want[3:]) and inputs[1:len(want)].tolist() == want[:-1]
+    assert prompt_ids(tok, f" {prefix} ") == openai_encoding.encode_ordinary(prefix)  # inference's --prefix
+
+
+def test_a_prefix_without_room_for_a_caption_names_its_tokens_and_the_limit(tiny_processor):
+    """Found when the collator is made (the trainer's start), one line, a config error (exit 2)."""
+    tok = tiny_processor.tokenizer
+    long = "x" * 2000  # 1000 tokens
+    with pytest.raises(ConfigError) as info:
+        Collator(tok, prefixes=((DEFAULT_SOURCE, long),))
+    assert str(info.value) == (f"data_config.caption_prefix is {len(prompt_ids(tok, long))} tokens: at most "
+                               f"{MAX_TARGET_POSITIONS - 5} fit, leaving a caption token and the end token within "
+                               f"max_label_tokens={MAX_TARGET_POSITIONS} (3 task tokens before it)")
+    with pytest.raises(ConfigError, match=r"^the prefix of data_config.train_sources 'web' is 8 tokens: at most 7 fit"):
+        Collator(tok, max_label_tokens=12, prefixes=(("web", "one two three four five six seven eight"),))
+    room = Collator(tok, max_label_tokens=12, prefixes=(("web", "one two three four five six seven"),))
+    tagged = dict(clip_sample("a", 1.0, ["A dog barks."])[0], **{SOURCE_KEY: "web"})
+    with pytest.warns(UserWarning, match="cut to max_label_tokens=12"):
+        labels = room([tagged])["labels"][0]
+    assert labels.tolist()[-2:] == [tok.encode(" A", add_special_tokens=False)[0], tok.eos_token_id]
+
+
+def test_labels_fit_the_decoders_positions_at_the_largest_max_label_tokens(tiny_processor):
+    """``max_label_tokens`` counts the whole decoder row (task tokens, prefix, caption, end token):
+    at its largest, MAX_TARGET_POSITIONS, a long caption still fits the model; one more is refused."""
+    tok = tiny_processor.tokenizer
+    sample = dict(clip_sample("long", 1.0, [" ".join(["word"] * 600)])[0], **{SOURCE_KEY: "web"})
+    with pytest.warns(UserWarning, match="cut to max_label_tokens=448"):
+        batch = Collator(tok, prefixes=(("web", "a prefix:"),))([sample])
+    assert batch["labels"].shape[1] == batch["decoder_input_ids"].shape[1] == MAX_TARGET_POSITIONS
+    model = load_model("tiny", tiny_processor).eval()
+    with torch.no_grad():
+        model(input_features=batch["input_features"].float(), decoder_input_ids=batch["decoder_input_ids"],
+              labels=batch["labels"])
+    with pytest.raises(ValueError, match=f"max_label_tokens=449: must be at most {MAX_TARGET_POSITIONS}"):
+        Collator(tok, max_label_tokens=MAX_TARGET_POSITIONS + 1)
+
+
+def test_spec_augment_time_masks_stay_within_each_clips_own_frames_in_a_mixed_batch(tiny_processor):
+    """A short clip batched with a long one gets exactly the masks it gets alone, drawn over its own
+    frames (widths and starts), not over the batch's longest: on many keys some are masked."""
+    options = SpecAugment(time_masks=2, time_width=50, freq_masks=0, freq_width=0)
+    collate = Collator(tiny_processor.tokenizer, spec_augment=options, seed=3)
+    long = clip_sample("long", 4.0, ["x"])[0]
+    masked = 0
+    for i in range(12):
+        short = clip_sample(f"short{i}", 0.3, ["y"], freq=300.0 + 50 * i)[0]
+        frames, fill = short["mel"].shape[1], np.float16(short["json"]["pad_value"])
+        assert frames < 50 < long["mel"].shape[1]
+        alone = collate([short])["input_features"][0]
+        mixed = collate([long, short])["input_features"][1]
+        assert torch.equal(mixed, alone), i
+        plain = torch.from_numpy(pad_mel(short["mel"], short["json"]["pad_value"]))
+        cols = torch.nonzero((mixed != plain).any(dim=0)).flatten()
+        assert (mixed[:, cols] == torch.tensor(fill)).all() and (cols < frames).all()
+        masked += len(cols) > 0
+    assert masked >= 9  # widths are drawn in [0, frames]: most draws mask something
