@@ -444,27 +444,32 @@ def test_out_of_range_options_are_refused(flags, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_prompt_too_long_a_model_without_tokenizer_or_other_mel_bins_is_one_line(model_dir, shards, tmp_path,
-                                                                                    capsys):
-    import shutil
-
+def test_a_prefix_leaving_no_room_for_a_caption_is_one_line(model_dir, shards, tmp_path, capsys):
     out = tmp_path / "preds.jsonl"
-    common = ["--shards", shards[1], "--num_dataloader_workers", 0, "--output", out, "--max_new_tokens", 4]
-    assert run("--model_name", model_dir, *common, "--prefix", " ".join(["word"] * 600)) == 2
+    assert run("--model_name", model_dir, "--shards", shards[1], "--num_dataloader_workers", 0, "--output", out,
+               "--prefix", " ".join(["word"] * 600)) == 2
     err = capsys.readouterr().err
     assert ("error: --prefix: the caption prefix takes 600 tokens; with the 4 task tokens that leaves no room for a "
             "caption in the decoder's 448 positions (at most 443 prefix tokens)") in err, err
     assert one_error(err) and not out.exists()
 
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(model_dir, shards, tmp_path, capsys):
+    import shutil
+
     bare = shutil.copytree(model_dir, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
-    assert run("--model_name", bare, *common) == 2
+    assert run("--model_name", bare, "--shards", shards[1], "--output", tmp_path / "preds.jsonl") == 2
     err = capsys.readouterr().err
-    assert f"{bare} has no tokenizer files (tokenizer.json or vocab.json and merges.txt)" in err
+    assert f"--model-name: {bare} has no tokenizer files (tokenizer.json or vocab.json and merges.txt)" in err
     assert one_error(err)
 
-    for index in (True, False):  # the index says 128; without one, the first batch does
-        mels = write_mel_shards(tmp_path / f"mel128-{index}", [2], n_mels=128, index=index)
-        assert run("--model_name", model_dir, *common[2:], "--shards", mels[0]) == 2
-        err = capsys.readouterr().err
-        assert f"the features have 128 mel bins, model {model_dir} reads 80 (num_mel_bins)" in err, err
-        assert "Traceback" not in err and one_error(err)
+
+@pytest.mark.parametrize("index", [True, False], ids=["index", "no-index"])
+def test_shards_with_other_mel_bins_than_the_model_are_one_line(model_dir, tmp_path, capsys, index):
+    """128-mel shards, an 80-mel model: the index says so before any clip; without one, the first batch."""
+    mels = write_mel_shards(tmp_path / "mel128", [2], n_mels=128, index=index)
+    assert run("--model_name", model_dir, "--shards", mels[0], "--num_dataloader_workers", 0,
+               "--output", tmp_path / "preds.jsonl", "--max_new_tokens", 4) == 2
+    err = capsys.readouterr().err
+    assert f"the features have 128 mel bins, model {model_dir} reads 80 (num_mel_bins)" in err, err
+    assert one_error(err)
