@@ -17,7 +17,12 @@ Why it is built this way:
 - The main process holds a lock on ``OUTPUT.lock`` for the whole run (the kernel drops it when the
   process dies): a second run on the same output refuses at once instead of removing the first
   run's part files under it. An output that is a folder or cannot be written is refused before any
-  clip is captioned.
+  clip is captioned, and so is one (or its lock, settings or part file) that is a symbolic link, a
+  device or a pipe: the atomic rename would put a regular file in its place. ``--output -`` writes
+  the rows to standard output instead (no lock or part files; the messages go to standard error).
+- The settings that decide the captions (model, prefix, caption length, beams, decoder, dtype) are
+  recorded in ``OUTPUT.settings.json``; ``--resume`` with other ones is refused, naming what
+  differs, so one output never mixes two runs' captions.
 - Captions come from ``generate_captions``: by default ``pipeline.decode``'s static-cache decoder
   (cross-attention keys/values once per batch, the greedy step a CUDA graph on a GPU), token-identical
   to HF ``generate`` in fp32, which ``--decoder hf`` runs instead; greedy unless ``--num-beams`` > 1.
@@ -33,7 +38,8 @@ Why it is built this way:
 
 Output: one JSON row per clip, ``{"key", "pred_caption", "gt_caption" (first reference or null),
 "gt_captions"}``; a fresh run writes them sorted by key, ``--resume`` keeps the earlier rows and appends
-the new ones. ``--audio`` keys are the file paths as found. Rows with references are scored with
+the new ones. ``--audio`` keys are the file paths as found (links to folders followed; a file named
+twice, by another path or through a link, is captioned once under its first name). Rows with references are scored with
 ``pipeline.metrics`` (table on stdout, ``--metrics-out`` JSON); ``--metrics`` picks metric groups
 (METEOR alone costs ~8 s of JVM start-up).
 """
@@ -42,8 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import glob
 import io
 import json
 import os
@@ -130,11 +134,13 @@ from pipeline.config import ConfigError, caption_length
 from pipeline.data_settings import DataSettings
 from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
-from pipeline.fileio import LockBusy, NotRegularFile, check_replaceable, hold_lock, write_atomic, write_json
+from pipeline.fileio import LockBusy, NotRegularFile, check_replaceable, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
 from pipeline import decode
-from pipeline.model import (BUILTIN_TINY, LANGUAGE, TASK, ModelLoadError, generate_captions, load_model, load_processor,
+from pipeline.model import (LANGUAGE, TASK, ModelLoadError, generate_captions, load_model, load_processor,
                             recorded_caption_tokens, recorded_prefixes)
+from pipeline.predictions import (RunSettings, merge_outputs, model_identity, open_part, part_files, read_record,
+                                  read_rows, resumable_rows, resume_problem, settings_file, write_record)
 from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
 from pipeline.stream import StreamError, make_loader
 
@@ -274,62 +280,6 @@ def not_replaceable(option: str, paths: list) -> str:
         except NotRegularFile as error:
             return f"{option}: {error}; name a new path or a regular file"
     return ""
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings recorded beside the output: a --resume continues only rows made the same way
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """What decides the captions, recorded in ``OUTPUT.settings.json``."""
-
-    model: str  # the built-in name, a Hub id, or a checkpoint folder's resolved path
-    prefix: str
-    max_new_tokens: int
-    num_beams: int
-    decoder: str
-    dtype: str
-
-
-def model_identity(name: str) -> str:
-    """``name`` as recorded: a local folder by its resolved path (the same folder named two ways agrees)."""
-    return os.path.realpath(name) if name != BUILTIN_TINY and os.path.isdir(name) else name
-
-
-def settings_file(output: Path) -> Path:
-    return Path(f"{output}.settings.json")
-
-
-def read_record(output: Path) -> dict | None:
-    """The settings file beside ``output``: ``{"settings": {...}, "output_rows": bool}`` (whether
-    ``output`` holds rows made with them: false while a fresh run has not merged yet), or None."""
-    path = settings_file(output)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
-def write_record(output: Path, settings: RunSettings, output_rows: bool) -> None:
-    write_json(settings_file(output), {"settings": dataclasses.asdict(settings), "output_rows": output_rows})
-
-
-def resume_problem(output: Path, settings: RunSettings) -> str:
-    """Why ``--resume`` cannot continue the rows of ``output`` with ``settings`` (one line), or ""."""
-    way_out = "run without --resume to replace them, or pick another --output"
-    try:
-        record = read_record(output)
-        if record is not None:
-            recorded = RunSettings(**record["settings"])
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        return f"--resume: cannot read {settings_file(output)} ({error}); {way_out}"
-    if record is None:
-        if output.exists() or part_files(output):
-            return f"--resume: {output} has no record of the settings its rows were made with " \
-                   f"({settings_file(output)}); {way_out}"
-        return ""
-    differ = [f"{name} {getattr(recorded, name)!r} (now {value!r})"
-              for name, value in dataclasses.asdict(settings).items() if getattr(recorded, name) != value]
-    return f"--resume: the rows of {output} were made with other settings: {', '.join(differ)}; {way_out}" \
-        if differ else ""
 
 
 def caption(model, processor, batches, expected: int, stream_skipped, output: Path, settings: RunSettings, args,
@@ -582,24 +532,6 @@ def run_generation(model, processor, batches, done: set, out, args, accelerator,
 # Output: per-rank part files, merged by the main process
 
 
-def part_files(output: Path) -> list[str]:
-    return sorted(glob.glob(glob.escape(str(output)) + ".part-*"))
-
-
-def open_part(output: Path, rank: int):
-    """This rank's part file for appending. A killed run may have left half a line at its end: start
-    on a fresh line so that fragment stays a line of its own (ignored, its clip captioned again)."""
-    path = Path(f"{output}.part-{rank:05d}")
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            ends_cleanly = f.read(1) == b"\n"
-        if not ends_cleanly:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n")
-    return open(path, "a", encoding="utf-8")
-
-
 def prepare_output(output: Path, settings: RunSettings, args, accelerator) -> set[str]:
     """Keys already captioned (``--resume``: in the output, if its rows were made with ``settings``,
     and in part files a killed run left); without ``--resume`` stale part files are removed so they
@@ -624,52 +556,6 @@ def prepare_output(output: Path, settings: RunSettings, args, accelerator) -> se
             done.update(row["key"] for row in read_rows(path))
     accelerator.wait_for_everyone()  # nobody appends to a part file before every rank has read them
     return done
-
-
-def resumable_rows(output: Path) -> bool:
-    """Whether ``output`` holds rows made with the recorded settings (not those of a run before an
-    interrupted fresh one)."""
-    return output.exists() and read_record(output)["output_rows"]
-
-
-def read_rows(path: str | Path):
-    """The JSON rows of a JSONL file; a line that is not a row (a write cut off by a kill) is
-    reported and ignored, so its clip counts as not done."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                print(f"warning: {path}:{number} is not a JSON row ({error}; an interrupted write?): ignored",
-                      file=sys.stderr)
-                continue
-            if not isinstance(row, dict) or "key" not in row:
-                print(f"warning: {path}:{number} has no 'key': ignored", file=sys.stderr)
-                continue
-            yield row
-
-
-def merge_outputs(output: Path, settings: RunSettings, resume: bool) -> list[dict]:
-    """Write ``output`` = earlier rows (``--resume``) + this run's part files sorted by key, each key
-    once, atomically, and record that it holds rows made with ``settings``; remove the part files.
-    Returns the rows."""
-    parts = part_files(output)
-    old = list(read_rows(output)) if resume and resumable_rows(output) else []
-    new = sorted((row for path in parts for row in read_rows(path)), key=lambda row: row["key"])
-    rows, seen = [], set()
-    for row in old + new:
-        if row["key"] not in seen:
-            seen.add(row["key"])
-            rows.append(row)
-    if len(rows) < len(old) + len(new):
-        print(f"warning: {len(old) + len(new) - len(rows)} duplicate keys dropped while merging", file=sys.stderr)
-    write_atomic(output, "".join(json.dumps(row) + "\n" for row in rows))
-    write_record(output, settings, output_rows=True)
-    for path in parts:
-        os.remove(path)
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
