@@ -374,10 +374,10 @@ def find_audio(inputs: list[str]) -> list[str]:
     paths, searched = [], set()
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(audio_under(item, searched))
-            if not found:
+            found, repeats = audio_under(item, searched)
+            if not found and not repeats:
                 print(f"warning: no audio files ({' '.join(AUDIO_SUFFIXES)}) under {item}", file=sys.stderr)
-            paths += found
+            paths += sorted(found)
         else:
             paths.append(item)  # named explicitly: tried whatever its suffix; a missing file is reported
     unique, seen = [], set()
@@ -394,21 +394,23 @@ def find_audio(inputs: list[str]) -> list[str]:
     return unique
 
 
-def audio_under(folder: str, searched: set[str]) -> list[str]:
-    """The audio files under ``folder``, links to folders followed, each folder (by resolved path)
-    searched once over the calls that share ``searched``; a folder that cannot be read is reported."""
-    found = []
+def audio_under(folder: str, searched: set[str]) -> tuple[list[str], int]:
+    """``(the audio files under folder, folders not searched again)``: links to folders followed,
+    each folder (by resolved path) searched once over the calls that share ``searched``, each one
+    reached again reported; so is a folder that cannot be read."""
+    found, repeats = [], 0
     for path, folders, files in os.walk(folder, followlinks=True,
                                         onerror=lambda error: print(f"warning: cannot read folder {error.filename} "
                                                                     f"({error.strerror}): skipped", file=sys.stderr)):
         real = os.path.realpath(path)
         if real in searched:
             print(f"note: {path} is {real}, already searched", file=sys.stderr)
+            repeats += 1
             folders.clear()
             continue
         searched.add(real)
         found += [os.path.join(path, name) for name in files if Path(name).suffix.lower() in AUDIO_SUFFIXES]
-    return found
+    return found, repeats
 
 
 class AudioFiles(Dataset):

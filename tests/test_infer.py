@@ -323,8 +323,9 @@ def test_audio_folders_behind_links_are_searched_once_and_each_file_is_captioned
     files = infer_stream.find_audio(["sounds", "sounds/x.wav", str(x), "link-to-x.wav", "elsewhere"])
     assert files == [os.path.join("sounds", "linked", "y.flac"), os.path.join("sounds", "x.wav")]
     err = capsys.readouterr().err
-    assert "3 duplicate input(s) dropped" in err  # x.wav twice more, and more/y.flac through elsewhere/
+    assert "3 duplicate input(s) dropped" in err  # x.wav named again: relative, absolute, through a link
     assert f"{os.path.join('sounds', 'loop')} is {sounds}, already searched" in err
+    assert f"{os.path.join('elsewhere', 'more')} is {more}, already searched" in err and "no audio files" not in err
     assert y.exists()
 
 
