@@ -39,9 +39,9 @@ Why it is built this way:
 Output: one JSON row per clip, ``{"key", "pred_caption", "gt_caption" (first reference or null),
 "gt_captions"}``; a fresh run writes them sorted by key, ``--resume`` keeps the earlier rows and appends
 the new ones. ``--audio`` keys are the file paths as found (links to folders followed; a file named
-twice, by another path or through a link, is captioned once under its first name). Rows with references are scored with
-``pipeline.metrics`` (table on stdout, ``--metrics-out`` JSON); ``--metrics`` picks metric groups
-(METEOR alone costs ~8 s of JVM start-up).
+twice, by another path or through a link, is captioned once under its first name). Rows with
+references are scored with ``pipeline.metrics`` (table on stdout, ``--metrics-out`` JSON);
+``--metrics`` picks metric groups (METEOR alone costs ~8 s of JVM start-up).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from pipeline import metrics
 from pipeline.config import CAPTION_LENGTH_KEY, DECODE_METHODS, caption_length_default
 
 STDOUT = "-"  # --output: the rows to standard output
+
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help with each option's default, where it has one."""
@@ -129,6 +130,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline import decode
 from pipeline.collate import expand_features, prompt_ids
 from pipeline.config import ConfigError, caption_length
 from pipeline.data_settings import DataSettings
@@ -136,7 +138,6 @@ from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
 from pipeline.fileio import LockBusy, NotRegularFile, check_replaceable, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
-from pipeline import decode
 from pipeline.model import (LANGUAGE, TASK, ModelLoadError, generate_captions, load_model, load_processor,
                             recorded_caption_tokens, recorded_prefixes)
 from pipeline.predictions import (RunSettings, merge_outputs, model_identity, open_part, part_files, read_record,
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             args.max_new_tokens, args.caption_length_from = default_caption_length(model, args.model_name)
         else:
             args.caption_length_from = "--max-new-tokens"
-    except (LaunchError, ModelLoadError, ConfigError, UnknownSource, ValueError) as error:
+    except (LaunchError, ModelLoadError, ConfigError, UnknownSource, PromptError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     dtype = model_dtype(args, accelerator.device)
@@ -199,19 +200,26 @@ class MelMismatch(ValueError):
     """The clips' features have another number of mel bins than the model reads."""
 
 
+class PromptError(ValueError):
+    """A prompt the decoder cannot caption after, or a generation config ``--decoder`` cannot follow."""
+
+
 def check_prompt(model, processor, args, option: str) -> None:
-    """ValueError (one line) if the prompt with the caption prefix (named by ``option``) leaves the
+    """``PromptError`` (one line) if the prompt with the caption prefix (named by ``option``) leaves the
     decoder no position for a caption, or if the generation config asks ``--decoder static`` for
     something it does not implement."""
     prefix = prompt_ids(processor.tokenizer, args.prefix)
     prompt = decode.task_prompt(model.generation_config, LANGUAGE, TASK, prefix)
     if decode.prompt_room(model, prompt) < 1:
         positions, task = model.config.max_target_positions, len(prompt) - len(prefix)
-        raise ValueError(f"{option}: the caption prefix takes {len(prefix)} tokens; with the {task} task tokens "
+        raise PromptError(f"{option}: the caption prefix takes {len(prefix)} tokens; with the {task} task tokens "
                          f"that leaves no room for a caption in the decoder's {positions} positions (at most "
                          f"{positions - task - 1} prefix tokens)")
     if args.decoder == "static":
-        decode.check_supported(model.generation_config)
+        try:
+            decode.check_supported(model.generation_config)
+        except ValueError as error:
+            raise PromptError(str(error)) from None
 
 
 def caption_prefix(args, recorded: list[tuple[str, str]]) -> str:

@@ -474,3 +474,15 @@ def test_shards_with_other_mel_bins_than_the_model_are_one_line(model_dir, tmp_p
     err = capsys.readouterr().err
     assert f"the features have 128 mel bins, model {model_dir} reads 80 (num_mel_bins)" in err, err
     assert one_error(err)
+
+
+def test_a_generation_config_the_static_decoder_cannot_follow_is_one_line(model_dir, shards, tmp_path, capsys):
+    processor = load_processor(str(model_dir))
+    model = load_model(str(model_dir), processor)
+    model.generation_config.repetition_penalty = 1.3
+    save_model(model, processor, tmp_path / "penalised")
+    assert run("--model_name", tmp_path / "penalised", "--shards", shards[1], "--num_dataloader_workers", 0,
+               "--output", tmp_path / "preds.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "generation_config.repetition_penalty=1.3 is not implemented by the static decoder" in err, err
+    assert one_error(err) and not (tmp_path / "preds.jsonl").exists()
