@@ -17,7 +17,12 @@ Why it is built this way:
 - The main process holds a lock on ``OUTPUT.lock`` for the whole run (the kernel drops it when the
   process dies): a second run on the same output refuses at once instead of removing the first
   run's part files under it. An output that is a folder or cannot be written is refused before any
-  clip is captioned.
+  clip is captioned, and so is one (or its lock, settings or part file) that is a symbolic link, a
+  device or a pipe: the atomic rename would put a regular file in its place. ``--output -`` writes
+  the rows to standard output instead (no lock or part files; the messages go to standard error).
+- The settings that decide the captions (model, prefix, caption length, beams, decoder, dtype) are
+  recorded in ``OUTPUT.settings.json``; ``--resume`` with other ones is refused, naming what
+  differs, so one output never mixes two runs' captions.
 - Captions come from ``generate_captions``: by default ``pipeline.decode``'s static-cache decoder
   (cross-attention keys/values once per batch, the greedy step a CUDA graph on a GPU), token-identical
   to HF ``generate`` in fp32, which ``--decoder hf`` runs instead; greedy unless ``--num-beams`` > 1.
@@ -33,16 +38,17 @@ Why it is built this way:
 
 Output: one JSON row per clip, ``{"key", "pred_caption", "gt_caption" (first reference or null),
 "gt_captions"}``; a fresh run writes them sorted by key, ``--resume`` keeps the earlier rows and appends
-the new ones. ``--audio`` keys are the file paths as found. Rows with references are scored with
-``pipeline.metrics`` (table on stdout, ``--metrics-out`` JSON); ``--metrics`` picks metric groups
-(METEOR alone costs ~8 s of JVM start-up).
+the new ones. ``--audio`` keys are the file paths as found (links to folders followed; a file named
+twice, by another path or through a link, is captioned once under its first name). Rows with
+references are scored with ``pipeline.metrics`` (table on stdout, ``--metrics-out`` JSON);
+``--metrics`` picks metric groups (METEOR alone costs ~8 s of JVM start-up).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
+import io
 import json
 import os
 import sys
@@ -51,6 +57,9 @@ from pathlib import Path
 
 from pipeline import metrics
 from pipeline.config import CAPTION_LENGTH_KEY, DECODE_METHODS, caption_length_default
+
+STDOUT = "-"  # --output: the rows to standard output
+
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help with each option's default, where it has one."""
@@ -70,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16, help="clips per batch")
     parser.add_argument("--num-dataloader-workers", "--num_dataloader_workers", dest="num_dataloader_workers",
                         type=int, default=4, help="loader worker processes")
-    parser.add_argument("--output", default="preds.jsonl", help="the predictions, one JSON row per clip")
+    parser.add_argument("--output", default="preds.jsonl",
+                        help=f"the predictions, one JSON row per clip ('{STDOUT}': standard output, and the "
+                             f"messages go to standard error); a regular file or a new path")
     parser.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
                         help="1: greedy; >1: beam search")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None,
@@ -99,8 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.metrics) - set(metrics.GROUPS)
     if unknown:
         parser.error(f"--metrics: unknown group(s) {sorted(unknown)}; choose from {','.join(metrics.GROUPS)}")
-    if min(args.batch_size, args.num_beams, args.max_new_tokens or 1) < 1:
-        parser.error("--batch-size, --num-beams and --max-new-tokens must be at least 1")
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--num-beams", args.num_beams, 1),
+                                 ("--max-new-tokens", args.max_new_tokens, 1),
+                                 ("--num-dataloader-workers", args.num_dataloader_workers, 0)):
+        if value is not None and value < least:
+            parser.error(f"{option} {value}: must be at least {least}")
+    if args.resume and args.output == STDOUT:
+        parser.error(f"--resume needs a file --output (not '{STDOUT}'): the rows done are read back from it")
     return args
 
 
@@ -114,15 +130,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline import decode
 from pipeline.collate import expand_features, prompt_ids
 from pipeline.config import ConfigError, caption_length
 from pipeline.data_settings import DataSettings
 from pipeline.device import in_background, to_device_ahead
 from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
-from pipeline.fileio import LockBusy, hold_lock, write_atomic
+from pipeline.fileio import LockBusy, NotRegularFile, check_replaceable, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
-from pipeline.model import (ModelLoadError, generate_captions, load_model, load_processor, recorded_caption_tokens,
-                            recorded_prefixes)
+from pipeline.model import (LANGUAGE, TASK, ModelLoadError, generate_captions, load_model, load_processor,
+                            recorded_caption_tokens, recorded_prefixes)
+from pipeline.predictions import (RunSettings, merge_outputs, model_identity, open_part, part_files, read_record,
+                                  read_rows, resumable_rows, resume_problem, settings_file, write_record)
 from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
 from pipeline.stream import StreamError, make_loader
 
@@ -134,22 +153,28 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         accelerator = make_accelerator()
         processor = load_processor(args.model_name, "--model-name")
         model = load_model(args.model_name, processor, "--model-name")
+        option = ("--prefix" if args.prefix is not None else f"--source {args.source}" if args.source is not None
+                  else f"the caption prefix recorded with {args.model_name}")
         args.prefix = caption_prefix(args, recorded_prefixes(model))  # resolved once: what every batch forces
+        check_prompt(model, processor, args, option)
         if args.max_new_tokens is None:
             args.max_new_tokens, args.caption_length_from = default_caption_length(model, args.model_name)
         else:
             args.caption_length_from = "--max-new-tokens"
-    except (LaunchError, ModelLoadError, ConfigError, UnknownSource) as error:
+    except (LaunchError, ModelLoadError, ConfigError, UnknownSource, PromptError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     dtype = model_dtype(args, accelerator.device)
     model = model.to(accelerator.device, dtype=dtype).eval()
+    settings = RunSettings(model=model_identity(args.model_name), prefix=args.prefix,
+                           max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, decoder=args.decoder,
+                           dtype=str(dtype).removeprefix("torch."))
 
     output = Path(args.output)
     with contextlib.ExitStack() as lock:
-        problem = claim_output(output, lock) if accelerator.is_main_process else ""
+        problem = claim_output(output, args, settings, lock) if accelerator.is_main_process else ""
         try:
-            batches, expected, stream_skipped = make_batches(args, processor, accelerator)
+            batches, expected, stream_skipped = make_batches(args, processor, accelerator, model.config.num_mel_bins)
         except StreamError as error:
             problem = problem or str(error)
         problem = next((p for p in gather(accelerator, problem) if p), "")  # every rank stops if one must
@@ -157,14 +182,44 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             print(f"error: {problem}", file=sys.stderr)
             return 2
         try:
-            return caption(model, processor, batches, expected, stream_skipped, output, args, accelerator, dtype)
+            return caption(model, processor, batches, expected, stream_skipped, output, settings, args, accelerator,
+                           dtype)
         except StreamError as error:  # too many damaged samples, as in training
             print(f"error: {error}", file=sys.stderr)
             return 1
+        except MelMismatch as error:  # shards without an index: known at their first batch
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
 
 class UnknownSource(ValueError):
     """``--source`` names a source the model recorded no prefix for."""
+
+
+class MelMismatch(ValueError):
+    """The clips' features have another number of mel bins than the model reads."""
+
+
+class PromptError(ValueError):
+    """A prompt the decoder cannot caption after, or a generation config ``--decoder`` cannot follow."""
+
+
+def check_prompt(model, processor, args, option: str) -> None:
+    """``PromptError`` (one line) if the prompt with the caption prefix (named by ``option``) leaves the
+    decoder no position for a caption, or if the generation config asks ``--decoder static`` for
+    something it does not implement."""
+    prefix = prompt_ids(processor.tokenizer, args.prefix)
+    prompt = decode.task_prompt(model.generation_config, LANGUAGE, TASK, prefix)
+    if decode.prompt_room(model, prompt) < 1:
+        positions, task = model.config.max_target_positions, len(prompt) - len(prefix)
+        raise PromptError(f"{option}: the caption prefix takes {len(prefix)} tokens; with the {task} task tokens "
+                         f"that leaves no room for a caption in the decoder's {positions} positions (at most "
+                         f"{positions - task - 1} prefix tokens)")
+    if args.decoder == "static":
+        try:
+            decode.check_supported(model.generation_config)
+        except ValueError as error:
+            raise PromptError(str(error)) from None
 
 
 def caption_prefix(args, recorded: list[tuple[str, str]]) -> str:
@@ -203,11 +258,16 @@ def model_dtype(args, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if args.bf16 or (device.type == "cuda" and not args.fp32) else torch.float32
 
 
-def claim_output(output: Path, lock: contextlib.ExitStack) -> str:
-    """Check ``output`` can be written and lock it for this run (held until ``lock`` closes); the
-    problem as one line, or ""."""
-    if output.is_dir():
-        return f"--output {output} is a folder; name a file"
+def claim_output(output: Path, args, settings: RunSettings, lock: contextlib.ExitStack) -> str:
+    """Check ``output`` (and ``--metrics-out``) can be written and lock it for this run (held until
+    ``lock`` closes); for ``--resume``, that its rows were made with ``settings``. The problem as one
+    line, or ""."""
+    problem = not_replaceable("--metrics-out", [args.metrics_out] if args.metrics_out else [])
+    if problem or args.output == STDOUT:
+        return problem
+    problem = not_replaceable("--output", [output, f"{output}.lock", settings_file(output), *part_files(output)])
+    if problem:
+        return f"{problem}, or '{STDOUT}' for standard output"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         lock.enter_context(hold_lock(f"{output}.lock"))
@@ -217,38 +277,61 @@ def claim_output(output: Path, lock: contextlib.ExitStack) -> str:
         return f"cannot write --output {output}: {error.strerror or error}"
     if output.exists() and not os.access(output, os.W_OK):
         return f"cannot write --output {output}: permission denied"
+    return resume_problem(output, settings) if args.resume else ""
+
+
+def not_replaceable(option: str, paths: list) -> str:
+    """The first of ``paths`` that is there but not a regular file, as one line naming ``option``; or ""."""
+    for path in paths:
+        try:
+            check_replaceable(path)
+        except NotRegularFile as error:
+            return f"{option}: {error}; name a new path or a regular file"
     return ""
 
 
-def caption(model, processor, batches, expected: int, stream_skipped, output: Path, args, accelerator, dtype) -> int:
-    """Caption every clip of ``batches`` into ``output``; print the summary and scores."""
-    done = prepare_output(output, args.resume, accelerator)
+def caption(model, processor, batches, expected: int, stream_skipped, output: Path, settings: RunSettings, args,
+            accelerator, dtype) -> int:
+    """Caption every clip of ``batches`` into ``output`` (or standard output); print the summary and
+    scores (on standard error when the rows go to standard output)."""
+    info = sys.stderr if args.output == STDOUT else sys.stdout
+    done = prepare_output(output, settings, args, accelerator)
     if accelerator.is_main_process:
         print(f"captioning on {accelerator.num_processes} process(es), device {accelerator.device}, "
-              f"{str(dtype).removeprefix('torch.')}, decoder {args.decoder}, "
+              f"{settings.dtype}, decoder {args.decoder}, "
               f"{'greedy' if args.num_beams == 1 else f'{args.num_beams} beams'}, at most {args.max_new_tokens} "
               f"tokens per caption ({args.caption_length_from})"
               + (f"; caption prefix {args.prefix!r}" if args.prefix.strip() else "")
-              + (f"; {len(done)} keys already done" if args.resume else ""), flush=True)
+              + (f"; {len(done)} keys already done" if args.resume else ""), file=info, flush=True)
 
     start = time.perf_counter()
     timer = StageTimer(model, accelerator.device)
-    generated, errors = run_generation(model, processor, batches, done, args, accelerator, expected, dtype, timer)
+    with (contextlib.nullcontext(io.StringIO()) if args.output == STDOUT
+          else open_part(output, accelerator.process_index)) as out:
+        generated, errors = run_generation(model, processor, batches, done, out, args, accelerator, expected,
+                                           dtype, timer)
+        texts = gather(accelerator, out.getvalue() if args.output == STDOUT else "")
     generated = sum(gather(accelerator, generated))
     skipped = sum(gather(accelerator, errors + stream_skipped()))
     elapsed = time.perf_counter() - start
     timer.close()
     if accelerator.is_main_process:
-        rows = merge_outputs(output, args.resume)
+        if args.output == STDOUT:
+            rows = sorted((json.loads(line) for text in texts for line in text.splitlines()), key=lambda r: r["key"])
+            sys.stdout.write("".join(json.dumps(row) + "\n" for row in rows))
+            sys.stdout.flush()
+        else:
+            rows = merge_outputs(output, settings, args.resume)
         if skipped:
             print(f"{skipped} inputs skipped (errors reported above)", file=sys.stderr)
         if args.print:
-            print(rows)
-        report_scores(rows, args)
-        print(f"{generated} clips in {elapsed:.1f} s ({generated / max(elapsed, 1e-9):.1f} clips/s)", flush=True)
-        print(timer.summary(elapsed), flush=True)
-        print(f"predictions: {output.resolve()} ({len(rows)} rows)"
-              + (f"; metrics: {Path(args.metrics_out).resolve()}" if args.metrics_out else ""), flush=True)
+            print(rows, file=info)
+        report_scores(rows, args, info)
+        print(f"{generated} clips in {elapsed:.1f} s ({generated / max(elapsed, 1e-9):.1f} clips/s)", file=info,
+              flush=True)
+        print(timer.summary(elapsed), file=info, flush=True)
+        print(f"predictions: {'standard output' if args.output == STDOUT else output.resolve()} ({len(rows)} rows)"
+              + (f"; metrics: {Path(args.metrics_out).resolve()}" if args.metrics_out else ""), file=info, flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -265,8 +348,9 @@ def gather(accelerator, value) -> list:
 # Inputs: shards or audio files, both as batches {"input_features", "keys", "captions", "is_pad"}
 
 
-def make_batches(args, processor, accelerator):
-    """``(batches, clips this rank expects, stream_skipped() -> int)`` for ``--shards`` or ``--audio``."""
+def make_batches(args, processor, accelerator, n_mels: int):
+    """``(batches, clips this rank expects, stream_skipped() -> int)`` for ``--shards`` or ``--audio``;
+    ``StreamError`` for shards whose index records other than the model's ``n_mels`` mel bins."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     pin = device.type == "cuda"
@@ -274,6 +358,8 @@ def make_batches(args, processor, accelerator):
         settings = DataSettings(batch_size=args.batch_size, train=False, num_workers=args.num_dataloader_workers,
                                 pin_memory=pin)
         loader = make_loader(args.shards, processor.tokenizer, settings, rank=rank, world_size=world, device=device)
+        if loader.dataset.n_mels not in (None, n_mels):
+            raise StreamError(mel_mismatch(loader.dataset.n_mels, n_mels, args))
         return loader, loader.dataset.rank_samples, lambda: loader.skipped
     files = find_audio(args.audio)[rank::world]  # no collectives per batch, so ranks need not be even
     loader = DataLoader(AudioFiles(files, processor.feature_extractor.feature_size), batch_size=args.batch_size,
@@ -282,22 +368,57 @@ def make_batches(args, processor, accelerator):
     return to_device_ahead(batches, device), len(files), lambda: 0  # bad files come back in batch["errors"]
 
 
+def mel_mismatch(found: int, n_mels: int, args) -> str:
+    return (f"--shards {args.shards}: the features have {found} mel bins, model {args.model_name} reads "
+            f"{n_mels} (num_mel_bins); pack the audio with --n-mels {n_mels} or use a model made for {found}")
+
+
 def find_audio(inputs: list[str]) -> list[str]:
-    """Every file named and every audio file under every folder named (sorted), each path once.
-    A path as found (e.g. ``my_sounds/dogs/a.wav``) is also its clip's key."""
-    paths = []
+    """Every file named and every audio file under every folder named (sorted; links to folders are
+    followed), each file once: a file reached again by another path (``a/x.wav``, ``$PWD/a/x.wav``, a
+    link to it) is dropped and counted on stderr, and a folder reached again (a link loop, a link to a
+    folder already searched) is searched once. A path as first found (e.g. ``my_sounds/dogs/a.wav``)
+    is also its clip's key."""
+    paths, searched = [], set()
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-            if not found:
+            found, repeats = audio_under(item, searched)
+            if not found and not repeats:
                 print(f"warning: no audio files ({' '.join(AUDIO_SUFFIXES)}) under {item}", file=sys.stderr)
-            paths += found
+            paths += sorted(found)
         else:
             paths.append(item)  # named explicitly: tried whatever its suffix; a missing file is reported
-    unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
+    unique, seen = [], set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(os.path.normpath(path))
+    if len(unique) < len(paths):
+        print(f"{len(paths) - len(unique)} duplicate input(s) dropped: the same file named again by another path "
+              f"or link", file=sys.stderr)
     if not unique:
         raise SystemExit(f"error: no audio files found in {inputs}")
     return unique
+
+
+def audio_under(folder: str, searched: set[str]) -> tuple[list[str], int]:
+    """``(the audio files under folder, folders not searched again)``: links to folders followed,
+    each folder (by resolved path) searched once over the calls that share ``searched``, each one
+    reached again reported; so is a folder that cannot be read."""
+    found, repeats = [], 0
+    for path, folders, files in os.walk(folder, followlinks=True,
+                                        onerror=lambda error: print(f"warning: cannot read folder {error.filename} "
+                                                                    f"({error.strerror}): skipped", file=sys.stderr)):
+        real = os.path.realpath(path)
+        if real in searched:
+            print(f"note: {path} is {real}, already searched", file=sys.stderr)
+            repeats += 1
+            folders.clear()
+            continue
+        searched.add(real)
+        found += [os.path.join(path, name) for name in files if Path(name).suffix.lower() in AUDIO_SUFFIXES]
+    return found, repeats
 
 
 class AudioFiles(Dataset):
@@ -379,14 +500,15 @@ class StageTimer:
                 f"data and output {share(elapsed - self.generate)} (this process)")
 
 
-def run_generation(model, processor, batches, done: set, args, accelerator, expected: int, dtype,
+def run_generation(model, processor, batches, done: set, out, args, accelerator, expected: int, dtype,
                    timer: StageTimer) -> tuple[int, int]:
-    """Caption every real, not-yet-done clip; append its row to this rank's part file.
+    """Caption every real, not-yet-done clip; write its row to ``out`` (this rank's part file).
     Returns ``(clips captioned, inputs reported as errors)``."""
     count = errors = 0
     prefix = prompt_ids(processor.tokenizer, args.prefix)
+    n_mels = model.config.num_mel_bins
     bar = tqdm(total=expected, unit="clip", desc="captioning", disable=not accelerator.is_local_main_process)
-    with open_part(Path(args.output), accelerator.process_index) as out, torch.inference_mode():
+    with torch.inference_mode():
         for batch in batches:
             for error in batch.get("errors", ()):
                 print(f"skipped {error}", file=sys.stderr, flush=True)
@@ -396,6 +518,8 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
             bar.update(len(real) - len(keep) + len(batch.get("errors", ())))  # the rest once captioned
             if not keep:
                 continue
+            if batch["input_features"].shape[1] != n_mels:
+                raise MelMismatch(mel_mismatch(batch["input_features"].shape[1], n_mels, args))
             features = expand_features(batch, device=accelerator.device, dtype=dtype)  # [B, n_mels, 3000]
             if len(keep) < len(batch["keys"]):  # clips done before a --resume, rank padding
                 features = features[keep]  # [b, n_mels, 3000]
@@ -418,94 +542,46 @@ def run_generation(model, processor, batches, done: set, args, accelerator, expe
 # Output: per-rank part files, merged by the main process
 
 
-def part_files(output: Path) -> list[str]:
-    return sorted(glob.glob(glob.escape(str(output)) + ".part-*"))
-
-
-def open_part(output: Path, rank: int):
-    """This rank's part file for appending. A killed run may have left half a line at its end: start
-    on a fresh line so that fragment stays a line of its own (ignored, its clip captioned again)."""
-    path = Path(f"{output}.part-{rank:05d}")
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            ends_cleanly = f.read(1) == b"\n"
-        if not ends_cleanly:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n")
-    return open(path, "a", encoding="utf-8")
-
-
-def prepare_output(output: Path, resume: bool, accelerator) -> set[str]:
-    """Keys already captioned (``--resume``: in the output and in part files a killed run left);
-    without ``--resume`` stale part files are removed so they cannot leak into the new output."""
+def prepare_output(output: Path, settings: RunSettings, args, accelerator) -> set[str]:
+    """Keys already captioned (``--resume``: in the output, if its rows were made with ``settings``,
+    and in part files a killed run left); without ``--resume`` stale part files are removed so they
+    cannot leak into the new output, and ``settings`` are recorded for a later ``--resume``."""
+    if args.output == STDOUT:
+        return set()
     if accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not args.resume:
             for path in part_files(output):
                 print(f"removing {path} left by an earlier run (pass --resume to keep its rows)", file=sys.stderr)
                 os.remove(path)
+        if not args.resume or read_record(output) is None:
+            write_record(output, settings, output_rows=not output.exists())  # an existing output: an earlier run's
+        elif output.exists() and not resumable_rows(output):
+            print(f"note: the rows in {output} are from before an interrupted run without --resume: they will be "
+                  f"replaced", file=sys.stderr)
     accelerator.wait_for_everyone()
     done = set()
-    if resume:
-        for path in ([str(output)] if output.exists() else []) + part_files(output):
+    if args.resume:
+        for path in ([str(output)] if resumable_rows(output) else []) + part_files(output):
             done.update(row["key"] for row in read_rows(path))
     accelerator.wait_for_everyone()  # nobody appends to a part file before every rank has read them
     return done
-
-
-def read_rows(path: str | Path):
-    """The JSON rows of a JSONL file; a line that is not a row (a write cut off by a kill) is
-    reported and ignored, so its clip counts as not done."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                print(f"warning: {path}:{number} is not a JSON row ({error}; an interrupted write?): ignored",
-                      file=sys.stderr)
-                continue
-            if not isinstance(row, dict) or "key" not in row:
-                print(f"warning: {path}:{number} has no 'key': ignored", file=sys.stderr)
-                continue
-            yield row
-
-
-def merge_outputs(output: Path, resume: bool) -> list[dict]:
-    """Write ``output`` = earlier rows (``--resume``) + this run's part files sorted by key, each key
-    once, atomically; remove the part files. Returns the rows."""
-    parts = part_files(output)
-    old = list(read_rows(output)) if resume and output.exists() else []
-    new = sorted((row for path in parts for row in read_rows(path)), key=lambda row: row["key"])
-    rows, seen = [], set()
-    for row in old + new:
-        if row["key"] not in seen:
-            seen.add(row["key"])
-            rows.append(row)
-    if len(rows) < len(old) + len(new):
-        print(f"warning: {len(old) + len(new) - len(rows)} duplicate keys dropped while merging", file=sys.stderr)
-    write_atomic(output, "".join(json.dumps(row) + "\n" for row in rows))
-    for path in parts:
-        os.remove(path)
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
 # Scores
 
 
-def report_scores(rows: list[dict], args) -> None:
-    """Print (and with ``--metrics-out`` save) the metrics of every row that has references."""
+def report_scores(rows: list[dict], args, info=sys.stdout) -> None:
+    """Print to ``info`` (and with ``--metrics-out`` save) the metrics of every row that has references."""
     scored = [row for row in rows if row.get("gt_captions")]
     if scored:
         result = metrics.score([row["pred_caption"] for row in scored], [row["gt_captions"] for row in scored],
                                metrics=args.metrics)
-        print(metrics.format_table(result), flush=True)
+        print(metrics.format_table(result), file=info, flush=True)
     else:
         result = metrics.not_scored(0, "no reference captions in the input")
-        print("no reference captions: nothing to score", flush=True)
+        print("no reference captions: nothing to score", file=info, flush=True)
     if args.metrics_out:
         path = Path(args.metrics_out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,10 +92,15 @@ def decode_rules(gen: GenerationConfig, language: str, task: str, prefix_ids: Se
                        length_penalty=1.0 if gen.length_penalty is None else float(gen.length_penalty))
 
 
+def prompt_room(model, prompt: Sequence[int]) -> int:
+    """The decoder positions ``prompt`` leaves for a caption (< 1: none)."""
+    return model.config.max_target_positions - len(prompt)
+
+
 def max_new_tokens_for(model, rules: DecodeRules, max_new_tokens: int | None) -> int:
     """New tokens after the prompt, as HF Whisper counts them: ``max_new_tokens`` (default: the
     generation config's ``max_length``) capped by the decoder's positions left after the prompt."""
-    room = model.config.max_target_positions - len(rules.prompt)
+    room = prompt_room(model, rules.prompt)
     if room < 1:
         raise ValueError(f"the decoder prompt ({len(rules.prompt)} tokens with the prefix) leaves no room for a "
                          f"caption in {model.config.max_target_positions} positions")

@@ -4,6 +4,8 @@ Every output file is written under a temporary name in its own folder, flushed t
 into place (``os.replace`` is atomic within a file system): a reader or a resumed run sees either
 the old file or the whole new one, never half of it. The temporary is created with mode 0666 less
 the umask, as ``open`` creates any file (``mkstemp``'s 0600 would hide an index from other users).
+Only a regular file or a new path is replaced (``check_replaceable``): a rename over a symbolic
+link, a device (``/dev/stdout``) or a pipe would put a regular file in its place.
 
 ``hold_lock`` is an exclusive ``flock`` on a lock file: the kernel releases it when its process dies,
 so a killed run never leaves a stale lock.
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 
@@ -24,12 +27,40 @@ class LockBusy(OSError):
     """Another process holds the lock."""
 
 
+class NotRegularFile(OSError):
+    """A path to be written is there but is not a regular file (a symbolic link, a device, a pipe, a folder)."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """``NotRegularFile`` naming ``path`` unless it is a regular file (not a link to one) or absent."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(f"{path} is {_kind(mode)}: only a regular file or a new path is written")
+
+
 @contextlib.contextmanager
 def hold_lock(path: str | os.PathLike):
     """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block; ``LockBusy``
-    at once, naming the file and the holder's pid, if another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    at once, naming the file and the holder's pid, if another process holds it; ``NotRegularFile``
+    if ``path`` is a symbolic link or anything but a regular file (the pid written would land in it)."""
+    check_replaceable(path)
+    # O_NOFOLLOW: a link put there since the check fails (ELOOP) instead of being followed
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # a pipe or device put there since the check
+            raise NotRegularFile(f"{path} is {_kind(mode)}: only a regular file or a new path is written")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -43,8 +74,10 @@ def hold_lock(path: str | os.PathLike):
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` (text is UTF-8) to ``path`` atomically."""
+    """Write ``data`` (text is UTF-8) to ``path`` atomically; ``NotRegularFile`` (nothing written)
+    if ``path`` is there but not a regular file."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -46,6 +46,8 @@ NUM_LANGUAGES = 99
 NUM_TIMESTAMPS = 1501  # <|0.00|> … <|30.00|> in 20-ms steps
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prompt included
 CAPTION_TOKENS_KEY = "caption_tokens_longest"  # generation config: the longest training caption, in tokens
+# A checkpoint folder's tokenizer: either set is enough for WhisperTokenizer.from_pretrained
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 # The built-in model: d_model 64, 2 + 2 layers, 4 heads (3.7 M parameters, most in the embedding).
 TINY_CONFIG = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -197,6 +199,12 @@ def load_processor(name: str, option: str = "model_config.name") -> WhisperProce
     if name == BUILTIN_TINY:
         return WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=TINY_CONFIG["num_mel_bins"]),
                                 tokenizer=builtin_tokenizer())
+    if os.path.isdir(name) and not any(all(os.path.isfile(os.path.join(name, f)) for f in files)
+                                       for files in TOKENIZER_FILES):
+        # from_pretrained would load an empty vocabulary without a word and fail later, deep in a traceback
+        raise ModelLoadError(f"{option}: {name} has no tokenizer files ("
+                             f"{' or '.join(' and '.join(files) for files in TOKENIZER_FILES)}); copy them from "
+                             f"the model it was trained from, or save it with pipeline.model.save_model")
     processor = _from_pretrained(WhisperProcessor, name, option)
     processor.tokenizer.set_prefix_tokens(language=LANGUAGE, task=TASK, predict_timestamps=False)
     return processor

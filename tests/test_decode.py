@@ -162,3 +162,25 @@ def test_cuda_graph_greedy_equals_hf(tiny_processor, caplog):
         for mode in decode.GREEDY_MODES:
             assert torch.equal(decode.greedy(model, features, rules, 20, mode=mode), reference), mode
     assert not decode._capture_failed and "capture" not in caplog.text
+
+
+@pytest.mark.parametrize("length_penalty", [0.5, 2.0])
+def test_beam_search_length_penalty_and_early_stop_equal_hf(tiny_ending, length_penalty):
+    """``length_penalty`` from the generation config, with hypotheses ending at different steps so
+    that finished ones are ranked by normalised score and the early stop compares the best running
+    beam's normalised score with them: both must follow HF."""
+    model, features = tiny_ending
+    gen = model.generation_config
+    saved = gen.length_penalty
+    try:
+        with torch.inference_mode():
+            plain = generate_captions(model, features, num_beams=3, max_new_tokens=12, method="hf")
+            gen.length_penalty = length_penalty
+            reference = generate_captions(model, features, num_beams=3, max_new_tokens=12, method="hf")
+            fast = generate_captions(model, features, num_beams=3, max_new_tokens=12)
+    finally:
+        gen.length_penalty = saved
+    ends = lengths(reference, gen.eos_token_id)
+    assert len(set(ends)) > 1 and min(ends) < 12, f"hypotheses should end at different steps: {ends}"
+    assert not torch.equal(reference, plain), "the penalty should change some caption"
+    assert torch.equal(fast, reference)

@@ -304,3 +304,185 @@ def test_bf16_is_the_default_on_a_gpu_only():
     assert infer_stream.model_dtype(SimpleNamespace(bf16=True, fp32=False), cpu) == torch.bfloat16
     with pytest.raises(SystemExit):
         infer_stream.parse_args(["--model-name", "tiny", "--shards", "x", "--bf16", "--fp32"])
+
+
+def one_error(err: str) -> bool:
+    """``err`` (progress bars aside) holds exactly one error line."""
+    return len([line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]) == 1
+
+
+def test_audio_folders_behind_links_are_searched_once_and_each_file_is_captioned_once(tmp_path, capsys, monkeypatch):
+    """A link to a folder is followed (a loop or a second way to a folder searched once); one file
+    named by several paths (relative, absolute, a link) is one input, the drop counted on stderr."""
+    sounds, more = tmp_path / "sounds", tmp_path / "elsewhere" / "more"
+    x, y = write_audio(sounds / "x.wav"), write_audio(more / "y.flac")
+    (sounds / "linked").symlink_to(more, target_is_directory=True)  # train/linked -> /data/more
+    (sounds / "loop").symlink_to(sounds, target_is_directory=True)
+    (tmp_path / "link-to-x.wav").symlink_to(x)
+    monkeypatch.chdir(tmp_path)  # relative and absolute names of the same files
+    files = infer_stream.find_audio(["sounds", "sounds/x.wav", str(x), "link-to-x.wav", "elsewhere"])
+    assert files == [os.path.join("sounds", "linked", "y.flac"), os.path.join("sounds", "x.wav")]
+    err = capsys.readouterr().err
+    assert "3 duplicate input(s) dropped" in err  # x.wav named again: relative, absolute, through a link
+    assert f"{os.path.join('sounds', 'loop')} is {sounds}, already searched" in err
+    assert f"{os.path.join('elsewhere', 'more')} is {more}, already searched" in err and "no audio files" not in err
+    assert y.exists()
+
+
+def test_resume_refuses_other_settings_and_never_mixes_runs(model_dir, shards, tmp_path, capsys, monkeypatch):
+    """Settings are recorded beside the output; ``--resume`` with another model, prefix, caption
+    length or beam count is refused naming what differs, before any clip; the same model named by
+    another path resumes. A fresh run killed before its merge leaves the earlier run's rows to be
+    replaced, never kept as its own."""
+    import shutil
+
+    out = tmp_path / "preds.jsonl"
+    common = ["--shards", shards[1], "--num_dataloader_workers", 0, "--output", out, "--metrics", "bleu"]
+    assert run("--model_name", model_dir, "--max_new_tokens", MAX_NEW, *common) == 0
+    first = out.read_text()
+    record = json.loads(Path(f"{out}.settings.json").read_text())
+    assert record == {"settings": {"model": str(model_dir.resolve()), "prefix": "", "max_new_tokens": MAX_NEW,
+                                   "num_beams": 1, "decoder": "static", "dtype": "float32"}, "output_rows": True}
+    other = shutil.copytree(model_dir, tmp_path / "other-model")
+    calls = []
+    real_generation = infer_stream.run_generation
+    monkeypatch.setattr(infer_stream, "run_generation", lambda *a, **k: calls.append(1) or (0, 0))
+    for flags, differs in [(["--max_new_tokens", 4], f"max_new_tokens {MAX_NEW} (now 4)"),
+                           (["--max_new_tokens", MAX_NEW, "--prefix", "a dog"], "prefix '' (now 'a dog')"),
+                           (["--max_new_tokens", MAX_NEW, "--num_beams", 2], "num_beams 1 (now 2)")]:
+        assert run("--model_name", model_dir, *flags, *common, "--resume") == 2
+        err = capsys.readouterr().err
+        assert differs in err and one_error(err) and "--resume" in err, err
+    assert run("--model_name", other, "--max_new_tokens", MAX_NEW, *common, "--resume") == 2
+    assert f"model {str(model_dir.resolve())!r} (now {str(other.resolve())!r})" in capsys.readouterr().err
+    assert not calls and out.read_text() == first
+    monkeypatch.setattr(infer_stream, "run_generation", real_generation)
+    relative = os.path.relpath(model_dir, ROOT)  # the same folder, named another way
+    assert run("--model_name", relative, "--max_new_tokens", MAX_NEW, *common, "--resume") == 0
+    assert out.read_text() == first
+
+    # A fresh run with 4 tokens, killed before its merge; its --resume replaces the 8-token rows.
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer_stream, "run_generation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run("--model_name", model_dir, "--max_new_tokens", 4, *common)
+    monkeypatch.setattr(infer_stream, "run_generation", real_generation)
+    assert run("--model_name", model_dir, "--max_new_tokens", 4, *common, "--resume") == 0
+    keys, features, captions = read_shards(shards[1:2])
+    shorter = reference_captions(model_dir, features, max_new_tokens=4)
+    assert_rows_match(read_jsonl(out), {k: (p, c) for k, p, c in zip(keys, shorter, captions)})
+    assert "from before an interrupted run without --resume" in capsys.readouterr().err
+    # An output without a record (another tool's, an older version's) is not resumed blindly.
+    Path(f"{out}.settings.json").unlink()
+    assert run("--model_name", model_dir, "--max_new_tokens", 4, *common, "--resume") == 2
+    assert "no record of the settings" in capsys.readouterr().err
+
+
+def test_only_regular_files_or_new_paths_are_written(model_dir, shards, tmp_path, capsys, monkeypatch):
+    """An output, lock, settings or metrics path that is a link, a pipe or a device is refused
+    (exit 2, one line) before any clip, and left as it was; so is it by ``write_atomic`` and ``hold_lock``."""
+    from pipeline.fileio import NotRegularFile, check_replaceable, hold_lock, write_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    calls = []
+    monkeypatch.setattr(infer_stream, "run_generation", lambda *a, **k: calls.append(1) or (0, 0))
+    links = {name: tmp_path / name for name in ("link.jsonl", "a.jsonl.lock", "b.jsonl.settings.json", "m.json")}
+    for link in links.values():
+        link.symlink_to(victim)
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for output, metrics_out, named in [(links["link.jsonl"], None, links["link.jsonl"]),
+                                       (tmp_path / "a.jsonl", None, links["a.jsonl.lock"]),
+                                       (tmp_path / "b.jsonl", None, links["b.jsonl.settings.json"]),
+                                       (tmp_path / "c.jsonl", links["m.json"], links["m.json"]),
+                                       (fifo, None, fifo)]:
+        extra = ["--metrics-out", metrics_out] if metrics_out else []
+        assert run("--model_name", model_dir, "--shards", shards[1], "--num_dataloader_workers", 0,
+                   "--output", output, *extra) == 2
+        err = capsys.readouterr().err
+        assert f"{named} is a" in err and one_error(err), err
+    assert not calls and victim.read_text() == "keep me\n" and all(p.is_symlink() for p in links.values())
+    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "link.jsonl.lock").exists()
+    for path in ("/dev/stdout", "/dev/null"):
+        with pytest.raises(NotRegularFile, match="symbolic link|device"):
+            check_replaceable(path)
+    with pytest.raises(NotRegularFile, match="symbolic link"):
+        write_atomic(links["m.json"], "x")
+    with pytest.raises(NotRegularFile, match="symbolic link"), hold_lock(links["a.jsonl.lock"]):
+        pass
+    assert victim.read_text() == "keep me\n" and not list(tmp_path.glob(".*.tmp"))
+    write_atomic(tmp_path / "new.txt", "a")  # a new path and a regular file are written as before
+    write_atomic(tmp_path / "new.txt", "b")
+    assert (tmp_path / "new.txt").read_text() == "b"
+
+
+def test_output_dash_writes_the_rows_to_standard_output(model_dir, shards, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run("--model_name", model_dir, "--shards", shards[1], "--num_dataloader_workers", 0,
+               "--max_new_tokens", MAX_NEW, "--output", "-", "--metrics", "bleu") == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]  # nothing else on stdout
+    assert_rows_match(rows, {k: v for k, v in expected.items() if k.startswith("s001_")})
+    assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)
+    assert "captioning on 1 process(es)" in captured.err and "BLEU_1" in captured.err
+    assert "predictions: standard output (2 rows)" in captured.err
+    assert not list(tmp_path.iterdir())  # no lock, settings or part file
+    with pytest.raises(SystemExit) as exit_info:
+        infer_stream.parse_args(["--model-name", "tiny", "--shards", "x", "--output", "-", "--resume"])
+    assert exit_info.value.code == 2 and "--resume needs a file --output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-dataloader-workers", "-1"], "--num-dataloader-workers -1: must be at least 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens -3: must be at least 1")])
+def test_out_of_range_options_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        infer_stream.parse_args(["--model-name", "tiny", "--shards", "x", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_prefix_leaving_no_room_for_a_caption_is_one_line(model_dir, shards, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    assert run("--model_name", model_dir, "--shards", shards[1], "--num_dataloader_workers", 0, "--output", out,
+               "--prefix", " ".join(["word"] * 600)) == 2
+    err = capsys.readouterr().err
+    assert ("error: --prefix: the caption prefix takes 600 tokens; with the 4 task tokens that leaves no room for a "
+            "caption in the decoder's 448 positions (at most 443 prefix tokens)") in err, err
+    assert one_error(err) and not out.exists()
+
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(model_dir, shards, tmp_path, capsys):
+    import shutil
+
+    bare = shutil.copytree(model_dir, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    assert run("--model_name", bare, "--shards", shards[1], "--output", tmp_path / "preds.jsonl") == 2
+    err = capsys.readouterr().err
+    assert f"--model-name: {bare} has no tokenizer files (tokenizer.json or vocab.json and merges.txt)" in err
+    assert one_error(err)
+
+
+@pytest.mark.parametrize("index", [True, False], ids=["index", "no-index"])
+def test_shards_with_other_mel_bins_than_the_model_are_one_line(model_dir, tmp_path, capsys, index):
+    """128-mel shards, an 80-mel model: the index says so before any clip; without one, the first batch."""
+    mels = write_mel_shards(tmp_path / "mel128", [2], n_mels=128, index=index)
+    assert run("--model_name", model_dir, "--shards", mels[0], "--num_dataloader_workers", 0,
+               "--output", tmp_path / "preds.jsonl", "--max_new_tokens", 4) == 2
+    err = capsys.readouterr().err
+    assert f"the features have 128 mel bins, model {model_dir} reads 80 (num_mel_bins)" in err, err
+    assert one_error(err)
+
+
+def test_a_generation_config_the_static_decoder_cannot_follow_is_one_line(model_dir, shards, tmp_path, capsys):
+    processor = load_processor(str(model_dir))
+    model = load_model(str(model_dir), processor)
+    model.generation_config.repetition_penalty = 1.3
+    save_model(model, processor, tmp_path / "penalised")
+    assert run("--model_name", tmp_path / "penalised", "--shards", shards[1], "--num_dataloader_workers", 0,
+               "--output", tmp_path / "preds.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "generation_config.repetition_penalty=1.3 is not implemented by the static decoder" in err, err
+    assert one_error(err) and not (tmp_path / "preds.jsonl").exists()

@@ -181,3 +181,13 @@ def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(mon
     assert "cannot be reached" in caplog.text and "loading 'org/cached' from the Hugging Face cache" in caplog.text
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_source("org/cached", "model_config.name") == {"local_files_only": True}
+
+
+def test_a_checkpoint_folder_without_tokenizer_files_is_named_with_the_missing_files(tmp_path, tiny_processor):
+    """``from_pretrained`` would load an empty vocabulary and fail later with a ``TypeError``."""
+    save_model(load_model("tiny", tiny_processor), tiny_processor, tmp_path / "ckpt")
+    for path in (tmp_path / "ckpt").glob("tokenizer*"):
+        path.unlink()
+    with pytest.raises(ModelLoadError, match=r"^--model-name: .*ckpt has no tokenizer files \(tokenizer.json or "
+                                             r"vocab.json and merges.txt\)"):
+        load_processor(str(tmp_path / "ckpt"), "--model-name")
