@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from pipeline.config import DECODE_METHODS
+from pipeline.data_settings import MAX_TARGET_POSITIONS
 
 log = logging.getLogger(__name__)
 BUILTIN_TINY = "tiny"
@@ -44,7 +45,6 @@ TIKTOKEN_SHA256 = "b34b360dbb493e781e479794586d661700670d65564001f23024971d1f2fa
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 NUM_LANGUAGES = 99
 NUM_TIMESTAMPS = 1501  # <|0.00|> … <|30.00|> in 20-ms steps
-MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prompt included
 CAPTION_TOKENS_KEY = "caption_tokens_longest"  # generation config: the longest training caption, in tokens
 # A checkpoint folder's tokenizer: either set is enough for WhisperTokenizer.from_pretrained
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
