@@ -12,7 +12,12 @@ from transformers import WhisperFeatureExtractor
 
 from pipeline.features import (N_FRAMES, AudioDecodeError, clip_features, decode_audio, log_mel, pad_mel,
                                valid_frames)
-from tests.conftest import write_audio
+from pipeline.shard_format import AUDIO_SUFFIXES
+from tests.conftest import ENCODED_CLIPS, write_audio
+
+# librosa.load warns on every file it hands to audioread (m4a, webm): expected here
+LIBROSA_AUDIOREAD_WARNINGS = pytest.mark.filterwarnings("ignore:PySoundFile failed:UserWarning",
+                                                        "ignore::FutureWarning")
 
 
 @pytest.mark.parametrize("suffix,sr,channels", [(".wav", 16000, 1), (".flac", 44100, 2), (".ogg", 22050, 1),
@@ -28,6 +33,35 @@ def test_decode_matches_librosa_load(tmp_path, suffix, sr, channels):
     # Bytes (as read from a shard member) decode the same as the path.
     np.testing.assert_array_equal(decode_audio(path.read_bytes()).audio, ours)
     assert decoded.seconds == round(len(ref) / 16000, 6)
+
+
+@LIBROSA_AUDIOREAD_WARNINGS
+@pytest.mark.parametrize("name", ENCODED_CLIPS)
+def test_other_encoders_decode_as_librosa_loads_them(encoded_clips, name):
+    # sox's LAME MP3s announce more frames than decode: neither a reject nor the header's duration
+    path = encoded_clips[name]
+    assert path.suffix in AUDIO_SUFFIXES
+    whole, _ = librosa.load(str(path), sr=16000)  # the reference decodes everything
+    full = decode_audio(str(path))
+    np.testing.assert_array_equal(full.audio, whole)
+    assert full.seconds == round(len(whole) / 16000, 6)
+    window = decode_audio(str(path), max_seconds=30)  # what the packer and inference decode
+    assert window.seconds == full.seconds and window.orig_sample_rate == full.orig_sample_rate
+    np.testing.assert_array_equal(decode_audio(path.read_bytes(), max_seconds=30).audio, window.audio)
+    np.testing.assert_allclose(window.audio[:16000 * 29], whole[:16000 * 29], atol=1e-5)
+    feats = clip_features(window.audio, seconds=window.seconds)
+    assert feats["seconds"] == full.seconds and feats["truncated"] == (len(whole) > 30 * 16000)
+    ref = WhisperFeatureExtractor(feature_size=80)(whole, sampling_rate=16000, return_tensors="np").input_features[0]
+    np.testing.assert_allclose(pad_mel(feats["mel"], feats["pad_value"]).astype(np.float32), ref, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["ffmpeg-aac-32k-stereo.m4a", "ffmpeg-opus-24k.webm"])
+def test_a_format_without_its_decoder_names_the_missing_ffmpeg(encoded_clips, name, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # ffmpeg gone: libsndfile reads neither AAC nor WebM
+    for source in (str(encoded_clips[name]), encoded_clips[name].read_bytes()):
+        with pytest.raises(AudioDecodeError, match=r"^cannot decode audio: libsndfile does not read this format "
+                                                   r"\(Format not recognised.\) and ffmpeg.* is not installed"):
+            decode_audio(source, max_seconds=30)
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])
