@@ -82,6 +82,20 @@ def test_log_mel_matches_whisper_feature_extractor(n, n_mels):
 
 
 
+@pytest.mark.parametrize("n", [16000, 480000])
+def test_a_very_quiet_clip_matches_the_extractor(n):
+    # At 1e-6 the log-mel peaks near -9.6, so (max - 8) lies below the 1e-10 power clamp (-10): the
+    # padding frames and pad_value come from the clamp (-1.5), not from (max - 8).
+    rng = np.random.default_rng(n)
+    t = np.arange(n) / 16000
+    audio = (1e-6 * np.sin(2 * np.pi * 440 * t) + 1e-7 * rng.standard_normal(n)).astype(np.float32)
+    ref = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np").input_features[0]
+    mel, pad_value = log_mel(audio)
+    np.testing.assert_allclose(pad_mel(mel, pad_value), ref, atol=1e-4)
+    feats = clip_features(audio)
+    np.testing.assert_allclose(pad_mel(feats["mel"], feats["pad_value"]).astype(np.float32), ref, atol=2e-3)
+    assert ref.min() == pytest.approx(-1.5) and ref.max() < -1.4  # the clip is as quiet as meant
+
 def test_features_never_import_torch():
     # The packer's workers compute features with numpy and scipy alone: importing torch would cost
     # each of them seconds of start-up.
