@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -182,11 +183,11 @@ def _decode_with_audioread(data, sf_error: Exception, max_seconds: float | None)
             reader = stack.enter_context(audioread.audio_open(path))
             channels, orig_sr = reader.channels, reader.samplerate
             frame_bytes = 2 * channels  # audioread yields interleaved int16
-            keep = math.inf if max_seconds is None else _window_frames(max_seconds, orig_sr) * frame_bytes
+            keep = sys.maxsize if max_seconds is None else _window_frames(max_seconds, orig_sr) * frame_bytes
             kept, size = [], 0
             for block in reader:
                 if size < keep:
-                    kept.append(block[:keep - size] if keep < math.inf else block)
+                    kept.append(block[:keep - size])
                 size += len(block)
         except audioread.NoBackendError as error:
             raise AudioDecodeError(_no_decoder_reason(sf_error)) from error
