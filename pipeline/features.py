@@ -94,9 +94,10 @@ def decode_audio(source: str | os.PathLike | bytes | BinaryIO, sr: int = SAMPLE_
     if not np.isfinite(y).all():
         raise AudioDecodeError("audio holds NaN or inf samples")
     if orig_sr != sr:
-        resampled = soxr.resample(y, orig_sr, sr, quality=RESAMPLE_QUALITY)
-        y = np.zeros(_librosa_length(len(y), orig_sr, sr), dtype=np.float32)  # librosa's fix_length:
-        y[:len(resampled)] = resampled[:len(y)]  # soxr's length, padded with zeros or cut to its own
+        length = _librosa_length(len(y), orig_sr, sr)
+        y = soxr.resample(y, orig_sr, sr, quality=RESAMPLE_QUALITY)
+        if len(y) != length:  # librosa's fix_length: soxr's output zero-padded or cut to its own length
+            y = np.pad(y[:length], (0, length - min(length, len(y))))
     seconds = _librosa_length(frames, orig_sr, sr) / sr  # the whole input's, as librosa.load returns it
     if max_seconds is not None:
         y = y[:math.ceil(max_seconds * sr) + 1]  # one sample more than kept marks the clip as cut
