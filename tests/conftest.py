@@ -140,6 +140,13 @@ def encoded_clips(tmp_path_factory) -> dict[str, Path]:
 NEEDS_CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 
 
+def pytest_configure(config):
+    # The references load m4a and webm with librosa.load, which warns each time it hands a file to
+    # audioread (the ffmpeg fallback the code under test follows): expected, not news.
+    config.addinivalue_line("filterwarnings", "ignore:PySoundFile failed:UserWarning")
+    config.addinivalue_line("filterwarnings", "ignore:librosa.core.audio.__audioread_load:FutureWarning")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI (``CI`` set), a skipped test fails: scripts/install.sh installs everything the suite

@@ -15,10 +15,6 @@ from pipeline.features import (N_FRAMES, AudioDecodeError, clip_features, decode
 from pipeline.shard_format import AUDIO_SUFFIXES
 from tests.conftest import ENCODED_CLIPS, write_audio
 
-# librosa.load warns on every file it hands to audioread (m4a, webm): expected here
-LIBROSA_AUDIOREAD_WARNINGS = pytest.mark.filterwarnings("ignore:PySoundFile failed:UserWarning",
-                                                        "ignore::FutureWarning")
-
 
 @pytest.mark.parametrize("suffix,sr,channels", [(".wav", 16000, 1), (".flac", 44100, 2), (".ogg", 22050, 1),
                                                 (".mp3", 48000, 2), (".wav", 8000, 3)])
@@ -35,7 +31,6 @@ def test_decode_matches_librosa_load(tmp_path, suffix, sr, channels):
     assert decoded.seconds == round(len(ref) / 16000, 6)
 
 
-@LIBROSA_AUDIOREAD_WARNINGS
 @pytest.mark.parametrize("name", ENCODED_CLIPS)
 def test_other_encoders_decode_as_librosa_loads_them(encoded_clips, name):
     # sox's LAME MP3s announce more frames than decode: neither a reject nor the header's duration

@@ -151,7 +151,6 @@ def test_raw_audio_matches_feature_extractor(model_dir, tmp_path, capsys):
     assert "no reference captions" in captured.out and "4 clips in " in captured.out
 
 
-@pytest.mark.filterwarnings("ignore:PySoundFile failed:UserWarning", "ignore::FutureWarning")  # librosa on m4a/webm
 def test_audio_from_other_encoders_is_captioned_from_librosas_samples(model_dir, encoded_clips, tmp_path, capsys):
     # sox's LAME MP3s were skipped as truncated and .webm files not listed
     out = tmp_path / "preds.jsonl"

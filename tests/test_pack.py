@@ -264,7 +264,6 @@ def test_clips_over_30_seconds_are_truncated_and_counted(tmp_path, capsys):
     assert index["totals"]["truncated"] == 1 and samples["short.wav"]["meta"]["truncated"] is False
 
 
-@pytest.mark.filterwarnings("ignore:PySoundFile failed:UserWarning", "ignore::FutureWarning")  # librosa on m4a/webm
 def test_audio_from_other_encoders_packs_without_a_reject(tmp_path, encoded_clips, capsys):
     for name, path in encoded_clips.items():  # sox's LAME MP3s were all rejected as truncated
         (tmp_path / "ds").mkdir(exist_ok=True)
