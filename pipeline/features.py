@@ -203,7 +203,7 @@ def _decode_with_audioread(data, sf_error: Exception, max_seconds: float | None)
 def _no_decoder_reason(sf_error: Exception) -> str:
     sf_reason = getattr(sf_error, "error_string", None) or f"{type(sf_error).__name__}: {sf_error}"
     if shutil.which("ffmpeg") is None:
-        return (f"cannot decode audio: libsndfile does not read this format ({sf_reason}) and ffmpeg, the decoder "
+        return (f"cannot decode audio: libsndfile cannot read it ({sf_reason}) and ffmpeg, the decoder "
                 f"for the rest (m4a/aac, webm, wma, ...), is not installed (scripts/install.sh installs it)")
     return f"cannot decode audio: neither libsndfile ({sf_reason}) nor ffmpeg reads it"
 

@@ -54,7 +54,7 @@ def test_other_encoders_decode_as_librosa_loads_them(encoded_clips, name):
 def test_a_format_without_its_decoder_names_the_missing_ffmpeg(encoded_clips, name, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # ffmpeg gone: libsndfile reads neither AAC nor WebM
     for source in (str(encoded_clips[name]), encoded_clips[name].read_bytes()):
-        with pytest.raises(AudioDecodeError, match=r"^cannot decode audio: libsndfile does not read this format "
+        with pytest.raises(AudioDecodeError, match=r"^cannot decode audio: libsndfile cannot read it "
                                                    r"\(Format not recognised.\) and ffmpeg.* is not installed"):
             decode_audio(source, max_seconds=30)
 
