@@ -183,6 +183,8 @@ def _decode_with_audioread(data, sf_error: Exception, max_seconds: float | None)
         try:
             reader = stack.enter_context(audioread.audio_open(path))
             channels, orig_sr = reader.channels, reader.samplerate
+            if channels < 1 or orig_sr < 1:  # ffmpeg guessed a container (text as FLAC) but found no audio in it
+                raise audioread.NoBackendError()
             frame_bytes = 2 * channels  # audioread yields interleaved int16
             keep = sys.maxsize if max_seconds is None else _window_frames(max_seconds, orig_sr) * frame_bytes
             kept, size = [], 0

@@ -142,6 +142,10 @@ def test_bad_audio_raises_clear_errors(tmp_path):
         clip_features(np.zeros(0, dtype=np.float32))
     with pytest.raises(AudioDecodeError, match="cannot decode"):
         decode_audio(b"this is not audio at all" * 10)
+    text = tmp_path / "text.flac"  # ffmpeg takes it for a FLAC stream with no channels
+    text.write_bytes(b"not audio at all" * 20)
+    with pytest.raises(AudioDecodeError, match=r"^cannot decode audio: neither libsndfile .* nor ffmpeg reads it$"):
+        decode_audio(str(text))
     empty = io.BytesIO()
     import soundfile
     soundfile.write(empty, np.zeros(0, dtype=np.float32), 16000, format="WAV")
