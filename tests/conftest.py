@@ -109,6 +109,7 @@ ENCODED_CLIPS = {
     "sox-11k-stereo.aiff": ("sox", ["-r", "11025", "-c", "2"], []),
     "ffmpeg-lame-16k.mp3": ("ffmpeg", ["-ar", "16000", "-c:a", "libmp3lame"], []),
     "ffmpeg-aac-32k-stereo.m4a": ("ffmpeg", ["-ar", "32000", "-ac", "2", "-c:a", "aac"], []),
+    "ffmpeg-adts-22k.aac": ("ffmpeg", ["-ar", "22050", "-c:a", "aac"], []),
     "ffmpeg-opus-stereo.opus": ("ffmpeg", ["-ar", "48000", "-ac", "2", "-c:a", "libopus"], []),
     "ffmpeg-opus-24k.webm": ("ffmpeg", ["-ar", "24000", "-c:a", "libopus"], []),
 }
