@@ -2,7 +2,7 @@
 
 Decoding follows ``librosa.load(path, sr=16000)`` exactly (soundfile first, channel mean, soxr at
 librosa's default ``soxr_hq``), so shards hold what the seed computed on the fly. Files libsndfile
-cannot read fall back to ``librosa.load`` itself (audioread), as librosa does.
+cannot read (m4a/aac, webm, ...) fall back to audioread, i.e. ffmpeg, as librosa does.
 
 The log-mel reproduces ``transformers.WhisperFeatureExtractor`` but computes only the frames that see
 audio. The extractor zero-pads every clip to 30 s (480,000 samples) before its STFT, so with ``n``
@@ -18,12 +18,16 @@ to float32 rounding (1e-4), not bit for bit: its FFT and window are torch's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
 import os
 import re
+import shutil
 import stat
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -40,6 +44,12 @@ DYNAMIC_RANGE = 8.0  # the extractor floors log-mel at (max - 8)
 # Decoded past the 30-s window so that resampling near its edge sees the same neighbours as a
 # decode of the whole file (soxr HQ's filter is a few ms long).
 DECODE_MARGIN_SECONDS = 1.0
+
+# libsndfile's frame count for these codecs is an estimate (MP3's from the Xing header or the
+# bitrate, before the encoder's delay and padding; LAME through sox announces more than decodes),
+# so their duration and completeness come from decoding to the end. Other formats' counts are exact.
+ESTIMATED_LENGTH_SUBTYPES = frozenset({"MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "VORBIS", "OPUS"})
+COUNT_BLOCK_FRAMES = 1 << 16  # frames decoded (and dropped) per read past the kept window
 
 TRUNCATED_LOG = re.compile(r"^(data|SSND)\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
 
@@ -62,31 +72,41 @@ def decode_audio(source: str | os.PathLike | bytes | BinaryIO, sr: int = SAMPLE_
                  max_seconds: float | None = None) -> DecodedAudio:
     """Decode a file path, bytes or file object to float32 mono at ``sr``, as ``librosa.load`` does.
 
-    With ``max_seconds`` only that much (plus a resampling margin) is decoded, so a 2-hour file costs
-    what 30 s cost; ``seconds`` is still the whole file's duration. Raises ``AudioDecodeError`` for a
-    path that is not a regular file (a FIFO would block), unreadable, truncated (fewer frames than
-    the header promises), empty or non-finite audio.
+    With ``max_seconds`` only that much (plus a resampling margin) is kept; ``seconds`` is still the
+    whole file's duration. Where the header's frame count is exact (WAV, AIFF, FLAC) only the kept
+    window is decoded, so a 2-hour file costs what 30 s cost; compressed formats whose count is an
+    estimate (MP3, Ogg Vorbis/Opus, and whatever ffmpeg decodes) are decoded to the end for their
+    duration, keeping only the window in memory. Raises ``AudioDecodeError`` for a path that is not
+    a regular file (a FIFO would block), unreadable, truncated (fewer frames than an exact header
+    promises), in a format no installed decoder reads, empty or non-finite audio.
     """
     if isinstance(source, (str, os.PathLike)):
         _check_regular_file(source)
     data = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
-        y, orig_sr, seconds = _decode_with_soundfile(data, max_seconds)
+        y, orig_sr, frames = _decode_with_soundfile(data, max_seconds)
     except AudioDecodeError:
         raise
     except Exception as sf_error:  # libsndfile could not read it: librosa's own fallback (audioread)
-        y, orig_sr, seconds = _decode_with_librosa(data, sf_error, max_seconds)
+        y, orig_sr, frames = _decode_with_audioread(data, sf_error, max_seconds)
     if y.size == 0:
         raise AudioDecodeError("zero-length audio")
     if not np.isfinite(y).all():
         raise AudioDecodeError("audio holds NaN or inf samples")
     if orig_sr != sr:
+        length = _librosa_length(len(y), orig_sr, sr)
         y = soxr.resample(y, orig_sr, sr, quality=RESAMPLE_QUALITY)
-    if seconds is None:  # decoded whole: its length is the duration, as clip_features always took it
-        seconds = len(y) / sr
+        if len(y) != length:  # librosa's fix_length: soxr's output zero-padded or cut to its own length
+            y = np.pad(y[:length], (0, length - min(length, len(y))))
+    seconds = _librosa_length(frames, orig_sr, sr) / sr  # the whole input's, as librosa.load returns it
     if max_seconds is not None:
         y = y[:math.ceil(max_seconds * sr) + 1]  # one sample more than kept marks the clip as cut
     return DecodedAudio(np.ascontiguousarray(y, dtype=np.float32), int(orig_sr), round(seconds, 6))
+
+
+def _librosa_length(frames: int, orig_sr: int, sr: int) -> int:
+    """Samples ``librosa.resample`` returns for ``frames`` at ``orig_sr`` (its float ratio, rounded up)."""
+    return frames if orig_sr == sr else math.ceil(frames * (sr / orig_sr))
 
 
 def _check_regular_file(path: str | os.PathLike) -> None:
@@ -104,8 +124,8 @@ def _file_type(mode: int) -> str:
                                          (stat.S_ISBLK, "a block device")) if test(mode)), "not a plain file")
 
 
-def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray, int, float | None]:
-    """``(mono float32 at the file's rate, rate, seconds or None when all of it was decoded)``."""
+def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    """``(mono float32 at the file's rate, rate, the whole file's frames)``."""
     with soundfile.SoundFile(data) as f:
         # libsndfile quietly shortens a file cut after its header to what is there; its log keeps
         # the header's claim ("data : 32000 (should be 8000)" for WAV, SSND for AIFF).
@@ -114,11 +134,12 @@ def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray,
             raise AudioDecodeError(f"truncated audio: the header promises {cut.group(2)} bytes of samples, "
                                    f"the file holds {cut.group(3)}")
         total, orig_sr = f.frames, f.samplerate
-        wanted = total if max_seconds is None else min(total, math.ceil((max_seconds + DECODE_MARGIN_SECONDS)
-                                                                        * orig_sr))
+        wanted = total if max_seconds is None else min(total, _window_frames(max_seconds, orig_sr))
         y = f.read(wanted, dtype="float32", always_2d=True)  # [samples, channels]
-    if len(y) < wanted:
-        raise AudioDecodeError(f"truncated audio: {total} frames expected, only {len(y)} could be read")
+        if f.subtype in ESTIMATED_LENGTH_SUBTYPES:  # the samples decoded are the truth, not the header
+            total = len(y) + _count_to_the_end(f)
+        elif len(y) < wanted:
+            raise AudioDecodeError(f"truncated audio: {total} frames expected, only {len(y)} could be read")
     # Channel mean as librosa's (channels summed in order, then divided), column by column: numpy's
     # mean over the short last axis of [samples, channels] is a strided reduction ~50x slower, and a
     # matmul wakes numpy's BLAS thread pool, whose idle threads then spin on the other cores.
@@ -128,22 +149,65 @@ def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray,
         for channel in range(1, y.shape[1]):
             mono += y[:, channel]
         mono /= y.shape[1]
-    return mono, orig_sr, None if wanted == total else total / orig_sr
+    return mono, orig_sr, total
 
 
-def _decode_with_librosa(data, sf_error: Exception, max_seconds: float | None) -> tuple[np.ndarray, int, float | None]:
-    import librosa  # imported lazily: only files libsndfile rejects come here
+def _window_frames(max_seconds: float, sample_rate: int) -> int:
+    return math.ceil((max_seconds + DECODE_MARGIN_SECONDS) * sample_rate)
 
-    if hasattr(data, "seek"):
-        data.seek(0)
-    limit = None if max_seconds is None else max_seconds + DECODE_MARGIN_SECONDS
-    try:
-        y, orig_sr = librosa.load(data, sr=None, mono=True, duration=limit)
-        seconds = librosa.get_duration(path=data) if isinstance(data, (str, os.PathLike)) else None
-    except Exception as error:
-        raise AudioDecodeError(f"cannot decode audio ({type(sf_error).__name__}: {sf_error}; "
-                               f"librosa fallback: {type(error).__name__}: {error})") from error
-    return y.astype(np.float32, copy=False), int(orig_sr), seconds
+
+def _count_to_the_end(f: soundfile.SoundFile) -> int:
+    """Frames left in ``f``, decoded block by block and dropped. ``SoundFile.blocks`` is no use here:
+    it trusts the header's count and pads a short read."""
+    count = 0
+    while block := len(f.read(COUNT_BLOCK_FRAMES, dtype="float32", always_2d=True)):
+        count += block
+    return count
+
+
+def _decode_with_audioread(data, sf_error: Exception, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    """librosa.load's fallback for what libsndfile cannot read: audioread (ffmpeg), whose 16-bit
+    samples librosa scales and averages as here. Decoded to the end: the container's duration is an
+    estimate too."""
+    import audioread  # imported lazily: only files libsndfile rejects come here
+    import librosa
+
+    with contextlib.ExitStack() as stack:
+        if isinstance(data, (str, os.PathLike)):
+            path = os.path.abspath(data)  # never read by ffmpeg as an option or a protocol ("concat:...")
+        else:  # bytes from a shard or a dataset: ffmpeg reads files
+            path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="decode-")), "audio")
+            data.seek(0)
+            with open(path, "wb") as out:
+                shutil.copyfileobj(data, out)
+        try:
+            reader = stack.enter_context(audioread.audio_open(path))
+            channels, orig_sr = reader.channels, reader.samplerate
+            if channels < 1 or orig_sr < 1:  # ffmpeg guessed a container (text as FLAC) but found no audio in it
+                raise audioread.NoBackendError()
+            frame_bytes = 2 * channels  # audioread yields interleaved int16
+            keep = sys.maxsize if max_seconds is None else _window_frames(max_seconds, orig_sr) * frame_bytes
+            kept, size = [], 0
+            for block in reader:
+                if size < keep:
+                    kept.append(block[:keep - size])
+                size += len(block)
+        except audioread.NoBackendError as error:
+            raise AudioDecodeError(_no_decoder_reason(sf_error)) from error
+        except audioread.DecodeError as error:
+            raise AudioDecodeError(f"cannot decode audio: ffmpeg failed ({type(error).__name__}: {error})") from error
+    y = librosa.util.buf_to_float(b"".join(kept), dtype=np.float32)
+    if channels > 1:
+        y = librosa.to_mono(y.reshape(-1, channels).T)
+    return y, int(orig_sr), size // frame_bytes
+
+
+def _no_decoder_reason(sf_error: Exception) -> str:
+    sf_reason = getattr(sf_error, "error_string", None) or f"{type(sf_error).__name__}: {sf_error}"
+    if shutil.which("ffmpeg") is None:
+        return (f"cannot decode audio: libsndfile cannot read it ({sf_reason}) and ffmpeg, the decoder "
+                f"for the rest (m4a/aac, webm, wma, ...), is not installed (scripts/install.sh installs it)")
+    return f"cannot decode audio: neither libsndfile ({sf_reason}) nor ffmpeg reads it"
 
 
 def valid_frames(num_samples: int) -> int:

@@ -49,7 +49,7 @@ MAX_JSON_DEPTH = 32
 
 # The one list of audio file suffixes: folder inputs, raw-audio shard members and infer_stream --audio.
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".m4a", ".aac",
-                            ".wma"})
+                            ".wma", ".webm"})
 
 
 class SampleError(ValueError):

@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -94,7 +96,56 @@ def write_mel_shards(directory: Path, sizes: list[int], n_mels: int = 80, captio
     return paths
 
 
+# Audio the project did not write: espeak-ng speech (22,050 Hz mono) re-encoded by sox and ffmpeg, as
+# users' corpora come. ``{name: (tool, options before the output, sox effects after it)}``; the
+# name's suffix picks the container. sox writes MP3 with LAME, whose header announces more frames
+# than decode; the 34-s one reaches past the 30-s window.
+ENCODED_CLIPS = {
+    "espeak.wav": ("espeak-ng", [], []),
+    "sox-lame-44k-stereo.mp3": ("sox", ["-r", "44100", "-c", "2"], []),
+    "sox-lame-8k.mp3": ("sox", ["-r", "8000"], []),
+    "sox-lame-34s.mp3": ("sox", ["-r", "22050"], ["repeat", "10"]),
+    "sox-vorbis-48k-stereo.ogg": ("sox", ["-r", "48000", "-c", "2"], []),
+    "sox-11k-stereo.aiff": ("sox", ["-r", "11025", "-c", "2"], []),
+    "ffmpeg-lame-16k.mp3": ("ffmpeg", ["-ar", "16000", "-c:a", "libmp3lame"], []),
+    "ffmpeg-aac-32k-stereo.m4a": ("ffmpeg", ["-ar", "32000", "-ac", "2", "-c:a", "aac"], []),
+    "ffmpeg-adts-22k.aac": ("ffmpeg", ["-ar", "22050", "-c:a", "aac"], []),
+    "ffmpeg-opus-stereo.opus": ("ffmpeg", ["-ar", "48000", "-ac", "2", "-c:a", "libopus"], []),
+    "ffmpeg-opus-24k.webm": ("ffmpeg", ["-ar", "24000", "-c:a", "libopus"], []),
+}
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+
+
+@pytest.fixture(scope="session")
+def encoded_clips(tmp_path_factory) -> dict[str, Path]:
+    """``ENCODED_CLIPS`` written once per session (about 1 s of CPU): ``{name: path}``."""
+    missing = [tool for tool in ("espeak-ng", "sox", "ffmpeg") if shutil.which(tool) is None]
+    if missing:  # under CI this skip fails (pytest_runtest_makereport)
+        pytest.skip(f"needs {', '.join(missing)} on the PATH (scripts/install.sh installs them)")
+    root = tmp_path_factory.mktemp("encoded")
+    speech = root / "espeak.wav"
+    _run(["espeak-ng", "-w", str(speech), "A dog barks twice while the rain falls on a tin roof."])
+    for name, (tool, options, effects) in ENCODED_CLIPS.items():
+        if tool == "sox":
+            _run(["sox", str(speech), *options, str(root / name), *effects])
+        elif tool == "ffmpeg":
+            _run(["ffmpeg", "-v", "error", "-i", str(speech), *options, str(root / name)])
+    return {name: root / name for name in ENCODED_CLIPS}
+
+
 NEEDS_CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_configure(config):
+    # The references load m4a and webm with librosa.load, which warns each time it hands a file to
+    # audioread (the ffmpeg fallback the code under test follows): expected, not news.
+    config.addinivalue_line("filterwarnings", "ignore:PySoundFile failed:UserWarning")
+    config.addinivalue_line("filterwarnings", "ignore:librosa.core.audio.__audioread_load:FutureWarning")
 
 
 @pytest.hookimpl(hookwrapper=True)

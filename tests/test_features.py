@@ -12,7 +12,8 @@ from transformers import WhisperFeatureExtractor
 
 from pipeline.features import (N_FRAMES, AudioDecodeError, clip_features, decode_audio, log_mel, pad_mel,
                                valid_frames)
-from tests.conftest import write_audio
+from pipeline.shard_format import AUDIO_SUFFIXES
+from tests.conftest import ENCODED_CLIPS, write_audio
 
 
 @pytest.mark.parametrize("suffix,sr,channels", [(".wav", 16000, 1), (".flac", 44100, 2), (".ogg", 22050, 1),
@@ -28,6 +29,34 @@ def test_decode_matches_librosa_load(tmp_path, suffix, sr, channels):
     # Bytes (as read from a shard member) decode the same as the path.
     np.testing.assert_array_equal(decode_audio(path.read_bytes()).audio, ours)
     assert decoded.seconds == round(len(ref) / 16000, 6)
+
+
+@pytest.mark.parametrize("name", ENCODED_CLIPS)
+def test_other_encoders_decode_as_librosa_loads_them(encoded_clips, name):
+    # sox's LAME MP3s announce more frames than decode: neither a reject nor the header's duration
+    path = encoded_clips[name]
+    assert path.suffix in AUDIO_SUFFIXES
+    whole, _ = librosa.load(str(path), sr=16000)  # the reference decodes everything
+    full = decode_audio(str(path))
+    np.testing.assert_array_equal(full.audio, whole)
+    assert full.seconds == round(len(whole) / 16000, 6)
+    window = decode_audio(str(path), max_seconds=30)  # what the packer and inference decode
+    assert window.seconds == full.seconds and window.orig_sample_rate == full.orig_sample_rate
+    np.testing.assert_array_equal(decode_audio(path.read_bytes(), max_seconds=30).audio, window.audio)
+    np.testing.assert_allclose(window.audio[:16000 * 29], whole[:16000 * 29], atol=1e-5)
+    feats = clip_features(window.audio, seconds=window.seconds)
+    assert feats["seconds"] == full.seconds and feats["truncated"] == (len(whole) > 30 * 16000)
+    ref = WhisperFeatureExtractor(feature_size=80)(whole, sampling_rate=16000, return_tensors="np").input_features[0]
+    np.testing.assert_allclose(pad_mel(feats["mel"], feats["pad_value"]).astype(np.float32), ref, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["ffmpeg-aac-32k-stereo.m4a", "ffmpeg-opus-24k.webm"])
+def test_a_format_without_its_decoder_names_the_missing_ffmpeg(encoded_clips, name, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # ffmpeg gone: libsndfile reads neither AAC nor WebM
+    for source in (str(encoded_clips[name]), encoded_clips[name].read_bytes()):
+        with pytest.raises(AudioDecodeError, match=r"^cannot decode audio: libsndfile cannot read it "
+                                                   r"\(Format not recognised.\) and ffmpeg.* is not installed"):
+            decode_audio(source, max_seconds=30)
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])
@@ -47,6 +76,20 @@ def test_log_mel_matches_whisper_feature_extractor(n, n_mels):
     np.testing.assert_allclose(stored, ref, atol=2e-3)
 
 
+
+@pytest.mark.parametrize("n", [16000, 480000])
+def test_a_very_quiet_clip_matches_the_extractor(n):
+    # At 1e-6 the log-mel peaks near -9.6, so (max - 8) lies below the 1e-10 power clamp (-10): the
+    # padding frames and pad_value come from the clamp (-1.5), not from (max - 8).
+    rng = np.random.default_rng(n)
+    t = np.arange(n) / 16000
+    audio = (1e-6 * np.sin(2 * np.pi * 440 * t) + 1e-7 * rng.standard_normal(n)).astype(np.float32)
+    ref = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np").input_features[0]
+    mel, pad_value = log_mel(audio)
+    np.testing.assert_allclose(pad_mel(mel, pad_value), ref, atol=1e-4)
+    feats = clip_features(audio)
+    np.testing.assert_allclose(pad_mel(feats["mel"], feats["pad_value"]).astype(np.float32), ref, atol=2e-3)
+    assert ref.min() == pytest.approx(-1.5) and ref.max() < -1.4  # the clip is as quiet as meant
 
 def test_features_never_import_torch():
     # The packer's workers compute features with numpy and scipy alone: importing torch would cost
@@ -99,6 +142,10 @@ def test_bad_audio_raises_clear_errors(tmp_path):
         clip_features(np.zeros(0, dtype=np.float32))
     with pytest.raises(AudioDecodeError, match="cannot decode"):
         decode_audio(b"this is not audio at all" * 10)
+    text = tmp_path / "text.flac"  # ffmpeg takes it for a FLAC stream with no channels
+    text.write_bytes(b"not audio at all" * 20)
+    with pytest.raises(AudioDecodeError, match=r"^cannot decode audio: neither libsndfile .* nor ffmpeg reads it$"):
+        decode_audio(str(text))
     empty = io.BytesIO()
     import soundfile
     soundfile.write(empty, np.zeros(0, dtype=np.float32), 16000, format="WAV")

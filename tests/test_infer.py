@@ -151,6 +151,19 @@ def test_raw_audio_matches_feature_extractor(model_dir, tmp_path, capsys):
     assert "no reference captions" in captured.out and "4 clips in " in captured.out
 
 
+def test_audio_from_other_encoders_is_captioned_from_librosas_samples(model_dir, encoded_clips, tmp_path, capsys):
+    # sox's LAME MP3s were skipped as truncated and .webm files not listed
+    out = tmp_path / "preds.jsonl"
+    assert run("--model_name", model_dir, "--audio", encoded_clips["espeak.wav"].parent, "--batch_size", 4,
+               "--num_dataloader_workers", 0, "--max_new_tokens", MAX_NEW, "--output", out) == 0
+    files = sorted(str(path) for path in encoded_clips.values())
+    audio = [librosa.load(path, sr=16000)[0] for path in files]
+    features = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np")
+    preds = reference_captions(model_dir, torch.from_numpy(features["input_features"]), max_new_tokens=MAX_NEW)
+    assert {row["key"]: row["pred_caption"] for row in read_jsonl(out)} == dict(zip(files, preds))
+    assert "skipped" not in capsys.readouterr().err
+
+
 def test_resume_after_a_killed_run(model_dir, shards, expected, tmp_path, capsys):
     out = tmp_path / "preds.jsonl"
     common = ["--model_name", model_dir, "--batch_size", 2, "--num_dataloader_workers", 0,

@@ -264,6 +264,23 @@ def test_clips_over_30_seconds_are_truncated_and_counted(tmp_path, capsys):
     assert index["totals"]["truncated"] == 1 and samples["short.wav"]["meta"]["truncated"] is False
 
 
+def test_audio_from_other_encoders_packs_without_a_reject(tmp_path, encoded_clips, capsys):
+    for name, path in encoded_clips.items():  # sox's LAME MP3s were all rejected as truncated
+        (tmp_path / "ds").mkdir(exist_ok=True)
+        shutil.copyfile(path, tmp_path / "ds" / name)
+        (tmp_path / "ds" / name).with_suffix(".txt").write_text(f"a voice, {name}")
+    assert main([str(tmp_path / "ds"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert (tmp_path / "out" / "rejects.jsonl").read_text() == ""
+    samples = {s["meta"]["source"]: s["meta"] for s in read_split(tmp_path / "out")}
+    assert sorted(samples) == sorted(encoded_clips)
+    for name, meta in samples.items():  # the decoded length, not a header's estimate (34.22 s for 34.06)
+        whole, orig_sr = librosa.load(str(encoded_clips[name]), sr=None)
+        assert meta["orig_sample_rate"] == orig_sr
+        assert meta["seconds"] == pytest.approx(len(whole) / orig_sr, abs=1 / 16000)
+        assert meta["truncated"] == (len(whole) > 30 * orig_sr)
+    assert "truncated 1" in capsys.readouterr().out
+
+
 def test_manifest_and_raw_audio_shards_end_to_end(tmp_path):
     clips = make_clips(tmp_path / "audio", 3)
     manifest = tmp_path / "captions.csv"
