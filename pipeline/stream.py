@@ -801,7 +801,7 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise StreamError(f"source names must be unique, got {names}")
-    shards, counts, n_mels, owner = [], [], {}, {}
+    shards, counts, n_mels, first = [], [], {}, {}
     for source in sources:
         where = f"source '{source.name}': " if len(sources) > 1 else ""
         try:
@@ -810,10 +810,14 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
             raise StreamError(f"{where}{error}") from error
         if sum(s.samples for s in own) == 0:
             raise StreamError(f"{where}no samples in {source.shards!r} ({len(own)} shard(s))")
-        for shard in own:  # a shard in two sources would be read twice per epoch of each
-            other = owner.setdefault(canonical_url(shard.url), source.name)
-            if other != source.name:
-                raise StreamError(f"shard {shard.url} is in sources '{other}' and '{source.name}'")
+        for shard in own:  # a shard listed twice, or a copy of it (its index sha256), is read twice per epoch
+            for same, identity in (("file", canonical_url(shard.url)),
+                                   ("sha256 in index.json", shard.sha256 if shard.samples else None)):
+                seen = first.setdefault((same, identity), (source.name, shard.url))
+                if identity and seen != (source.name, shard.url):
+                    raise StreamError(f"shard {shard.url} of source '{source.name}' repeats {seen[1]} of source "
+                                      f"'{seen[0]}' (same {same}): its samples would come twice per epoch "
+                                      f"(list it once; a weight above 1 repeats a source)")
         if info["n_mels"] is not None:
             n_mels[source.name] = info["n_mels"]
         shards += own

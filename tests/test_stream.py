@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -615,7 +616,23 @@ def test_a_mix_does_not_resume_with_other_weights_and_names_are_checked(tmp_path
         loader([dataclasses.replace(s, weight=1) for s in sources], tiny_processor).load_state_dict(state)
     with pytest.raises(StreamError, match="source names must be unique"):
         loader([sources[0], dataclasses.replace(sources[1], name="a")], tiny_processor)
-    with pytest.raises(StreamError, match="is in sources 'a' and 'b'"):
+    with pytest.raises(StreamError, match=r"a/000.tar of source 'b' repeats .*a/000.tar of source 'a' \(same file\)"):
         loader([sources[0], Source("b", f"{tmp_path}/a/000.tar")], tiny_processor)
     with pytest.raises(StreamError, match="source 'c': .*no file matches"):
         loader([*sources, Source("c", f"{tmp_path}/none/*.tar")], tiny_processor)
+
+
+def test_a_copied_shard_in_another_source_or_the_same_one_is_refused(tmp_path, tiny_processor):
+    """A copied folder holds the same samples: mixed with its original (or listed beside it) every
+    sample would be trained twice per epoch. index.json's sha256 says so before anything is read;
+    empty shards (identical bytes, no samples) are no overlap."""
+    write_mel_shards(tmp_path / "a", [3, 0], prefix="a")
+    write_mel_shards(tmp_path / "b", [2, 0], prefix="b")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    with pytest.raises(StreamError, match=r"copy/000.tar of source 'c' repeats .*a/000.tar of source 'a' "
+                                          r"\(same sha256 in index.json\)"):
+        loader([Source("a", str(tmp_path / "a")), Source("b", str(tmp_path / "b")), Source("c", str(tmp_path / "copy"))],
+               tiny_processor)
+    with pytest.raises(StreamError, match=r"copy/000.tar of source 'default' repeats .*a/000.tar"):
+        loader([str(tmp_path / "a"), str(tmp_path / "copy")], tiny_processor)
+    assert len(loader([Source("a", str(tmp_path / "a")), Source("b", str(tmp_path / "b"))], tiny_processor)) == 3
