@@ -99,7 +99,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -116,6 +115,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.shard_format import decode_sample
 from pipeline.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
                            resolve_shards)
+from pipeline.workers import exit_flag, worker_init
 
 STATE_VERSION = 3  # 3 added the sources (mixing); 2 the data digest and the epoch's sequence (elastic resume)
 DATA_KEYS = ("seed", "num_samples", "train", "data_digest")  # must match to resume at all
@@ -598,13 +598,6 @@ class ShardStream(IterableDataset):
 # ---------------------------------------------------------------------------------------- loader
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers share the main process's group, so Ctrl-C or a preemption SIGTERM reaches them too;
-    the main process handles it (save, then stop) and shuts the workers down itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class _Crossing:
     """A compact batch on its way from a worker to the main process. A torch tensor crosses as
     shared memory whose file descriptor the main process fetches from the worker, a round trip per
@@ -647,7 +640,7 @@ class StreamLoader:
                                    # stream draws no torch randomness, and a resumed training run's
                                    # dropout must not shift because a new iterator drew a seed.
                                    generator=torch.Generator().manual_seed(0),
-                                   worker_init_fn=_ignore_stop_signals)
+                                   worker_init_fn=functools.partial(worker_init, exit_flag()) if num_workers else None)
         self._loader = DataLoader(dataset, **self._loader_kwargs)
         self.epoch, self.batches, self.skipped, self.epoch_skipped = 0, 0, 0, 0
 

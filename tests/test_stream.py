@@ -9,10 +9,13 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import tarfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -636,3 +639,56 @@ def test_a_copied_shard_in_another_source_or_the_same_one_is_refused(tmp_path, t
     with pytest.raises(StreamError, match=r"copy/000.tar of source 'default' repeats .*a/000.tar"):
         loader([str(tmp_path / "a"), str(tmp_path / "copy")], tiny_processor)
     assert len(loader([Source("a", str(tmp_path / "a")), Source("b", str(tmp_path / "b"))], tiny_processor)) == 3
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and has not exited (an orphan's zombie may wait for a reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill", "drop", "signals"])
+def test_workers_end_with_their_loader_or_their_process(tmp_path, mode):
+    """Workers ignore SIGINT and SIGTERM sent to the whole process group (the main process still reads
+    batches, as the trainer does before it saves), yet none outlives its loader or its process: a
+    traceback or a normal end with a loader alive exits at once (it used to hang in multiprocessing's
+    exit join while the workers ignored its SIGTERM), a SIGKILLed process's workers follow it, a
+    dropped loader's workers end."""
+    write_mel_shards(tmp_path / "train", [20, 20])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_stream_workers.py"), str(tmp_path / "train"), mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own group, as a shell's job or a scheduler's
+    guard, pids = threading.Timer(120, proc.kill), []
+    guard.start()
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 2 and all(map(running, pids))
+        if mode == "signals":  # Ctrl-C, then a scheduler's SIGTERM, to every process of the group
+            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        if mode == "raise":
+            _, err = proc.communicate(timeout=10)
+            assert proc.returncode == 1 and "a failure with the loader alive" in err
+        elif mode == "signals":
+            out, err = proc.communicate(timeout=10)
+            assert proc.returncode == 0 and json.loads(out) == ["SIGINT", "SIGTERM"], err[-3000:]
+        elif mode == "kill":
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            assert proc.stdout.readline().strip() == "dropped"
+        deadline = time.monotonic() + 3
+        while any(map(running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if running(pid)]
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.communicate()
+        for pid in pids:  # a failure here must not leave them to the rest of the suite
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
