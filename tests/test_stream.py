@@ -568,6 +568,33 @@ def test_sources_come_in_proportion_to_their_weights_within_binomial_noise(tmp_p
     assert other != batches  # seeded
 
 
+def shard_runs(keys: list[str]) -> list[str]:
+    """The shards ``keys`` come from (``{prefix}{shard}_{i}``), each run of one shard once."""
+    shards = [k.split("_")[0] for k in keys]
+    return [s for i, s in enumerate(shards) if i == 0 or s != shards[i - 1]]
+
+
+def test_each_epoch_visits_the_shards_and_interleaves_the_sources_in_its_own_order(tmp_path, tiny_processor):
+    """Read straight through (shuffle blocks of one sample, one cursor), an epoch's key order is its
+    plan: the shards each source visits, and which source each position is. Both are drawn per
+    epoch (module doc, item 1): every epoch differs, for the first source and the others."""
+    sources, _ = mixed(tmp_path, {"a": [2] * 6, "b": [2] * 6}, {"a": 1, "b": 1})
+    straight = {"shuffle_buffer": 1, "interleave": 1, "seed": 4}
+    one = loader(sources[0].shards, tiny_processor, **straight)
+    mix = loader(sources, tiny_processor, **straight)
+    epochs = [[k for b in one for k in b["keys"]] for _ in range(4)]
+    mixed_epochs = [[k for b in mix for k in b["keys"]] for _ in range(4)]
+    visits = [shard_runs(keys) for keys in epochs]
+    assert all(sorted(v) == [f"a{s:03d}" for s in range(6)] for v in visits)
+    assert len({tuple(v) for v in visits}) == 4
+    for name in "ab":  # equal sizes and weights: each stream epoch is one own epoch of each source
+        own = [shard_runs([k for k in keys if source_of(k) == name]) for keys in mixed_epochs]
+        assert all(sorted(v) == [f"{name}{s:03d}" for s in range(6)] for v in own)
+        assert len({tuple(v) for v in own}) == 4, name
+    whose = [tuple(source_of(k) for k in keys) for keys in mixed_epochs]
+    assert all(w.count("a") == 12 for w in whose) and len(set(whose)) == 4
+
+
 def test_quotas_are_the_weights_share_by_largest_remainder():
     mix = Mix.weighted(["a", "b", "c"], [[10, 3], [7], [1]], [1, 1, 1])
     assert mix.quotas == (7, 7, 7) and mix.total == 21
@@ -692,3 +719,38 @@ def test_workers_end_with_their_loader_or_their_process(tmp_path, mode):
         for pid in pids:  # a failure here must not leave them to the rest of the suite
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_skip_limit_is_a_share_of_the_ranks_own_samples(tmp_path, tiny_processor):
+    """Rank 0 of 4 reads shard 000 (evaluation order): 2 of its 5 samples lost is 40% of the rank's
+    epoch but 10% of all ranks' samples; max_skip_fraction is a share of the rank's own."""
+    broken = {"s000_0001", "s000_0003"}
+    paths = write_mel_shards(tmp_path / "train", [5, 5, 5, 5], caption=lambda key, j: " " if key in broken else key)
+    with pytest.raises(StreamError, match="2 of 5 samples of rank 0 were skipped in epoch 0"), \
+            pytest.warns(StreamWarning, match="s000_000[13]"):
+        list(loader(paths, tiny_processor, rank=0, world_size=4, train=False, max_skip_fraction=0.3))
+    keys, messages, _ = collect(loader(paths, tiny_processor, rank=0, world_size=4, train=False, max_skip_fraction=0.4))
+    assert keys == ["s000_0000", "s000_0002", "s000_0004"] and len(messages) == 2
+    keys, messages, _ = collect(loader(paths, tiny_processor, rank=1, world_size=4, train=False, max_skip_fraction=0))
+    assert keys == tar_keys(paths[1:2]) and not messages
+
+
+@pytest.mark.parametrize("index", [True, False])
+def test_a_sample_with_other_mel_bins_than_its_split_is_skipped(tmp_path, tiny_processor, index):
+    """A 128-bin sample among 80-bin ones: refused against index.json's n_mels, or without an index
+    against the first sample's, and counted; the batches stay 80-bin."""
+    paths = write_mel_shards(tmp_path / "train", [3, 3], index=index)
+    members = {**mel_sample_bytes("s001_0000", 9, ["a"]), **mel_sample_bytes("s001_0001", 9, ["b"], n_mels=128),
+               **mel_sample_bytes("s001_0002", 9, ["c"])}
+    write_members(Path(paths[1]), members)
+    if index:
+        index_path = tmp_path / "train" / "index.json"
+        data = json.loads(index_path.read_text())
+        data["shards"][1]["bytes"] = Path(paths[1]).stat().st_size
+        index_path.write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # without an index: counted by a header scan
+        stream = loader(paths, tiny_processor, train=False, max_skip_fraction=0.5)
+    keys, messages, _ = collect(stream)
+    assert keys == [k for k in tar_keys(paths) if k != "s001_0001"] and stream.skipped == 1
+    assert any("'s001_0001'" in m and "128 mel bins, the split has 80" in m for m in messages), messages
