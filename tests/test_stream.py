@@ -659,13 +659,13 @@ def test_a_copied_shard_in_another_source_or_the_same_one_is_refused(tmp_path, t
     write_mel_shards(tmp_path / "a", [3, 0], prefix="a")
     write_mel_shards(tmp_path / "b", [2, 0], prefix="b")
     shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    sources = [Source(name, str(tmp_path / folder)) for name, folder in (("a", "a"), ("b", "b"), ("c", "copy"))]
     with pytest.raises(StreamError, match=r"copy/000.tar of source 'c' repeats .*a/000.tar of source 'a' "
                                           r"\(same sha256 in index.json\)"):
-        loader([Source("a", str(tmp_path / "a")), Source("b", str(tmp_path / "b")), Source("c", str(tmp_path / "copy"))],
-               tiny_processor)
+        loader(sources, tiny_processor)
     with pytest.raises(StreamError, match=r"copy/000.tar of source 'default' repeats .*a/000.tar"):
         loader([str(tmp_path / "a"), str(tmp_path / "copy")], tiny_processor)
-    assert len(loader([Source("a", str(tmp_path / "a")), Source("b", str(tmp_path / "b"))], tiny_processor)) == 3
+    assert len(loader(sources[:2], tiny_processor)) == 3  # their empty 001.tar are byte-identical
 
 
 def running(pid: int) -> bool:
