@@ -99,7 +99,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -116,6 +115,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.shard_format import decode_sample
 from pipeline.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
                            resolve_shards)
+from pipeline.workers import exit_flag, worker_init
 
 STATE_VERSION = 3  # 3 added the sources (mixing); 2 the data digest and the epoch's sequence (elastic resume)
 DATA_KEYS = ("seed", "num_samples", "train", "data_digest")  # must match to resume at all
@@ -598,13 +598,6 @@ class ShardStream(IterableDataset):
 # ---------------------------------------------------------------------------------------- loader
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers share the main process's group, so Ctrl-C or a preemption SIGTERM reaches them too;
-    the main process handles it (save, then stop) and shuts the workers down itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class _Crossing:
     """A compact batch on its way from a worker to the main process. A torch tensor crosses as
     shared memory whose file descriptor the main process fetches from the worker, a round trip per
@@ -647,7 +640,7 @@ class StreamLoader:
                                    # stream draws no torch randomness, and a resumed training run's
                                    # dropout must not shift because a new iterator drew a seed.
                                    generator=torch.Generator().manual_seed(0),
-                                   worker_init_fn=_ignore_stop_signals)
+                                   worker_init_fn=functools.partial(worker_init, exit_flag()) if num_workers else None)
         self._loader = DataLoader(dataset, **self._loader_kwargs)
         self.epoch, self.batches, self.skipped, self.epoch_skipped = 0, 0, 0, 0
 
@@ -801,7 +794,7 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise StreamError(f"source names must be unique, got {names}")
-    shards, counts, n_mels, owner = [], [], {}, {}
+    shards, counts, n_mels, first = [], [], {}, {}
     for source in sources:
         where = f"source '{source.name}': " if len(sources) > 1 else ""
         try:
@@ -810,10 +803,14 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
             raise StreamError(f"{where}{error}") from error
         if sum(s.samples for s in own) == 0:
             raise StreamError(f"{where}no samples in {source.shards!r} ({len(own)} shard(s))")
-        for shard in own:  # a shard in two sources would be read twice per epoch of each
-            other = owner.setdefault(canonical_url(shard.url), source.name)
-            if other != source.name:
-                raise StreamError(f"shard {shard.url} is in sources '{other}' and '{source.name}'")
+        for shard in own:  # a shard listed twice, or a copy of it (its index sha256), is read twice per epoch
+            for same, identity in (("file", canonical_url(shard.url)),
+                                   ("sha256 in index.json", shard.sha256 if shard.samples else None)):
+                seen = first.setdefault((same, identity), (source.name, shard.url))
+                if identity and seen != (source.name, shard.url):
+                    raise StreamError(f"shard {shard.url} of source '{source.name}' repeats {seen[1]} of source "
+                                      f"'{seen[0]}' (same {same}): its samples would come twice per epoch "
+                                      f"(list it once; a weight above 1 repeats a source)")
         if info["n_mels"] is not None:
             n_mels[source.name] = info["n_mels"]
         shards += own

@@ -229,7 +229,8 @@ def canonical_url(url: str) -> str:
 def read_index(index_url: str, policy: RetryPolicy | None = None) -> tuple[list[IndexEntry], int | None] | None:
     """``(entries, n_mels)`` of an ``index.json`` (local, http, fsspec); None when there is none
     (a missing file, HTTP 404). Anything else raises: a server error or a broken index taken for
-    "no index" would silently change epoch sizes."""
+    "no index" would silently change epoch sizes, and an entry naming a file outside the index's
+    folder (absolute, or through ``..``) would have a downloaded index read any file of this machine."""
     try:
         with open_url(index_url, policy) as stream:
             data = stream.read()
@@ -238,7 +239,12 @@ def read_index(index_url: str, policy: RetryPolicy | None = None) -> tuple[list[
         if isinstance(cause, FileNotFoundError) or (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
             return None
         raise
-    return parse_index(data, index_url)
+    entries, n_mels = parse_index(data, index_url)
+    for entry in entries:
+        if posixpath.isabs(entry.name) or ".." in re.split(r"[/\\]", entry.name):
+            raise ValueError(f"{index_url}: shard entry {entry.name!r} is not inside the index's folder "
+                             f"(names are relative to it, without '..')")
+    return entries, n_mels
 
 
 def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy | None = None

@@ -8,10 +8,14 @@ import io
 import json
 import os
 import pathlib
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import tarfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -564,6 +568,33 @@ def test_sources_come_in_proportion_to_their_weights_within_binomial_noise(tmp_p
     assert other != batches  # seeded
 
 
+def shard_runs(keys: list[str]) -> list[str]:
+    """The shards ``keys`` come from (``{prefix}{shard}_{i}``), each run of one shard once."""
+    shards = [k.split("_")[0] for k in keys]
+    return [s for i, s in enumerate(shards) if i == 0 or s != shards[i - 1]]
+
+
+def test_each_epoch_visits_the_shards_and_interleaves_the_sources_in_its_own_order(tmp_path, tiny_processor):
+    """Read straight through (shuffle blocks of one sample, one cursor), an epoch's key order is its
+    plan: the shards each source visits, and which source each position is. Both are drawn per
+    epoch (module doc, item 1): every epoch differs, for the first source and the others."""
+    sources, _ = mixed(tmp_path, {"a": [2] * 6, "b": [2] * 6}, {"a": 1, "b": 1})
+    straight = {"shuffle_buffer": 1, "interleave": 1, "seed": 4}
+    one = loader(sources[0].shards, tiny_processor, **straight)
+    mix = loader(sources, tiny_processor, **straight)
+    epochs = [[k for b in one for k in b["keys"]] for _ in range(4)]
+    mixed_epochs = [[k for b in mix for k in b["keys"]] for _ in range(4)]
+    visits = [shard_runs(keys) for keys in epochs]
+    assert all(sorted(v) == [f"a{s:03d}" for s in range(6)] for v in visits)
+    assert len({tuple(v) for v in visits}) == 4
+    for name in "ab":  # equal sizes and weights: each stream epoch is one own epoch of each source
+        own = [shard_runs([k for k in keys if source_of(k) == name]) for keys in mixed_epochs]
+        assert all(sorted(v) == [f"{name}{s:03d}" for s in range(6)] for v in own)
+        assert len({tuple(v) for v in own}) == 4, name
+    whose = [tuple(source_of(k) for k in keys) for keys in mixed_epochs]
+    assert all(w.count("a") == 12 for w in whose) and len(set(whose)) == 4
+
+
 def test_quotas_are_the_weights_share_by_largest_remainder():
     mix = Mix.weighted(["a", "b", "c"], [[10, 3], [7], [1]], [1, 1, 1])
     assert mix.quotas == (7, 7, 7) and mix.total == 21
@@ -615,7 +646,111 @@ def test_a_mix_does_not_resume_with_other_weights_and_names_are_checked(tmp_path
         loader([dataclasses.replace(s, weight=1) for s in sources], tiny_processor).load_state_dict(state)
     with pytest.raises(StreamError, match="source names must be unique"):
         loader([sources[0], dataclasses.replace(sources[1], name="a")], tiny_processor)
-    with pytest.raises(StreamError, match="is in sources 'a' and 'b'"):
+    with pytest.raises(StreamError, match=r"a/000.tar of source 'b' repeats .*a/000.tar of source 'a' \(same file\)"):
         loader([sources[0], Source("b", f"{tmp_path}/a/000.tar")], tiny_processor)
     with pytest.raises(StreamError, match="source 'c': .*no file matches"):
         loader([*sources, Source("c", f"{tmp_path}/none/*.tar")], tiny_processor)
+
+
+def test_a_copied_shard_in_another_source_or_the_same_one_is_refused(tmp_path, tiny_processor):
+    """A copied folder holds the same samples: mixed with its original (or listed beside it) every
+    sample would be trained twice per epoch. index.json's sha256 says so before anything is read;
+    empty shards (identical bytes, no samples) are no overlap."""
+    write_mel_shards(tmp_path / "a", [3, 0], prefix="a")
+    write_mel_shards(tmp_path / "b", [2, 0], prefix="b")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    sources = [Source(name, str(tmp_path / folder)) for name, folder in (("a", "a"), ("b", "b"), ("c", "copy"))]
+    with pytest.raises(StreamError, match=r"copy/000.tar of source 'c' repeats .*a/000.tar of source 'a' "
+                                          r"\(same sha256 in index.json\)"):
+        loader(sources, tiny_processor)
+    with pytest.raises(StreamError, match=r"copy/000.tar of source 'default' repeats .*a/000.tar"):
+        loader([str(tmp_path / "a"), str(tmp_path / "copy")], tiny_processor)
+    assert len(loader(sources[:2], tiny_processor)) == 3  # their empty 001.tar are byte-identical
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and has not exited (an orphan's zombie may wait for a reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill", "drop", "signals"])
+def test_workers_end_with_their_loader_or_their_process(tmp_path, mode):
+    """Workers ignore SIGINT and SIGTERM sent to the whole process group (the main process still reads
+    batches, as the trainer does before it saves), yet none outlives its loader or its process: a
+    traceback or a normal end with a loader alive exits at once (it used to hang in multiprocessing's
+    exit join while the workers ignored its SIGTERM), a SIGKILLed process's workers follow it, a
+    dropped loader's workers end."""
+    write_mel_shards(tmp_path / "train", [20, 20])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_stream_workers.py"), str(tmp_path / "train"), mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own group, as a shell's job or a scheduler's
+    guard, pids = threading.Timer(120, proc.kill), []
+    guard.start()
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 2 and all(map(running, pids))
+        if mode == "signals":  # Ctrl-C, then a scheduler's SIGTERM, to every process of the group
+            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        if mode == "raise":
+            _, err = proc.communicate(timeout=10)
+            assert proc.returncode == 1 and "a failure with the loader alive" in err
+        elif mode == "signals":
+            out, err = proc.communicate(timeout=10)
+            assert proc.returncode == 0 and json.loads(out) == ["SIGINT", "SIGTERM"], err[-3000:]
+        elif mode == "kill":
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            assert proc.stdout.readline().strip() == "dropped"
+        deadline = time.monotonic() + 3
+        while any(map(running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if running(pid)]
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.communicate()
+        for pid in pids:  # a failure here must not leave them to the rest of the suite
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_skip_limit_is_a_share_of_the_ranks_own_samples(tmp_path, tiny_processor):
+    """Rank 0 of 4 reads shard 000 (evaluation order): 2 of its 5 samples lost is 40% of the rank's
+    epoch but 10% of all ranks' samples; max_skip_fraction is a share of the rank's own."""
+    broken = {"s000_0001", "s000_0003"}
+    paths = write_mel_shards(tmp_path / "train", [5, 5, 5, 5], caption=lambda key, j: " " if key in broken else key)
+    with pytest.raises(StreamError, match="2 of 5 samples of rank 0 were skipped in epoch 0"), \
+            pytest.warns(StreamWarning, match="s000_000[13]"):
+        list(loader(paths, tiny_processor, rank=0, world_size=4, train=False, max_skip_fraction=0.3))
+    keys, messages, _ = collect(loader(paths, tiny_processor, rank=0, world_size=4, train=False, max_skip_fraction=0.4))
+    assert keys == ["s000_0000", "s000_0002", "s000_0004"] and len(messages) == 2
+    keys, messages, _ = collect(loader(paths, tiny_processor, rank=1, world_size=4, train=False, max_skip_fraction=0))
+    assert keys == tar_keys(paths[1:2]) and not messages
+
+
+@pytest.mark.parametrize("index", [True, False])
+def test_a_sample_with_other_mel_bins_than_its_split_is_skipped(tmp_path, tiny_processor, index):
+    """A 128-bin sample among 80-bin ones: refused against index.json's n_mels, or without an index
+    against the first sample's, and counted; the batches stay 80-bin."""
+    paths = write_mel_shards(tmp_path / "train", [3, 3], index=index)
+    members = {**mel_sample_bytes("s001_0000", 9, ["a"]), **mel_sample_bytes("s001_0001", 9, ["b"], n_mels=128),
+               **mel_sample_bytes("s001_0002", 9, ["c"])}
+    write_members(Path(paths[1]), members)
+    if index:
+        index_path = tmp_path / "train" / "index.json"
+        data = json.loads(index_path.read_text())
+        data["shards"][1]["bytes"] = Path(paths[1]).stat().st_size
+        index_path.write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # without an index: counted by a header scan
+        stream = loader(paths, tiny_processor, train=False, max_skip_fraction=0.5)
+    keys, messages, _ = collect(stream)
+    assert keys == [k for k in tar_keys(paths) if k != "s001_0001"] and stream.skipped == 1
+    assert any("'s001_0001'" in m and "128 mel bins, the split has 80" in m for m in messages), messages

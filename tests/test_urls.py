@@ -4,6 +4,8 @@ and the tar reader against plain ``tarfile``."""
 import functools
 import http.server
 import io
+import json
+import re
 import shutil
 import tarfile
 import threading
@@ -236,3 +238,18 @@ def test_a_server_error_on_index_json_is_not_taken_for_no_index(tmp_path, http_r
     (tmp_path / "train" / "index.json").unlink()  # 404: absent, so the shards are counted by scanning
     with pytest.warns(UserWarning, match="counting their samples"):
         assert eval_keys(f"{http_root}/train/{{000..001}}.tar", tiny_processor) == tar_keys(paths)
+
+
+def test_index_entries_outside_the_index_folder_are_refused(tmp_path, tiny_processor):
+    """docs/FORMAT.md: shard names are relative to the index's folder. An index naming ``../x`` or
+    an absolute path would have the loader read a file outside it: refused when resolving."""
+    write_mel_shards(tmp_path / "train", [2, 3])
+    outside = write_mel_shards(tmp_path / "private", [4])[0]
+    index_path = tmp_path / "train" / "index.json"
+    index = json.loads(index_path.read_text())
+    for name in ("../private/000.tar", outside, "sub/../../private/000.tar"):
+        index["shards"][1]["name"] = name
+        index_path.write_text(json.dumps(index))
+        for spec in (str(tmp_path / "train"), str(index_path), f"{tmp_path}/train/000.tar"):
+            with pytest.raises(StreamError, match=re.escape(f"{index_path}: shard entry '{name}' is not inside")):
+                make_loader(spec, tiny_processor.tokenizer)
