@@ -1148,6 +1148,9 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
     except (TrainingError, StreamError) as error:
         log.error("%s", error)
         return 1
+    except Exception:  # a bug: its traceback, then out, so the run's loader workers are shut down, not left waiting
+        log.exception("the run failed")
+        return 1
 
 
 if __name__ == "__main__":
