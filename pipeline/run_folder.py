@@ -93,9 +93,10 @@ class SetAside:
 
 
 def claim_run(output_dir: Path, tc) -> tuple[str, Path | None, SetAside | None]:
-    """``(run id, checkpoint to resume or None, files to set aside)`` for a run in ``output_dir``. A fresh run never
-    starts among another run's files (``ConfigError`` with the ways out, unless
-    ``overwrite_output_dir`` moves them aside); ``latest`` resumes only the folder's own run, and
+    """``(run id, checkpoint to resume or None, files to set aside or None)`` for a run in
+    ``output_dir``; it moves nothing itself (the caller applies the ``SetAside`` once the run passed its
+    checks). A fresh run never starts among another run's files (``ConfigError`` with the ways out,
+    unless ``overwrite_output_dir`` sets them aside); ``latest`` resumes only the folder's own run, and
     falls back to the checkpoint the run last started from (another folder's) before any of its own."""
     owner, spec = folder_run_id(output_dir), tc.resume_from_checkpoint
     if spec == "latest":  # what a preemptible job passes on every start, the first one too

@@ -576,7 +576,8 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
     assert "non-finite loss at step 1" in caplog.text and len(calls) == 4  # 3 steps + the skipped one
     assert sorted(train_losses(tmp_path / "one")) == [1, 2, 3]
     audit = [json.loads(line) for line in open(tmp_path / "one" / "sample_keys" / "rank-0.jsonl")]
-    assert [(row["step"], row.get("skipped", False)) for row in audit] == [(1, False), (2, True), (2, False), (3, False)]
+    assert [(row["step"], row.get("skipped", False)) for row in audit] == [(1, False), (2, True), (2, False),
+                                                                           (3, False)]
     final = WhisperForConditionalGeneration.from_pretrained(tmp_path / "one" / "final")
     assert all(torch.isfinite(p).all() for p in final.parameters())
 
@@ -813,11 +814,13 @@ def test_data_wait_is_a_share_and_sources_seen_count_the_trained_steps(tmp_path,
                     time.sleep(0.5)
                 yield batch
 
-    monkeypatch.setattr(train_stream, "make_loader", lambda *args, **kwargs: SlowSecondBatch(make_loader(*args, **kwargs), []))
+    monkeypatch.setattr(train_stream, "make_loader",
+                        lambda *args, **kwargs: SlowSecondBatch(make_loader(*args, **kwargs), []))
     out = tmp_path / "o"
     assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=4")) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
-    assert [(m["step"], m["seen/default"], m["epochs/default"]) for m in lines] == [(s, 2 * s, s / 12) for s in range(1, 5)]
+    assert [(m["step"], m["seen/default"], m["epochs/default"]) for m in lines] == [(s, 2 * s, s / 12)
+                                                                                    for s in range(1, 5)]
     assert all(0 <= m["data_wait"] <= 1 for m in lines), [m["data_wait"] for m in lines]
     assert max(lines, key=lambda m: m["data_wait"])["step"] == 2  # it waited 0.5 s for its batch
 
