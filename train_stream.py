@@ -59,8 +59,6 @@ import logging
 import math
 import os
 import random
-import re
-import secrets
 import shutil
 import signal
 import sys
@@ -143,13 +141,10 @@ from pipeline.data_settings import DEFAULT_SOURCE
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
 from pipeline.model import CAPTION_TOKENS_KEY, ModelLoadError, generate_captions, load_model, load_processor, save_model
+from pipeline.run_folder import RUN_INFO, SetAside, checkpoint_run_id, claim_run, rotate_checkpoints, set_aside
 from pipeline.stream import StreamError, make_loader
 
 log = logging.getLogger("train_stream")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-RUN_INFO = "run_info.json"
-PREVIOUS_RUNS = "previous-runs"  # where overwrite_output_dir moves another run's files
-ANY_RUN = object()
 STATS = ("loss", "samples", "tokens", "wait_s", "bad", "stop", "skipped")  # the per-step all-reduce
 
 
@@ -191,7 +186,12 @@ def build_model(cfg: RunConfig):
     processor = load_processor(mc.name)
     model = load_model(mc.name, processor, attn_implementation=mc.attn_implementation)
     apply_model_options(model, mc)
-    return processor, add_lora(model, mc) if mc.lora_r else model
+    model = add_lora(model, mc) if mc.lora_r else model
+    if not any(p.requires_grad for p in model.parameters()):
+        encoder = " with freeze_encoder=true" if mc.freeze_encoder else ""
+        raise ConfigError(f"model_config.freeze={list(mc.freeze)}{encoder} leaves no parameter to train: "
+                          f"leave some out of the patterns")
+    return processor, model
 
 
 def apply_model_options(model, mc) -> None:
@@ -426,6 +426,7 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
 
 
 # ------------------------------------------------------------------------------------ 8. checkpoints
+# (which run owns the output folder, and which checkpoint a start resumes: pipeline.run_folder)
 
 def rng_state() -> dict:
     """This process's random generators, as tensors and numbers (``torch.load(weights_only=True)`` safe)."""
@@ -444,117 +445,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_state(path: Path) -> dict | None:
-    """A checkpoint's trainer_state.json, or None when it cannot be read (a save or a removal that was
-    killed half-way, a damaged file)."""
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def checkpoint_run_id(path: Path) -> str | None:
-    """The run a checkpoint belongs to (None for checkpoints written before runs had ids)."""
-    return (checkpoint_state(path) or {}).get("run_id")
-
-
-def list_checkpoints(output_dir: Path, run_id: str | None | object = ANY_RUN) -> list[Path]:
-    """Complete checkpoints of ``run_id`` (of any run by default; one from before runs had ids counts
-    as any run's), oldest first. Temporary folders are ignored; a checkpoint whose trainer_state.json
-    cannot be read is left out with a warning rather than stopping every later start."""
-    found = []
-    for path in output_dir.glob("checkpoint-*"):
-        match = CHECKPOINT_RE.match(path.name)
-        if not match:
-            continue
-        state = checkpoint_state(path)
-        if state is None:
-            log.warning("%s has no readable trainer_state.json (a save or removal that was killed?): ignored", path)
-        elif run_id is ANY_RUN or state.get("run_id") in (run_id, None):
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def run_info(output_dir: Path) -> dict:
-    path = output_dir / RUN_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def folder_run_id(output_dir: Path) -> str | None:
-    """The run that owns ``output_dir``: its run_info.json's, else its newest checkpoint's."""
-    found = list_checkpoints(output_dir)
-    return run_info(output_dir).get("run_id") or (checkpoint_run_id(found[-1]) if found else None)
-
-
-def set_aside(output_dir: Path, names: list[str], label: str) -> Path:
-    """Move ``names`` from ``output_dir`` into ``output_dir/previous-runs/LABEL-TIME/``: nothing of a
-    run is ever deleted to make room for another."""
-    aside = output_dir / PREVIOUS_RUNS / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        os.replace(output_dir / name, aside / name)
-    return aside
-
-
-def claim_run(output_dir: Path, tc) -> tuple[str, Path | None]:
-    """``(run id, checkpoint to resume or None)`` for a run in ``output_dir``. A fresh run never
-    starts among another run's files (``ConfigError`` with the ways out, unless
-    ``overwrite_output_dir`` moves them aside); ``latest`` resumes only the folder's own run, and
-    falls back to the checkpoint the run last started from (another folder's) before any of its own."""
-    owner, spec = folder_run_id(output_dir), tc.resume_from_checkpoint
-    if spec == "latest":  # what a preemptible job passes on every start, the first one too
-        ours = list_checkpoints(output_dir, owner)
-        origin = run_info(output_dir).get("resumed_from")
-        if ours:
-            return owner, ours[-1]
-        if origin and checkpoint_state(Path(origin)) is not None:
-            return owner, Path(origin)
-        log.info("resume_from_checkpoint=latest: no checkpoint of this folder's run in %s, starting from "
-                 "scratch", output_dir)
-        return owner or new_run_id(), None
-    if spec:
-        path = Path(spec)
-        state = checkpoint_state(path)
-        if state is None:
-            raise ConfigError(f"trainer_config.resume_from_checkpoint={spec}: not a checkpoint folder "
-                              f"(no readable trainer_state.json); use 'latest' or a checkpoint-STEP folder")
-        run_id = state.get("run_id") or owner or new_run_id()  # one without an id joins this folder's run
-        if owner is not None and owner != run_id:
-            raise ConfigError(f"{path} belongs to run {run_id}, but {output_dir} holds run {owner}: resume it "
-                              f"into its own output_dir, or a new one")
-        later = [p.name for p in list_checkpoints(output_dir, run_id) if checkpoint_state(p)["step"] > state["step"]]
-        if later:  # going back: the abandoned line's checkpoints must not be taken for the newest
-            aside = set_aside(output_dir, later, f"{run_id}-after-step-{state['step']}")
-            log.warning("resuming at step %d: this run's later checkpoints (%s) were moved to %s",
-                        state["step"], ", ".join(later), aside)
-        return run_id, path
-    if (output_dir / RUN_INFO).is_file() or list_checkpoints(output_dir):
-        leftovers = sorted(p.name for p in output_dir.iterdir() if p.name not in (".lock", PREVIOUS_RUNS))
-        if not tc.overwrite_output_dir:
-            raise ConfigError(f"{output_dir} holds run {owner}'s files ({', '.join(leftovers[:4])}"
-                              f"{', ...' if len(leftovers) > 4 else ''}): continue it with "
-                              f"trainer_config.resume_from_checkpoint=latest, or start afresh in a new "
-                              f"trainer_config.output_dir or with ++trainer_config.overwrite_output_dir=true "
-                              f"(moves them to {output_dir / PREVIOUS_RUNS}/)")
-        aside = set_aside(output_dir, leftovers, owner or "unnamed")
-        log.warning("overwrite_output_dir: moved run %s's files from %s to %s", owner, output_dir, aside)
-    return new_run_id(), None
-
-
-def new_run_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
-def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.ExitStack) -> tuple[str, Path | None]:
+def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.ExitStack
+              ) -> tuple[str, Path | None, SetAside | None]:
     """The run's id and checkpoint (or None), decided by the main process, which locks ``output_dir``
-    until ``lock`` closes, and sent to every rank, so all ranks raise the same error or go on together."""
-    decision = [None]
+    until ``lock`` closes, and sent to every rank, so all ranks raise the same error or go on together;
+    the files to set aside (the main process's to move, None on the others)."""
+    decision, aside = [None], None
     if accelerator.is_main_process:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             lock.enter_context(hold_lock(output_dir / ".lock"))
-            run_id, checkpoint = claim_run(output_dir, tc)
+            run_id, checkpoint, aside = claim_run(output_dir, tc)
             decision = [("ok", run_id, str(checkpoint) if checkpoint else None)]
         except LockBusy as error:  # a second run would interleave its checkpoints and logs with the first's
             decision = [("error", f"{output_dir} is in use by another training run ({error}): wait for it to "
@@ -567,7 +468,7 @@ def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.E
     status, value, checkpoint = decision[0]
     if status == "error":
         raise ConfigError(value)
-    return value, (Path(checkpoint) if checkpoint else None)
+    return value, (Path(checkpoint) if checkpoint else None), aside
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
@@ -603,21 +504,6 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accel
         log.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
-
-
-def rotate_checkpoints(output_dir: Path, keep: int | None, run_id: str, saved: Path) -> None:
-    """Keep the newest ``keep`` checkpoints of this run, ``saved`` (the one just written) always
-    among them; never touch another run's. A folder is renamed out of the checkpoint pattern before
-    it is deleted, so a kill half-way leaves no half checkpoint for ``latest`` to find."""
-    if not keep or keep < 1:
-        return
-    others = [p for p in list_checkpoints(output_dir, run_id) if p != saved]
-    for old in others[:max(0, len(others) - (keep - 1))]:
-        doomed = old.with_name(f".tmp-removed-{old.name}")
-        os.replace(old, doomed)
-        shutil.rmtree(doomed)
-        log.info("removed %s (save_total_limit=%d)", old, keep)
-
 
 
 def checkpoint_part(file: Path, load):
@@ -714,42 +600,60 @@ class SampleKeysLog:
 
     def __init__(self, output_dir: Path, accelerator: Accelerator, start_step: int, enabled: bool):
         folder, self.file = output_dir / "sample_keys", None
+        self.path = folder / f"rank-{accelerator.process_index}.jsonl"
         if accelerator.is_main_process and folder.is_dir():
             for path in folder.glob("rank-*.jsonl"):
                 kept = [line for line in path.read_text().splitlines(keepends=True)
                         if line.endswith("\n") and json.loads(line)["step"] <= start_step]  # a torn last line goes
-                write_atomic(path, "".join(kept))
+                self.attempt(lambda: write_atomic(path, "".join(kept)), path)
         accelerator.wait_for_everyone()
         if enabled:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.file = open(folder / f"rank-{accelerator.process_index}.jsonl", "a")
+            self.attempt(lambda: folder.mkdir(parents=True, exist_ok=True))
+            self.file = self.attempt(lambda: open(self.path, "a"))
+
+    def attempt(self, action, path: Path | None = None):
+        """``action()``; an ``OSError`` (a full disk) is one ``TrainingError`` line naming the file. The run
+        stops without a checkpoint: its disk is the one that is full; a resume from the last one trims this
+        log to it."""
+        try:
+            return action()
+        except OSError as error:
+            if self.file is not None:  # its unwritten line is lost with the error: closing retries the flush
+                file, self.file = self.file, None
+                with contextlib.suppress(OSError):
+                    file.close()
+            raise TrainingError(f"{path or self.path}: cannot write the sample keys log ({error.strerror or error}): "
+                                f"free some space (or set trainer_config.log_sample_keys=false) and continue with "
+                                f"trainer_config.resume_from_checkpoint=latest") from None
 
     def write(self, step: int, epoch: int, keys: list[str], skipped: bool = False) -> None:
         if self.file is not None:
             row = {"step": step, "epoch": epoch, "keys": keys, **({"skipped": True} if skipped else {})}
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            self.attempt(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            self.attempt(self.file.close)
 
 
 class Window:
-    """Sums of the reduced per-step statistics since the last log line (eval and save time excluded)."""
+    """Sums of the reduced per-step statistics since the last log line, over the time from its first
+    step's launch (the one after the last logged step is launched before that step is read), eval and
+    save time excluded: so the data wait it sums lies inside the time it divides by."""
 
     def __init__(self, micro_batches_per_step: int):
-        self.micro, self.start, self.paused = micro_batches_per_step, time.perf_counter(), 0.0
+        self.micro, self.start, self.pauses = micro_batches_per_step, None, []  # pauses: (start, seconds)
         self.steps, self.sums, self.grad_norm = 0, dict.fromkeys(STATS, 0.0), 0.0
 
-    def add(self, values: dict, grad_norm: float) -> None:
+    def add(self, values: dict, grad_norm: float, launched_at: float) -> None:
+        self.start = launched_at if self.start is None else self.start
         self.steps += 1
         self.grad_norm += grad_norm
         for name in STATS:
             self.sums[name] += values[name]
 
     def metrics(self, lr: float, world_size: int, skipped: float) -> dict:
-        elapsed = time.perf_counter() - self.start - self.paused
+        elapsed = time.perf_counter() - self.start - sum(s for at, s in self.pauses if at >= self.start)
         return {"loss": self.sums["loss"] / (self.steps * self.micro), "lr": lr,
                 "grad_norm": self.grad_norm / self.steps, "samples_per_s": self.sums["samples"] / elapsed,
                 "tokens_per_s": self.sums["tokens"] / elapsed,
@@ -783,10 +687,13 @@ def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: i
     return info
 
 
-def source_metrics(loader) -> dict:
-    """Per source: samples handed to training so far (all ranks) and its own epochs they make."""
-    return {f"{what}/{source['name']}": float(source[what])
-            for source in loader.progress() for what in ("seen", "epochs")}
+def source_metrics(loader, epoch: int, batches: int) -> dict:
+    """Per source: samples handed to training (all ranks) up to the stream position ``(epoch, batches)``
+    (the loader has handed out the step in flight too) and its own epochs they make."""
+    ds = loader.dataset
+    seen = ds.seen(epoch, loader.layout, batches)
+    return {f"{what}/{name}": float(value) for name, size, n in zip(ds.mix.names, ds.mix.sizes, seen)
+            for what, value in (("seen", n), ("epochs", n / size))}
 
 
 # ------------------------------------------------------------------------------------- 10. the loop
@@ -840,6 +747,8 @@ class Launched:
     keys: list[str]
     epoch: int
     lr: float
+    launched_at: float  # perf_counter when its first micro-batch was asked for
+    position: tuple[int, int]  # the loader's (epoch, batches) after its micro-batches
 
 
 def to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -895,6 +804,7 @@ class Trainer:
 
     def launch(self, batches, lr: float) -> Launched:
         """One optimizer step, queued on the device; skipped there if any rank's loss is not finite."""
+        launched_at = time.perf_counter()
         stats, keys, epoch = self.accumulate(batches)
         stats[STATS.index("stop")] = float(self.stop.signum is not None)
         stats[STATS.index("skipped")] = float(self.loader.skipped)
@@ -902,7 +812,7 @@ class Trainer:
         norm = optimizer_step(self.model, self.optimizer, self.accelerator, lr, self.tc.max_grad_norm,
                               skip=reduced[STATS.index("bad")] > 0)
         values = torch.cat([reduced, stats[STATS.index("bad")].view(1), norm.double().view(1)])
-        return Launched(*to_host(values), keys, epoch, lr)
+        return Launched(*to_host(values), keys, epoch, lr, launched_at, (self.loader.epoch, self.loader.batches))
 
     def settle(self, launched: Launched) -> bool:
         """Read a launched step's statistics (waiting for the device if it is still at it): count it
@@ -921,11 +831,11 @@ class Trainer:
         self.step += 1
         self.sample_log.write(self.step, launched.epoch, launched.keys)
         self.metrics_log.bar.update(1)
-        self.window.add(values, norm)
+        self.window.add(values, norm, launched.launched_at)
         if self.step % tc.logging_steps == 0 or self.step in (self.start_step + 1, self.max_steps):
             metrics = self.window.metrics(launched.lr, accelerator.num_processes, values["skipped"])
             if self.metrics_log.main:  # arithmetic on the loader's position, the same on every rank
-                metrics |= source_metrics(self.loader)
+                metrics |= source_metrics(self.loader, *launched.position)
             self.metrics_log.log_metrics(self.step, metrics, "train")
             self.window = Window(self.window.micro)
         paused = time.perf_counter()
@@ -933,7 +843,7 @@ class Trainer:
             self.evaluate(self.metrics_log)
         if self.step % tc.save_steps == 0:
             self.save()
-        self.window.paused += time.perf_counter() - paused
+        self.window.pauses.append((paused, time.perf_counter() - paused))
         return bool(values["stop"])
 
     def accumulate(self, batches) -> tuple[torch.Tensor, list[str], int]:
@@ -1030,6 +940,12 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
     loader = build_loader(cfg, processor.tokenizer, accelerator, train=True)
     val_loader = (build_loader(cfg, processor.tokenizer, accelerator, train=False)
                   if cfg.data_config.val_shards else None)
+    dc, takes = cfg.data_config, model.config.num_mel_bins
+    for one, urls in ((loader, " + ".join(str(s.shards) for s in dc.sources())), (val_loader, dc.val_shards)):
+        n_mels = one.dataset.n_mels if one else None  # None: no index.json; the stream holds samples to the first's
+        if n_mels not in (None, takes):
+            raise ConfigError(f"{urls}: the shards hold {n_mels}-bin log-mels, model {cfg.model_config.name} takes "
+                              f"{takes} (num_mel_bins): pack them with --n-mels {takes} or use a {n_mels}-bin model")
     if cfg.model_config.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, tc))
@@ -1039,17 +955,19 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
 def run(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest) -> int:
     output_dir = Path(cfg.trainer_config.output_dir)
     with contextlib.ExitStack() as lock:
-        run_id, checkpoint = start_run(output_dir, cfg.trainer_config, accelerator, lock)
-        return train(cfg, accelerator, stop, output_dir, run_id, checkpoint)
+        run_id, checkpoint, aside = start_run(output_dir, cfg.trainer_config, accelerator, lock)
+        return train(cfg, accelerator, stop, output_dir, run_id, checkpoint, aside)
 
 
 def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_dir: Path, run_id: str,
-          checkpoint: Path | None) -> int:
+          checkpoint: Path | None, aside: SetAside | None) -> int:
     tc = cfg.trainer_config
     processor, model, optimizer, loader, val_loader = prepare_run(cfg, accelerator)
     max_steps = total_steps(tc, len(loader))
     start_step, caption_tokens = (load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint
                                   else (0, 0))
+    if aside is not None:  # every check passed: now the folder may change
+        aside.apply(output_dir)
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         info = banner(cfg, accelerator, model, loader, max_steps, start_step)
@@ -1092,6 +1010,9 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
         return 2
     except (TrainingError, StreamError) as error:
         log.error("%s", error)
+        return 1
+    except Exception:  # a bug: its traceback, then out, so the run's loader workers are shut down, not left waiting
+        log.exception("the run failed")
         return 1
 
 

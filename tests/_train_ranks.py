@@ -5,6 +5,8 @@ to see on every rank, written to ``OUT_DIR/rank-R.*``:
 - ``rank-R.json``: the keys of every micro-batch this rank trained on, in order.
 
 ``WCS_TEST_NAN_AT=R:N`` makes rank R's N-th micro-batch loss NaN (1-based), as a bad batch would.
+``WCS_TEST_EVAL_ERROR=1`` makes evaluation raise, as a bug there would, after writing the time to
+``OUT_DIR/eval-error-at``.
 
     python -m accelerate.commands.launch ... tests/_train_ranks.py OUT_DIR [train_stream arguments]
 """
@@ -12,6 +14,7 @@ to see on every rank, written to ``OUT_DIR/rank-R.*``:
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +59,12 @@ def main(out: Path, argv: list[str]) -> int:
             {"world_size": accelerator.num_processes, "keys": keys}))
         return real_save_final(model, processor, cfg, accelerator, output_dir, caption_tokens)
 
+    def evaluate(*args, **kwargs):
+        (out / "eval-error-at").write_text(str(time.time()))
+        raise RuntimeError("an error in evaluation")
+
+    if os.environ.get("WCS_TEST_EVAL_ERROR"):
+        train_stream.evaluate = evaluate
     train_stream.make_loader, train_stream.compute_loss = make_loader, compute_loss
     train_stream.save_final = save_final
     return train_stream.main(argv)

@@ -4,6 +4,8 @@ where they can be, to keep the budget; multi-process and signal runs are real su
 
 import collections
 import copy
+import errno
+import io
 import json
 import logging
 import math
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -568,9 +571,13 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
         return compute_loss
 
     monkeypatch.setattr(train_stream, "compute_loss", nan_on(lambda n: n == 2))
-    assert train_stream.main(run_args(tmp_path / "one", shards[0], "trainer_config.max_steps=3")) == 0
+    assert train_stream.main(run_args(tmp_path / "one", shards[0], "trainer_config.max_steps=3",
+                                      "++trainer_config.log_sample_keys=true")) == 0
     assert "non-finite loss at step 1" in caplog.text and len(calls) == 4  # 3 steps + the skipped one
     assert sorted(train_losses(tmp_path / "one")) == [1, 2, 3]
+    audit = [json.loads(line) for line in open(tmp_path / "one" / "sample_keys" / "rank-0.jsonl")]
+    assert [(row["step"], row.get("skipped", False)) for row in audit] == [(1, False), (2, True), (2, False),
+                                                                           (3, False)]
     final = WhisperForConditionalGeneration.from_pretrained(tmp_path / "one" / "final")
     assert all(torch.isfinite(p).all() for p in final.parameters())
 
@@ -607,6 +614,69 @@ def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
     assert all(int(state["step"]) == 2 for state in optimizer.optimizer.state.values())
+
+
+def test_num_train_epochs_counts_a_last_partial_step():
+    tc = load_config(overrides=["trainer_config.max_steps=0", "trainer_config.num_train_epochs=1",
+                                "trainer_config.gradient_accumulation_steps=2"]).trainer_config
+    assert train_stream.total_steps(tc, 5) == 3  # 5 batches, 2 per step: the 5th gets a step of its own
+    assert train_stream.total_steps(tc, 4) == 2
+
+
+def test_padding_rows_are_not_counted_as_samples(shards, tiny_processor):
+    batch = next(iter(make_loader(shards[0], tiny_processor.tokenizer, batch_size=3, infinite=False)))
+    batch["is_pad"] = torch.tensor([False, True, False])
+    stats = torch.zeros(len(train_stream.STATS), dtype=torch.float64)
+    train_stream.train_step(load_model("tiny", tiny_processor), batch, Accelerator(cpu=True), stats)
+    real_tokens = int((batch["labels"][[0, 2]] != -100).sum())
+    assert stats[train_stream.STATS.index("samples")] == 2 and stats[train_stream.STATS.index("tokens")] == real_tokens
+
+
+def test_each_rank_resumes_its_own_loader_state_and_a_new_rank_rank_0s(tmp_path):
+    """The loader states of a 2-process checkpoint differ in their skip counts: rank 1 must read its own."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    safetensors.torch.save_model(model, str(tmp_path / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 2, "caption_tokens_longest": 5}))
+    for rank in (0, 1):
+        (tmp_path / f"loader_state_{rank}.json").write_text(json.dumps({"skipped": rank}))
+    for rank, expected in ((0, 0), (1, 1), (2, 0)):
+        read = []
+        accelerator = types.SimpleNamespace(unwrap_model=lambda m, keep_torch_compile: m, scaler=None,
+                                            process_index=rank, num_processes=3)
+        loader = types.SimpleNamespace(load_state_dict=read.append)
+        assert train_stream.load_checkpoint(tmp_path, model, optimizer, loader, accelerator) == (3, 5)
+        assert read == [{"skipped": expected}], rank
+
+
+def test_a_refused_start_leaves_the_output_dir_as_it_was(tmp_path, caplog):
+    """A resume from an older checkpoint with changed mix weights, and a fresh run over another run's files
+    (overwrite_output_dir) with nothing to train, are refused before a file of the folder is moved."""
+    for name, size in (("a", 6), ("b", 10)):
+        write_mel_shards(tmp_path / name, [size], prefix=name)
+
+    def sources(weight):
+        return (f"data_config.train_sources=[{{name: a, shards: '{tmp_path}/a', weight: {weight}}}, "
+                f"{{name: b, shards: '{tmp_path}/b'}}]")
+
+    def snapshot(folder: Path) -> dict:
+        return {p.relative_to(folder): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+    out = tmp_path / "o"
+    assert train_stream.main(run_args(out, "", "trainer_config.max_steps=4", "trainer_config.save_steps=2",
+                                      sources(3))[2:]) == 0
+    before = snapshot(out)
+    assert {Path("checkpoint-2"), Path("checkpoint-4")} <= set(before)
+    caplog.clear()
+    assert train_stream.main(run_args(out, "", "trainer_config.max_steps=6", sources(2),
+                                      f"trainer_config.resume_from_checkpoint={out / 'checkpoint-2'}")[2:]) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error.startswith("cannot resume the data stream, its data or seed changed")
+    assert snapshot(out) == before
+    assert train_stream.main(run_args(out, "", sources(3), "model_config.freeze=['*']",
+                                      "++trainer_config.overwrite_output_dir=true")[2:]) == 2
+    assert snapshot(out) == before
 
 
 def test_resume_refuses_another_seed_in_one_line(tmp_path, shards, caplog):
@@ -697,6 +767,62 @@ def test_offline_hub_id_and_bad_config_exit_2(tmp_path, shards, caplog, capsys, 
     assert "model_config.name=tiny" in caplog.text and "Traceback" not in caplog.text
     assert train_stream.main(run_args(tmp_path / "o", shards[0], "trainer_config.max_stepz=1")) == 2
     assert "valid keys of 'trainer_config'" in capsys.readouterr().err
+
+
+def test_nothing_to_train_and_shards_of_other_mel_bins_are_one_line_before_training(tmp_path, shards, caplog):
+    caplog.clear()
+    assert train_stream.main(run_args(tmp_path / "o", shards[0], "model_config.freeze=['*']")) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error == "model_config.freeze=['*'] leaves no parameter to train: leave some out of the patterns"
+    wide = tmp_path / "m128"
+    write_mel_shards(wide, [4], n_mels=128)
+    for where, args in ((wide, ["--shards", str(wide)]), (wide, ["--shards", shards[0], "--val-shards", str(wide)])):
+        caplog.clear()
+        assert train_stream.main(run_args(tmp_path / "o", "", *args)[2:]) == 2
+        (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert error == (f"{where}: the shards hold 128-bin log-mels, model tiny takes 80 (num_mel_bins): pack "
+                         f"them with --n-mels 80 or use a 128-bin model")
+    assert [p.name for p in (tmp_path / "o").iterdir()] == [".lock"]  # nothing written: refused before training
+
+
+def test_a_full_disk_under_the_sample_keys_log_is_one_line_and_ends_the_run(tmp_path, shards, caplog, monkeypatch):
+    class FullDisk(io.StringIO):
+        def flush(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_open = open
+    monkeypatch.setattr(train_stream, "open", lambda path, *args, **kwargs: FullDisk() if "sample_keys" in str(path)
+                        else real_open(path, *args, **kwargs), raising=False)
+    out = tmp_path / "o"
+    caplog.clear()
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=3",
+                                      "++trainer_config.log_sample_keys=true")) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error == (f"{out / 'sample_keys' / 'rank-0.jsonl'}: cannot write the sample keys log (No space left on "
+                     f"device): free some space (or set trainer_config.log_sample_keys=false) and continue with "
+                     f"trainer_config.resume_from_checkpoint=latest")
+    assert "Traceback" not in caplog.text and not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_data_wait_is_a_share_and_sources_seen_count_the_trained_steps(tmp_path, shards, monkeypatch):
+    """The data wait of a slow batch falls in the log window of its own step; at every logged step,
+    ``seen/default`` is the samples of the steps trained (batch 2, one process), not one step ahead."""
+    class SlowSecondBatch(KeyRecorder):
+        def __iter__(self):
+            for batch in super().__iter__():
+                if len(self.seen) == 2:
+                    time.sleep(0.5)
+                yield batch
+
+    monkeypatch.setattr(train_stream, "make_loader",
+                        lambda *args, **kwargs: SlowSecondBatch(make_loader(*args, **kwargs), []))
+    out = tmp_path / "o"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=4")) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [(m["step"], m["seen/default"], m["epochs/default"]) for m in lines] == [(s, 2 * s, s / 12)
+                                                                                    for s in range(1, 5)]
+    assert all(0 <= m["data_wait"] <= 1 for m in lines), [m["data_wait"] for m in lines]
+    assert max(lines, key=lambda m: m["data_wait"])["step"] == 2  # it waited 0.5 s for its batch
 
 
 def test_help_lists_the_config_keys_and_a_typo_names_the_nearest_without_loading_torch():
