@@ -37,6 +37,7 @@ import scipy.fft
 import soxr
 import threadpoolctl
 
+from pipeline.fileio import file_type
 from pipeline.shard_format import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 LOG_FLOOR = -10.0  # log10 of the 1e-10 power clamp: the log-mel of a zero frame
@@ -115,13 +116,7 @@ def _check_regular_file(path: str | os.PathLike) -> None:
     except OSError as error:
         raise AudioDecodeError(f"cannot read audio file ({type(error).__name__}: {error.strerror})") from error
     if not stat.S_ISREG(mode):
-        raise AudioDecodeError(f"not a regular file ({_file_type(mode)})")
-
-
-def _file_type(mode: int) -> str:
-    return next((name for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
-                                         (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                                         (stat.S_ISBLK, "a block device")) if test(mode)), "not a plain file")
+        raise AudioDecodeError(f"not a regular file ({file_type(mode)})")
 
 
 def _decode_with_soundfile(data, max_seconds: float | None) -> tuple[np.ndarray, int, int]:

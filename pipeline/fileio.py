@@ -31,12 +31,14 @@ class NotRegularFile(OSError):
     """A path to be written is there but is not a regular file (a symbolic link, a device, a pipe, a folder)."""
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+def file_type(mode: int) -> str:
+    """What an ``st_mode`` that is not a regular file's names, for messages ("a FIFO", "a symbolic link")."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "not a plain file"
 
 
 def check_replaceable(path: str | os.PathLike) -> None:
@@ -46,7 +48,7 @@ def check_replaceable(path: str | os.PathLike) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISREG(mode):
-        raise NotRegularFile(f"{path} is {_kind(mode)}: only a regular file or a new path is written")
+        raise NotRegularFile(f"{path} is {file_type(mode)}: only a regular file or a new path is written")
 
 
 @contextlib.contextmanager
@@ -60,7 +62,7 @@ def hold_lock(path: str | os.PathLike):
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):  # a pipe or device put there since the check
-            raise NotRegularFile(f"{path} is {_kind(mode)}: only a regular file or a new path is written")
+            raise NotRegularFile(f"{path} is {file_type(mode)}: only a regular file or a new path is written")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
