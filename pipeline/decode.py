@@ -11,10 +11,12 @@ once per batch:
 - cross-attention keys/values computed once per batch from the encoder output, shared by a clip's
   beams (its beams' queries attend together to the clip's keys, so beams cost no extra copies);
 - on CUDA the greedy step (decoder, suppression, argmax, finished-row masking, next-token write) is
-  captured as a CUDA graph once per batch and replayed per token, so a token costs one graph launch
-  instead of hundreds of kernel launches from Python; finished rows stay in the batch, masked to the
-  pad token, and "all finished?" is read every ``SYNC_EVERY`` tokens. On the CPU the step runs eagerly
-  and finished rows are dropped from the batch (no graph to keep static).
+  captured as a CUDA graph and replayed per token, so a token costs one graph launch instead of
+  hundreds of kernel launches from Python; finished rows stay in the batch, masked to the pad token,
+  and "all finished?" is read every ``SYNC_EVERY`` tokens. A captured step is kept with its buffers
+  (``GraphCache``) and replayed on later batches of the same shape. On the CPU the step runs eagerly
+  and finished rows are dropped from the batch (no graph to keep static);
+- beam search reads the host only every ``SYNC_EVERY`` tokens (has every clip stopped improving?).
 
 The output equals HF's (``tests/test_decode.py``: greedy token-identical in fp32, beams equal up to
 ties): the same prompt (``<|startoftranscript|><|en|><|translate|><|notimestamps|>`` + prefix), the
@@ -29,16 +31,20 @@ would read one as a segment end and decode another 30-s window after it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
 log = logging.getLogger(__name__)
-SYNC_EVERY = 8  # CUDA: tokens decoded between two "every row finished?" reads (each read waits for the GPU)
+SYNC_EVERY = 8  # tokens decoded between two "every row finished?" reads (each read waits for the GPU)
+GRAPH_CACHE_SIZE = 4  # captured greedy steps kept (each holds its batch's caches on the device)
 DROP_SHARE = 0.25  # CPU: drop finished rows from the batch once they are this share of the rows still in it
 _capture_failed = ""  # why the CUDA graph capture failed in this process, once it has
 
@@ -138,21 +144,27 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
+def _cross(model, encoder_out: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per decoder layer, the cross-attention K and V ``[clips, H, frames, Dh]`` of ``encoder_out``."""
+    heads = model.config.decoder_attention_heads
+    layers = [layer.encoder_attn for layer in model.model.decoder.layers]
+    return ([_heads(attn.k_proj(encoder_out), heads).contiguous() for attn in layers],
+            [_heads(attn.v_proj(encoder_out), heads).contiguous() for attn in layers])
+
+
+def _self_caches(model, like: torch.Tensor, rows: int, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed self-attention K and V ``[rows, H, max_len, Dh]`` per decoder layer, in ``like``'s dtype
+    (the projections' dtype, which autocast may make differ from the encoder output's)."""
+    heads = model.config.decoder_attention_heads
+    shape = (rows, heads, max_len, model.config.d_model // heads)
+    layers = len(model.model.decoder.layers)
+    return [like.new_zeros(shape) for _ in range(layers)], [like.new_zeros(shape) for _ in range(layers)]
+
+
 def _caches(model, encoder_out: torch.Tensor, rows: int, max_len: int) -> _Caches:
     """Cross-attention K/V from ``encoder_out [clips, frames, D]`` (once per batch) and empty self K/V."""
-    decoder = model.model.decoder
-    heads = model.config.decoder_attention_heads
-    d_model = model.config.d_model
-    shape = (rows, heads, max_len, d_model // heads)
-    caches = _Caches([], [], [], [])
-    for layer in decoder.layers:
-        attn = layer.encoder_attn
-        caches.cross_k.append(_heads(attn.k_proj(encoder_out), heads).contiguous())
-        caches.cross_v.append(_heads(attn.v_proj(encoder_out), heads).contiguous())
-        # the projections' dtype, which autocast may make differ from the encoder output's
-        caches.self_k.append(caches.cross_k[-1].new_zeros(shape))
-        caches.self_v.append(caches.cross_k[-1].new_zeros(shape))
-    return caches
+    cross_k, cross_v = _cross(model, encoder_out)
+    return _Caches(*_self_caches(model, cross_k[0], rows, max_len), cross_k, cross_v)
 
 
 def decoder_logits(model, caches: _Caches, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -201,15 +213,20 @@ def _token_mask(tokens: Sequence[int], vocab: int, device) -> torch.Tensor:
     return mask
 
 
+def _prompt_logits(model, caches: _Caches, rules: DecodeRules) -> torch.Tensor:
+    """The prompt through the decoder (its K/V written into ``caches``): raw logits ``[rows, V]`` of
+    the first caption token."""
+    rows, device = caches.self_k[0].shape[0], caches.self_k[0].device
+    prompt = torch.tensor(rules.prompt, device=device)
+    return decoder_logits(model, caches, prompt.expand(rows, -1), torch.arange(len(rules.prompt), device=device))
+
+
 def _prefill(model, features: torch.Tensor, rules: DecodeRules, beams: int, max_len: int):
     """Encoder, caches, and the prompt through the decoder: ``(caches, raw logits [rows, V] of the
     first caption token, suppress mask [V], begin-suppress mask [V])``."""
     encoder_out = model.model.encoder(features).last_hidden_state  # [clips, frames, D]
-    rows = features.shape[0] * beams
-    caches = _caches(model, encoder_out, rows, max_len)
-    prompt = torch.tensor(rules.prompt, device=features.device)
-    logits = decoder_logits(model, caches, prompt.expand(rows, -1), torch.arange(len(rules.prompt),
-                                                                                    device=features.device))
+    caches = _caches(model, encoder_out, features.shape[0] * beams, max_len)
+    logits = _prompt_logits(model, caches, rules)
     vocab = logits.shape[-1]
     return (caches, logits, _token_mask(rules.suppress, vocab, logits.device),
             _token_mask(rules.begin_suppress, vocab, logits.device))
@@ -238,13 +255,12 @@ def greedy(model, features: torch.Tensor, rules: DecodeRules, max_new_tokens: in
     mode = mode or ("graph" if features.device.type == "cuda" else "drop")
     if mode not in GREEDY_MODES:
         raise ValueError(f"greedy mode {mode!r}: choose from {', '.join(GREEDY_MODES)}")
-    max_len = len(rules.prompt) + max_new_tokens
-    caches, logits, suppress, begin = _prefill(model, features, rules, 1, max_len)
-    first = (logits + suppress + begin).argmax(-1)  # [B]
     if mode == "drop":
+        caches, logits, suppress, begin = _prefill(model, features, rules, 1, len(rules.prompt) + max_new_tokens)
+        first = (logits + suppress + begin).argmax(-1)
         tokens = _greedy_drop(model, caches, first, suppress, rules, max_new_tokens)
     else:
-        tokens = _greedy_static(model, caches, first, suppress, rules, max_new_tokens, mode == "graph")
+        tokens = _greedy_static(model, features, rules, max_new_tokens, mode == "graph")
     return _hf_layout(tokens, rules)
 
 
@@ -274,63 +290,186 @@ def _greedy_drop(model, caches: _Caches, first: torch.Tensor, suppress: torch.Te
     return out
 
 
-def _greedy_static(model, caches: _Caches, first: torch.Tensor, suppress: torch.Tensor, rules: DecodeRules,
-                   max_new_tokens: int, capture: bool) -> torch.Tensor:
-    """The whole greedy step (decoder, suppression, argmax, pad for finished rows, token write,
-    position + 1) on fixed buffers, so that ``capture`` can record it once per batch as a CUDA graph
-    replayed per token; "every row finished?" is read every ``SYNC_EVERY`` tokens."""
-    device = first.device
-    out = torch.full((first.shape[0], max_new_tokens), rules.pad, dtype=torch.long, device=device)  # [B, N]
-    out[:, 0] = first
-    last = first.clone()
-    finished = first == rules.eos
-    position = torch.tensor([len(rules.prompt)], device=device)  # of the token fed in (the last one generated)
-    column = torch.tensor([1], device=device)  # of ``out`` the step writes
+@dataclass
+class _GreedyState:
+    """What the greedy step reads and writes, on fixed buffers: a captured step replays on them."""
 
-    def step() -> None:
-        logits = decoder_logits(model, caches, last[:, None], position) + suppress
-        token = torch.where(finished, rules.pad, logits.argmax(-1))
-        finished.logical_or_(token == rules.eos)
-        out.index_copy_(1, column, token[:, None])
-        last.copy_(token)
-        position.add_(1)
-        column.add_(1)
+    caches: _Caches
+    suppress: torch.Tensor  # [V] -inf at the tokens suppressed at every step
+    begin: torch.Tensor  # [V] -inf at the tokens suppressed at the first caption token
+    out: torch.Tensor  # [rows, N] caption tokens, the pad token after a row's end
+    last: torch.Tensor  # [rows] the token fed in next (the last one generated)
+    finished: torch.Tensor  # [rows] bool
+    position: torch.Tensor  # [1] the decoder position of ``last``
+    column: torch.Tensor  # [1] the column of ``out`` the step writes
 
+    @classmethod
+    def allocate(cls, model, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], rules: DecodeRules,
+                 max_new_tokens: int):
+        """Buffers for a batch like this one, whose cross-attention K/V become the state's own."""
+        like = cross_k[0]  # [rows, H, frames, Dh]
+        rows, device, vocab = like.shape[0], like.device, model.proj_out.weight.shape[0]
+        caches = _Caches(*_self_caches(model, like, rows, len(rules.prompt) + max_new_tokens), cross_k, cross_v)
+        long = dict(dtype=torch.long, device=device)
+        return cls(caches, _token_mask(rules.suppress, vocab, device), _token_mask(rules.begin_suppress, vocab, device),
+                   torch.zeros(rows, max_new_tokens, **long), torch.zeros(rows, **long),
+                   torch.zeros(rows, dtype=torch.bool, device=device), torch.zeros(1, **long), torch.zeros(1, **long))
+
+    def start(self, model, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], rules: DecodeRules) -> None:
+        """A batch in: its cross-attention K/V, the prompt through the decoder, the first caption token."""
+        caches = self.caches
+        for static, batch in zip(caches.cross_k + caches.cross_v, cross_k + cross_v):
+            if static is not batch:
+                static.copy_(batch)
+        # masked-out slots still meet the attention weights (as 0 * value): a NaN left there by an
+        # earlier batch would spread, so they start at zero as fresh caches do
+        for cache in caches.self_k + caches.self_v:
+            cache.zero_()
+        first = (_prompt_logits(model, caches, rules) + self.suppress + self.begin).argmax(-1)  # [rows]
+        self.out.fill_(rules.pad)
+        self.out[:, 0] = first
+        self.last.copy_(first)
+        torch.eq(first, rules.eos, out=self.finished)
+        self.position.fill_(len(rules.prompt))
+        self.column.fill_(1)
+
+    def step(self, model, rules: DecodeRules) -> None:
+        """One token for every row (the pad token for finished ones): no host synchronisation, no new
+        shapes, so that a CUDA graph can capture it."""
+        logits = decoder_logits(model, self.caches, self.last[:, None], self.position) + self.suppress
+        token = torch.where(self.finished, rules.pad, logits.argmax(-1))
+        self.finished.logical_or_(token == rules.eos)
+        self.out.index_copy_(1, self.column, token[:, None])
+        self.last.copy_(token)
+        self.position.add_(1)
+        self.column.add_(1)
+
+
+@dataclass
+class _Graph:
+    """A captured greedy step and the buffers it replays on."""
+
+    state: _GreedyState
+    replay: Callable[[], None]
+
+
+class GraphCache:
+    """Captured greedy steps with their buffers, for one model's weights (a graph reads them where
+    they were at capture: other weights drop every graph), keyed by all else a graph depends on
+    (``_graph_key``); the ``size`` last used are kept. Their captures share one memory pool and one
+    side stream, so a capture reuses the blocks an earlier one freed."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.weights: tuple = ()
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.pool = None
+        self.stream = None
+
+    def find(self, model, key: tuple) -> _Graph | None:
+        weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
+        if weights != self.weights:
+            self.graphs.clear()
+            self.weights, self.pool, self.stream = weights, None, None
+        graph = self.graphs.get(key)
+        if graph is not None:
+            self.graphs.move_to_end(key)
+        return graph
+
+    def capture(self, key: tuple, state: _GreedyState, step: Callable[[], None]) -> _Graph:
+        """``step`` on ``state`` captured (``_capture``) and kept under ``key``; raises the capture's error."""
+        if self.pool is None:
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        graph = self.graphs[key] = _Graph(state, _capture(step, self.pool, self.stream))
+        while len(self.graphs) > self.size:
+            self.graphs.popitem(last=False)
+        return graph
+
+
+GRAPHS = GraphCache(GRAPH_CACHE_SIZE)
+
+
+def _graph_key(cross_k: list[torch.Tensor], rules: DecodeRules, max_new_tokens: int) -> tuple:
+    """Everything a captured greedy step depends on besides the weights: the batch's cache shapes,
+    dtype and device, the rules (prompt length, tokens), the caption length, and the autocast, grad
+    and inference modes it was recorded under."""
+    like = cross_k[0]
+    device = like.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (tuple(like.shape), like.dtype, like.device, rules, max_new_tokens, autocast,
+            torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+
+def _greedy_static(model, features: torch.Tensor, rules: DecodeRules, max_new_tokens: int,
+                   capture: bool) -> torch.Tensor:
+    """Tokens ``[B, N]``, the whole greedy step (``_GreedyState.step``) run on fixed buffers: with
+    ``capture``, as a CUDA graph captured once per shape (``GRAPHS``) and replayed per token; "every
+    row finished?" is read every ``SYNC_EVERY`` tokens."""
     global _capture_failed
-    run = step
-    if capture and max_new_tokens > 1 and not _capture_failed:
-        state = [last, finished, position, column, out] + caches.self_k + caches.self_v
-        saved = [t.clone() for t in state]
-        try:
-            run = _capture(step)
-        except RuntimeError as error:  # an op this torch cannot capture: the same step, eagerly, from now on
-            _capture_failed = str(error).splitlines()[0]
-            log.warning("CUDA graph capture of the decoder step failed (%s); decoding without a graph",
-                        _capture_failed)
-        for target, value in zip(state, saved):  # the warm-up ran a step: back to the state after the prompt
-            target.copy_(value)
+    cross_k, cross_v = _cross(model, model.model.encoder(features).last_hidden_state)
+    capture = capture and max_new_tokens > 1 and not _capture_failed
+    key = _graph_key(cross_k, rules, max_new_tokens) if capture else ()
+    graph = GRAPHS.find(model, key) if capture else None
+    if graph is None:
+        state = _GreedyState.allocate(model, cross_k, cross_v, rules, max_new_tokens)
+        run = functools.partial(state.step, model, rules)
+        if capture:
+            try:
+                graph = GRAPHS.capture(key, state, run)
+            except RuntimeError as error:  # an op this torch cannot capture: the same step, eagerly, from now on
+                _capture_failed = str(error).splitlines()[0]
+                log.warning("CUDA graph capture of the decoder step failed (%s); decoding without a graph",
+                            _capture_failed)
+    if graph is not None:
+        state, run = graph.state, graph.replay
+    state.start(model, cross_k, cross_v, rules)
+    del cross_k, cross_v  # copied into a cached state: the batch's own go before the decoding
     for index in range(1, max_new_tokens):
-        if index % SYNC_EVERY == 1 and bool(finished.all()):
+        if index % SYNC_EVERY == 1 and bool(state.finished.all()):
             break
         run()
-    return out
+    return state.out
 
 
-def _capture(step):
-    """``step`` recorded as a CUDA graph; returns its replay. ``step`` runs once before, outside the
-    capture (lazy initialisation, cuBLAS workspaces): its state must be put back afterwards."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+@contextlib.contextmanager
+def _on_stream(stream):
+    """``stream`` is the current CUDA stream inside; the caller's is again afterwards, whatever raised."""
+    caller = torch.cuda.current_stream()
+    torch.cuda.set_stream(stream)
+    try:
+        yield
+    finally:
+        torch.cuda.set_stream(caller)
+
+
+def _capture(step: Callable[[], None], pool, stream) -> Callable[[], None]:
+    """``step`` recorded as a CUDA graph on ``stream`` into the memory ``pool``; returns its replay.
+    ``step`` runs once before, outside the capture (lazy initialisation, cuBLAS workspaces), so its
+    buffers must be set afterwards. ``capture_begin``/``capture_end`` rather than ``torch.cuda.graph``,
+    whose entry synchronises the device and empties its block caches (the training step's too) and
+    whose exit leaves the capture stream current when ``capture_end`` raises. A failure raises the
+    first error: a step that fails inside the capture makes ``capture_end`` fail too."""
+    caller = torch.cuda.current_stream()
+    stream.wait_stream(caller)
+    with _on_stream(stream):
         step()
-    torch.cuda.current_stream().wait_stream(stream)
+    caller.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     # autocast (training's evaluation) must not reuse its cast-weight cache inside a capture; other
     # threads (the loader's pinning and hand-over threads) may go on using CUDA meanwhile
     autocast = torch.is_autocast_enabled("cuda")
-    with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False), \
-            torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        step()
+    with _on_stream(stream), (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                              if autocast else contextlib.nullcontext()):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            step()
+        except BaseException as error:
+            try:
+                graph.capture_end()  # takes the stream out of capture mode
+            except RuntimeError as second:
+                error.add_note(f"ending the failed capture: {str(second).splitlines()[0]}")
+            raise
+        graph.capture_end()
     return graph.replay
 
 
@@ -341,7 +480,8 @@ def beam_search(model, features: torch.Tensor, rules: DecodeRules, max_new_token
     with ``early_stopping=False``): per step the top ``2 * num_beams`` continuations over all beams of a
     clip; those ending in the end token (among the top ``num_beams``) become finished hypotheses scored
     ``log p / length ** length_penalty``, the best ``num_beams`` others run on; a clip stops when its best
-    running beam cannot beat its worst finished one."""
+    running beam cannot beat its worst finished one. The host reads that every ``SYNC_EVERY`` tokens: a
+    clip that stopped takes no more hypotheses (``improvable``), so the steps in between change nothing."""
     clips, device = features.shape[0], features.device
     prompt_len = len(rules.prompt)
     max_len = prompt_len + max_new_tokens
@@ -357,10 +497,10 @@ def beam_search(model, features: torch.Tensor, rules: DecodeRules, max_new_token
     improvable = torch.ones(clips, 1, dtype=torch.bool, device=device)
     top_mask = torch.arange(keep_k, device=device) < num_beams  # [2k]
     offsets = torch.arange(clips, device=device)[:, None] * num_beams
+    positions = torch.arange(prompt_len, max_len, device=device)  # of the caption tokens
     for step in range(max_new_tokens):
         if step:
-            position = torch.tensor([prompt_len + step - 1], device=device)
-            logits = decoder_logits(model, caches, running[:, :, step - 1].reshape(rows, 1), position)
+            logits = decoder_logits(model, caches, running[:, :, step - 1].reshape(rows, 1), positions[step - 1:step])
         # HF: the log-softmax of the raw logits, then the processors' -inf
         log_probs = F.log_softmax(logits, dim=-1) + (suppress + begin if step == 0 else suppress)
         vocab = log_probs.shape[-1]
@@ -389,13 +529,15 @@ def beam_search(model, features: torch.Tensor, rules: DecodeRules, max_new_token
         finished_scores = torch.take_along_dim(merged_scores, best, dim=1)
         finished_any = torch.take_along_dim(torch.cat([finished_any, just_ended], dim=1), best, dim=1)
 
-        if bool(ends.all()):  # every continuation hit a stopping criterion (the length limit)
+        # every continuation hit a stopping criterion only at the length limit: a beam ends by its
+        # end token once, so at most num_beams of the 2 * num_beams candidates end that way
+        if step + 1 == max_new_tokens:
             break
         # HF's early_stopping=False heuristic, with the length the running beams have now
         best_running = running_scores[:, :1] / ((step + 1) ** rules.length_penalty)
         worst_finished = torch.where(finished_any, finished_scores.min(dim=1, keepdim=True)[0], -1e9)
         improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        if not bool(improvable.any()):
+        if step % SYNC_EVERY == SYNC_EVERY - 1 and not bool(improvable.any()):
             break
         caches.reorder((parent + offsets).view(-1))
     return _hf_layout(finished[:, 0], rules)

@@ -152,16 +152,52 @@ def test_settings_the_static_path_does_not_implement_are_refused(tiny_ending):
 
 
 @NEEDS_CUDA
-def test_cuda_graph_greedy_equals_hf(tiny_processor, caplog):
+def test_cuda_graph_greedy_equals_hf(tiny_processor, caplog, monkeypatch):
+    """Each mode equals HF on the GPU; a second batch of the same shape replays the graph the first
+    captured, and the caller's stream is current throughout."""
+    monkeypatch.setattr(decode, "GRAPHS", decode.GraphCache(decode.GRAPH_CACHE_SIZE))
     model = load_model("tiny", tiny_processor).eval()
     features = ending(model, 0, 6, alpha=0.1)
     model, features = model.cuda(), features.cuda()
     rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK, PREFIX)
+    stream = torch.cuda.current_stream()
     with torch.inference_mode():
         reference = generate_captions(model, features, max_new_tokens=20, prefix_ids=PREFIX, method="hf")
         for mode in decode.GREEDY_MODES:
             assert torch.equal(decode.greedy(model, features, rules, 20, mode=mode), reference), mode
+        graphs = [graph.replay for graph in decode.GRAPHS.graphs.values()]
+        assert len(graphs) == 1 and torch.cuda.current_stream() == stream
+        other = features.flip(0) * 0.5
+        reference = generate_captions(model, other, max_new_tokens=20, prefix_ids=PREFIX, method="hf")
+        assert torch.equal(decode.greedy(model, other, rules, 20), reference)
+        assert [graph.replay for graph in decode.GRAPHS.graphs.values()] == graphs
+    assert torch.cuda.current_stream() == stream
     assert not decode._capture_failed and "capture" not in caplog.text
+
+
+@NEEDS_CUDA
+def test_a_capture_that_fails_on_the_gpu_decodes_eagerly_on_the_callers_stream(tiny_processor, caplog, monkeypatch):
+    """A host read inside the capture (not capturable) fails it: the reason kept is that read's error,
+    not ``capture_end``'s, the caller's stream is current again and the batch decodes to HF's ids."""
+    monkeypatch.setattr(decode, "GRAPHS", decode.GraphCache(decode.GRAPH_CACHE_SIZE))
+    monkeypatch.setattr(decode, "_capture_failed", "")
+    model = load_model("tiny", tiny_processor).eval()
+    features = ending(model, 0, 6, alpha=0.1)
+    model, features = model.cuda(), features.cuda()
+    rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK)
+
+    def read_in_capture(module, args):
+        if torch.cuda.is_current_stream_capturing():
+            args[0].sum().item()
+
+    model.proj_out.register_forward_pre_hook(read_in_capture)
+    stream = torch.cuda.current_stream()
+    with torch.inference_mode():
+        reference = generate_captions(model, features, max_new_tokens=12, method="hf")
+        assert torch.equal(decode.greedy(model, features, rules, 12), reference)
+    assert torch.cuda.current_stream() == stream
+    assert "capturing" in decode._capture_failed and "previous error" not in decode._capture_failed
+    assert "decoding without a graph" in caplog.text and not decode.GRAPHS.graphs
 
 
 @pytest.mark.parametrize("length_penalty", [0.5, 2.0])
@@ -184,3 +220,145 @@ def test_beam_search_length_penalty_and_early_stop_equal_hf(tiny_ending, length_
     assert len(set(ends)) > 1 and min(ends) < 12, f"hypotheses should end at different steps: {ends}"
     assert not torch.equal(reference, plain), "the penalty should change some caption"
     assert torch.equal(fast, reference)
+
+
+class FakeStream:
+    """A CUDA stream's stand-in: ``wait_stream`` is all the decoder asks of one."""
+
+    def __init__(self, name: str = "side"):
+        self.name = name
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class FakeCuda:
+    """``torch.cuda``'s streams, graph and pool on the CPU, for the capture's own code path: the
+    graph's capture marks ``capturing`` (a step then fails where a real capture would) and its end
+    raises as a capture invalidated by an earlier error does."""
+
+    def __init__(self, monkeypatch):
+        self.current = self.caller = FakeStream("caller")
+        self.capturing = False
+        self.ended = 0
+        for name in ("current_stream", "set_stream", "graph_pool_handle", "Stream", "CUDAGraph"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def current_stream(self):
+        return self.current
+
+    def set_stream(self, stream) -> None:
+        self.current = stream
+
+    def graph_pool_handle(self):
+        return "pool"
+
+    Stream = FakeStream
+
+    def CUDAGraph(self):  # noqa: N802 (torch's name)
+        fake = self
+
+        class Graph:
+            def capture_begin(self, pool, capture_error_mode):
+                assert fake.current is not fake.caller, "the capture must run on the side stream"
+                fake.capturing = True
+
+            def capture_end(self):
+                fake.capturing, fake.ended = False, fake.ended + 1
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        return Graph()
+
+
+def test_graph_cache_captures_once_per_shape_and_replays(tiny_ending, monkeypatch):
+    """A later batch of the same shape replays the graph captured for the first (its buffers
+    refilled), another shape captures its own, every capture into the one pool; at most
+    ``size`` graphs are kept, and new weights drop them all. Captions stay HF's."""
+    model, features = tiny_ending
+    FakeCuda(monkeypatch)  # the pool and the side stream
+    monkeypatch.setattr(decode, "GRAPHS", decode.GraphCache(2))
+    monkeypatch.setattr(decode, "_capture_failed", "")
+    captures, replays = [], []
+
+    def fake_capture(step, pool, stream):  # the step, run eagerly as the replay
+        captures.append(pool)
+
+        def replay():
+            replays.append(len(captures))
+            step()
+        return replay
+
+    monkeypatch.setattr(decode, "_capture", fake_capture)
+    rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK)
+
+    def check(batch, captured):
+        with torch.inference_mode():
+            reference = generate_captions(model, batch, max_new_tokens=12, method="hf")
+            replays.clear()
+            assert torch.equal(decode.greedy(model, batch, rules, 12, mode="graph"), reference)
+        assert len(captures) == captured and replays and set(replays) == {captured}
+
+    check(features[:3], 1)
+    check(features[3:], 1)  # same shape: replayed, not captured
+    check(features[:2], 2)  # two rows: a graph of its own
+    check(features[3:5], 2)
+    assert set(captures) == {"pool"}
+    check(features[:1], 3)  # a third shape: the least recently used (three rows) goes
+    assert len(decode.GRAPHS.graphs) == 2
+    check(features[:3], 4)
+    loaded = model.proj_out.weight
+    model.proj_out.weight = torch.nn.Parameter(loaded.detach().clone())  # moved: a graph would read the old memory
+    try:
+        check(features[:3], 5)
+        assert len(decode.GRAPHS.graphs) == 1
+    finally:
+        model.proj_out.weight = loaded
+
+
+def test_a_failed_capture_restores_the_stream_and_records_the_first_error(tiny_ending, monkeypatch, caplog):
+    """A step that fails inside the capture (then ``capture_end`` fails too): the caller's stream is
+    current again, the reason kept is the first error, and the batch decodes eagerly to HF's ids."""
+    model, features = tiny_ending
+    cuda = FakeCuda(monkeypatch)
+    monkeypatch.setattr(decode, "GRAPHS", decode.GraphCache(2))
+    monkeypatch.setattr(decode, "_capture_failed", "")
+
+    def refuse_in_capture(module, args):
+        if cuda.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    hook = model.proj_out.register_forward_pre_hook(refuse_in_capture)
+    rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK)
+    try:
+        with torch.inference_mode():
+            reference = generate_captions(model, features, max_new_tokens=12, method="hf")
+            assert torch.equal(decode.greedy(model, features, rules, 12, mode="graph"), reference)
+            assert cuda.ended == 1 and cuda.current is cuda.caller
+            assert decode._capture_failed == "operation not permitted when stream is capturing"
+            assert "capture of the decoder step failed (operation not permitted" in caplog.text
+            assert not decode.GRAPHS.graphs
+            # from now on eagerly, without trying again
+            two = generate_captions(model, features[:2], max_new_tokens=12, method="hf")
+            assert torch.equal(decode.greedy(model, features[:2], rules, 12, mode="graph"), two)
+            assert cuda.ended == 1
+    finally:
+        hook.remove()
+
+
+def test_beam_search_reads_the_host_every_sync_every_tokens(tiny_ending, monkeypatch):
+    """Per token, beam search neither copies to the device from the host nor reads a result back
+    (each would wait for the GPU there): the early stop is read every ``SYNC_EVERY`` tokens."""
+    model, features = tiny_ending
+    rules = decode.decode_rules(model.generation_config, LANGUAGE, TASK)
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
+    tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: reads.append("tensor") or tensor(*a, **k))
+    monkeypatch.setattr(decode, "SYNC_EVERY", 4)
+    with torch.inference_mode():
+        tokens = decode.beam_search(model, features[:2], rules, 16, num_beams=2)
+    # the prompt in, the early stop at tokens 4, 8, 12 (if it gets there), the output's width
+    assert len(reads) <= 2 + 16 // 4, reads
+    assert tokens.shape[0] == 2
