@@ -14,8 +14,8 @@ once per batch:
   captured as a CUDA graph and replayed per token, so a token costs one graph launch instead of
   hundreds of kernel launches from Python; finished rows stay in the batch, masked to the pad token,
   and "all finished?" is read every ``SYNC_EVERY`` tokens. A captured step is kept with its buffers
-  (``GraphCache``) and replayed on later batches of the same shape. On the CPU the step runs eagerly
-  and finished rows are dropped from the batch (no graph to keep static);
+  (``GraphCache``) and replayed on later batches of its shape (or up to half fewer rows, padded). On
+  the CPU the step runs eagerly and finished rows are dropped from the batch (no graph to keep static);
 - beam search reads the host only every ``SYNC_EVERY`` tokens (has every clip stopped improving?).
 
 The output equals HF's (``tests/test_decode.py``: greedy token-identical in fp32, beams equal up to
@@ -316,11 +316,13 @@ class _GreedyState:
                    torch.zeros(rows, dtype=torch.bool, device=device), torch.zeros(1, **long), torch.zeros(1, **long))
 
     def start(self, model, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], rules: DecodeRules) -> None:
-        """A batch in: its cross-attention K/V, the prompt through the decoder, the first caption token."""
+        """A batch in: its cross-attention K/V, the prompt through the decoder, the first caption token.
+        Rows past the batch's are padding: finished from the start (rows never mix in the step)."""
         caches = self.caches
+        rows = cross_k[0].shape[0]
         for static, batch in zip(caches.cross_k + caches.cross_v, cross_k + cross_v):
             if static is not batch:
-                static.copy_(batch)
+                static[:rows].copy_(batch)
         # masked-out slots still meet the attention weights (as 0 * value): a NaN left there by an
         # earlier batch would spread, so they start at zero as fresh caches do
         for cache in caches.self_k + caches.self_v:
@@ -330,6 +332,7 @@ class _GreedyState:
         self.out[:, 0] = first
         self.last.copy_(first)
         torch.eq(first, rules.eos, out=self.finished)
+        self.finished[rows:] = True
         self.position.fill_(len(rules.prompt))
         self.column.fill_(1)
 
@@ -366,21 +369,27 @@ class GraphCache:
         self.pool = None
         self.stream = None
 
-    def find(self, model, key: tuple) -> _Graph | None:
+    def find(self, model, rows: int, key: tuple) -> _Graph | None:
+        """The graph for ``key`` with the fewest rows from ``rows`` to twice that (a batch of fewer
+        rows than the graph's rides it with padding rows), or None."""
         weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
         if weights != self.weights:
             self.graphs.clear()
             self.weights, self.pool, self.stream = weights, None, None
-        graph = self.graphs.get(key)
-        if graph is not None:
-            self.graphs.move_to_end(key)
-        return graph
+        fits = [held for held in self.graphs if held[1] == key and rows <= held[0] <= 2 * rows]
+        if not fits:
+            return None
+        best = min(fits, key=lambda held: held[0])
+        self.graphs.move_to_end(best)
+        return self.graphs[best]
 
     def capture(self, key: tuple, state: _GreedyState, step: Callable[[], None]) -> _Graph:
-        """``step`` on ``state`` captured (``_capture``) and kept under ``key``; raises the capture's error."""
+        """``step`` on ``state`` captured (``_capture``) and kept under ``key`` with its rows; raises
+        the capture's error."""
         if self.pool is None:
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
-        graph = self.graphs[key] = _Graph(state, _capture(step, self.pool, self.stream))
+        graph = _Graph(state, _capture(step, self.pool, self.stream))
+        self.graphs[state.out.shape[0], key] = graph
         while len(self.graphs) > self.size:
             self.graphs.popitem(last=False)
         return graph
@@ -390,13 +399,13 @@ GRAPHS = GraphCache(GRAPH_CACHE_SIZE)
 
 
 def _graph_key(cross_k: list[torch.Tensor], rules: DecodeRules, max_new_tokens: int) -> tuple:
-    """Everything a captured greedy step depends on besides the weights: the batch's cache shapes,
-    dtype and device, the rules (prompt length, tokens), the caption length, and the autocast, grad
-    and inference modes it was recorded under."""
+    """Everything a captured greedy step depends on besides the weights and its rows: the batch's
+    cache shape, dtype and device, the rules (prompt length, tokens), the caption length, and the
+    autocast, grad and inference modes it was recorded under."""
     like = cross_k[0]
     device = like.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return (tuple(like.shape), like.dtype, like.device, rules, max_new_tokens, autocast,
+    return (tuple(like.shape[1:]), like.dtype, like.device, rules, max_new_tokens, autocast,
             torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
 
@@ -409,7 +418,8 @@ def _greedy_static(model, features: torch.Tensor, rules: DecodeRules, max_new_to
     cross_k, cross_v = _cross(model, model.model.encoder(features).last_hidden_state)
     capture = capture and max_new_tokens > 1 and not _capture_failed
     key = _graph_key(cross_k, rules, max_new_tokens) if capture else ()
-    graph = GRAPHS.find(model, key) if capture else None
+    rows = features.shape[0]
+    graph = GRAPHS.find(model, rows, key) if capture else None
     if graph is None:
         state = _GreedyState.allocate(model, cross_k, cross_v, rules, max_new_tokens)
         run = functools.partial(state.step, model, rules)
@@ -428,7 +438,7 @@ def _greedy_static(model, features: torch.Tensor, rules: DecodeRules, max_new_to
         if index % SYNC_EVERY == 1 and bool(state.finished.all()):
             break
         run()
-    return state.out
+    return state.out[:rows]
 
 
 @contextlib.contextmanager

@@ -272,8 +272,9 @@ class FakeCuda:
 
 def test_graph_cache_captures_once_per_shape_and_replays(tiny_ending, monkeypatch):
     """A later batch of the same shape replays the graph captured for the first (its buffers
-    refilled), another shape captures its own, every capture into the one pool; at most
-    ``size`` graphs are kept, and new weights drop them all. Captions stay HF's."""
+    refilled), as does a batch of up to half fewer rows (padded); other shapes capture their own,
+    every capture into the one pool; at most ``size`` graphs are kept, and new weights drop them all.
+    Captions stay HF's."""
     model, features = tiny_ending
     FakeCuda(monkeypatch)  # the pool and the side stream
     monkeypatch.setattr(decode, "GRAPHS", decode.GraphCache(2))
@@ -300,12 +301,13 @@ def test_graph_cache_captures_once_per_shape_and_replays(tiny_ending, monkeypatc
 
     check(features[:3], 1)
     check(features[3:], 1)  # same shape: replayed, not captured
-    check(features[:2], 2)  # two rows: a graph of its own
-    check(features[3:5], 2)
+    check(features[4:], 1)  # two rows ride the three-row graph, the third one padding
+    check(features[:1], 2)  # one row: a graph of its own
     assert set(captures) == {"pool"}
-    check(features[:1], 3)  # a third shape: the least recently used (three rows) goes
+    check(features, 3)  # six rows: the least recently used (three rows) goes
     assert len(decode.GRAPHS.graphs) == 2
-    check(features[:3], 4)
+    check(features[:3], 3)  # rides the six-row graph
+    check(features[4:], 4)  # the three-row graph two rows rode is gone
     loaded = model.proj_out.weight
     model.proj_out.weight = torch.nn.Parameter(loaded.detach().clone())  # moved: a graph would read the old memory
     try:
