@@ -235,14 +235,22 @@ class FakeStream:
 class FakeCuda:
     """``torch.cuda``'s streams, graph and pool on the CPU, for the capture's own code path: the
     graph's capture marks ``capturing`` (a step then fails where a real capture would) and its end
-    raises as a capture invalidated by an earlier error does."""
+    raises as a capture invalidated by an earlier error does. Synchronising the device or emptying
+    its caches (what entering ``torch.cuda.graph`` does) fails the test."""
 
     def __init__(self, monkeypatch):
         self.current = self.caller = FakeStream("caller")
         self.capturing = False
         self.ended = 0
-        for name in ("current_stream", "set_stream", "graph_pool_handle", "Stream", "CUDAGraph"):
+        for name in ("current_stream", "set_stream", "graph_pool_handle", "Stream", "CUDAGraph", "synchronize",
+                     "empty_cache"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def synchronize(self, device=None):
+        raise AssertionError("the capture synchronised the device")
+
+    def empty_cache(self):
+        raise AssertionError("the capture emptied the device's block cache")
 
     def current_stream(self):
         return self.current
