@@ -396,6 +396,8 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     ``eval_max_batches`` batches per rank, gathered across ranks, padding samples left out, scored
     on the main process."""
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # the Whisper model itself (a PeftModel's, adapters active in it): the decoder reads its parts
+    unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
     unwrapped.eval()
     loader.load_state_dict(start_state)  # every evaluation reads the same batches from the start
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [CE sum, tokens]

@@ -32,7 +32,7 @@ import train_stream
 from pipeline.collate import expand_features
 from pipeline.config import ConfigError, load_config
 from pipeline.collate import prompt_ids
-from pipeline.model import LANGUAGE, TASK, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
+from pipeline.model import LANGUAGE, TASK, generate_captions, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
 from pipeline.stream import make_loader
 from tests.conftest import write_mel_shards
 
@@ -362,6 +362,33 @@ def test_lora_trains_adapters_only_and_final_is_a_plain_merged_whisper(tmp_path,
     info = json.loads((out / "run_info.json").read_text())
     assert info["trainable_parameters"] == 2 * 4 * 4 * 64 * 3  # 6 attentions x (q, v) x (A + B) of rank 4, d 64
     assert isinstance(load_model(str(out / "final")), WhisperForConditionalGeneration)
+
+
+def test_lora_with_validation_evaluates_the_adapted_model_as_hf_generate_does(tmp_path, shards):
+    """Evaluation of a LoRA run: its loss and captions are the ``PeftModel``'s, adapters active, as
+    torch's cross-entropy and HF ``generate`` on that same model (rebuilt from the step's checkpoint)
+    give them."""
+    pytest.importorskip("peft")
+    out = tmp_path / "o"
+    options = run_args(out, shards[0], "trainer_config.max_steps=2", "model_config.lora_r=4",
+                       "trainer_config.eval_steps=2", "trainer_config.save_steps=2",
+                       "++trainer_config.eval_metrics=[bleu]", "++trainer_config.generation_max_new_tokens=4")
+    assert train_stream.main([*options, "--val-shards", shards[1]]) == 0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (evaluated,) = [m for m in metrics if m["prefix"] == "eval" and m["step"] == 2]
+    _, peft_model = train_stream.build_model(load_config(overrides=options[2:]))
+    safetensors.torch.load_model(peft_model, str(out / "checkpoint-2" / "model.safetensors"))
+    peft_model.eval()
+    tok = load_processor("tiny").tokenizer
+    val = next(iter(make_loader(shards[1], tok, batch_size=5, train=False)))
+    with torch.no_grad():
+        loss = train_stream.compute_loss(peft_model, val, "cpu")[0].item()
+        with peft_model.disable_adapter():
+            plain = train_stream.compute_loss(peft_model, val, "cpu")[0].item()
+        ids = generate_captions(peft_model, expand_features(val).float(), max_new_tokens=4, method="hf")
+    assert math.isclose(evaluated["loss"], loss, rel_tol=1e-5) and not math.isclose(loss, plain, rel_tol=1e-5)
+    rows = {r["key"]: r["prediction"] for r in json.loads((out / "eval" / "step-2.json").read_text())}
+    assert rows == {k: t.strip() for k, t in zip(val["keys"], tok.batch_decode(ids, skip_special_tokens=True))}
 
 
 def test_lora_without_peft_is_one_clear_error(monkeypatch, tiny_processor):
