@@ -217,12 +217,12 @@ def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path,
         loader = real_make_loader(*args, **kwargs)
         return KeyRecorder(loader, batches, keep_batches=True) if kwargs.get("train") else loader
 
-    def recording_step(model, optimizer, accelerator, lr, max_grad_norm, skip):
+    def recording_step(model, optimizer, accelerator, stats, lr, max_grad_norm):
         unwrapped = accelerator.unwrap_model(model)
         before["model"] = copy.deepcopy(unwrapped)
         before["grads"] = {n: p.grad.clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        before["lr"] = lr
-        return real_step(model, optimizer, accelerator, lr, max_grad_norm, skip)
+        before["lr"] = float(lr)
+        return real_step(model, optimizer, accelerator, stats, lr, max_grad_norm)
 
     monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
     monkeypatch.setattr(train_stream, "optimizer_step", recording_step)
@@ -253,7 +253,7 @@ def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path,
                                    {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=before["lr"], betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
     optimizer.step()
-    assert math.isclose(before["lr"], tc.learning_rate / (tc.warmup_steps + 1))  # warmup's first step
+    assert math.isclose(before["lr"], tc.learning_rate / (tc.warmup_steps + 1), rel_tol=1e-7)  # warmup's first step
     trained = final_weights(out)
     for name, param in params.items():
         assert torch.allclose(trained[name], param.detach(), atol=1e-7), name
@@ -587,6 +587,109 @@ def test_a_checkpoint_without_a_run_id_joins_the_folders_run(tmp_path, shards, c
     assert checkpoint_caption_tokens(out / "checkpoint-5") is None and final_caption_tokens(out) is None
 
 
+def record_optimizer_steps(monkeypatch) -> list[dict]:
+    """Per ``step`` of the run's AdamW: the learning rate it used, whether it was told to skip
+    (``found_inf``, ours or GradScaler's), its own step count after it (``state[p]["step"]``), and
+    whether the weights and AdamW state came out finite, and unchanged where it skipped."""
+    steps, real = [], train_stream.make_optimizer
+
+    def make_optimizer(model, tc):
+        optimizer = real(model, tc)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        before = {}
+
+        def tensors():
+            return [t.detach().clone() for p in params for t in (p, *optimizer.state[p].values())]
+
+        def pre(optimizer, args, kwargs):
+            before["tensors"] = tensors()
+
+        def post(optimizer, args, kwargs):
+            after, skipped = tensors(), bool(optimizer.found_inf)
+            steps.append({"lr": float(optimizer.param_groups[0]["lr"]), "skipped": skipped,
+                          "step": int(optimizer.state[params[0]]["step"]),
+                          "finite": all(torch.isfinite(t).all() for t in after),
+                          "unchanged": len(after) == len(before["tensors"]) and all(
+                              torch.equal(a, b) for a, b in zip(after, before["tensors"]))})
+        optimizer.register_step_pre_hook(pre)
+        optimizer.register_step_post_hook(post)
+        return optimizer
+    monkeypatch.setattr(train_stream, "make_optimizer", make_optimizer)
+    return steps
+
+
+def check_skipped_steps(out: Path, steps: list[dict], max_steps: int, tc) -> None:
+    """What a run with skipped steps must show: the optimizer stepped ``max_steps`` times, each
+    skipped call left everything as it was; every call used the schedule's learning rate of the
+    optimizer's own position; the audit log has one line per call, a skipped one marked, numbered
+    as the optimizer counts; metrics and the last checkpoint count applied steps only."""
+    assert all(s["finite"] for s in steps) and all(s["unchanged"] for s in steps if s["skipped"])
+    position = [s["step"] - (not s["skipped"]) for s in steps]  # optimizer steps before each call
+    assert [s["step"] for s in steps if not s["skipped"]] == list(range(1, max_steps + 1))
+    for s, at in zip(steps, position):
+        assert math.isclose(s["lr"], train_stream.lr_at(at, tc, max_steps), rel_tol=1e-6), (steps, at)
+    audit = [json.loads(line) for line in open(out / "sample_keys" / "rank-0.jsonl")]
+    assert [(row["step"], row.get("skipped", False)) for row in audit] == [(at + 1, s["skipped"])
+                                                                           for s, at in zip(steps, position)]
+    metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(metrics) == list(range(1, max_steps + 1))
+    assert all(math.isclose(m["lr"], train_stream.lr_at(step - 1, tc, max_steps), rel_tol=1e-6)
+               for step, m in metrics.items())
+    checkpoint = out / f"checkpoint-{max_steps}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == max_steps
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    assert {int(one["step"]) for one in state.values()} == {max_steps}
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step_as_a_nan_loss_does(tmp_path, shards, monkeypatch,
+                                                                                     caplog):
+    """An inf in one gradient entry of the second micro-batch (its loss finite): without the check, clipping
+    makes it NaN and AdamW writes NaN into the weights and moments; with it, the step is skipped."""
+    steps, real_build, backwards = record_optimizer_steps(monkeypatch), train_stream.build_model, []
+
+    def build_model(cfg):
+        processor, model = real_build(cfg)
+
+        def inf_once(grad):
+            backwards.append(1)
+            if len(backwards) == 2:
+                grad = grad.clone()
+                grad.view(-1)[0] = float("inf")
+            return grad
+        model.model.decoder.layers[0].fc1.weight.register_hook(inf_once)
+        return processor, model
+
+    monkeypatch.setattr(train_stream, "build_model", build_model)
+    out, options = tmp_path / "o", ("trainer_config.max_steps=3", "trainer_config.save_steps=3")
+    assert train_stream.main(run_args(out, shards[0], *options, "++trainer_config.log_sample_keys=true")) == 0
+    assert "non-finite gradient at step 1: step skipped, 1 in a row" in caplog.text
+    assert [s["skipped"] for s in steps] == [False, True, False, False]
+    check_skipped_steps(out, steps, 3, load_config(overrides=run_args(out, shards[0], *options)[2:]).trainer_config)
+
+
+def test_fp16_steps_the_gradient_scaler_drops_count_as_skipped(tmp_path, shards, monkeypatch, request, caplog):
+    """fp16 on the CPU with a scaler that doubles its scale after every finite step: it overflows
+    again and again, each time dropping the step; the run counts those as skipped, so step numbers,
+    learning rate, audit log and checkpoint stay with the optimizer's own step count."""
+    real_accelerator = train_stream.make_accelerator
+
+    def make_accelerator(cfg):
+        accelerator = real_accelerator(cfg)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 14, growth_interval=1)
+        return accelerator
+
+    monkeypatch.setattr(train_stream, "make_accelerator", make_accelerator)
+    reset_accelerate_state()
+    request.addfinalizer(reset_accelerate_state)
+    steps = record_optimizer_steps(monkeypatch)
+    out, options = tmp_path / "o", ("trainer_config.max_steps=6", "trainer_config.save_steps=6",
+                                    "++trainer_config.fp16=true")
+    assert train_stream.main(run_args(out, shards[0], *options, "++trainer_config.log_sample_keys=true")) == 0
+    check_skipped_steps(out, steps, 6, load_config(overrides=run_args(out, shards[0], *options)[2:]).trainer_config)
+    assert sum(s["skipped"] for s in steps) >= 2, steps
+    assert "(fp16: the gradient scaler lowers its scale)" in caplog.text
+
+
 def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypatch, caplog):
     real, calls = train_stream.compute_loss, []
 
@@ -615,8 +718,9 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
 
 
 def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
-    """``optimizer_step(skip=...)`` takes a device flag: True leaves weights and AdamW state as they
-    were (fused AdamW's found_inf), False steps as plain torch AdamW does."""
+    """``optimizer_step`` skips on the device where the statistics flag a NaN loss or the gradient
+    norm is not finite: that leaves weights and AdamW state as they were (fused AdamW's found_inf);
+    else it steps as plain torch AdamW does."""
     tc = load_config().trainer_config
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -626,12 +730,18 @@ def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
     plain = torch.optim.AdamW(train_stream.param_groups(reference, tc.weight_decay), lr=1e-2,
                               betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
     x = torch.randn(5, 4)
-    for skip in (False, True, False):
+    for bad in (None, "loss", None, "grad", None):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         model(x).square().sum().backward()
         reference(x).square().sum().backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), tc.max_grad_norm)
-        train_stream.optimizer_step(model, optimizer, accelerator, 1e-2, tc.max_grad_norm, skip=torch.tensor(skip))
+        if bad == "grad":  # a finite loss, yet one gradient entry is not
+            model.weight.grad[0, 0] = float("inf")
+        stats = torch.zeros(len(train_stream.STATS), dtype=torch.float64)
+        stats[train_stream.STATS.index("bad")] = float(bad == "loss")
+        reduced, skip, norm = train_stream.optimizer_step(model, optimizer, accelerator, stats, 1e-2, tc.max_grad_norm)
+        assert skip.item() == (bad is not None) and math.isfinite(norm) == (bad != "grad")
+        assert reduced[train_stream.STATS.index("bad_grad")] == float(bad == "grad")
         if skip:
             reference.zero_grad(set_to_none=True)
             assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -640,7 +750,8 @@ def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
             plain.zero_grad(set_to_none=True)
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
-    assert all(int(state["step"]) == 2 for state in optimizer.optimizer.state.values())
+    assert all(int(state["step"]) == 3 for state in optimizer.optimizer.state.values())
+    assert all(torch.isfinite(t).all() for state in optimizer.optimizer.state.values() for t in state.values())
 
 
 def test_num_train_epochs_counts_a_last_partial_step():
