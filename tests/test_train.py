@@ -1065,15 +1065,21 @@ def test_two_processes_learn_what_one_process_learns_from_the_same_global_batch(
     assert all(abs(two_losses[s] - one_losses[s]) < 1e-5 for s in two_losses), (two_losses, one_losses)
 
 
-def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, shards):
-    ranks = launch_ranks(tmp_path / "nan", shards[0], "trainer_config.max_steps=3",
-                         env={"WCS_TEST_NAN_AT": "1:2"})  # rank 1's second micro-batch
-    assert [len(r["keys"]) for r in ranks] == [4, 4]  # 3 steps and the skipped one, on both ranks
+def test_a_nan_loss_or_an_inf_gradient_on_one_rank_skips_the_step_on_both(tmp_path, shards):
+    """Rank 1's second micro-batch has a NaN loss, rank 0's fourth a finite loss and an inf in one
+    gradient entry: both steps are skipped on both ranks; 3 steps are applied, by the optimizer too."""
+    out = tmp_path / "nan"
+    ranks = launch_ranks(out, shards[0], "trainer_config.max_steps=3",
+                         env={"WCS_TEST_NAN_AT": "1:2", "WCS_TEST_INF_GRAD_AT": "0:4"})
+    assert [len(r["keys"]) for r in ranks] == [5, 5]  # 3 steps and the 2 skipped ones, on both ranks
     for name, weight in ranks[0]["weights"].items():
         assert torch.isfinite(weight).all() and torch.equal(weight, ranks[1]["weights"][name]), name
     err = ranks[0]["stderr"]
     assert "rank 1: non-finite loss at step 1" in err and "non-finite loss on another rank at step 1" in err
-    assert sorted(train_losses(tmp_path / "nan")) == [1, 2, 3]
+    assert "non-finite gradient at step 2: step skipped, 1 in a row" in err
+    assert sorted(train_losses(out)) == [1, 2, 3]
+    state = torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)["state"]
+    assert {int(one["step"]) for one in state.values()} == {3}
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(tmp_path, shards, caplog):
