@@ -25,19 +25,17 @@ Decisions, and why:
   the step pads them to 3000 frames there (``expand_features``).
 - No host sync per step: the host reads a step's reduced statistics one step later, while the
   device runs the next one (``Trainer.run``), and at once only before an evaluation, a checkpoint
-  or the end. A step with a NaN/inf loss or gradient norm on any rank is skipped on the device:
+  or the end. A step whose loss or gradient norm is NaN/inf on any rank is skipped on the device:
   fused AdamW's ``found_inf`` (the flag ``GradScaler`` uses) is the all-reduced bad flag, the same
-  on every rank; under fp16 the scaler's own ``found_inf`` (any non-finite gradient: the same
-  steps) drops it, so its routine overflows count as skipped steps too, and toward ``max_bad_steps``.
-  Only applied steps count: the step number, the learning-rate position, ``save_steps``, logs,
-  checkpoints and the audit log (a skipped step's line is marked) stay equal to the optimizer's own
-  step count. The learning rate is a device scalar for that: the step launched while another is
-  in flight takes the schedule's next position, or the same one if the device skips that other.
+  on every rank (fp16: the scaler's own, set by the same non-finite gradients, so the steps it drops
+  for overflow are skipped steps too, counted toward ``max_bad_steps``). Step number, learning-rate
+  position, ``save_steps``, logs, checkpoints and the audit log count applied steps only, as the
+  optimizer does: the learning rate is a device scalar, the in-flight step's skip flag choosing it.
 - The learning rate is set each step from ``lr_at(step)``, a pure function, so the scheduler's state is
   the step number the checkpoint holds.
-- One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, the bad-loss and
-  bad-gradient flags and the stop (signal) flag, so every rank skips, saves and stops at the same step (a stop: at the
-  end of the step after the signal, as the flag is read one step late).
+- One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, the bad-loss
+  and bad-gradient flags and the stop (signal) flag, so every rank skips, saves and stops at the same
+  step (a stop: at the end of the step after the signal, as the flag is read one step late).
 - The longest caption trained on, in tokens (each batch's ``longest_caption_tokens``, a host int: no
   sync), is a running maximum per rank, taken over the ranks at each checkpoint (``trainer_state.json``)
   and at the end, and recorded with the final model: inference's default caption length
@@ -746,8 +744,8 @@ def stop_on_signals():
 def check_bad_step(local_bad: bool, loss_bad: bool, keys: list[str], step: int, in_a_row: int, max_bad: int,
                    accelerator: Accelerator) -> int:
     """Report a step skipped for a NaN/inf loss (``local_bad``: this rank's, ``loss_bad``: any rank's)
-    or else gradient (fp16: the scaler's routine overflow, while it lowers its scale, so only noted);
-    raise after ``max_bad`` in a row. Returns the new count."""
+    or else gradient (fp16: the scaler's routine overflow, only noted); raise after ``max_bad`` in a
+    row. Returns the new count."""
     in_a_row += 1
     if local_bad:
         log.warning("rank %d: non-finite loss at step %d (keys %s): step skipped, %d in a row",
@@ -759,8 +757,8 @@ def check_bad_step(local_bad: bool, loss_bad: bool, keys: list[str], step: int, 
                 "non-finite gradient at step %d%s: step skipped, %d in a row", step,
                 " (fp16: the gradient scaler lowers its scale)" if accelerator.scaler is not None else "", in_a_row)
     if in_a_row >= max_bad:
-        raise TrainingError(f"{in_a_row} steps in a row with a NaN/inf loss or gradient (last at step {step}): lower "
-                            f"trainer_config.learning_rate, check the data, or use bf16 instead of fp16")
+        raise TrainingError(f"{in_a_row} steps in a row with a NaN/inf loss or gradient (last at step {step}): "
+                            f"lower trainer_config.learning_rate, check the data, or use bf16 instead of fp16")
     return in_a_row
 
 
