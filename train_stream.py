@@ -25,15 +25,17 @@ Decisions, and why:
   the step pads them to 3000 frames there (``expand_features``).
 - No host sync per step: the host reads a step's reduced statistics one step later, while the
   device runs the next one (``Trainer.run``), and at once only before an evaluation, a checkpoint
-  or the end. A NaN/inf step is skipped on the device: fused AdamW's ``found_inf`` (the flag
-  ``GradScaler`` uses) is the all-reduced bad flag, the same on every rank. The step launched
-  after a skipped one used the next schedule position's learning rate (the host had not seen
-  the skip yet); the step count, logs and checkpoints count only applied steps.
+  or the end. A step whose loss or gradient norm is NaN/inf on any rank is skipped on the device:
+  fused AdamW's ``found_inf`` (the flag ``GradScaler`` uses) is the all-reduced bad flag, the same
+  on every rank (fp16: the scaler's own, set by the same non-finite gradients, so the steps it drops
+  for overflow are skipped steps too, counted toward ``max_bad_steps``). Step number, learning-rate
+  position, ``save_steps``, logs, checkpoints and the audit log count applied steps only, as the
+  optimizer does: the learning rate is a device scalar, the in-flight step's skip flag choosing it.
 - The learning rate is set each step from ``lr_at(step)``, a pure function, so the scheduler's state is
   the step number the checkpoint holds.
-- One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, a bad-loss flag
-  and the stop (signal) flag, so every rank skips, saves and stops at the same step (a stop: at the
-  end of the step after the signal, as the flag is read one step late).
+- One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, the bad-loss
+  and bad-gradient flags and the stop (signal) flag, so every rank skips, saves and stops at the same
+  step (a stop: at the end of the step after the signal, as the flag is read one step late).
 - The longest caption trained on, in tokens (each batch's ``longest_caption_tokens``, a host int: no
   sync), is a running maximum per rank, taken over the ranks at each checkpoint (``trainer_state.json``)
   and at the end, and recorded with the final model: inference's default caption length
@@ -145,7 +147,7 @@ from pipeline.run_folder import RUN_INFO, SetAside, checkpoint_run_id, claim_run
 from pipeline.stream import StreamError, make_loader
 
 log = logging.getLogger("train_stream")
-STATS = ("loss", "samples", "tokens", "wait_s", "bad", "stop", "skipped")  # the per-step all-reduce
+STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped")  # the per-step all-reduce
 
 
 class TrainingError(RuntimeError):
@@ -294,7 +296,15 @@ def lr_at(step: int, tc, max_steps: int) -> float:
     return peak
 
 
-def set_lr(optimizer, lr: float) -> None:
+def next_lr(step: int, in_flight: torch.Tensor | None, tc, max_steps: int, device) -> torch.Tensor:
+    """The learning rate of the step launched now, a device scalar: ``lr_at`` of its position, which
+    is ``step`` (the steps applied), plus one if a step is in flight and its skip flag
+    ``in_flight`` (on the device, not read here) is false."""
+    lr = torch.full((), lr_at(step, tc, max_steps), dtype=torch.float32, device=device)
+    return lr if in_flight is None else torch.where(in_flight, lr, lr_at(step + 1, tc, max_steps))
+
+
+def set_lr(optimizer, lr: float | torch.Tensor) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -354,12 +364,18 @@ def make_optimizer(model, tc) -> torch.optim.Optimizer:
                              betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, fused=True)
 
 
-def optimizer_step(model, optimizer, accelerator: Accelerator, lr: float, max_grad_norm: float,
-                   skip: torch.Tensor) -> torch.Tensor:
-    """Clip, step unless ``skip`` (a device bool, never read on the host), zero; returns the gradient
-    norm before clipping. With fp16's ``GradScaler`` the scaler passes its own ``found_inf``, which
-    a NaN/inf loss sets on every rank too (DDP averages the NaN gradients into all of them)."""
+def optimizer_step(model, optimizer, accelerator: Accelerator, stats: torch.Tensor, lr: float | torch.Tensor,
+                   max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clip (fp16: after unscaling); all-reduce ``stats`` (``STATS``) with this rank's flag for a
+    non-finite gradient norm; step with ``lr`` unless a loss or the gradient norm was not finite on
+    some rank (``skip``, decided on the device, never read on the host); zero. Returns the reduced
+    statistics, ``skip`` and the gradient norm before clipping. With fp16's ``GradScaler`` the scaler
+    passes its own ``found_inf``: set by a non-finite gradient, as ``skip`` is (a NaN/inf loss makes
+    NaN gradients, which DDP averages into every rank)."""
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    stats[STATS.index("bad_grad")] = (~torch.isfinite(norm)).double()
+    reduced = accelerator.reduce(stats.clone(), "sum")
+    skip = reduced[STATS.index("bad")] + reduced[STATS.index("bad_grad")] > 0
     set_lr(optimizer, lr)
     if accelerator.scaler is not None:
         optimizer.step()
@@ -369,7 +385,7 @@ def optimizer_step(model, optimizer, accelerator: Accelerator, lr: float, max_gr
         optimizer.step()
         del inner.found_inf
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return reduced, skip, norm
 
 
 # ------------------------------------------------------------------------------------- 7. evaluation
@@ -396,6 +412,8 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     ``eval_max_batches`` batches per rank, gathered across ranks, padding samples left out, scored
     on the main process."""
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # the Whisper model itself (a PeftModel's, adapters active in it): the decoder reads its parts
+    unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
     unwrapped.eval()
     loader.load_state_dict(start_state)  # every evaluation reads the same batches from the start
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [CE sum, tokens]
@@ -723,18 +741,24 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
-def check_bad_step(local_bad: bool, keys: list[str], step: int, in_a_row: int, max_bad: int,
+def check_bad_step(local_bad: bool, loss_bad: bool, keys: list[str], step: int, in_a_row: int, max_bad: int,
                    accelerator: Accelerator) -> int:
-    """Warn about a skipped NaN/inf step; raise after ``max_bad`` in a row. Returns the new count."""
+    """Report a step skipped for a NaN/inf loss (``local_bad``: this rank's, ``loss_bad``: any rank's)
+    or else gradient (fp16: the scaler's routine overflow, only noted); raise after ``max_bad`` in a
+    row. Returns the new count."""
     in_a_row += 1
     if local_bad:
         log.warning("rank %d: non-finite loss at step %d (keys %s): step skipped, %d in a row",
                     accelerator.process_index, step, keys[:8], in_a_row)
-    elif accelerator.is_main_process:
+    elif loss_bad and accelerator.is_main_process:
         log.warning("non-finite loss on another rank at step %d: step skipped, %d in a row", step, in_a_row)
+    elif not loss_bad and accelerator.is_main_process:  # the same gradients, so norm, on every rank
+        log.log(logging.INFO if accelerator.scaler is not None else logging.WARNING,
+                "non-finite gradient at step %d%s: step skipped, %d in a row", step,
+                " (fp16: the gradient scaler lowers its scale)" if accelerator.scaler is not None else "", in_a_row)
     if in_a_row >= max_bad:
-        raise TrainingError(f"{in_a_row} steps in a row with a NaN/inf loss (last at step {step}): lower "
-                            f"trainer_config.learning_rate, check the data, or use bf16 instead of fp16")
+        raise TrainingError(f"{in_a_row} steps in a row with a NaN/inf loss or gradient (last at step {step}): "
+                            f"lower trainer_config.learning_rate, check the data, or use bf16 instead of fp16")
     return in_a_row
 
 
@@ -742,11 +766,11 @@ def check_bad_step(local_bad: bool, keys: list[str], step: int, in_a_row: int, m
 class Launched:
     """An optimizer step queued on the device, its statistics on their way to the host."""
 
-    values: torch.Tensor  # [len(STATS) + 2]: the reduced STATS, this rank's bad flag, the gradient norm
+    values: torch.Tensor  # [len(STATS) + 3]: the reduced STATS, this rank's bad flag, the gradient norm, the lr
     copied: torch.cuda.Event | None  # done when ``values`` holds them (None: already there)
+    skip: torch.Tensor  # on the device: whether the optimizer skipped it
     keys: list[str]
     epoch: int
-    lr: float
     launched_at: float  # perf_counter when its first micro-batch was asked for
     position: tuple[int, int]  # the loader's (epoch, batches) after its micro-batches
 
@@ -785,7 +809,9 @@ class Trainer:
         self.window = Window(self.accelerator.num_processes * self.tc.gradient_accumulation_steps)
         batches, flight = iter(self.loader), None
         while self.step + (flight is not None) < self.max_steps:
-            launched = self.launch(batches, lr_at(self.step + (flight is not None), self.tc, self.max_steps))
+            in_flight = None if flight is None else flight.skip
+            launched = self.launch(batches, next_lr(self.step, in_flight, self.tc, self.max_steps,
+                                                    self.accelerator.device))
             stop = flight is not None and self.settle(flight)
             flight = launched
             if stop or self.due(self.step + 1):
@@ -802,17 +828,17 @@ class Trainer:
         return (step >= self.max_steps or step % tc.save_steps == 0
                 or (self.val_loader is not None and step % tc.eval_steps == 0))
 
-    def launch(self, batches, lr: float) -> Launched:
-        """One optimizer step, queued on the device; skipped there if any rank's loss is not finite."""
+    def launch(self, batches, lr: torch.Tensor) -> Launched:
+        """One optimizer step, queued on the device; skipped there if any rank's loss or gradient
+        norm is not finite."""
         launched_at = time.perf_counter()
         stats, keys, epoch = self.accumulate(batches)
         stats[STATS.index("stop")] = float(self.stop.signum is not None)
         stats[STATS.index("skipped")] = float(self.loader.skipped)
-        reduced = self.accelerator.reduce(stats.clone(), "sum")
-        norm = optimizer_step(self.model, self.optimizer, self.accelerator, lr, self.tc.max_grad_norm,
-                              skip=reduced[STATS.index("bad")] > 0)
-        values = torch.cat([reduced, stats[STATS.index("bad")].view(1), norm.double().view(1)])
-        return Launched(*to_host(values), keys, epoch, lr, launched_at, (self.loader.epoch, self.loader.batches))
+        reduced, skip, norm = optimizer_step(self.model, self.optimizer, self.accelerator, stats, lr,
+                                             self.tc.max_grad_norm)
+        values = torch.cat([reduced, stats[STATS.index("bad")].view(1), norm.double().view(1), lr.double().view(1)])
+        return Launched(*to_host(values), skip, keys, epoch, launched_at, (self.loader.epoch, self.loader.batches))
 
     def settle(self, launched: Launched) -> bool:
         """Read a launched step's statistics (waiting for the device if it is still at it): count it
@@ -820,12 +846,12 @@ class Trainer:
         tc, accelerator = self.tc, self.accelerator
         if launched.copied is not None:
             launched.copied.synchronize()
-        *reduced, local_bad, norm = launched.values.tolist()
+        *reduced, local_bad, norm, lr = launched.values.tolist()
         values = dict(zip(STATS, reduced))
-        if values["bad"]:
+        if values["bad"] or values["bad_grad"]:
             self.sample_log.write(self.step + 1, launched.epoch, launched.keys, skipped=True)
-            self.bad_in_a_row = check_bad_step(local_bad > 0, launched.keys, self.step, self.bad_in_a_row,
-                                               tc.max_bad_steps, accelerator)
+            self.bad_in_a_row = check_bad_step(local_bad > 0, values["bad"] > 0, launched.keys, self.step,
+                                               self.bad_in_a_row, tc.max_bad_steps, accelerator)
             return bool(values["stop"])
         self.bad_in_a_row = 0
         self.step += 1
@@ -833,7 +859,7 @@ class Trainer:
         self.metrics_log.bar.update(1)
         self.window.add(values, norm, launched.launched_at)
         if self.step % tc.logging_steps == 0 or self.step in (self.start_step + 1, self.max_steps):
-            metrics = self.window.metrics(launched.lr, accelerator.num_processes, values["skipped"])
+            metrics = self.window.metrics(lr, accelerator.num_processes, values["skipped"])
             if self.metrics_log.main:  # arithmetic on the loader's position, the same on every rank
                 metrics |= source_metrics(self.loader, *launched.position)
             self.metrics_log.log_metrics(self.step, metrics, "train")

@@ -32,7 +32,7 @@ import train_stream
 from pipeline.collate import expand_features
 from pipeline.config import ConfigError, load_config
 from pipeline.collate import prompt_ids
-from pipeline.model import LANGUAGE, TASK, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
+from pipeline.model import LANGUAGE, TASK, generate_captions, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
 from pipeline.stream import make_loader
 from tests.conftest import write_mel_shards
 
@@ -217,12 +217,12 @@ def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path,
         loader = real_make_loader(*args, **kwargs)
         return KeyRecorder(loader, batches, keep_batches=True) if kwargs.get("train") else loader
 
-    def recording_step(model, optimizer, accelerator, lr, max_grad_norm, skip):
+    def recording_step(model, optimizer, accelerator, stats, lr, max_grad_norm):
         unwrapped = accelerator.unwrap_model(model)
         before["model"] = copy.deepcopy(unwrapped)
         before["grads"] = {n: p.grad.clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        before["lr"] = lr
-        return real_step(model, optimizer, accelerator, lr, max_grad_norm, skip)
+        before["lr"] = float(lr)
+        return real_step(model, optimizer, accelerator, stats, lr, max_grad_norm)
 
     monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
     monkeypatch.setattr(train_stream, "optimizer_step", recording_step)
@@ -253,7 +253,7 @@ def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path,
                                    {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=before["lr"], betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
     optimizer.step()
-    assert math.isclose(before["lr"], tc.learning_rate / (tc.warmup_steps + 1))  # warmup's first step
+    assert math.isclose(before["lr"], tc.learning_rate / (tc.warmup_steps + 1), rel_tol=1e-7)  # warmup's first step
     trained = final_weights(out)
     for name, param in params.items():
         assert torch.allclose(trained[name], param.detach(), atol=1e-7), name
@@ -362,6 +362,33 @@ def test_lora_trains_adapters_only_and_final_is_a_plain_merged_whisper(tmp_path,
     info = json.loads((out / "run_info.json").read_text())
     assert info["trainable_parameters"] == 2 * 4 * 4 * 64 * 3  # 6 attentions x (q, v) x (A + B) of rank 4, d 64
     assert isinstance(load_model(str(out / "final")), WhisperForConditionalGeneration)
+
+
+def test_lora_with_validation_evaluates_the_adapted_model_as_hf_generate_does(tmp_path, shards):
+    """Evaluation of a LoRA run: its loss and captions are the ``PeftModel``'s, adapters active, as
+    torch's cross-entropy and HF ``generate`` on that same model (rebuilt from the step's checkpoint)
+    give them."""
+    pytest.importorskip("peft")
+    out = tmp_path / "o"
+    options = run_args(out, shards[0], "trainer_config.max_steps=2", "model_config.lora_r=4",
+                       "trainer_config.eval_steps=2", "trainer_config.save_steps=2",
+                       "++trainer_config.eval_metrics=[bleu]", "++trainer_config.generation_max_new_tokens=4")
+    assert train_stream.main([*options, "--val-shards", shards[1]]) == 0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (evaluated,) = [m for m in metrics if m["prefix"] == "eval" and m["step"] == 2]
+    _, peft_model = train_stream.build_model(load_config(overrides=options[2:]))
+    safetensors.torch.load_model(peft_model, str(out / "checkpoint-2" / "model.safetensors"))
+    peft_model.eval()
+    tok = load_processor("tiny").tokenizer
+    val = next(iter(make_loader(shards[1], tok, batch_size=5, train=False)))
+    with torch.no_grad():
+        loss = train_stream.compute_loss(peft_model, val, "cpu")[0].item()
+        with peft_model.disable_adapter():
+            plain = train_stream.compute_loss(peft_model, val, "cpu")[0].item()
+        ids = generate_captions(peft_model, expand_features(val).float(), max_new_tokens=4, method="hf")
+    assert math.isclose(evaluated["loss"], loss, rel_tol=1e-5) and not math.isclose(loss, plain, rel_tol=1e-5)
+    rows = {r["key"]: r["prediction"] for r in json.loads((out / "eval" / "step-2.json").read_text())}
+    assert rows == {k: t.strip() for k, t in zip(val["keys"], tok.batch_decode(ids, skip_special_tokens=True))}
 
 
 def test_lora_without_peft_is_one_clear_error(monkeypatch, tiny_processor):
@@ -560,6 +587,109 @@ def test_a_checkpoint_without_a_run_id_joins_the_folders_run(tmp_path, shards, c
     assert checkpoint_caption_tokens(out / "checkpoint-5") is None and final_caption_tokens(out) is None
 
 
+def record_optimizer_steps(monkeypatch) -> list[dict]:
+    """Per ``step`` of the run's AdamW: the learning rate it used, whether it was told to skip
+    (``found_inf``, ours or GradScaler's), its own step count after it (``state[p]["step"]``), and
+    whether the weights and AdamW state came out finite, and unchanged where it skipped."""
+    steps, real = [], train_stream.make_optimizer
+
+    def make_optimizer(model, tc):
+        optimizer = real(model, tc)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        before = {}
+
+        def tensors():
+            return [t.detach().clone() for p in params for t in (p, *optimizer.state[p].values())]
+
+        def pre(optimizer, args, kwargs):
+            before["tensors"] = tensors()
+
+        def post(optimizer, args, kwargs):
+            after, skipped = tensors(), bool(optimizer.found_inf)
+            steps.append({"lr": float(optimizer.param_groups[0]["lr"]), "skipped": skipped,
+                          "step": int(optimizer.state[params[0]]["step"]),
+                          "finite": all(torch.isfinite(t).all() for t in after),
+                          "unchanged": len(after) == len(before["tensors"]) and all(
+                              torch.equal(a, b) for a, b in zip(after, before["tensors"]))})
+        optimizer.register_step_pre_hook(pre)
+        optimizer.register_step_post_hook(post)
+        return optimizer
+    monkeypatch.setattr(train_stream, "make_optimizer", make_optimizer)
+    return steps
+
+
+def check_skipped_steps(out: Path, steps: list[dict], max_steps: int, tc) -> None:
+    """What a run with skipped steps must show: the optimizer stepped ``max_steps`` times, each
+    skipped call left everything as it was; every call used the schedule's learning rate of the
+    optimizer's own position; the audit log has one line per call, a skipped one marked, numbered
+    as the optimizer counts; metrics and the last checkpoint count applied steps only."""
+    assert all(s["finite"] for s in steps) and all(s["unchanged"] for s in steps if s["skipped"])
+    position = [s["step"] - (not s["skipped"]) for s in steps]  # optimizer steps before each call
+    assert [s["step"] for s in steps if not s["skipped"]] == list(range(1, max_steps + 1))
+    for s, at in zip(steps, position):
+        assert math.isclose(s["lr"], train_stream.lr_at(at, tc, max_steps), rel_tol=1e-6), (steps, at)
+    audit = [json.loads(line) for line in open(out / "sample_keys" / "rank-0.jsonl")]
+    assert [(row["step"], row.get("skipped", False)) for row in audit] == [(at + 1, s["skipped"])
+                                                                           for s, at in zip(steps, position)]
+    metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(metrics) == list(range(1, max_steps + 1))
+    assert all(math.isclose(m["lr"], train_stream.lr_at(step - 1, tc, max_steps), rel_tol=1e-6)
+               for step, m in metrics.items())
+    checkpoint = out / f"checkpoint-{max_steps}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == max_steps
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    assert {int(one["step"]) for one in state.values()} == {max_steps}
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step_as_a_nan_loss_does(tmp_path, shards, monkeypatch,
+                                                                                     caplog):
+    """An inf in one gradient entry of the second micro-batch (its loss finite): without the check, clipping
+    makes it NaN and AdamW writes NaN into the weights and moments; with it, the step is skipped."""
+    steps, real_build, backwards = record_optimizer_steps(monkeypatch), train_stream.build_model, []
+
+    def build_model(cfg):
+        processor, model = real_build(cfg)
+
+        def inf_once(grad):
+            backwards.append(1)
+            if len(backwards) == 2:
+                grad = grad.clone()
+                grad.view(-1)[0] = float("inf")
+            return grad
+        model.model.decoder.layers[0].fc1.weight.register_hook(inf_once)
+        return processor, model
+
+    monkeypatch.setattr(train_stream, "build_model", build_model)
+    out, options = tmp_path / "o", ("trainer_config.max_steps=3", "trainer_config.save_steps=3")
+    assert train_stream.main(run_args(out, shards[0], *options, "++trainer_config.log_sample_keys=true")) == 0
+    assert "non-finite gradient at step 1: step skipped, 1 in a row" in caplog.text
+    assert [s["skipped"] for s in steps] == [False, True, False, False]
+    check_skipped_steps(out, steps, 3, load_config(overrides=run_args(out, shards[0], *options)[2:]).trainer_config)
+
+
+def test_fp16_steps_the_gradient_scaler_drops_count_as_skipped(tmp_path, shards, monkeypatch, request, caplog):
+    """fp16 on the CPU with a scaler that doubles its scale after every finite step: it overflows
+    again and again, each time dropping the step; the run counts those as skipped, so step numbers,
+    learning rate, audit log and checkpoint stay with the optimizer's own step count."""
+    real_accelerator = train_stream.make_accelerator
+
+    def make_accelerator(cfg):
+        accelerator = real_accelerator(cfg)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 14, growth_interval=1)
+        return accelerator
+
+    monkeypatch.setattr(train_stream, "make_accelerator", make_accelerator)
+    reset_accelerate_state()
+    request.addfinalizer(reset_accelerate_state)
+    steps = record_optimizer_steps(monkeypatch)
+    out, options = tmp_path / "o", ("trainer_config.max_steps=6", "trainer_config.save_steps=6",
+                                    "++trainer_config.fp16=true")
+    assert train_stream.main(run_args(out, shards[0], *options, "++trainer_config.log_sample_keys=true")) == 0
+    check_skipped_steps(out, steps, 6, load_config(overrides=run_args(out, shards[0], *options)[2:]).trainer_config)
+    assert sum(s["skipped"] for s in steps) >= 2, steps
+    assert "(fp16: the gradient scaler lowers its scale)" in caplog.text
+
+
 def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypatch, caplog):
     real, calls = train_stream.compute_loss, []
 
@@ -571,13 +701,12 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
         return compute_loss
 
     monkeypatch.setattr(train_stream, "compute_loss", nan_on(lambda n: n == 2))
-    assert train_stream.main(run_args(tmp_path / "one", shards[0], "trainer_config.max_steps=3",
-                                      "++trainer_config.log_sample_keys=true")) == 0
+    steps, options = record_optimizer_steps(monkeypatch), ("trainer_config.max_steps=3", "trainer_config.save_steps=3")
+    assert train_stream.main(run_args(tmp_path / "one", shards[0], *options, "++trainer_config.log_sample_keys=true")) == 0
     assert "non-finite loss at step 1" in caplog.text and len(calls) == 4  # 3 steps + the skipped one
-    assert sorted(train_losses(tmp_path / "one")) == [1, 2, 3]
-    audit = [json.loads(line) for line in open(tmp_path / "one" / "sample_keys" / "rank-0.jsonl")]
-    assert [(row["step"], row.get("skipped", False)) for row in audit] == [(1, False), (2, True), (2, False),
-                                                                           (3, False)]
+    assert [s["skipped"] for s in steps] == [False, True, False, False]
+    check_skipped_steps(tmp_path / "one", steps, 3,
+                        load_config(overrides=run_args(tmp_path, shards[0], *options)[2:]).trainer_config)
     final = WhisperForConditionalGeneration.from_pretrained(tmp_path / "one" / "final")
     assert all(torch.isfinite(p).all() for p in final.parameters())
 
@@ -588,8 +717,9 @@ def test_nan_loss_steps_are_skipped_then_stop_the_run(tmp_path, shards, monkeypa
 
 
 def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
-    """``optimizer_step(skip=...)`` takes a device flag: True leaves weights and AdamW state as they
-    were (fused AdamW's found_inf), False steps as plain torch AdamW does."""
+    """``optimizer_step`` skips on the device where the statistics flag a NaN loss or the gradient
+    norm is not finite: that leaves weights and AdamW state as they were (fused AdamW's found_inf);
+    else it steps as plain torch AdamW does."""
     tc = load_config().trainer_config
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -599,12 +729,18 @@ def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
     plain = torch.optim.AdamW(train_stream.param_groups(reference, tc.weight_decay), lr=1e-2,
                               betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
     x = torch.randn(5, 4)
-    for skip in (False, True, False):
+    for bad in (None, "loss", None, "grad", None):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         model(x).square().sum().backward()
         reference(x).square().sum().backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), tc.max_grad_norm)
-        train_stream.optimizer_step(model, optimizer, accelerator, 1e-2, tc.max_grad_norm, skip=torch.tensor(skip))
+        if bad == "grad":  # a finite loss, yet one gradient entry is not
+            model.weight.grad[0, 0] = float("inf")
+        stats = torch.zeros(len(train_stream.STATS), dtype=torch.float64)
+        stats[train_stream.STATS.index("bad")] = float(bad == "loss")
+        reduced, skip, norm = train_stream.optimizer_step(model, optimizer, accelerator, stats, 1e-2, tc.max_grad_norm)
+        assert skip.item() == (bad is not None) and math.isfinite(norm) == (bad != "grad")
+        assert reduced[train_stream.STATS.index("bad_grad")] == float(bad == "grad")
         if skip:
             reference.zero_grad(set_to_none=True)
             assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -613,7 +749,8 @@ def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
             plain.zero_grad(set_to_none=True)
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
-    assert all(int(state["step"]) == 2 for state in optimizer.optimizer.state.values())
+    assert all(int(state["step"]) == 3 for state in optimizer.optimizer.state.values())
+    assert all(torch.isfinite(t).all() for state in optimizer.optimizer.state.values() for t in state.values())
 
 
 def test_num_train_epochs_counts_a_last_partial_step():
@@ -927,15 +1064,21 @@ def test_two_processes_learn_what_one_process_learns_from_the_same_global_batch(
     assert all(abs(two_losses[s] - one_losses[s]) < 1e-5 for s in two_losses), (two_losses, one_losses)
 
 
-def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, shards):
-    ranks = launch_ranks(tmp_path / "nan", shards[0], "trainer_config.max_steps=3",
-                         env={"WCS_TEST_NAN_AT": "1:2"})  # rank 1's second micro-batch
-    assert [len(r["keys"]) for r in ranks] == [4, 4]  # 3 steps and the skipped one, on both ranks
+def test_a_nan_loss_or_an_inf_gradient_on_one_rank_skips_the_step_on_both(tmp_path, shards):
+    """Rank 1's second micro-batch has a NaN loss, rank 0's fourth a finite loss and an inf in one
+    gradient entry: both steps are skipped on both ranks; 3 steps are applied, by the optimizer too."""
+    out = tmp_path / "nan"
+    ranks = launch_ranks(out, shards[0], "trainer_config.max_steps=3",
+                         env={"WCS_TEST_NAN_AT": "1:2", "WCS_TEST_INF_GRAD_AT": "0:4"})
+    assert [len(r["keys"]) for r in ranks] == [5, 5]  # 3 steps and the 2 skipped ones, on both ranks
     for name, weight in ranks[0]["weights"].items():
         assert torch.isfinite(weight).all() and torch.equal(weight, ranks[1]["weights"][name]), name
     err = ranks[0]["stderr"]
     assert "rank 1: non-finite loss at step 1" in err and "non-finite loss on another rank at step 1" in err
-    assert sorted(train_losses(tmp_path / "nan")) == [1, 2, 3]
+    assert "non-finite gradient at step 2: step skipped, 1 in a row" in err
+    assert sorted(train_losses(out)) == [1, 2, 3]
+    state = torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)["state"]
+    assert {int(one["step"]) for one in state.values()} == {3}
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(tmp_path, shards, caplog):
