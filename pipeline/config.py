@@ -223,7 +223,8 @@ class TrainerConfig:
     resume_from_checkpoint: Optional[str] = key(None, "latest | a checkpoint-STEP folder: continue that run")
     overwrite_output_dir: bool = key(False, "a fresh run where another run's files are: move those aside")
     log_sample_keys: bool = key(False, "write output_dir/sample_keys/rank-R.jsonl: the keys of every step")
-    max_bad_steps: int = key(10, "steps skipped in a row (a NaN/inf loss or gradient, an fp16 overflow) before the run stops")
+    max_bad_steps: int = key(10, "steps skipped in a row (a NaN/inf loss or gradient, an fp16 overflow) before "
+                             "the run stops")
     dataloader_num_workers: int = key(2, "loader worker processes per training process")
     dataloader_prefetch_factor: int = key(2, "batches each worker prepares ahead")
     dataloader_pin_memory: bool = key(True, "pinned host memory for batches (on a GPU only)")
