@@ -140,6 +140,7 @@ from transformers.models.whisper.modeling_whisper import (WhisperDecoder, Whispe
 from pipeline import launch
 from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import DEFAULT_SOURCE
+from pipeline.decode import GRAPHS
 from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
 from pipeline.metrics import score
 from pipeline.model import CAPTION_TOKENS_KEY, ModelLoadError, generate_captions, load_model, load_processor, save_model
@@ -433,6 +434,7 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
                  for key, text, refs, pad in zip(batch["keys"], texts, batch["captions"], batch["is_pad"].tolist())
                  if not pad]
     unwrapped.train()
+    GRAPHS.clear()  # a decoder graph's buffers (GBs at whisper-small widths) would sit through training
     sums = accelerator.reduce(sums, "sum")
     rows = gather_object(rows)
     metrics = {"loss": (sums[0] / sums[1].clamp(min=1)).item(), "samples": float(len(rows))}

@@ -369,13 +369,18 @@ class GraphCache:
         self.pool = None
         self.stream = None
 
+    def clear(self) -> None:
+        """Drop every graph and its buffers (their memory returns to torch's allocator)."""
+        self.graphs.clear()
+        self.weights, self.pool, self.stream = (), None, None
+
     def find(self, model, rows: int, key: tuple) -> _Graph | None:
         """The graph for ``key`` with the fewest rows from ``rows`` to twice that (a batch of fewer
         rows than the graph's rides it with padding rows), or None."""
         weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
         if weights != self.weights:
-            self.graphs.clear()
-            self.weights, self.pool, self.stream = weights, None, None
+            self.clear()
+            self.weights = weights
         fits = [held for held in self.graphs if held[1] == key and rows <= held[0] <= 2 * rows]
         if not fits:
             return None
