@@ -149,16 +149,17 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
         raise ValueError(f"decoding method {method!r}: choose from {', '.join(DECODE_METHODS)}")
     gen = copy.deepcopy(model.generation_config)
     gen.do_sample, gen.num_beams = False, num_beams
+    prompt = decode.task_prompt(gen, LANGUAGE, TASK, prefix_ids)
     if max_new_tokens:
-        # Whisper's generate reads a max_length without max_new_tokens as new tokens after the prompt,
-        # and warns at every call where both are set (its own defaults set max_length)
-        gen.max_length = max_new_tokens
+        # Whisper's generate reads a max_length without max_new_tokens as new tokens after at most
+        # max_target_positions // 2 - 1 of the prompt's (generation_whisper.py), and warns at every
+        # call where both are set (its own defaults set max_length): a long prefix's excess is added
+        gen.max_length = max_new_tokens + max(0, len(prompt) - (model.config.max_target_positions // 2 - 1))
     mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)  # [B, frames]
     extra = {}
     if prefix_ids:
         # the prompt Whisper would build, then the prefix; generate starts its caption (and the
         # begin suppression) after them and strips them from its output
-        prompt = decode.task_prompt(gen, LANGUAGE, TASK, prefix_ids)
         extra["decoder_input_ids"] = torch.tensor(prompt, device=features.device).expand(features.shape[0], -1)
     return model.generate(input_features=features, attention_mask=mask, generation_config=gen,
                           language=LANGUAGE, task=TASK, **extra)

@@ -141,6 +141,20 @@ def test_a_forced_prefix_is_the_prompt_and_stripped_from_the_caption(tiny_proces
     assert generate_captions(model, feats[:1], num_beams=2, max_new_tokens=2, prefix_ids=prefix).shape == (1, 2)
 
 
+def test_a_long_prefix_decodes_as_the_static_decoder_does_with_hf_generate(tiny_processor):
+    """Whisper's ``generate`` counts at most 223 prompt tokens into a ``max_length``: a prefix of 230
+    to 443 tokens made ``--decoder hf`` refuse its own input."""
+    model = load_model("tiny", tiny_processor).eval()
+    feats = torch.randn(2, 80, 3000)
+    for words in (230, 300, 440):
+        prefix = prompt_ids(tiny_processor.tokenizer, " ".join(["word"] * words))
+        for max_new_tokens in (5, None):
+            hf = generate_captions(model, feats, max_new_tokens=max_new_tokens, prefix_ids=prefix, method="hf")
+            static = generate_captions(model, feats, max_new_tokens=max_new_tokens, prefix_ids=prefix)
+            assert torch.equal(hf, static)
+            assert hf.shape[1] == min(max_new_tokens or 448, 448 - 4 - len(prefix))
+
+
 def test_recorded_prefixes_round_trip(tmp_path, tiny_processor):
     model = load_model("tiny", tiny_processor)
     assert recorded_prefixes(model) == []
