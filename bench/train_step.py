@@ -290,6 +290,7 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"row {path!r}{label} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "code": label})
+            print(f"row {path}{label}: {json.dumps(rows[-1])}", flush=True)  # kept if a later row runs out of time
     print_table(rows, args)
     print(f"(shards: {shards})")
 
