@@ -132,12 +132,13 @@ if [ "${parts[*]}" != tests ] && [ ! -d "$shards" ]; then
   python3 -m shard_tools.pack "$work/data/corpus" --out "$work/data/shards" >/dev/null
   echo "== corpus and shards: $(( $(date +%s) - t0 )) s"
 fi
-failed=()
+failed=() cpu=()
+[ "$mode" = gpu ] || cpu=(--cpu)
 for part in "${parts[@]}"; do
   start=$(date +%s)
   echo "== part $part"
   rc=0
-  timeout --kill-after=15 "${GPU_PART_TIMEOUT:-540}" bash "$0" "$mode" --in-part "$part" || rc=$?
+  timeout --kill-after=15 "${GPU_PART_TIMEOUT:-540}" bash "$0" "${cpu[@]}" --in-part "$part" || rc=$?
   echo "== part $part: exit $rc, $(( $(date +%s) - start )) s" | tee -a "$tables/parts.md"
   [ "$rc" = 0 ] || failed+=("$part")
 done
