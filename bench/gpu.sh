@@ -13,7 +13,7 @@
 #              the encoder alone, end to end and on the same batches; the seed's float32 loop too
 #   infer256   the same at batch 256, without the seed's loop (its float32 batch costs minutes)
 #   bash bench/gpu.sh --cpu      the same parts, small and on the CPU, to know the script runs.
-# Each part runs under `timeout` (GPU_PART_TIMEOUT, default 540 s) in its own process and writes its
+# Each part runs under `timeout` (GPU_PART_TIMEOUT, default 480 s: with the install and the corpus, one part fits a 600-s command) in its own process and writes its
 # table to $GPU_BENCH_TABLES (default $GPU_BENCH_DIR/tables) as it goes, so a part that runs out of
 # time keeps the rows it finished and the parts after it still run; the summary table is printed from
 # whatever tables exist (tables.md beside them). On a device machine set GPU_BENCH_TABLES=$OUT.
@@ -138,7 +138,7 @@ for part in "${parts[@]}"; do
   start=$(date +%s)
   echo "== part $part"
   rc=0
-  timeout --kill-after=15 "${GPU_PART_TIMEOUT:-540}" bash "$0" "${cpu[@]}" --in-part "$part" || rc=$?
+  timeout --kill-after=15 "${GPU_PART_TIMEOUT:-480}" bash "$0" "${cpu[@]}" --in-part "$part" || rc=$?
   echo "== part $part: exit $rc, $(( $(date +%s) - start )) s" | tee -a "$tables/parts.md"
   [ "$rc" = 0 ] || failed+=("$part")
 done
