@@ -13,10 +13,11 @@
 #              the encoder alone, end to end and on the same batches; the seed's float32 loop too
 #   infer256   the same at batch 256, without the seed's loop (its float32 batch costs minutes)
 #   bash bench/gpu.sh --cpu      the same parts, small and on the CPU, to know the script runs.
-# Each part runs under `timeout` (GPU_PART_TIMEOUT, default 480 s: with the install and the corpus, one part fits a 600-s command) in its own process and writes its
-# table to $GPU_BENCH_TABLES (default $GPU_BENCH_DIR/tables) as it goes, so a part that runs out of
-# time keeps the rows it finished and the parts after it still run; the summary table is printed from
-# whatever tables exist (tables.md beside them). On a device machine set GPU_BENCH_TABLES=$OUT.
+# Each part runs under `timeout` (GPU_PART_TIMEOUT, default 480 s: with the install and the corpus, one
+# part fits one 600-s device command) in its own process and writes its table to $GPU_BENCH_TABLES
+# (default $GPU_BENCH_DIR/tables) as it goes, so a part that runs out of time keeps the rows it finished
+# and the parts after it still run; the summary table is printed from whatever tables exist
+# (summary.md beside them). On a device machine set GPU_BENCH_TABLES=$OUT.
 # Install (not with --cpu): with a `.whl/` folder (wheels fetched on a machine with an index: `bash bench/gpu_wheels.sh`) they
 # are installed into /tmp/site without an index, as on the GPU image that reaches none; without one,
 # scripts/install.sh (keeps the machine's torch when it meets setup.cfg).
