@@ -18,9 +18,9 @@
 # (default $GPU_BENCH_DIR/tables) as it goes, so a part that runs out of time keeps the rows it finished
 # and the parts after it still run; the summary table is printed from whatever tables exist
 # (summary.md beside them). On a device machine set GPU_BENCH_TABLES=$OUT.
-# Install (not with --cpu): with a `.whl/` folder (wheels fetched on a machine with an index: `bash bench/gpu_wheels.sh`) they
-# are installed into /tmp/site without an index, as on the GPU image that reaches none; without one,
-# scripts/install.sh (keeps the machine's torch when it meets setup.cfg).
+# Install (not with --cpu): with a `.whl/` folder (wheels fetched on a machine with an index:
+# `bash bench/gpu_wheels.sh`) they are installed into /tmp/site without an index, as on the GPU image
+# that reaches none; without one, scripts/install.sh (keeps the machine's torch when it meets setup.cfg).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=(tests tiny small handover train infer64 infer256)
