@@ -19,8 +19,13 @@ final line of infer_stream.py does. The two ``--shards`` rows' predictions are c
 identical" under the table.
 Decoding rows (one fresh process per round): ``--decode-batches`` batches of random log-mel features
 ``[batch, 80, 3000]`` on ``--device``, the same tensors for each row, one untimed batch first:
-the encoder alone (the floor), ``generate_captions(method="static")`` and ``(method="hf")``; token ids
-compared. On CUDA the model runs in bfloat16 (as infer_stream.py does) unless ``--fp32``.
+the encoder alone (the floor), ``generate_captions(method="static")`` and ``(method="hf")``, and the
+row a user would pick instead of our decoder: HF ``generate`` with transformers' own static cache
+(``cache_implementation="static"``), which on a GPU also compiles its decoding step with
+``torch.compile`` (its default ``CompileConfig``: inductor, "reduce-overhead"; the untimed batch
+holds the compile, and the graphs dynamo made are counted). On a CPU transformers compiles nothing
+(its rule: accelerators only), so that row is the static cache alone: forcing the compile there
+cost 70 s of warm-up for the tiny model on 2 cores and gave no gain. Token ids compared with HF's. On CUDA the model runs in bfloat16 (as infer_stream.py does) unless ``--fp32``.
 Every caption is exactly ``max_new_tokens`` long in every row: the end token is added to the model's
 ``suppress_tokens`` (random models rarely end a caption, but may), so decoding costs the same per clip
 (timestamp tokens are suppressed for every captioning model: ``caption_generation_config``).
@@ -35,6 +40,7 @@ spinning OpenMP threads made the same 20-clip run 3-10x slower and its time erra
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -51,7 +57,8 @@ sys.path.insert(0, str(ROOT))
 ROWS = ("seed: DataLoader(librosa.load + WhisperFeatureExtractor) + generate",
         "infer_stream.py --shards --decoder hf (packed log-mel, HF generate)",
         "infer_stream.py --shards (packed log-mel, static decoder)", "infer_stream.py --audio (raw files)")
-DECODE_ROWS = ("encoder only", "generate_captions static", "generate_captions hf")
+DECODE_ROWS = ("encoder only", "generate_captions static", "generate_captions hf",
+               "HF generate, static cache (+ its torch.compile on a GPU)")
 FINAL_LINE = re.compile(r"^(\d+) clips in ([\d.]+) s \(([\d.]+) clips/s\)$", re.M)
 
 
@@ -87,6 +94,7 @@ def decode_rows(model_name: str, device: str, fp32: bool, batch_size: int, batch
     """Seconds of each ``DECODE_ROWS`` row over the same ``batches`` feature batches, and whether the
     static decoder's token ids equal HF's."""
     import torch
+    from torch._dynamo.utils import counters
 
     from pipeline.model import generate_captions, load_model, load_processor
 
@@ -94,9 +102,12 @@ def decode_rows(model_name: str, device: str, fp32: bool, batch_size: int, batch
     model = load_model(model_name, load_processor(model_name)).to(device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(0)
     features = [torch.randn(batch_size, 80, 3000, generator=generator).to(device, dtype) for _ in range(batches + 1)]
+    static_cache = copy.deepcopy(model)  # the same weights; generate reads the cache kind from its config
+    static_cache.generation_config.cache_implementation = "static"
     calls = {DECODE_ROWS[0]: lambda f: model.model.encoder(f).last_hidden_state,
              DECODE_ROWS[1]: lambda f: generate_captions(model, f, max_new_tokens=max_new_tokens),
-             DECODE_ROWS[2]: lambda f: generate_captions(model, f, max_new_tokens=max_new_tokens, method="hf")}
+             DECODE_ROWS[2]: lambda f: generate_captions(model, f, max_new_tokens=max_new_tokens, method="hf"),
+             DECODE_ROWS[3]: lambda f: generate_captions(static_cache, f, max_new_tokens=max_new_tokens, method="hf")}
     seconds, outputs = {}, {}
     with torch.inference_mode():
         for name, call in calls.items():
@@ -108,12 +119,17 @@ def decode_rows(model_name: str, device: str, fp32: bool, batch_size: int, batch
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds[name] = time.perf_counter() - start
-    static, hf = outputs[DECODE_ROWS[1]], outputs[DECODE_ROWS[2]]
+            print(f"{name}: {seconds[name]:.2f} s", file=sys.stderr, flush=True)  # kept if a later row runs out of time
+    static, hf, cached = (outputs[name] for name in DECODE_ROWS[1:])
     assert all(t.shape == (batch_size, max_new_tokens) for t in static), "captions not of the forced length"
+
+    def same(rows) -> float:
+        return sum(int((a == b).sum()) for a, b in zip(rows, hf)) / (batch_size * batches * max_new_tokens)
+
     return {"seconds": seconds, "clips": batch_size * batches,
-            "identical": all(torch.equal(a, b) for a, b in zip(static, hf)),
-            "same_tokens": sum(int((a == b).sum()) for a, b in zip(static, hf))
-            / (batch_size * batches * max_new_tokens)}
+            "identical": all(torch.equal(a, b) for a, b in zip(static, hf)), "same_tokens": same(static),
+            "static_cache_same_tokens": same(cached),
+            "static_cache_graphs": int(counters["stats"]["unique_graphs"])}
 
 
 def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
@@ -200,13 +216,15 @@ def main() -> None:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     paths = ROWS if args.seed else ROWS[1:]
     rows = {name: [] for name in paths + DECODE_ROWS}
-    identical, same_tokens = [], []
+    identical, same_tokens, cached_same, graphs = [], [], [], 0
     for _ in range(args.rounds):  # rows interleaved, so a busy spell on the machine hits all of them
         seconds, same, decoded = one_round(data, model, args)
         for name, value in seconds.items():
             rows[name].append(value)
         identical += [same, decoded["identical"]]
         same_tokens.append(decoded["same_tokens"])
+        cached_same.append(decoded["static_cache_same_tokens"])
+        graphs = max(graphs, decoded["static_cache_graphs"])
 
     dtype = "bfloat16" if args.device == "cuda" and not args.fp32 else "float32"
     print(f"\n{args.clips} clips, model {args.model_dims} (random weights, every caption {args.max_new_tokens} "
@@ -232,6 +250,9 @@ def main() -> None:
     print(f"\nstatic vs HF infer_stream.py --shards (best): {min(rows[ROWS[1]]) / min(rows[ROWS[2]]):.2f}x; "
           f"outputs identical (predictions, token ids) in every round: {all(identical)}; "
           f"share of equal tokens, decoding rows: {min(same_tokens):.4f}")
+    print(f"{DECODE_ROWS[3]}: graphs torch.compile made: {graphs} (on a CPU transformers compiles none); "
+          f"share of its tokens equal to HF's plain generate: {min(cached_same):.4f}; static decoder vs it "
+          f"(best): {min(rows[DECODE_ROWS[3]]) / min(rows[DECODE_ROWS[1]]):.2f}x")
     print(f"(work folder: {data})")
 
 
@@ -259,7 +280,8 @@ def one_round(data: Path, model: str, args) -> tuple[dict, bool, dict]:
         if result["clips"] != args.clips:
             raise RuntimeError(f"a row captioned {result['clips']} clips, not {args.clips}: {result}")
     same = (data / "shards-hf.jsonl").read_text() == (data / "shards.jsonl").read_text()
-    decode = subprocess.run(child + ["--decode-rows"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    # stderr passes through: each decoding row's time shows as it ends, kept if a later one runs out of time
+    decode = subprocess.run(child + ["--decode-rows"], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True)
     decoded = json.loads(decode.stdout.strip().splitlines()[-1])
     seconds = {name: result["seconds"] for name, result in zip(ROWS if args.seed else ROWS[1:], results)}
     return seconds | decoded["seconds"], same, decoded

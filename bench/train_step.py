@@ -187,17 +187,22 @@ def measure(path: str, shards: str, args) -> dict:
 
 
 def seed_batches(corpus: Path, cfg, batch_size: int, workers: int):
-    """The seed loader's batches, epoch after epoch, in the step's batch form."""
+    """The seed loader's batches, epoch after epoch, in the step's batch form: the decoder inputs
+    are the labels shifted right, as the seed's model made them itself (no caption prefix)."""
     import torch
+    from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
     from bench.stream import seed_loader
     from pipeline.model import load_processor
 
-    loader = seed_loader(corpus, load_processor(cfg.model_config.name).tokenizer, batch_size, workers)
+    tokenizer = load_processor(cfg.model_config.name).tokenizer
+    start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    loader = seed_loader(corpus, tokenizer, batch_size, workers)
     for batch in (b for _ in itertools.count() for b in loader):
         count = len(batch["labels"])
         yield {**batch, "pad_values": torch.zeros(count), "is_pad": torch.zeros(count, dtype=torch.bool),
-               "keys": [str(i) for i in range(count)]}
+               "keys": [str(i) for i in range(count)],
+               "decoder_input_ids": shift_tokens_right(batch["labels"], tokenizer.pad_token_id, start)}
 
 
 def make_shards(data: Path, clips: int) -> str:
@@ -290,6 +295,7 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"row {path!r}{label} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "code": label})
+            print(f"row {path}{label}: {json.dumps(rows[-1])}", flush=True)  # kept if a later row runs out of time
     print_table(rows, args)
     print(f"(shards: {shards})")
 

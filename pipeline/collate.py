@@ -43,6 +43,12 @@ Why it looks like this:
   and records it with the final model (``pipeline.model.save_model``), inference's default length.
 * Padding samples (``"__pad__": True``: rank padding or replacements for skipped samples) give a
   ``pad_value`` of silence, all -100 labels, no captions, key ``""`` and ``is_pad`` True.
+* Shapes ``torch.compile`` sees: the label width (each batch's longest row) is rounded up to the
+  next of ``LABEL_WIDTHS`` (capped at ``max_label_tokens``), and with ``full_batches`` a short batch
+  (an epoch's last) is filled with padding samples up to ``batch_size``, so a run compiles a few
+  graphs however its captions vary. Both leave the loss as it was: the extra label positions are
+  -100 and the extra decoder inputs the pad id after the row (the decoder is causal, so earlier
+  positions never see them), and padding rows have no label at all.
 
 A sample dict is ``{"__key__": str, "mel": float16 [n_mels, frames] (numpy or torch; "mel.npy" is
 also accepted), "json": dict with "captions" and "pad_value"}`` or ``{"__key__": "", "__pad__": True}``,
@@ -51,6 +57,7 @@ either with an optional ``SOURCE_KEY`` (the source's name; missing: ``DEFAULT_SO
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import unicodedata
@@ -65,6 +72,17 @@ from pipeline.features import LOG_FLOOR, N_FRAMES, pad_mel
 
 IGNORE_INDEX = -100  # ignored by torch's cross-entropy and by the HF Whisper loss
 SILENCE_PAD_VALUE = (LOG_FLOOR + 4.0) / 4.0  # the extractor's value for an all-silent window (-1.5)
+# Label widths a batch is rounded up to (module doc): each at most 1.5x the one before, so a batch
+# pays at most 1.5x its decoder positions (little beside the encoder's 1500), and a run meets at most
+# len(LABEL_WIDTHS) + 1 widths (the +1: max_label_tokens), where multiples of 8 would allow 56.
+LABEL_WIDTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+
+
+def label_width(longest: int, limit: int) -> int:
+    """The label width of a batch whose longest row is ``longest`` tokens (at most ``limit``):
+    the next of ``LABEL_WIDTHS``, or ``limit`` past them or below the next."""
+    i = bisect.bisect_left(LABEL_WIDTHS, longest)
+    return min(LABEL_WIDTHS[i], limit) if i < len(LABEL_WIDTHS) else limit
 
 
 def _hash64(*parts) -> int:
@@ -110,7 +128,7 @@ class Collator:
     ``[B, T]``, ``keys``, ``captions``, ``sources``, ``is_pad`` bool ``[B]``, ``meta``,
     ``longest_caption_tokens`` int (0 for padding only); ``compact`` gives
     the form loaders hand over. It reads ``train``, ``seed``, ``max_label_tokens``, ``spec_augment``,
-    ``prefixes`` and ``normalize_captions`` of the settings; keyword ``changes`` replace fields of
+    ``prefixes``, ``normalize_captions``, ``full_batches`` and ``batch_size`` of the settings; keyword ``changes`` replace fields of
     ``settings`` (or of the defaults)."""
 
     def __init__(self, tokenizer, settings: DataSettings | None = None, n_mels: int = 80,
@@ -121,6 +139,7 @@ class Collator:
         self.max_label_tokens = settings.max_label_tokens
         self.spec_augment = settings.spec_augment
         self.normalize = settings.normalize_captions
+        self.full_batches, self.batch_size = settings.full_batches, settings.batch_size
         self.n_mels, self.n_frames = n_mels, n_frames
         self.task_ids = list(tokenizer.prefix_tokens)  # <|startoftranscript|><|en|><|translate|><|notimestamps|>
         self.end_id = tokenizer.eos_token_id  # <|endoftext|>
@@ -153,6 +172,8 @@ class Collator:
         queue alone, ~4,000/s at 500 frames)."""
         if not samples:
             raise ValueError("cannot collate an empty batch")
+        if self.full_batches and len(samples) < self.batch_size:
+            samples = [*samples, *[{"__key__": "", "__pad__": True}] * (self.batch_size - len(samples))]
         is_pad = [bool(s.get("__pad__")) for s in samples]
         real = [s for s, pad in zip(samples, is_pad) if not pad]
         metas = [s["json"] for s in real]
@@ -241,7 +262,7 @@ class Collator:
                 row = row[:self.max_label_tokens - 1] + row[-1:]  # keep <|endoftext|>: it teaches stopping
             rows.append(row)
             given.append(len(prompt))
-        width = max((len(r) for r in rows), default=1)
+        width = label_width(max((len(r) for r in rows), default=1), self.max_label_tokens)
         labels = np.full((len(is_pad), width), IGNORE_INDEX, dtype=np.int64)  # [B, T]
         inputs = np.full((len(is_pad), width), self.tokenizer.pad_token_id, dtype=np.int64)  # [B, T]
         inputs[:, 0] = self.task_ids[0]

@@ -87,6 +87,7 @@ class DataSettings:
     retry: RetryPolicy | None = None  # http(s) and fsspec reads: retries, deadline (None: retry.DEFAULT_POLICY)
     prefixes: tuple[tuple[str, str], ...] = ()  # (source name, caption prefix): the collator's per-source prompt
     normalize_captions: bool = False  # train on lower-cased captions without punctuation (collate.normalize_caption)
+    full_batches: bool = False  # fill a short batch with padding samples up to batch_size: one shape for torch.compile
 
     def __post_init__(self):
         problems = self.problems()

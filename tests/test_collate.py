@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from pipeline.collate import Collator, expand_features, normalize_caption, prompt_ids
+from pipeline.collate import LABEL_WIDTHS, Collator, expand_features, normalize_caption, prompt_ids
 from pipeline.config import ConfigError
 from pipeline.data_settings import DEFAULT_SOURCE, MAX_TARGET_POSITIONS, SOURCE_KEY, SpecAugment
 from pipeline.features import clip_features, pad_mel
@@ -103,6 +103,70 @@ def test_hf_loss_with_these_labels_is_the_manual_cross_entropy(tiny_processor):
     torch.testing.assert_close(loss, manual)
 
 
+def test_label_widths_are_a_few_and_the_loss_is_the_hf_loss_of_the_unpadded_batch(tiny_processor):
+    """Captions of 1 to 57 words (label rows of 5 to 61 tokens) give at most 5 label widths (16, 24,
+    32, 48, 64; one per row length before), and the rounded batch, a short one filled with a padding
+    row, gives exactly the HF model's own loss on the unpadded labels (its own right shift)."""
+    tok = tiny_processor.tokenizer
+    collate = Collator(tok, train=False)
+    widths = {collate([clip_sample("k", 0.5, [" ".join(["word"] * n)])[0]])["labels"].shape[1] for n in range(1, 58)}
+    assert widths == {16, 24, 32, 48, 64} and widths <= set(LABEL_WIDTHS)
+    assert collate([{"__key__": "", "__pad__": True}])["labels"].shape[1] == 16  # padding only: the smallest
+    assert Collator(tok, train=False, max_label_tokens=20)(
+        [clip_sample("k", 0.5, [" ".join(["word"] * 14)])[0]])["labels"].shape[1] == 20  # 18 tokens: the limit
+
+    captions = ["A dog barks.", "Birds sing at dawn in a park.", "Rain."]
+    samples = [clip_sample(f"k{i}", 1.0 + i, [c], 300.0 + 100 * i)[0] for i, c in enumerate(captions)]
+    batch = Collator(tok, train=True, full_batches=True, batch_size=4)(samples)
+    assert batch["labels"].shape == (4, 16) and batch["is_pad"].tolist() == [False, False, False, True]
+    ids = [tok(c).input_ids[1:] for c in captions]
+    longest = max(map(len, ids))
+    unpadded = torch.tensor([row + [-100] * (longest - len(row)) for row in ids])  # [3, longest], as HF pads
+    model = load_model("tiny", tiny_processor).eval()
+    feats = batch["input_features"].float()
+    with torch.no_grad():
+        ours = model(input_features=feats, decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"]).loss
+        hf = model(input_features=feats[:3], labels=unpadded).loss
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_full_batches_fill_a_short_batch_with_padding_rows(tiny_processor):
+    """A short (last) batch gets padding rows up to batch_size: no captions, all -100, key ""."""
+    samples = [clip_sample(f"k{i}", 0.5, ["A dog barks."])[0] for i in range(3)]
+    full = Collator(tiny_processor.tokenizer, full_batches=True, batch_size=5)(samples)
+    assert full["input_features"].shape[0] == 5 and full["keys"] == ["k0", "k1", "k2", "", ""]
+    assert full["is_pad"].tolist() == [False] * 3 + [True] * 2 and (full["labels"][3:] == -100).all()
+    assert full["captions"][3:] == [[], []] and full["longest_caption_tokens"] == len(full["labels"][0][
+        full["labels"][0] != -100]) - 3
+    assert Collator(tiny_processor.tokenizer, batch_size=5)(samples)["input_features"].shape[0] == 3  # off: as read
+
+
+def test_varied_captions_and_a_short_last_batch_compile_one_graph(tiny_processor):
+    """torch.compile (dynamo, counting backend) of the training forward over batches whose longest
+    captions differ (rows of 5 to 15 tokens) and a short last batch compiles once: one shape."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    collate = Collator(tiny_processor.tokenizer, full_batches=True, batch_size=2)
+    batches = [collate([clip_sample(f"k{n}", 0.5, [" ".join(["word"] * n)])[0],
+                        clip_sample(f"j{n}", 0.5, ["Rain."])[0]]) for n in (1, 6, 11)]
+    batches.append(collate([clip_sample("last", 0.5, ["word " * 4])[0]]))
+    model = load_model("tiny", tiny_processor).eval()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter)
+    try:
+        frames = []
+        for batch in batches:
+            with torch.no_grad():
+                compiled(input_features=batch["input_features"].float(), decoder_input_ids=batch["decoder_input_ids"],
+                         use_cache=False)
+            frames.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    assert frames == [frames[0]] * len(batches), frames
+
+
 def test_a_sources_prefix_is_the_prompt_and_masked_in_the_labels(tiny_processor):
     """The prefix follows the task tokens in the decoder input, as the tokenizer writes the text
     "prefix caption"; the HF loss on those inputs counts the caption tokens only."""
@@ -163,7 +227,8 @@ def test_normalized_captions_are_the_targets_references_stay(tiny_processor):
     tok = tiny_processor.tokenizer
     sample = clip_sample("a", 1.0, ["A Dog barks, LOUDLY!"])[0]
     batch = Collator(tok, train=False, normalize_captions=True)([sample])
-    assert batch["labels"][0].tolist() == tok("a dog barks loudly").input_ids[1:]
+    labels = batch["labels"][0]
+    assert labels[labels != -100].tolist() == tok("a dog barks loudly").input_ids[1:]
     assert batch["captions"] == [["A Dog barks, LOUDLY!"]]
 
 
