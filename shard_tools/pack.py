@@ -34,6 +34,13 @@ before any split is touched: repacking under a mistyped option would replace eve
 A lock file (``.lock``, released when the process dies) keeps a second packer out of a split folder
 while one runs.
 
+The output folder is never an input: an ``--out`` inside the DATASET folder is skipped when the
+splits and folders are listed (so a run reads the same inputs with or without its earlier output),
+and an output that would be written among the inputs (``--out`` the DATASET folder itself) is refused.
+
+Repeats (a second path to a folder, clip or manifest row already read: ``sources.Repeat``) lose no
+input: each gets a note on stderr and the summary counts them, but they are not rejected inputs.
+
 Exit status: 0; 1 when more than ``--max-reject-fraction`` of the inputs were rejected (all that
 could be packed still is); 2 for a usage error (bad arguments, missing input, unresumable output, an
 output folder that cannot be written, or one another packer is writing).
@@ -184,6 +191,7 @@ class SplitResult:
     truncated: int
     rejected: int
     packed_now: int  # clips encoded in this run (not kept from an earlier one)
+    repeats: int  # second paths to inputs already read (not inputs)
 
 
 def split_directory(out: Path, split: str, part: int, num_parts: int) -> Path:
@@ -273,7 +281,8 @@ def _pack_split(split_input: sources.SplitInput, directory: Path, settings: dict
     write_json(directory / INDEX_FILE, shard_format.index_dict(
         split_input.name, args.n_mels, [writer.index_entry(s) for s in shards], truncated, len(rejects)))
     return SplitResult(directory, sum(s["samples"] for s in shards), sum(s["seconds"] for s in shards), len(shards),
-                       sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now)
+                       sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now,
+                       len(split_input.repeats))
 
 
 def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, log: writer.ProgressLog,
@@ -436,11 +445,36 @@ def input_name(args) -> str:
     return os.path.abspath(path) if path else args.from_shards or args.hf_dataset
 
 
+def output_inside_dataset(args, layout: str) -> str | None:
+    """The resolved ``--out`` when it lies inside the DATASET folder (never read as an input), else None."""
+    if layout != "folder":
+        return None
+    root, out = os.path.realpath(args.dataset), os.path.realpath(args.out)
+    return out if out != root and sources.inside(out, root) else None
+
+
+def check_output_apart(args, layout: str, directories: Iterable[Path]) -> None:
+    """Refuse an output folder the next run would read as input: one inside the DATASET folder that
+    is not skipped as the ``--out`` folder (``--out`` the DATASET folder itself)."""
+    if layout != "folder" or output_inside_dataset(args, layout):
+        return
+    root = os.path.realpath(args.dataset)
+    for directory in directories:
+        if sources.inside(directory, root):
+            raise PackError(f"--out {args.out}: {directory} would be written among the inputs of the dataset "
+                            f"folder {args.dataset} and read by the next run; choose an --out that is not the "
+                            "dataset folder (a folder of its own inside it is fine)")
+
+
 def open_inputs(args, layout: str, fields: InputFields) -> list[sources.SplitInput]:
     common = {"part": args.part, "num_parts": args.num_parts, "split": args.split}
     try:
         if layout == "folder":
-            return sources.folder_inputs(args.dataset, fields.captions, **common)
+            skip = output_inside_dataset(args, layout)
+            if skip and os.path.isdir(skip):
+                print(f"note: {args.out} is skipped when listing the inputs: it is the --out folder",
+                      file=sys.stderr)
+            return sources.folder_inputs(args.dataset, fields.captions, **common, skip=skip)
         if layout == "manifest":
             return sources.manifest_inputs(args.manifest, fields.audio, fields.captions, **common)
         if layout == "shards":
@@ -477,7 +511,8 @@ def run_settings(args, layout: str, fields: InputFields, split_input: sources.Sp
 def summary_line(name: str, r: SplitResult, elapsed: float) -> str:
     kept = f" ({r.samples - r.packed_now} kept from an earlier run)" if r.packed_now != r.samples else ""
     return (f"{name}: {r.samples} clips{kept}, {r.seconds / 3600:.2f} h, {r.shards} shards, {r.bytes / MB:.1f} MB, "
-            f"{r.packed_now / elapsed:.1f} clips/s, truncated {r.truncated}, rejected {r.rejected}")
+            f"{r.packed_now / elapsed:.1f} clips/s, truncated {r.truncated}, rejected {r.rejected}, "
+            f"repeats {r.repeats}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
             split_inputs = open_inputs(args, layout, fields)
             plan = [(split_input, split_directory(args.out, split_input.name, args.part, args.num_parts),
                      run_settings(args, layout, fields, split_input)) for split_input in split_inputs]
+            check_output_apart(args, layout, [directory for _, directory, _ in plan])
+            for split_input in split_inputs:
+                for repeat in split_input.repeats:
+                    print(f"note: {repeat.source}: {repeat.note} (not a rejected input)", file=sys.stderr)
             if args.resume:  # every split's settings checked before any split is touched
                 for _, directory, settings in plan:
                     check_resumable(directory, settings)
@@ -522,7 +561,7 @@ def report(results: list, elapsed: float, max_reject_fraction: float) -> int:
         print(summary_line(str(result.directory), result, seconds))
     total = SplitResult(Path(), *(sum(getattr(r, f) for r, _ in results)
                                   for f in ("samples", "seconds", "shards", "bytes", "truncated", "rejected",
-                                            "packed_now")))
+                                            "packed_now", "repeats")))
     print(summary_line("total", total, elapsed))
     inputs = total.samples + total.rejected
     if inputs and total.rejected / inputs > max_reject_fraction:

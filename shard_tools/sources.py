@@ -1,6 +1,6 @@
 """Input layouts for the packer: each turns a dataset into per-split streams of records and rejects.
 
-Every layout yields, in a deterministic order, two kinds of dict:
+Every layout yields, in a deterministic order, two kinds of item:
 
 - a record ``{"__key__", "source", "split", "audio", "captions", "extra"}``: ``audio`` is a file path
   (str) or the encoded file's bytes, left undecoded so that decoding runs in the packer's workers;
@@ -8,8 +8,11 @@ Every layout yields, in a deterministic order, two kinds of dict:
   other than the caption and audio fields;
 - a ``pipeline.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
   empty caption, a JSON without the caption field, an unreadable caption file, folder, shard or
-  manifest row, a path that is not a regular file, a second path to a folder or clip already read,
-  a manifest row that repeats an earlier one).
+  manifest row, a path that is not a regular file).
+
+A second path to something already read (a symlink loop, two paths to one folder or clip, a manifest
+row that repeats an earlier one) loses no input: it is a ``Repeat``, kept apart from the inputs
+(``SplitInput.repeats``) so that the packer reports it without counting it as a rejected input.
 
 Decoding failures (corrupt, zero-length or silent audio) only show when the audio is decoded, so the
 packer's workers turn those records into rejects.
@@ -20,11 +23,13 @@ Layouts (one ``SplitInput`` per output split):
   the caption sits beside the audio in ``clip.json`` or ``clip.txt`` (whole file); with both, each
   gives references (the JSON's first, and its other fields are the extra). Names starting with a dot
   are inputs like any other (``infer_stream.py --audio`` captions them too); only ROOT's own dot
-  folders are not splits. Symlinked folders are followed; a folder or clip reached a second time
-  (a symlink loop, two paths to one place) is a reject naming the first path;
+  folders are not splits. Symlinked folders are followed; a folder reached a second time (a symlink
+  loop, two paths to one place) is a repeat naming the first path; a clip reached by a second path
+  is packed once, under its first path, with the second path's new captions (as a manifest's rows);
+  the packer's own output folder (``skip``) is never read;
 - manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
   rows naming the same audio file (by resolved path) are merged into one record with all their
-  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a reject;
+  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat;
 - raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
   the sample (``json.text``), named and read by the loader's own ``pipeline.urls`` (one URL grammar,
   one tar reader);
@@ -58,19 +63,29 @@ from typing import Callable, Iterable, Iterator, Sequence
 from pipeline.shard_format import AUDIO_SUFFIXES, Reject, check_text, load_json
 
 CAPTION_SUFFIXES = (".json", ".txt")  # in order of preference when both sit beside one clip
-DATASET_FOLDER = "the dataset folder"  # how rejects name the folder given to the packer
+DATASET_FOLDER = "the dataset folder"  # how rejects and repeats name the folder given to the packer
 KEY_HASH_DIGITS = 10
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A second path to a folder, clip or manifest row already read: reported, never an input."""
+
+    source: str
+    split: str
+    note: str  # what it repeats
 
 
 @dataclass(frozen=True)
 class SplitInput:
     """One output split of one part: its name ("" for a flat output), how many inputs it has (for
-    the progress bar; None when streaming raw shards) and a factory of its ordered item stream
-    (``item_digest`` tells ``--resume`` whether an input changed)."""
+    the progress bar; None when streaming raw shards), a factory of its ordered item stream
+    (``item_digest`` tells ``--resume`` whether an input changed) and the repeats among its inputs."""
 
     name: str
     total: int | None
     items: Callable[[], Iterator]
+    repeats: tuple[Repeat, ...] = ()
 
 
 def fingerprint(obj) -> str:
@@ -164,7 +179,7 @@ def is_reject(item) -> bool:
 
 
 def source_of(item) -> str:
-    return item.source if is_reject(item) else item["source"]
+    return item["source"] if isinstance(item, dict) else item.source
 
 
 def item_digest(item) -> str:
@@ -189,7 +204,7 @@ def unique_keys(items: Iterable[dict]) -> Iterator[dict]:
     twice, or a 40-bit hash collision), so keys are unique within the split."""
     seen: dict[str, str] = {}
     for item in items:
-        if not is_reject(item):
+        if isinstance(item, dict):
             key = item["__key__"]
             if key in seen:
                 item = reject(item["source"], item["split"], f"duplicate key {key} (first from {seen[key]})")
@@ -206,25 +221,37 @@ def part_slice(seq: Sequence, part: int, num_parts: int) -> Sequence:
     return seq[part * n // num_parts:(part + 1) * n // num_parts]
 
 
-def listed(name: str, items: list[dict], part: int, num_parts: int) -> SplitInput:
-    """A SplitInput over an in-memory, already ordered item list (keys checked across all parts)."""
+def listed(name: str, items: list, part: int, num_parts: int) -> SplitInput:
+    """A SplitInput over an in-memory, already ordered item list (keys checked across all parts);
+    each part holds the repeats of its own slice."""
     chosen = part_slice(list(unique_keys(items)), part, num_parts)
-    return SplitInput(name, len(chosen), lambda: iter(chosen))
+    inputs = [item for item in chosen if not isinstance(item, Repeat)]
+    return SplitInput(name, len(inputs), lambda: iter(inputs), tuple(i for i in chosen if isinstance(i, Repeat)))
 
 
 # ----------------------------------------------------------------------------- folder layout
 
+def inside(path: str | Path, folder: str) -> bool:
+    """``path`` (resolved here) is the resolved ``folder`` or lies under it."""
+    path = os.path.realpath(path)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0, num_parts: int = 1,
-                  split: str | None = None) -> list[SplitInput]:
-    """Split folders (ROOT holds no audio itself) or a flat folder (output split ``split`` or "")."""
+                  split: str | None = None, skip: str | Path | None = None) -> list[SplitInput]:
+    """Split folders (ROOT holds no audio itself) or a flat folder (output split ``split`` or "");
+    the folder ``skip`` (the packer's output, inside ROOT) and all under it are never read."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
+    skip = os.path.realpath(skip) if skip is not None else None
     entries = sorted(os.listdir(root))
     flat = any(file_kind(os.path.splitext(e)[1]) == "audio" and not (root / e).is_dir() for e in entries)
     if flat:
-        return [listed(split or "", folder_items(root, root, split or "", caption_fields), part, num_parts)]
-    names = [e for e in entries if (root / e).is_dir() and not e.startswith(".")]
+        return [listed(split or "", folder_items(root, root, split or "", caption_fields, skip=skip),
+                       part, num_parts)]
+    names = [e for e in entries if (root / e).is_dir() and not e.startswith(".")
+             and not (skip and inside(root / e, skip))]
     claimed = {os.path.realpath(root): DATASET_FOLDER}  # resolved folder -> the split folder that is it
     for name in sorted(names, key=lambda n: (root / n).is_symlink()):  # the folder itself before links to it
         claimed.setdefault(os.path.realpath(root / name), f"{name}/")
@@ -232,16 +259,17 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
     if not names:
         raise FileNotFoundError(f"{root} holds no audio files and no split folder"
                                 + (f" named {split!r}" if split else ""))
-    return [listed(name, folder_items(root, root / name, name, caption_fields, claimed), part, num_parts)
+    return [listed(name, folder_items(root, root / name, name, caption_fields, claimed, skip), part, num_parts)
             for name in names]
 
 
 def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequence[str],
-                 claimed: dict[str, str] | None = None) -> list:
-    """Records and rejects for every audio and caption file under ``directory``, sorted by source;
-    a folder that cannot be listed is a reject of its own. Symlinked folders are followed, each
-    folder read once by its resolved path: a symlink loop, or a second path to a folder already
-    read (``claimed`` holds the dataset folder and every split folder), is a reject naming the first."""
+                 claimed: dict[str, str] | None = None, skip: str | None = None) -> list:
+    """Records, rejects and repeats for every audio and caption file under ``directory``, sorted by
+    source; a folder that cannot be listed is a reject of its own. Symlinked folders are followed,
+    each folder read once by its resolved path: a symlink loop, or a second path to a folder already
+    read (``claimed`` holds the dataset folder and every split folder), is a repeat naming the
+    first. The resolved folder ``skip`` and all under it are not read."""
     items = []
     seen = {os.path.realpath(root): DATASET_FOLDER, **(claimed or {})}
 
@@ -256,14 +284,15 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
         label = f"{rel(path)}/" if path != root else DATASET_FOLDER
         first = seen.setdefault(os.path.realpath(path), label)
         if first != label:
-            items.append(reject(label, split, f"same folder as {first} (a symlink loop or a second path to it): "
+            items.append(Repeat(label, split, f"same folder as {first} (a symlink loop or a second path to it): "
                                               "read once"))
         return first == label
 
     if not first_visit(directory):
         return items
     for dirpath, dirnames, filenames in os.walk(directory, onerror=unreadable, followlinks=True):
-        dirnames[:] = [name for name in sorted(dirnames) if first_visit(Path(dirpath) / name)]
+        dirnames[:] = [name for name in sorted(dirnames) if not (skip and inside(Path(dirpath) / name, skip))
+                       and first_visit(Path(dirpath) / name)]
         groups: dict[str, dict[str, list[str]]] = {}  # stem -> {"audio": [...], "caption": [...]}
         for name in sorted(filenames):
             stem, suffix = os.path.splitext(name)
@@ -277,16 +306,22 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
 
 
 def unique_files(items: list) -> list:
-    """``items`` with a record whose audio file (by resolved path) an earlier record holds turned
-    into a reject: a symlink to a clip, or one reached through two folders, is packed once."""
-    first: dict[str, str] = {}
+    """``items`` with each audio file (by resolved path) packed once, as a manifest's rows are: a
+    second path to a clip (a symlink, two folders) adds its new captions to the first path's record,
+    and is a repeat when it adds none. Either way no input is lost, so neither is a rejected input."""
+    first: dict[str, dict] = {}
     out = []
     for item in items:
-        if not is_reject(item):
-            source = first.setdefault(os.path.realpath(item["audio"]), item["source"])
-            if source != item["source"]:
-                item = reject(item["source"], item["split"], f"same audio file as {source} (a symlink or a "
-                                                             "second path to it): packed once")
+        if isinstance(item, dict):
+            earlier = first.setdefault(os.path.realpath(item["audio"]), item)
+            if earlier is not item:
+                added = new_captions(earlier["captions"], item["captions"])
+                # a new list: clips of one stem share their captions' list
+                earlier["captions"] = earlier["captions"] + added
+                if added:
+                    continue
+                item = Repeat(item["source"], item["split"], f"same audio file as {earlier['source']} (a symlink "
+                                                             "or a second path to it) with no new caption: packed once")
         out.append(item)
     return out
 
@@ -427,28 +462,29 @@ def _csv_rows(name: str, f) -> Iterator[tuple[str, dict | None, str]]:
         yield f"{name}:{start}", row, ""
 
 
-def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], split: str) -> list[dict]:
-    """Records (the rows naming one audio file, by resolved path, merged) and rejects, sorted by source."""
+def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], split: str) -> list:
+    """Records (the rows naming one audio file, by resolved path, merged), rejects and repeats,
+    sorted by source."""
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     base = path.resolve().parent
     merged: dict[str, tuple[str, dict]] = {}  # resolved audio file -> (its first row, its record)
-    rejects = []
+    others = []  # rejects and repeats
     for where, row, error in manifest_rows(path):
         problem = error or audio_path_problem(row.get(audio_field), f"audio field {audio_field!r}")
         if problem:
-            rejects.append(reject(where, split, problem))
+            others.append(reject(where, split, problem))
             continue
         source = posixpath.normpath(row[audio_field].strip().replace(os.sep, "/"))
         try:
             captions = captions_from(row, caption_fields)
         except CaptionError as err:
-            rejects.append(reject(source, split, f"{where}: {err}"))
+            others.append(reject(source, split, f"{where}: {err}"))
             continue
         file = Path(os.path.normpath(base / source))
         problem = not_regular(file)
         if problem:
-            rejects.append(reject(source, split, f"{where}: audio file {problem} ({file})"))
+            others.append(reject(source, split, f"{where}: audio file {problem} ({file})"))
             continue
         resolved = os.path.realpath(file)
         if resolved not in merged:
@@ -458,16 +494,18 @@ def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], 
         first, earlier = merged[resolved]
         added = new_captions(earlier["captions"], captions)
         if not added:
-            rejects.append(reject(where, split, f"repeats {first}: the same audio file with no new caption"))
+            others.append(Repeat(where, split, f"repeats {first}: the same audio file with no new caption"))
         earlier["captions"] += added
-    return sorted([*(r for _, r in merged.values()), *rejects], key=source_of)
+    return sorted([*(r for _, r in merged.values()), *others], key=source_of)
 
 
 def audio_path_problem(path, what: str) -> str | None:
     """Why ``path`` (an input's audio value) cannot name a file, or None: not a string, blank, or
     holding a NUL byte (which the OS refuses)."""
-    if not isinstance(path, str) or not path.strip():
+    if path is None or isinstance(path, str) and not path.strip():
         return f"row has no {what}"
+    if not isinstance(path, str):
+        return f"{what} is not a string (a {type(path).__name__})"
     return f"{what} holds a NUL byte" if "\0" in path else None
 
 

@@ -473,14 +473,16 @@ def test_hostile_manifest_rows_cost_only_themselves_and_are_counted(tmp_path, ca
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out"
     assert main(["--manifest", str(manifest), "--out", str(out), "--workers", "1", "--max-reject-fraction", "1"]) == 0
-    total = capsys.readouterr().out.splitlines()[-1]
-    assert total.startswith("total: 2 clips,") and total.endswith("rejected 3")
+    captured = capsys.readouterr()
+    total = captured.out.splitlines()[-1]
+    assert total.startswith("total: 2 clips,") and total.endswith("rejected 2, repeats 1")
+    assert "note: m.jsonl:5: repeats m.jsonl:3: the same audio file with no new caption (not a rejected input)" \
+        in captured.err.splitlines()
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["path"], r["reason"]) for r in rejects] == [
-        ("m.jsonl:1", "JSON line is not an object"), ("m.jsonl:2", "audio field 'audio_file' holds a NUL byte"),
-        ("m.jsonl:5", "repeats m.jsonl:3: the same audio file with no new caption")]
+        ("m.jsonl:1", "JSON line is not an object"), ("m.jsonl:2", "audio field 'audio_file' holds a NUL byte")]
     index = json.loads((out / "index.json").read_text())
-    assert index["totals"]["samples"] == 2 and index["totals"]["rejected"] == 3
+    assert index["totals"]["samples"] == 2 and index["totals"]["rejected"] == 2
     assert [s["meta"]["captions"] for s in read_split(out)] == [["caption 0"], ["caption 1"]]
 
 
@@ -491,16 +493,22 @@ def test_symlinked_folders_and_second_caption_files_are_packed_or_reported(tmp_p
     make_clips(tmp_path / "elsewhere", 2)
     (root / "linked").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere" / "loop").symlink_to(root)
+    (root / "same.wav").symlink_to(root / "clip00.wav")  # a second path to a clip, no new caption
+    (root / "same.txt").write_text("caption 0")
     out = tmp_path / "out"
-    args = [str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--max-reject-fraction", "1"]
-    assert main(args) == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith("rejected 1")
+    args = [str(tmp_path / "ds"), "--out", str(out), "--workers", "1"]
+    assert main(args) == 0  # every clip packed: the repeats lost nothing, so they are not rejected inputs
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1].endswith("rejected 0, repeats 2")
+    assert [line for line in captured.err.splitlines() if line.startswith("note:")] == [
+        "note: train/linked/loop/: same folder as train/ (a symlink loop or a second path to it): read once "
+        "(not a rejected input)",
+        "note: train/same.wav: same audio file as train/clip00.wav (a symlink or a second path to it) with no new "
+        "caption: packed once (not a rejected input)"]
     assert {s["meta"]["source"]: s["meta"]["captions"] for s in read_split(out / "train")} == {
         "train/clip00.wav": ["from the json", "caption 0"], "train/linked/clip00.wav": ["caption 0"],
         "train/linked/clip01.flac": ["caption 1"]}
-    assert [json.loads(line) for line in (out / "train" / "rejects.jsonl").read_text().splitlines()] == [
-        {"path": "train/linked/loop/", "reason": "same folder as train/ (a symlink loop or a second path to it): "
-                                                 "read once"}]
+    assert (out / "train" / "rejects.jsonl").read_text() == ""
     before = tree_bytes(out)
     assert main([*args, "--resume"]) == 0 and tree_bytes(out) == before
 
@@ -515,3 +523,34 @@ def test_refused_resume_of_a_part_keeps_the_merged_index(tmp_path, capsys):
     assert (out / "train" / "index.json").is_file()  # merged from both parts
     assert main([*args, "--part", "0", "--resume", "--caption-field", "nope"]) == 2
     assert "caption_fields differ" in capsys.readouterr().err and tree_bytes(out) == before
+
+
+def test_the_out_folder_inside_the_dataset_is_never_an_input(tmp_path, capsys):
+    for split in ("train", "validation"):
+        make_clips(tmp_path / "ds" / split, 3)
+    out = tmp_path / "ds" / "packed"  # beside the splits: not a split of its own
+    args = [str(tmp_path / "ds"), "--out", str(out), "--workers", "1", "--samples-per-shard", "2"]
+    assert main(args) == 0
+    fresh = tree_bytes(out)
+    assert sorted(fresh) == sorted(f"{s}/{n}" for s in ("train", "validation")
+                                   for n in ("000.tar", "001.tar", ".progress.jsonl", "index.json", "rejects.jsonl"))
+    capsys.readouterr()
+    (out / "train" / "001.tar").unlink()  # an interrupted run: the resume repacks beside its own output
+    assert main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {out} is skipped when listing the inputs: it is the --out folder" in err.splitlines()
+    assert "rejected" not in err and tree_bytes(out) == fresh
+    flat = tmp_path / "ds" / "train"  # a flat folder whose output sits inside it
+    flat_args = [str(flat), "--out", str(flat / "packed"), "--workers", "1", "--samples-per-shard", "2"]
+    assert main(flat_args) == 0
+    flat_fresh = tree_bytes(flat / "packed")
+    assert main([*flat_args, "--overwrite"]) == 0 and tree_bytes(flat / "packed") == flat_fresh
+    assert main([*flat_args, "--resume"]) == 0 and tree_bytes(flat / "packed") == flat_fresh
+    assert json.loads(flat_fresh["index.json"])["totals"]["rejected"] == 0
+    capsys.readouterr()
+    for dataset in (tmp_path / "ds", flat):  # written among the inputs: refused before anything is written
+        before = tree_bytes(tmp_path / "ds")
+        assert main([str(dataset), "--out", str(dataset), "--workers", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --out {dataset}: ") and "read by the next run" in err
+        assert tree_bytes(tmp_path / "ds") == before

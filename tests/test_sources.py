@@ -270,32 +270,52 @@ def test_symlinked_folders_are_followed_and_each_place_read_once(tmp_path):
     (elsewhere / "loop").symlink_to(root / "train")  # back to the split: a loop
     (root / "train" / "up").symlink_to(root)  # to the dataset folder: a loop
     (root / "train" / "link.wav").symlink_to(root / "train" / "a.wav")  # a second path to a clip
-    (root / "train" / "link.txt").write_text("same clip")
+    (root / "train" / "link.txt").write_text("same clip")  # with a new caption: added to a.wav's
+    (root / "train" / "same.wav").symlink_to(root / "train" / "a.wav")  # with no new caption: a repeat
+    (root / "train" / "same.txt").write_text("in the split")
     (root / "copy").symlink_to(root / "train")  # a split folder that is another split
     copy, train = sources.folder_inputs(root, ["text"])
-    items = by_source(train)
-    packed = {s: i["captions"] for s, i in items.items() if not sources.is_reject(i)}
-    assert packed == {"train/a.wav": ["in the split"], "train/again/b.wav": ["behind a link"]}
-    reasons = {s: i.reason for s, i in items.items() if sources.is_reject(i)}
-    assert reasons == {
+    items = by_source(train)  # repeats lose no input: they are not inputs, not even rejects
+    assert {s: i["captions"] for s, i in items.items()} == {
+        "train/a.wav": ["in the split", "same clip"], "train/again/b.wav": ["behind a link"]}
+    assert train.total == 2
+    assert {r.source: r.note for r in train.repeats} == {
         "train/again/loop/": "same folder as train/ (a symlink loop or a second path to it): read once",
         "train/linked/": "same folder as train/again/ (a symlink loop or a second path to it): read once",
         "train/up/": "same folder as the dataset folder (a symlink loop or a second path to it): read once",
-        "train/link.wav": "same audio file as train/a.wav (a symlink or a second path to it): packed once"}
-    assert [(i.source, i.reason) for i in copy.items()] == [
-        ("copy/", "same folder as train/ (a symlink loop or a second path to it): read once")]
+        "train/same.wav": "same audio file as train/a.wav (a symlink or a second path to it) with no new "
+                          "caption: packed once"}
+    assert list(copy.items()) == [] and copy.repeats == (
+        sources.Repeat("copy/", "copy", "same folder as train/ (a symlink loop or a second path to it): read once"),)
 
 
-def test_manifest_repeated_rows_merge_new_captions_and_reject_repeats(tmp_path):
+def test_the_skipped_folder_is_never_read(tmp_path):
+    """The packer's --out inside the dataset: its index.json files are not captions without audio."""
+    write_audio(tmp_path / "train" / "a.wav", seconds=0.1)
+    (tmp_path / "train" / "a.txt").write_text("a")
+    for out in (tmp_path / "packed", tmp_path / "train" / "deep"):
+        (out / "train").mkdir(parents=True)
+        (out / "train" / "index.json").write_text("{}")
+    (tmp_path / "train" / "to_out").symlink_to(tmp_path / "train" / "deep")  # inside it by another path
+    (train,) = sources.folder_inputs(tmp_path, ["text"], skip=tmp_path / "packed")  # not a split
+    assert [sources.source_of(i) for i in train.items()] == ["train/a.wav", "train/deep/train/index.json"]
+    assert [r.source for r in train.repeats] == ["train/to_out/"]
+    packed, train = sources.folder_inputs(tmp_path, ["text"], skip=tmp_path / "train" / "deep")
+    assert [sources.source_of(i) for i in train.items()] == ["train/a.wav"] and train.repeats == ()
+    (flat,) = sources.folder_inputs(tmp_path / "train", ["text"], skip=tmp_path / "train" / "deep")
+    assert [i["source"] for i in flat.items()] == ["a.wav"] and flat.repeats == ()
+
+
+def test_manifest_repeated_rows_merge_new_captions_and_report_repeats(tmp_path):
     write_audio(tmp_path / "audio" / "a.wav", seconds=0.2)
     (tmp_path / "link.wav").symlink_to(tmp_path / "audio" / "a.wav")
     manifest = tmp_path / "m.csv"
     manifest.write_text("audio_file,caption_text\naudio/a.wav,a hum\naudio/a.wav,a hum\n"
                         "./audio/a.wav,a low hum\nlink.wav,a hum\n")
-    items = list(sources.manifest_inputs(manifest, "audio_file", ["caption_text"])[0].items())
-    assert [(i["source"], i["captions"]) for i in items if not sources.is_reject(i)] == [
+    (split_input,) = sources.manifest_inputs(manifest, "audio_file", ["caption_text"])
+    assert [(i["source"], i["captions"]) for i in split_input.items()] == [
         ("audio/a.wav", ["a hum", "a low hum"])]  # one file by any path, each caption once
-    assert [(i.source, i.reason) for i in items if sources.is_reject(i)] == [
+    assert [(r.source, r.note) for r in split_input.repeats] == [
         ("m.csv:3", "repeats m.csv:2: the same audio file with no new caption"),
         ("m.csv:5", "repeats m.csv:2: the same audio file with no new caption")]
 
@@ -314,11 +334,14 @@ def test_manifest_rows_that_name_no_file_are_rejects_naming_the_row(tmp_path, ki
     else:
         manifest.write_bytes(b'["a.wav", "an array"]\n7\n{"audio_file": "b\\u0000.wav", "caption_text": "x"}\n'
                              b'{"audio_file": "\xff.wav", "caption_text": "x"}\n'
+                             b'{"audio_file": ["a.wav"], "caption_text": "x"}\n{"caption_text": "x"}\n'
                              b'{"audio_file": "a.wav", "caption_text": "fine"}\n')
         expected = [("m.jsonl:1", "JSON line is not an object"), ("m.jsonl:2", "JSON line is not an object"),
                     ("m.jsonl:3", "audio field 'audio_file' holds a NUL byte"),
                     ("m.jsonl:4", "invalid JSON line ('utf-8' codec can't decode byte 0xff in position 16: "
-                                  "invalid start byte)")]
+                                  "invalid start byte)"),
+                    ("m.jsonl:5", "audio field 'audio_file' is not a string (a list)"),
+                    ("m.jsonl:6", "row has no audio field 'audio_file'")]
         captions = ["fine"]
     items = list(sources.manifest_inputs(manifest, "audio_file", ["caption_text"])[0].items())
     assert [(i["source"], i["captions"]) for i in items if not sources.is_reject(i)] == [("a.wav", captions)]
