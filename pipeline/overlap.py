@@ -33,9 +33,9 @@ class Overlap:
     example: tuple[str, str]
 
     def message(self) -> str:
-        where = (f"source '{self.first}' holds" if self.first == self.second
-                 else f"sources '{self.first}' and '{self.second}' hold")
-        return (f"{where} about {self.keys} sample key(s) twice, in {self.pairs} pair(s) of shards (first: "
+        what = (f"source '{self.first}' holds about {self.keys} sample key(s) twice" if self.first == self.second
+                else f"sources '{self.first}' and '{self.second}' share about {self.keys} sample key(s)")
+        return (f"{what}, in {self.pairs} pair(s) of shards (first: "
                 f"{self.example[0]} and {self.example[1]}): if these are the same samples (a copied shard, "
                 f"a corpus packed twice) each is trained twice per epoch; list them once")
 

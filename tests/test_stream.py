@@ -701,9 +701,11 @@ def test_a_copied_shard_without_index_beside_its_original_is_warned_with_the_sha
     shutil.copy(tmp_path / "a" / "000.tar", tmp_path / "cp2")
     found = overlap_warnings([Source("a", str(tmp_path / "a")), Source("b", str(tmp_path / "cp2" / "000.tar"))],
                              tiny_processor)
-    assert found == [f"sources 'a' and 'b' hold about 20 sample key(s) twice, in 1 pair(s) of shards (first: "
+    assert found == [f"sources 'a' and 'b' share about 20 sample key(s), in 1 pair(s) of shards (first: "
                      f"{tmp_path}/a/000.tar and {tmp_path}/cp2/000.tar): if these are the same samples (a copied "
                      f"shard, a corpus packed twice) each is trained twice per epoch; list them once"]
+    [found] = overlap_warnings([Source("a", [str(tmp_path / "a"), str(tmp_path / "cp2")])], tiny_processor)
+    assert found.startswith("source 'a' holds about 20 sample key(s) twice, in 1 pair(s) of shards")
 
 
 def test_a_corpus_packed_twice_with_another_shard_size_is_warned(tmp_path, tiny_processor):
@@ -713,7 +715,7 @@ def test_a_corpus_packed_twice_with_another_shard_size_is_warned(tmp_path, tiny_
     sources = [Source("a", str(packed(tmp_path / "a", keys, per_shard=80))),
                Source("b", str(packed(tmp_path / "b", keys, per_shard=50)))]
     [found] = overlap_warnings(sources, tiny_processor)
-    shared = int(re.match(r"sources 'a' and 'b' hold about (\d+) sample key\(s\) twice, in \d+ pair", found)[1])
+    shared = int(re.match(r"sources 'a' and 'b' share about (\d+) sample key\(s\), in \d+ pair", found)[1])
     assert 180 <= shared <= 300  # 240, estimated from 32 hashes per shard
 
 
@@ -727,7 +729,7 @@ def test_datasets_with_other_keys_are_not_warned_and_alike_spellings_are_counted
                             tiny_processor) == []
     c = packed(tmp_path / "c", [f"cat{i:02d}" for i in range(18, 30)], per_shard=8)
     [found] = overlap_warnings([Source("b", str(b)), Source("c", str(c))], tiny_processor)
-    assert found.startswith(f"sources 'b' and 'c' hold about 2 sample key(s) twice, in 1 pair(s) of shards (first: "
+    assert found.startswith(f"sources 'b' and 'c' share about 2 sample key(s), in 1 pair(s) of shards (first: "
                             f"{b}/002.tar and {c}/000.tar)")
 
 
