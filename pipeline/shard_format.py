@@ -13,12 +13,14 @@ This module imports numpy only: the packer's main process reads it without start
 from __future__ import annotations
 
 import functools
+import hashlib
+import heapq
 import io
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -43,6 +45,10 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # The smallest sample a tar can hold: two members, each a header block and one data block. It bounds
 # the sample count an index entry may claim for a shard of a given size.
 MIN_SAMPLE_BYTES = 4 * 512
+# Each index entry may carry the KEY_SKETCH_SIZE smallest 64-bit hashes of its shard's keys (a bottom-k
+# MinHash sketch): enough to estimate, from the indexes alone, how many keys two shards of any sharding
+# share, at 16 hex digits per hash.
+KEY_SKETCH_SIZE = 32
 # JSON deeper than this (captions, extra fields) is refused: Python's parser and encoder recurse, and
 # no caption or metadata needs more than a few levels.
 MAX_JSON_DEPTH = 32
@@ -143,29 +149,63 @@ def check_pad_value(value: Any) -> float:
     return float(value)
 
 
+def key_hash(key: str) -> int:
+    """A sample key's 64-bit hash, the same in the packer and in a reader's header scan."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+
+
+def key_sketch(keys: Iterable[str]) -> tuple[int, ...]:
+    """The ``KEY_SKETCH_SIZE`` smallest hashes of distinct ``keys``, ascending: a shard's key sketch."""
+    return tuple(heapq.nsmallest(KEY_SKETCH_SIZE, {key_hash(k) for k in keys}))
+
+
+def _parse_sketch(value: Any, samples: int) -> tuple[int, ...] | None:
+    """An entry's ``key_sketch`` (optional: indexes written before it have none); ValueError if malformed."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{16}", h) for h in value)):
+        raise ValueError("key_sketch must be a list of 16-digit lowercase hex strings")
+    sketch = tuple(int(h, 16) for h in value)
+    if list(sketch) != sorted(set(sketch)) or len(sketch) != min(samples, KEY_SKETCH_SIZE):
+        raise ValueError(f"key_sketch must hold min(samples, {KEY_SKETCH_SIZE}) distinct hashes, ascending")
+    return sketch
+
+
 @dataclass(frozen=True)
 class IndexEntry:
-    """One shard of ``index.json``; ``name`` is relative to the folder holding the index."""
+    """One shard of ``index.json``; ``name`` is relative to the folder holding the index;
+    ``key_sketch`` (see ``key_sketch``) is None in indexes written before it existed."""
 
     name: str
     samples: int
     seconds: float
     bytes: int
     sha256: str
+    key_sketch: tuple[int, ...] | None = None
 
     @classmethod
     def from_dict(cls, entry: Any, where: str) -> IndexEntry:
         """Checked: ValueError naming ``where`` for a malformed entry or one that claims more
-        samples than its byte size can hold (an index that would plan reads of nothing)."""
+        samples than its byte size can hold (an index that would plan reads of nothing). Other
+        fields (the packer's progress entries hold more) are ignored."""
         try:
-            made = cls(str(entry["name"]), int(entry["samples"]), float(entry["seconds"]), int(entry["bytes"]),
-                       str(entry["sha256"]))
+            samples = int(entry["samples"])
+            made = cls(str(entry["name"]), samples, float(entry["seconds"]), int(entry["bytes"]),
+                       str(entry["sha256"]), _parse_sketch(entry.get("key_sketch"), samples))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{where}: bad shard entry {entry!r} ({type(error).__name__}: {error})") from None
         if made.samples < 0 or made.bytes < 0 or made.samples * MIN_SAMPLE_BYTES > made.bytes:
             raise ValueError(f"{where}: shard {made.name} claims {made.samples} samples in {made.bytes} bytes "
                              f"(a sample takes at least {MIN_SAMPLE_BYTES})")
         return made
+
+    def to_dict(self) -> dict:
+        """The entry as ``index.json`` holds it (no ``key_sketch`` when there is none)."""
+        entry = {"name": self.name, "samples": self.samples, "seconds": self.seconds, "bytes": self.bytes,
+                 "sha256": self.sha256}
+        if self.key_sketch is not None:
+            entry["key_sketch"] = [f"{h:016x}" for h in self.key_sketch]
+        return entry
 
 
 @dataclass(frozen=True)
@@ -185,7 +225,7 @@ class Reject:
 
 def index_dict(split: str, n_mels: int, entries: list[IndexEntry], truncated: int, rejected: int) -> dict:
     """The ``index.json`` of one split: settings, one entry per shard, totals."""
-    shards = [asdict(e) for e in entries]
+    shards = [e.to_dict() for e in entries]
     totals = {"shards": len(shards), "samples": sum(e.samples for e in entries),
               "seconds": round(sum(e.seconds for e in entries), 6), "bytes": sum(e.bytes for e in entries),
               "truncated": truncated, "rejected": rejected}

@@ -111,6 +111,7 @@ from pipeline.collate import Collator
 from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings, Source, source_prefixes
 from pipeline.device import in_background, to_device_ahead
 from pipeline.fileio import file_sha256
+from pipeline.overlap import overlaps
 from pipeline.retry import RetryPolicy
 from pipeline.shard_format import decode_sample
 from pipeline.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
@@ -794,7 +795,7 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise StreamError(f"source names must be unique, got {names}")
-    shards, counts, n_mels, first = [], [], {}, {}
+    shards, named, n_mels, first = [], [], {}, {}
     for source in sources:
         where = f"source '{source.name}': " if len(sources) > 1 else ""
         try:
@@ -814,11 +815,13 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
         if info["n_mels"] is not None:
             n_mels[source.name] = info["n_mels"]
         shards += own
-        counts.append([s.samples for s in own])
+        named.append((source.name, own))
+    for found in overlaps(named) if rank == 0 else []:  # every rank holds the same shards
+        warnings.warn(found.message(), StreamWarning, stacklevel=3)
     if len(set(n_mels.values())) > 1:
         raise StreamError(f"the sources' features differ in mel bins: {n_mels}")
     try:
-        mix = Mix.weighted(names, counts, [s.weight for s in sources])
+        mix = Mix.weighted(names, [[s.samples for s in own] for _, own in named], [s.weight for s in sources])
     except ValueError as error:
         raise StreamError(str(error)) from None
     return shards, mix, next(iter(n_mels.values()), None)

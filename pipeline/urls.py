@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from pipeline.retry import RetryPolicy, open_fsspec, open_http
-from pipeline.shard_format import INDEX_FILE, IndexEntry, parse_index
+from pipeline.shard_format import INDEX_FILE, IndexEntry, key_sketch, parse_index
 BLOCK = 512  # tar block size
 
 # webdataset's split of a member name into key and extension: the extension starts at the first dot
@@ -52,12 +52,14 @@ class ShardReadError(OSError):
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard URL with its sample count (from index.json or a header scan) and checksum."""
+    """One shard URL with its sample count (from index.json or a header scan), checksum and key
+    sketch (``shard_format.key_sketch``; None where its index has none)."""
 
     url: str
     samples: int
     sha256: str | None = None
     bytes: int | None = None
+    key_sketch: tuple[int, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------- expansion
@@ -268,29 +270,33 @@ def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy |
             to_scan.append(len(shards))
             shards.append(Shard(url, -1))
         else:
-            shards.append(Shard(url, entry.samples, entry.sha256, entry.bytes))
+            shards.append(Shard(url, entry.samples, entry.sha256, entry.bytes, entry.key_sketch))
     if to_scan:
         warnings.warn(f"{len(to_scan)} shard(s) have no index.json entry (first: {shards[to_scan[0]].url}); "
                       f"counting their samples by reading their tar headers", stacklevel=2)
         from tqdm import tqdm
 
         for i in tqdm(to_scan, desc="counting samples", unit="shard", disable=not progress or len(to_scan) < 8):
-            shards[i] = Shard(shards[i].url, count_samples(shards[i].url, policy))
+            keys = scan_keys(shards[i].url, policy)
+            shards[i] = Shard(shards[i].url, len(keys), key_sketch=key_sketch(keys))
     return shards, {"n_mels": n_mels, "scanned": [shards[i].url for i in to_scan]}
 
 
-def count_samples(url: str, policy: RetryPolicy | None = None) -> int:
-    """Number of samples (key groups) in a shard, reading headers only (data is seeked over)."""
+def scan_keys(url: str, policy: RetryPolicy | None = None) -> list[str]:
+    """The keys of a shard's samples (key groups), in order, reading headers only (data is seeked over)."""
+    keys: list[str] = []
     with open_url(url, policy) as stream:
         reader = _TarReader(stream, url)
-        count, last = 0, None
+        last = None
         while (head := reader.next_header(last)) is not None:
             name, size = head
             reader.skip_data(size, last)
             match = MEMBER_RE.match(name)
             if match and match.group(1) != last:
-                count, last = count + 1, match.group(1)
-    return count
+                last = match.group(1)
+                keys.append(last)
+    return keys
+
 
 
 # -------------------------------------------------------------------------------------------- open

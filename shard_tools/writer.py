@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pipeline.fileio import file_sha256, write_atomic
-from pipeline.shard_format import IndexEntry, Reject, json_line
+from pipeline.shard_format import IndexEntry, Reject, json_line, key_sketch
 
 PROGRESS_FILE = ".progress.jsonl"
 TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive
@@ -89,6 +89,7 @@ class ShardWriter:
         for piece in pieces:
             self._write(piece)
         self._samples += 1
+        self._keys.append(key)
         self._seconds += seconds
         self._truncated += int(truncated)
         if self.samples_per_shard and self._samples >= self.samples_per_shard:
@@ -114,6 +115,7 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._size = self._samples = self._truncated = 0
         self._seconds = 0.0
+        self._keys: list[str] = []
 
     def _write(self, data: bytes) -> None:
         self._file.write(data)
@@ -128,9 +130,9 @@ class ShardWriter:
         self._file = None
         os.replace(self._tmp, self.directory / self._name)
         self.next_shard += 1
-        entry = {"name": self._name, "samples": self._samples, "seconds": round(self._seconds, 6),
-                 "bytes": self._size, "sha256": self._sha.hexdigest(), "truncated": self._truncated,
-                 "next_input": next_input}
+        entry = {**IndexEntry(self._name, self._samples, round(self._seconds, 6), self._size, self._sha.hexdigest(),
+                              key_sketch(self._keys)).to_dict(),
+                 "truncated": self._truncated, "next_input": next_input}
         if self.on_shard is not None:
             self.on_shard(entry)
 
@@ -143,8 +145,9 @@ def write_rejects(path: Path, rejects: Iterable[Reject]) -> None:
 
 
 def index_entry(shard: dict) -> IndexEntry:
-    """The index.json entry of a shard the writer completed (its progress entry holds more)."""
-    return IndexEntry(shard["name"], shard["samples"], shard["seconds"], shard["bytes"], shard["sha256"])
+    """The index.json entry of a shard the writer completed (its progress entry holds more; one
+    written before key sketches existed has none)."""
+    return IndexEntry.from_dict(shard, PROGRESS_FILE)
 
 
 def intact(directory: Path, entry: dict) -> bool:

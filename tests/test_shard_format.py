@@ -90,3 +90,21 @@ def test_index_entries_that_cannot_be_true_are_refused():
     assert IndexEntry.from_dict({**entry, "samples": 10}, "i").samples == 10
     with pytest.raises(ValueError, match="version 2"):
         parse_index(json.dumps({"format": "whisper-caption-stream", "version": 2, "shards": []}).encode(), "i")
+
+
+def test_key_sketches_are_optional_in_an_index_and_checked_when_present():
+    """Indexes written before key sketches existed load (no sketch); a sketch is written back as read;
+    a malformed one is refused naming the index."""
+    entry = {"name": "000.tar", "samples": 2, "seconds": 1.0, "bytes": 20480, "sha256": "ab"}
+
+    def parse(**fields):
+        index = {"format": "whisper-caption-stream", "version": 1, "shards": [{**entry, **fields}]}
+        return parse_index(json.dumps(index).encode(), "i")[0][0]
+
+    assert parse().key_sketch is None and parse().to_dict() == entry
+    sketch = ["00000000000000ff", "0123456789abcdef"]
+    assert parse(key_sketch=sketch).key_sketch == (255, 0x0123456789ABCDEF)
+    assert parse(key_sketch=sketch).to_dict() == {**entry, "key_sketch": sketch}
+    for bad in (sketch[::-1], sketch[:1], [sketch[0]] * 2, ["xyz"], "00000000000000ff", [255, 1]):
+        with pytest.raises(ValueError, match="i: bad shard entry .*key_sketch must"):
+            parse(key_sketch=bad)

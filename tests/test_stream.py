@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -23,9 +24,13 @@ import numpy as np
 import pytest
 
 from pipeline.data_settings import SOURCE_KEY, Source
+from pipeline.fileio import write_json
+from pipeline.shard_format import index_dict
 from pipeline.stream import Mix, StreamError, StreamWarning, make_loader, resume_position, worker_split
+from shard_tools.writer import ShardWriter, index_entry
 from tests._stream_run import fingerprint
 from tests.conftest import mel_sample_bytes, write_mel_shards
+from tests.test_writer import members
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -666,6 +671,66 @@ def test_a_copied_shard_in_another_source_or_the_same_one_is_refused(tmp_path, t
     with pytest.raises(StreamError, match=r"copy/000.tar of source 'default' repeats .*a/000.tar"):
         loader([str(tmp_path / "a"), str(tmp_path / "copy")], tiny_processor)
     assert len(loader(sources[:2], tiny_processor)) == 3  # their empty 001.tar are byte-identical
+
+
+def packed(directory: Path, keys: list[str], per_shard: int) -> Path:
+    """``keys`` packed as the packer packs them (``shard_tools.writer``, index.json with key sketches)."""
+    entries = []
+    shard_writer = ShardWriter(directory, per_shard, None, on_shard=entries.append)
+    for position, key in enumerate(keys):
+        shard_writer.add(key, members(key), seconds=0.07, truncated=False, position=position)
+    shard_writer.close(len(keys))
+    write_json(directory / "index.json", index_dict("train", 80, [index_entry(e) for e in entries], 0, 0))
+    return directory
+
+
+def overlap_warnings(sources, processor) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loader(sources, processor)
+    return [str(w.message) for w in seen if issubclass(w.category, StreamWarning)]
+
+
+def test_a_copied_shard_without_index_beside_its_original_is_warned_with_the_shared_count(tmp_path,
+                                                                                           tiny_processor):
+    """``cp data/train/000.tar cp2/`` then both as sources: the copy has no index (no sha256 to prove
+    it), its header scan sketches its keys, the original's index holds its sketch: a warning names
+    both sources, the shards and the count, before anything is trained."""
+    packed(tmp_path / "a", [f"clip{i:03d}" for i in range(60)], per_shard=20)
+    (tmp_path / "cp2").mkdir()
+    shutil.copy(tmp_path / "a" / "000.tar", tmp_path / "cp2")
+    found = overlap_warnings([Source("a", str(tmp_path / "a")), Source("b", str(tmp_path / "cp2" / "000.tar"))],
+                             tiny_processor)
+    assert found == [f"sources 'a' and 'b' share about 20 sample key(s), in 1 pair(s) of shards (first: "
+                     f"{tmp_path}/a/000.tar and {tmp_path}/cp2/000.tar): if these are the same samples (a copied "
+                     f"shard, a corpus packed twice) each is trained twice per epoch; list them once"]
+    [found] = overlap_warnings([Source("a", [str(tmp_path / "a"), str(tmp_path / "cp2")])], tiny_processor)
+    assert found.startswith("source 'a' holds about 20 sample key(s) twice, in 1 pair(s) of shards")
+
+
+def test_a_corpus_packed_twice_with_another_shard_size_is_warned(tmp_path, tiny_processor):
+    """Other shard bytes, the same keys: the shards' key sketches (index.json only, nothing read)
+    estimate the shared keys across the two shardings."""
+    keys = [f"clip{i:03d}" for i in range(240)]
+    sources = [Source("a", str(packed(tmp_path / "a", keys, per_shard=80))),
+               Source("b", str(packed(tmp_path / "b", keys, per_shard=50)))]
+    [found] = overlap_warnings(sources, tiny_processor)
+    shared = int(re.match(r"sources 'a' and 'b' share about (\d+) sample key\(s\), in \d+ pair", found)[1])
+    assert 180 <= shared <= 300  # 240, estimated from 32 hashes per shard
+
+
+def test_datasets_with_other_keys_are_not_warned_and_alike_spellings_are_counted(tmp_path, tiny_processor):
+    """Disjoint keys give no warning (nor do old indexes without sketches); two datasets that spell
+    two keys alike are reported with exactly those two (shards under 32 samples: sketches are whole)."""
+    a = packed(tmp_path / "a", [f"dog{i:02d}" for i in range(20)], per_shard=8)
+    b = packed(tmp_path / "b", [f"cat{i:02d}" for i in range(20)], per_shard=8)
+    write_mel_shards(tmp_path / "old", [3, 3], prefix="dog")  # keys dog000_0000…: another spelling
+    assert overlap_warnings([Source("a", str(a)), Source("b", str(b)), Source("c", str(tmp_path / "old"))],
+                            tiny_processor) == []
+    c = packed(tmp_path / "c", [f"cat{i:02d}" for i in range(18, 30)], per_shard=8)
+    [found] = overlap_warnings([Source("b", str(b)), Source("c", str(c))], tiny_processor)
+    assert found.startswith(f"sources 'b' and 'c' share about 2 sample key(s), in 1 pair(s) of shards (first: "
+                            f"{b}/002.tar and {c}/000.tar)")
 
 
 def running(pid: int) -> bool:

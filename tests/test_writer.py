@@ -165,3 +165,24 @@ def test_intact_prefix_stops_at_the_first_damaged_shard(tmp_path):
 def test_a_writer_needs_a_limit(tmp_path):
     with pytest.raises(ValueError, match="limit"):
         writer.ShardWriter(tmp_path, samples_per_shard=None, max_bytes=None)
+
+
+def test_each_index_entry_sketches_its_shards_keys(tmp_path):
+    """A shard's entry holds the 32 smallest 64-bit BLAKE2b hashes of its keys (FORMAT.md), hex, so a
+    loader can estimate overlaps between sources from indexes alone; a resume rebuilds it from the
+    progress log, and an entry logged before sketches existed still makes an index entry."""
+    keys = [f"clip{i:03d}" for i in range(50)]
+    entries = []
+    w = writer.ShardWriter(tmp_path, samples_per_shard=40, max_bytes=None, on_shard=entries.append)
+    for position, key in enumerate(keys):
+        w.add(key, members(key), seconds=0.07, truncated=False, position=position)
+    w.close(len(keys))
+
+    def reference(shard_keys):
+        return sorted(hashlib.blake2b(k.encode(), digest_size=8).hexdigest() for k in shard_keys)[:32]
+
+    assert [e["key_sketch"] for e in entries] == [reference(keys[:40]), reference(keys[40:])]
+    index = index_dict("train", 80, [writer.index_entry(e) for e in entries], truncated=0, rejected=0)
+    assert [s["key_sketch"] for s in index["shards"]] == [e["key_sketch"] for e in entries]
+    old = {k: v for k, v in entries[0].items() if k != "key_sketch"}
+    assert writer.index_entry(old).key_sketch is None and "key_sketch" not in writer.index_entry(old).to_dict()
