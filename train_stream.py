@@ -407,11 +407,12 @@ def generate_prompted(model, features: torch.Tensor, sources: list[str], collato
 
 
 @torch.no_grad()
-def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc) -> tuple[dict, list]:
+def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc,
+             check_batch) -> tuple[dict, list]:
     """Validation loss (token mean over all ranks, no label smoothing) and captions (greedy, or
     ``generation_num_beams`` beams; each row prompted with its source's prefix) on at most
     ``eval_max_batches`` batches per rank, gathered across ranks, padding samples left out, scored
-    on the main process."""
+    on the main process. ``check_batch(batch)`` runs before each batch's forward."""
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # the Whisper model itself (a PeftModel's, adapters active in it): the decoder reads its parts
     unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
@@ -422,6 +423,7 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     batches = min(tc.eval_max_batches, len(loader))
     for batch in tqdm(itertools.islice(loader, batches), total=batches, desc="eval", unit="batch", leave=False,
                       disable=not accelerator.is_main_process, dynamic_ncols=True):
+        check_batch(batch)
         with accelerator.autocast():
             features = expand_features(batch, device=accelerator.device, dtype=torch.float32)  # [B, n_mels, 3000]
             logits, labels = forward_logits(unwrapped, batch, accelerator.device, features)
@@ -800,6 +802,7 @@ class Trainer:
         self.val_start = val_loader.state_dict() if val_loader is not None else None
         self.step = self.saved_step = self.evaluated_step = -1
         self.caption_tokens = caption_tokens  # this rank's longest training caption so far (None: not known)
+        self.mel_bins = accelerator.unwrap_model(model, keep_torch_compile=False).config.num_mel_bins
 
     def run(self, start_step: int, metrics_log: MetricsLog) -> bool:
         """Train from ``start_step`` to ``max_steps``; True if stopped early by a signal. At most one
@@ -884,6 +887,7 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(batches)
             stats[STATS.index("wait_s")] += time.perf_counter() - waited
+            check_mel_bins(self.cfg, self.mel_bins, batch["input_features"].shape[1])
             epoch = self.loader.epoch if epoch is None else epoch
             train_step(self.model, batch, self.accelerator, stats, self.tc.label_smoothing)
             if self.caption_tokens is not None:
@@ -895,7 +899,8 @@ class Trainer:
         if self.evaluated_step == self.step:
             return
         metrics, rows = evaluate(self.model, self.val_loader, self.val_start, self.accelerator,
-                                 self.processor.tokenizer, self.tc)
+                                 self.processor.tokenizer, self.tc, lambda batch: check_mel_bins(
+                                     self.cfg, self.mel_bins, batch["input_features"].shape[1], val=True))
         if self.accelerator.is_main_process:
             (self.output_dir / "eval").mkdir(exist_ok=True)
             write_json(self.output_dir / "eval" / f"step-{self.step}.json", rows)
@@ -959,6 +964,17 @@ def push_to_hub(folder: Path, repo_id: str, step: int) -> None:
     log.info("pushed %s to the Hub as %s", folder, repo_id)
 
 
+def check_mel_bins(cfg: RunConfig, takes: int, n_mels: int | None, val: bool = False) -> None:
+    """A ``ConfigError`` naming the training (``val``: validation) shards if their ``n_mels`` is not
+    the model's ``takes``: known from index.json at start-up, else (None there) from each batch before
+    its forward (the stream holds a shard's samples to its first's)."""
+    if n_mels not in (None, takes):
+        dc = cfg.data_config
+        urls = dc.val_shards if val else " + ".join(str(s.shards) for s in dc.sources())
+        raise ConfigError(f"{urls}: the shards hold {n_mels}-bin log-mels, model {cfg.model_config.name} takes "
+                          f"{takes} (num_mel_bins): pack them with --n-mels {takes} or use a {n_mels}-bin model")
+
+
 def prepare_run(cfg: RunConfig, accelerator: Accelerator):
     """Model, processor, loaders, optimizer (model and optimizer through ``accelerator.prepare``)."""
     tc = cfg.trainer_config
@@ -968,12 +984,8 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
     loader = build_loader(cfg, processor.tokenizer, accelerator, train=True)
     val_loader = (build_loader(cfg, processor.tokenizer, accelerator, train=False)
                   if cfg.data_config.val_shards else None)
-    dc, takes = cfg.data_config, model.config.num_mel_bins
-    for one, urls in ((loader, " + ".join(str(s.shards) for s in dc.sources())), (val_loader, dc.val_shards)):
-        n_mels = one.dataset.n_mels if one else None  # None: no index.json; the stream holds samples to the first's
-        if n_mels not in (None, takes):
-            raise ConfigError(f"{urls}: the shards hold {n_mels}-bin log-mels, model {cfg.model_config.name} takes "
-                              f"{takes} (num_mel_bins): pack them with --n-mels {takes} or use a {n_mels}-bin model")
+    for one, val in ((loader, False), (val_loader, True)):
+        check_mel_bins(cfg, model.config.num_mel_bins, one.dataset.n_mels if one else None, val)
     if cfg.model_config.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, tc))

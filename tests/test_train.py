@@ -920,6 +920,16 @@ def test_nothing_to_train_and_shards_of_other_mel_bins_are_one_line_before_train
         assert error == (f"{where}: the shards hold 128-bin log-mels, model tiny takes 80 (num_mel_bins): pack "
                          f"them with --n-mels 80 or use a 128-bin model")
     assert [p.name for p in (tmp_path / "o").iterdir()] == [".lock"]  # nothing written: refused before training
+    bare = tmp_path / "bare"  # without index.json: the first batch tells, before its forward
+    write_mel_shards(bare, [4], n_mels=128, index=False)
+    for out, args in ((tmp_path / "b", ["--shards", str(bare / "000.tar")]),
+                      (tmp_path / "v", ["--shards", shards[0], "--val-shards", str(bare / "000.tar"),
+                                        "trainer_config.eval_steps=1"])):
+        caplog.clear()
+        assert train_stream.main(run_args(out, "", *args, "trainer_config.max_steps=1")[2:]) == 2
+        (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert error == (f"{bare / '000.tar'}: the shards hold 128-bin log-mels, model tiny takes 80 (num_mel_bins): pack "
+                         f"them with --n-mels 80 or use a 128-bin model")
 
 
 def test_a_full_disk_under_the_sample_keys_log_is_one_line_and_ends_the_run(tmp_path, shards, caplog, monkeypatch):
