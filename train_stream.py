@@ -128,6 +128,7 @@ if __name__ == "__main__":
 
 import numpy as np
 import safetensors.torch
+from safetensors import SafetensorError
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -153,6 +154,33 @@ STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skip
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. NaN losses in a row); the message says why and what to try."""
+
+
+def write_error(path, what: str, reason: str, hint: str = "") -> TrainingError:
+    """The one line for a write that failed (a full disk): the run stops, its last checkpoint resumes it."""
+    return TrainingError(f"{path}: cannot write {what} ({reason}): free some space{hint} and continue with "
+                         f"trainer_config.resume_from_checkpoint=latest")
+
+
+def write_failure(action) -> str | None:
+    """``action()``; why a write in it failed (an ``OSError``, or safetensors' for one), else None."""
+    try:
+        action()
+    except (OSError, SafetensorError) as error:
+        return getattr(error, "strerror", None) or str(error)
+    return None
+
+
+def save_tensors(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a failed write raises its ``OSError`` (torch's own
+    file writer, and its zip writer after a Python write, raise a RuntimeError without the cause)."""
+    with open(path, "wb") as file:
+        try:
+            torch.save(obj, file)
+        except RuntimeError as error:
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
 
 
 # ------------------------------------------------------------------------------------ 2. accelerator
@@ -498,23 +526,34 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accel
     """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed;
     ``caption_tokens``: the longest caption trained on so far, over all ranks (None: not known)."""
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process:
+    rank = accelerator.process_index
+
+    def shared_part() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a save that was killed
         tmp.mkdir(parents=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         safetensors.torch.save_model(unwrapped, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_tensors(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            save_tensors(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes,
                                                 "run_id": run_id, CAPTION_TOKENS_KEY: caption_tokens})
         save_config(cfg, tmp / "config.yaml")
+
+    def rank_part() -> None:
+        save_tensors(rng_state(), tmp / f"rng_state_{rank}.pt")
+        write_json(tmp / f"loader_state_{rank}.json", loader.state_dict())
+
+    failed = write_failure(shared_part) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    rank = accelerator.process_index
-    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-    write_json(tmp / f"loader_state_{rank}.json", loader.state_dict())
-    accelerator.wait_for_everyone()
+    failed = failed or write_failure(rank_part)
+    # every rank learns of any rank's failure, so all stop together (the main process's, if any, first)
+    failed = next(filter(None, gather_object([failed]) if accelerator.num_processes > 1 else [failed]), None)
+    if failed:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)  # the partial checkpoint would hold the full disk's space
+        raise write_error(output_dir, f"checkpoint-{step}", failed)
     if accelerator.is_main_process:
         other = checkpoint_run_id(final) if final.exists() else run_id
         if other not in (run_id, None):
@@ -580,26 +619,46 @@ def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerat
 # ---------------------------------------------------------------------------------------- 9. logging
 
 class MetricsLog:
-    """TensorBoard (tensorboardX), ``metrics.jsonl`` and the tqdm bar, on the main process only."""
+    """TensorBoard (tensorboardX's event file, written in this thread: a failed write, a full disk, is
+    one line, not a writer thread's and an atexit traceback), ``metrics.jsonl`` and the tqdm bar, on
+    the main process only."""
 
     def __init__(self, output_dir: Path, logging_dir: Path, accelerator: Accelerator, max_steps: int,
                  start_step: int):
-        self.main = accelerator.is_main_process
+        self.main, self.files = accelerator.is_main_process, {}  # path: open file
         self.bar = tqdm(total=max_steps, initial=start_step, desc="train", disable=not self.main, dynamic_ncols=True)
-        self.writer = self.jsonl = None
         if self.main:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
-            self.writer = SummaryWriter(logdir=str(logging_dir))
-            self.jsonl = open(output_dir / "metrics.jsonl", "a")
+            self.attempt(lambda: logging_dir.mkdir(parents=True, exist_ok=True), logging_dir)
+            self.files[logging_dir] = self.attempt(lambda: EventsWriter(str(logging_dir / "events")), logging_dir)
+            jsonl = output_dir / "metrics.jsonl"
+            self.files[jsonl] = self.attempt(lambda: open(jsonl, "a"), jsonl)
+
+    def attempt(self, action, path: Path):
+        """``action()``; an ``OSError`` is one ``TrainingError`` line naming ``path``, the files closed."""
+        try:
+            return action()
+        except OSError as error:
+            files, self.files = self.files, {}
+            for file in files.values():  # their unwritten data is lost with the error: closing retries the flush
+                with contextlib.suppress(OSError):
+                    file.close()
+            raise write_error(path, "the metrics", error.strerror or str(error)) from None
 
     def log_metrics(self, step: int, metrics: dict, prefix: str) -> None:
         if not self.main:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        (events_path, events), (jsonl_path, jsonl) = self.files.items()
         for name, value in metrics.items():
-            self.writer.add_scalar(f"{prefix}/{name}", value, step)
-        self.jsonl.write(json.dumps({"step": step, "prefix": prefix, **metrics}) + "\n")
-        self.jsonl.flush()
+            event = Event(wall_time=time.time(), step=step, summary=scalar(f"{prefix}/{name}", value))
+            self.attempt(lambda: events.write_event(event), events_path)
+        self.attempt(events.flush, events_path)
+        self.attempt(lambda: jsonl.write(json.dumps({"step": step, "prefix": prefix, **metrics}) + "\n"), jsonl_path)
+        self.attempt(jsonl.flush, jsonl_path)
         if prefix == "train":
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                  wait=f"{metrics['data_wait']:.0%}", refresh=False)
@@ -608,9 +667,9 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
-        if self.main:
-            self.writer.close()
-            self.jsonl.close()
+        while self.files:
+            path, file = self.files.popitem()
+            self.attempt(file.close, path)
 
 
 class SampleKeysLog:
@@ -644,9 +703,8 @@ class SampleKeysLog:
                 file, self.file = self.file, None
                 with contextlib.suppress(OSError):
                     file.close()
-            raise TrainingError(f"{path or self.path}: cannot write the sample keys log ({error.strerror or error}): "
-                                f"free some space (or set trainer_config.log_sample_keys=false) and continue with "
-                                f"trainer_config.resume_from_checkpoint=latest") from None
+            raise write_error(path or self.path, "the sample keys log", error.strerror or str(error),
+                              " (or set trainer_config.log_sample_keys=false)") from None
 
     def write(self, step: int, epoch: int, keys: list[str], skipped: bool = False) -> None:
         if self.file is not None:
