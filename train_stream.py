@@ -779,23 +779,31 @@ def source_metrics(loader, epoch: int, batches: int) -> dict:
 # ------------------------------------------------------------------------------------- 10. the loop
 
 class StopRequest:
-    """Set by SIGTERM or SIGINT: the loop saves a checkpoint at the end of the step and exits 0.
-    A second signal of the same kind has its default effect (stop at once)."""
+    """Set by SIGTERM or SIGINT: the loop saves a checkpoint at the end of the step and exits 0. A
+    second signal (either) is only noted: a scheduler may repeat SIGTERM within its grace period, and
+    the save must finish; a third has its default effect, the process ends at once, without a checkpoint."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.count = None, 0
 
     def handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
-        log.warning("%s: saving a checkpoint at the end of this step, then stopping",
-                    signal.Signals(signum).name)
+        self.signum, self.count = self.signum or signum, self.count + 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            log.warning("%s: saving a checkpoint at the end of this step, then stopping", name)
+            return
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        log.warning("%s again: still saving the checkpoint; a third signal stops at once, without it", name)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
 def stop_on_signals():
     stop = StopRequest()
-    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop.handle) for s in STOP_SIGNALS}
     try:
         yield stop
     finally:
