@@ -33,6 +33,7 @@ from pipeline.collate import expand_features
 from pipeline.config import ConfigError, load_config
 from pipeline.collate import prompt_ids
 from pipeline.model import LANGUAGE, TASK, generate_captions, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
+from pipeline import train_logs
 from pipeline.stream import make_loader
 from tests.conftest import write_mel_shards
 
@@ -938,7 +939,7 @@ def test_a_full_disk_under_the_sample_keys_log_is_one_line_and_ends_the_run(tmp_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     real_open = open
-    monkeypatch.setattr(train_stream, "open", lambda path, *args, **kwargs: FullDisk() if "sample_keys" in str(path)
+    monkeypatch.setattr(train_logs, "open", lambda path, *args, **kwargs: FullDisk() if "sample_keys" in str(path)
                         else real_open(path, *args, **kwargs), raising=False)
     out = tmp_path / "o"
     caplog.clear()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train_stream
+from pipeline import train_logs
 from tests.conftest import write_mel_shards
 from tests.test_train import ROOT, child_env, one_thread_and_fresh_accelerate, run_args  # noqa: F401 (a fixture)
 
@@ -119,7 +120,7 @@ def test_a_full_disk_under_the_metrics_is_one_line_and_ends_the_run(tmp_path, ca
     out = tmp_path / "o"
     if target == "metrics.jsonl":
         real_open = open
-        monkeypatch.setattr(train_stream, "open", lambda path, *args, **kwargs: FullText()
+        monkeypatch.setattr(train_logs, "open", lambda path, *args, **kwargs: FullText()
                             if str(path).endswith("metrics.jsonl") else real_open(path, *args, **kwargs), raising=False)
     else:
         monkeypatch.setattr(EventsWriter, "flush", full)
