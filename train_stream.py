@@ -153,27 +153,6 @@ log = logging.getLogger("train_stream")
 STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped")  # the per-step all-reduce
 
 
-def write_failure(action) -> str | None:
-    """``action()``; why a write in it failed (an ``OSError``, or safetensors' for one), else None."""
-    try:
-        action()
-    except (OSError, SafetensorError) as error:
-        return getattr(error, "strerror", None) or str(error)
-    return None
-
-
-def save_tensors(obj, path: Path) -> None:
-    """``torch.save`` through a Python file, so that a failed write raises its ``OSError`` (torch's own
-    file writer, and its zip writer after a Python write, raise a RuntimeError without the cause)."""
-    with open(path, "wb") as file:
-        try:
-            torch.save(obj, file)
-        except RuntimeError as error:
-            if isinstance(error.__context__, OSError):
-                raise error.__context__ from None
-            raise
-
-
 # ------------------------------------------------------------------------------------ 2. accelerator
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -512,6 +491,27 @@ def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.E
     return value, (Path(checkpoint) if checkpoint else None), aside
 
 
+def write_failure(action) -> str | None:
+    """``action()``; why a write in it failed (an ``OSError``, or safetensors' for one), else None."""
+    try:
+        action()
+    except (OSError, SafetensorError) as error:
+        return getattr(error, "strerror", None) or str(error)
+    return None
+
+
+def save_tensors(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a failed write raises its ``OSError`` (torch's own
+    file writer, and its zip writer after a Python write, raise a RuntimeError without the cause)."""
+    with open(path, "wb") as file:
+        try:
+            torch.save(obj, file)
+        except RuntimeError as error:
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
                     cfg: RunConfig, run_id: str, caption_tokens: int | None) -> Path:
     """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed;
@@ -672,6 +672,9 @@ def source_metrics(loader, epoch: int, batches: int) -> dict:
 
 # ------------------------------------------------------------------------------------- 10. the loop
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class StopRequest:
     """Set by SIGTERM or SIGINT: the loop saves a checkpoint at the end of the step and exits 0. A
     second signal (either) is only noted: a scheduler may repeat SIGTERM within its grace period, and
@@ -689,9 +692,6 @@ class StopRequest:
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
         log.warning("%s again: still saving the checkpoint; a third signal stops at once, without it", name)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
@@ -861,9 +861,10 @@ class Trainer:
         metrics, rows = evaluate(self.model, self.val_loader, self.val_start, self.accelerator,
                                  self.processor.tokenizer, self.tc, lambda batch: check_mel_bins(
                                      self.cfg, self.mel_bins, batch["input_features"].shape[1], val=True))
-        if self.accelerator.is_main_process:
-            (self.output_dir / "eval").mkdir(exist_ok=True)
-            write_json(self.output_dir / "eval" / f"step-{self.step}.json", rows)
+        path = self.output_dir / "eval" / f"step-{self.step}.json"
+        if self.accelerator.is_main_process and (failed := write_failure(
+                lambda: (path.parent.mkdir(exist_ok=True), write_json(path, rows)))):
+            raise write_error(path, "the evaluation's captions", failed)
         metrics_log.log_metrics(self.step, metrics, "eval")
         self.evaluated_step = self.step
 

@@ -103,10 +103,11 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_one_bef
     assert "Traceback" not in caplog.text + capsys.readouterr().err
 
 
-@pytest.mark.parametrize("target", ["metrics.jsonl", "tensorboard"])
+@pytest.mark.parametrize("target", ["metrics.jsonl", "tensorboard", "eval/step-1.json"])
 def test_a_full_disk_under_the_metrics_is_one_line_and_ends_the_run(tmp_path, caplog, capsys, monkeypatch, target):
-    """metrics.jsonl or the TensorBoard event file cannot be written (flushed at each log line, in this
-    thread): one line naming it, exit 1, no writer thread's or atexit traceback."""
+    """metrics.jsonl, the TensorBoard event file (flushed at each log line, in this thread) or an
+    evaluation's captions cannot be written: one line naming it, exit 1, no writer thread's or atexit
+    traceback."""
     from tensorboardX.event_file_writer import EventsWriter
 
     class FullText(io.StringIO):
@@ -122,11 +123,17 @@ def test_a_full_disk_under_the_metrics_is_one_line_and_ends_the_run(tmp_path, ca
         real_open = open
         monkeypatch.setattr(train_logs, "open", lambda path, *args, **kwargs: FullText()
                             if str(path).endswith("metrics.jsonl") else real_open(path, *args, **kwargs), raising=False)
-    else:
+    elif target == "tensorboard":
         monkeypatch.setattr(EventsWriter, "flush", full)
+    else:
+        real_write_json = train_stream.write_json
+        monkeypatch.setattr(train_stream, "write_json", lambda path, data: full() if "/eval/" in str(path)
+                            else real_write_json(path, data))
     caplog.clear()
-    assert train_stream.main(run_args(out, str(tmp_path / "train"), "trainer_config.max_steps=3")) == 1
+    assert train_stream.main(run_args(out, str(tmp_path / "train"), "trainer_config.max_steps=3",
+                                      "--val-shards", str(tmp_path / "train"), "trainer_config.eval_steps=1")) == 1
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert error == (f"{out / target}: cannot write the metrics (No space left on device): free some space and "
+    what = "the evaluation's captions" if target.startswith("eval") else "the metrics"
+    assert error == (f"{out / target}: cannot write {what} (No space left on device): free some space and "
                      f"continue with trainer_config.resume_from_checkpoint=latest")
     assert "Traceback" not in caplog.text + capsys.readouterr().err
