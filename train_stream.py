@@ -128,6 +128,7 @@ if __name__ == "__main__":
 
 import numpy as np
 import safetensors.torch
+from safetensors import SafetensorError
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -141,18 +142,15 @@ from pipeline import launch
 from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import DEFAULT_SOURCE
 from pipeline.decode import GRAPHS
-from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
+from pipeline.fileio import LockBusy, hold_lock, write_json
 from pipeline.metrics import score
 from pipeline.model import CAPTION_TOKENS_KEY, ModelLoadError, generate_captions, load_model, load_processor, save_model
 from pipeline.run_folder import RUN_INFO, SetAside, checkpoint_run_id, claim_run, rotate_checkpoints, set_aside
 from pipeline.stream import StreamError, make_loader
+from pipeline.train_logs import MetricsLog, SampleKeysLog, TrainingError, write_error
 
 log = logging.getLogger("train_stream")
 STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped")  # the per-step all-reduce
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. NaN losses in a row); the message says why and what to try."""
 
 
 # ------------------------------------------------------------------------------------ 2. accelerator
@@ -407,11 +405,12 @@ def generate_prompted(model, features: torch.Tensor, sources: list[str], collato
 
 
 @torch.no_grad()
-def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc) -> tuple[dict, list]:
+def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc,
+             check_batch) -> tuple[dict, list]:
     """Validation loss (token mean over all ranks, no label smoothing) and captions (greedy, or
     ``generation_num_beams`` beams; each row prompted with its source's prefix) on at most
     ``eval_max_batches`` batches per rank, gathered across ranks, padding samples left out, scored
-    on the main process."""
+    on the main process. ``check_batch(batch)`` runs before each batch's forward."""
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # the Whisper model itself (a PeftModel's, adapters active in it): the decoder reads its parts
     unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
@@ -422,6 +421,7 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     batches = min(tc.eval_max_batches, len(loader))
     for batch in tqdm(itertools.islice(loader, batches), total=batches, desc="eval", unit="batch", leave=False,
                       disable=not accelerator.is_main_process, dynamic_ncols=True):
+        check_batch(batch)
         with accelerator.autocast():
             features = expand_features(batch, device=accelerator.device, dtype=torch.float32)  # [B, n_mels, 3000]
             logits, labels = forward_logits(unwrapped, batch, accelerator.device, features)
@@ -491,28 +491,60 @@ def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.E
     return value, (Path(checkpoint) if checkpoint else None), aside
 
 
+def write_failure(action) -> str | None:
+    """``action()``; why a write in it failed (an ``OSError``, or safetensors' for one), else None."""
+    try:
+        action()
+    except (OSError, SafetensorError) as error:
+        return getattr(error, "strerror", None) or str(error)
+    return None
+
+
+def save_tensors(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a failed write raises its ``OSError`` (torch's own
+    file writer, and its zip writer after a Python write, raise a RuntimeError without the cause)."""
+    with open(path, "wb") as file:
+        try:
+            torch.save(obj, file)
+        except RuntimeError as error:
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
                     cfg: RunConfig, run_id: str, caption_tokens: int | None) -> Path:
     """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed;
     ``caption_tokens``: the longest caption trained on so far, over all ranks (None: not known)."""
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process:
+    rank = accelerator.process_index
+
+    def shared_part() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a save that was killed
         tmp.mkdir(parents=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         safetensors.torch.save_model(unwrapped, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_tensors(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            save_tensors(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes,
                                                 "run_id": run_id, CAPTION_TOKENS_KEY: caption_tokens})
         save_config(cfg, tmp / "config.yaml")
+
+    def rank_part() -> None:
+        save_tensors(rng_state(), tmp / f"rng_state_{rank}.pt")
+        write_json(tmp / f"loader_state_{rank}.json", loader.state_dict())
+
+    failed = write_failure(shared_part) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    rank = accelerator.process_index
-    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-    write_json(tmp / f"loader_state_{rank}.json", loader.state_dict())
-    accelerator.wait_for_everyone()
+    failed = failed or write_failure(rank_part)
+    # every rank learns of any rank's failure, so all stop together (the main process's, if any, first)
+    failed = next(filter(None, gather_object([failed]) if accelerator.num_processes > 1 else [failed]), None)
+    if failed:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)  # the partial checkpoint would hold the full disk's space
+        raise write_error(output_dir, f"checkpoint-{step}", failed)
     if accelerator.is_main_process:
         other = checkpoint_run_id(final) if final.exists() else run_id
         if other not in (run_id, None):
@@ -576,85 +608,7 @@ def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerat
 
 
 # ---------------------------------------------------------------------------------------- 9. logging
-
-class MetricsLog:
-    """TensorBoard (tensorboardX), ``metrics.jsonl`` and the tqdm bar, on the main process only."""
-
-    def __init__(self, output_dir: Path, logging_dir: Path, accelerator: Accelerator, max_steps: int,
-                 start_step: int):
-        self.main = accelerator.is_main_process
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", disable=not self.main, dynamic_ncols=True)
-        self.writer = self.jsonl = None
-        if self.main:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(logdir=str(logging_dir))
-            self.jsonl = open(output_dir / "metrics.jsonl", "a")
-
-    def log_metrics(self, step: int, metrics: dict, prefix: str) -> None:
-        if not self.main:
-            return
-        for name, value in metrics.items():
-            self.writer.add_scalar(f"{prefix}/{name}", value, step)
-        self.jsonl.write(json.dumps({"step": step, "prefix": prefix, **metrics}) + "\n")
-        self.jsonl.flush()
-        if prefix == "train":
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 wait=f"{metrics['data_wait']:.0%}", refresh=False)
-        else:
-            log.info("%s step %d: %s", prefix, step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.main:
-            self.writer.close()
-            self.jsonl.close()
-
-
-class SampleKeysLog:
-    """``output_dir/sample_keys/rank-R.jsonl`` with ``log_sample_keys``: one line per optimizer step,
-    ``{"step", "epoch", "keys"}``, the real keys of that step's micro-batches on this rank (a step
-    dropped for a NaN loss: the same with ``"skipped": true``), to prove what the model saw or find the
-    batch behind a loss spike. On every start, lines past the resumed step (the interrupted run's
-    steps after its last checkpoint, done again now) are removed first, so each step appears once."""
-
-    def __init__(self, output_dir: Path, accelerator: Accelerator, start_step: int, enabled: bool):
-        folder, self.file = output_dir / "sample_keys", None
-        self.path = folder / f"rank-{accelerator.process_index}.jsonl"
-        if accelerator.is_main_process and folder.is_dir():
-            for path in folder.glob("rank-*.jsonl"):
-                kept = [line for line in path.read_text().splitlines(keepends=True)
-                        if line.endswith("\n") and json.loads(line)["step"] <= start_step]  # a torn last line goes
-                self.attempt(lambda: write_atomic(path, "".join(kept)), path)
-        accelerator.wait_for_everyone()
-        if enabled:
-            self.attempt(lambda: folder.mkdir(parents=True, exist_ok=True))
-            self.file = self.attempt(lambda: open(self.path, "a"))
-
-    def attempt(self, action, path: Path | None = None):
-        """``action()``; an ``OSError`` (a full disk) is one ``TrainingError`` line naming the file. The run
-        stops without a checkpoint: its disk is the one that is full; a resume from the last one trims this
-        log to it."""
-        try:
-            return action()
-        except OSError as error:
-            if self.file is not None:  # its unwritten line is lost with the error: closing retries the flush
-                file, self.file = self.file, None
-                with contextlib.suppress(OSError):
-                    file.close()
-            raise TrainingError(f"{path or self.path}: cannot write the sample keys log ({error.strerror or error}): "
-                                f"free some space (or set trainer_config.log_sample_keys=false) and continue with "
-                                f"trainer_config.resume_from_checkpoint=latest") from None
-
-    def write(self, step: int, epoch: int, keys: list[str], skipped: bool = False) -> None:
-        if self.file is not None:
-            row = {"step": step, "epoch": epoch, "keys": keys, **({"skipped": True} if skipped else {})}
-            self.attempt(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.attempt(self.file.close)
-
+# (the run's log files: pipeline.train_logs)
 
 class Window:
     """Sums of the reduced per-step statistics since the last log line, over the time from its first
@@ -718,24 +672,32 @@ def source_metrics(loader, epoch: int, batches: int) -> dict:
 
 # ------------------------------------------------------------------------------------- 10. the loop
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class StopRequest:
-    """Set by SIGTERM or SIGINT: the loop saves a checkpoint at the end of the step and exits 0.
-    A second signal of the same kind has its default effect (stop at once)."""
+    """Set by SIGTERM or SIGINT: the loop saves a checkpoint at the end of the step and exits 0. A
+    second signal (either) is only noted: a scheduler may repeat SIGTERM within its grace period, and
+    the save must finish; a third has its default effect, the process ends at once, without a checkpoint."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.count = None, 0
 
     def handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
-        log.warning("%s: saving a checkpoint at the end of this step, then stopping",
-                    signal.Signals(signum).name)
+        self.signum, self.count = self.signum or signum, self.count + 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            log.warning("%s: saving a checkpoint at the end of this step, then stopping", name)
+            return
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        log.warning("%s again: still saving the checkpoint; a third signal stops at once, without it", name)
 
 
 @contextlib.contextmanager
 def stop_on_signals():
     stop = StopRequest()
-    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop.handle) for s in STOP_SIGNALS}
     try:
         yield stop
     finally:
@@ -800,6 +762,7 @@ class Trainer:
         self.val_start = val_loader.state_dict() if val_loader is not None else None
         self.step = self.saved_step = self.evaluated_step = -1
         self.caption_tokens = caption_tokens  # this rank's longest training caption so far (None: not known)
+        self.mel_bins = accelerator.unwrap_model(model, keep_torch_compile=False).config.num_mel_bins
 
     def run(self, start_step: int, metrics_log: MetricsLog) -> bool:
         """Train from ``start_step`` to ``max_steps``; True if stopped early by a signal. At most one
@@ -884,6 +847,7 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(batches)
             stats[STATS.index("wait_s")] += time.perf_counter() - waited
+            check_mel_bins(self.cfg, self.mel_bins, batch["input_features"].shape[1])
             epoch = self.loader.epoch if epoch is None else epoch
             train_step(self.model, batch, self.accelerator, stats, self.tc.label_smoothing)
             if self.caption_tokens is not None:
@@ -895,10 +859,12 @@ class Trainer:
         if self.evaluated_step == self.step:
             return
         metrics, rows = evaluate(self.model, self.val_loader, self.val_start, self.accelerator,
-                                 self.processor.tokenizer, self.tc)
-        if self.accelerator.is_main_process:
-            (self.output_dir / "eval").mkdir(exist_ok=True)
-            write_json(self.output_dir / "eval" / f"step-{self.step}.json", rows)
+                                 self.processor.tokenizer, self.tc, lambda batch: check_mel_bins(
+                                     self.cfg, self.mel_bins, batch["input_features"].shape[1], val=True))
+        path = self.output_dir / "eval" / f"step-{self.step}.json"
+        if self.accelerator.is_main_process and (failed := write_failure(
+                lambda: (path.parent.mkdir(exist_ok=True), write_json(path, rows)))):
+            raise write_error(path, "the evaluation's captions", failed)
         metrics_log.log_metrics(self.step, metrics, "eval")
         self.evaluated_step = self.step
 
@@ -959,6 +925,17 @@ def push_to_hub(folder: Path, repo_id: str, step: int) -> None:
     log.info("pushed %s to the Hub as %s", folder, repo_id)
 
 
+def check_mel_bins(cfg: RunConfig, takes: int, n_mels: int | None, val: bool = False) -> None:
+    """A ``ConfigError`` naming the training (``val``: validation) shards if their ``n_mels`` is not
+    the model's ``takes``: known from index.json at start-up, else (None there) from each batch before
+    its forward (the stream holds a shard's samples to its first's)."""
+    if n_mels not in (None, takes):
+        dc = cfg.data_config
+        urls = dc.val_shards if val else " + ".join(str(s.shards) for s in dc.sources())
+        raise ConfigError(f"{urls}: the shards hold {n_mels}-bin log-mels, model {cfg.model_config.name} takes "
+                          f"{takes} (num_mel_bins): pack them with --n-mels {takes} or use a {n_mels}-bin model")
+
+
 def prepare_run(cfg: RunConfig, accelerator: Accelerator):
     """Model, processor, loaders, optimizer (model and optimizer through ``accelerator.prepare``)."""
     tc = cfg.trainer_config
@@ -968,12 +945,8 @@ def prepare_run(cfg: RunConfig, accelerator: Accelerator):
     loader = build_loader(cfg, processor.tokenizer, accelerator, train=True)
     val_loader = (build_loader(cfg, processor.tokenizer, accelerator, train=False)
                   if cfg.data_config.val_shards else None)
-    dc, takes = cfg.data_config, model.config.num_mel_bins
-    for one, urls in ((loader, " + ".join(str(s.shards) for s in dc.sources())), (val_loader, dc.val_shards)):
-        n_mels = one.dataset.n_mels if one else None  # None: no index.json; the stream holds samples to the first's
-        if n_mels not in (None, takes):
-            raise ConfigError(f"{urls}: the shards hold {n_mels}-bin log-mels, model {cfg.model_config.name} takes "
-                              f"{takes} (num_mel_bins): pack them with --n-mels {takes} or use a {n_mels}-bin model")
+    for one, val in ((loader, False), (val_loader, True)):
+        check_mel_bins(cfg, model.config.num_mel_bins, one.dataset.n_mels if one else None, val)
     if cfg.model_config.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, tc))

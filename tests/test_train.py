@@ -33,6 +33,7 @@ from pipeline.collate import expand_features
 from pipeline.config import ConfigError, load_config
 from pipeline.collate import prompt_ids
 from pipeline.model import LANGUAGE, TASK, generate_captions, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
+from pipeline import train_logs
 from pipeline.stream import make_loader
 from tests.conftest import write_mel_shards
 
@@ -920,6 +921,16 @@ def test_nothing_to_train_and_shards_of_other_mel_bins_are_one_line_before_train
         assert error == (f"{where}: the shards hold 128-bin log-mels, model tiny takes 80 (num_mel_bins): pack "
                          f"them with --n-mels 80 or use a 128-bin model")
     assert [p.name for p in (tmp_path / "o").iterdir()] == [".lock"]  # nothing written: refused before training
+    bare = tmp_path / "bare"  # without index.json: the first batch tells, before its forward
+    write_mel_shards(bare, [4], n_mels=128, index=False)
+    for out, args in ((tmp_path / "b", ["--shards", str(bare / "000.tar")]),
+                      (tmp_path / "v", ["--shards", shards[0], "--val-shards", str(bare / "000.tar"),
+                                        "trainer_config.eval_steps=1"])):
+        caplog.clear()
+        assert train_stream.main(run_args(out, "", *args, "trainer_config.max_steps=1")[2:]) == 2
+        (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert error == (f"{bare / '000.tar'}: the shards hold 128-bin log-mels, model tiny takes 80 (num_mel_bins): pack "
+                         f"them with --n-mels 80 or use a 128-bin model")
 
 
 def test_a_full_disk_under_the_sample_keys_log_is_one_line_and_ends_the_run(tmp_path, shards, caplog, monkeypatch):
@@ -928,7 +939,7 @@ def test_a_full_disk_under_the_sample_keys_log_is_one_line_and_ends_the_run(tmp_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     real_open = open
-    monkeypatch.setattr(train_stream, "open", lambda path, *args, **kwargs: FullDisk() if "sample_keys" in str(path)
+    monkeypatch.setattr(train_logs, "open", lambda path, *args, **kwargs: FullDisk() if "sample_keys" in str(path)
                         else real_open(path, *args, **kwargs), raising=False)
     out = tmp_path / "o"
     caplog.clear()
@@ -1081,7 +1092,7 @@ def test_a_nan_loss_or_an_inf_gradient_on_one_rank_skips_the_step_on_both(tmp_pa
     assert {int(one["step"]) for one in state.values()} == {3}
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(tmp_path, shards, caplog):
+def test_sigterm_even_twice_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(tmp_path, shards, caplog):
     out = tmp_path / "term"
     cmd = [sys.executable, str(ROOT / "train_stream.py"), *run_args(out, shards[0], "trainer_config.max_steps=100000")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1096,9 +1107,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_locks_its_output_dir(t
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert error.startswith(f"{out} is in use by another training run ({out / '.lock'} is locked by process {proc.pid})")
     proc.send_signal(signal.SIGTERM)
+    first = ""
+    while "saving a checkpoint at the end of this step" not in first and proc.poll() is None:
+        first += proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)  # a scheduler's repeat within its grace period: the save still finishes
     _, err = proc.communicate(timeout=120)
+    err = first + err
     assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM" in err and "Traceback" not in err
+    assert "SIGTERM again: still saving the checkpoint" in err and "Traceback" not in err, err[-3000:]
     (ckpt,) = out.glob("checkpoint-*")
     step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     assert ckpt.name == f"checkpoint-{step}" and step >= 2 and max(train_losses(out)) == step

@@ -2,6 +2,8 @@
 a damaged checkpoint file is named with its problem, not a traceback; an error in the main process
 ends the run and its loader workers."""
 
+import errno
+import io
 import json
 import os
 import secrets
@@ -15,8 +17,11 @@ import pytest
 import torch
 
 import train_stream
+from pipeline import train_logs
 from tests.conftest import write_mel_shards
-from tests.test_train import ROOT, child_env, run_args
+from tests.test_train import ROOT, child_env, one_thread_and_fresh_accelerate, run_args  # noqa: F401 (a fixture)
+
+NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_a_damaged_checkpoint_file_is_named(tmp_path):
@@ -69,3 +74,66 @@ def test_an_error_in_evaluation_ends_the_run_and_its_workers_within_seconds(tmp_
     finally:  # a failing run must not leave its workers behind for the rest of the suite
         for pid in tagged_processes(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+class FullDisk(io.BytesIO):
+    def write(self, data):
+        raise NO_SPACE
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_one_before(tmp_path, caplog, capsys,
+                                                                                   monkeypatch):
+    """torch's writer fails on the optimizer state of checkpoint-2: one line naming the folder and the
+    reason, the partial checkpoint removed, checkpoint-1 whole, no traceback of any thread or atexit."""
+    write_mel_shards(tmp_path / "train", [8])
+    out = tmp_path / "o"
+    real_open = open
+    monkeypatch.setattr(train_stream, "open", lambda path, *args, **kwargs: FullDisk()
+                        if str(path).endswith(".tmp-checkpoint-2/optimizer.pt") else real_open(path, *args, **kwargs),
+                        raising=False)
+    caplog.clear()
+    assert train_stream.main(run_args(out, str(tmp_path / "train"), "trainer_config.max_steps=3",
+                                      "trainer_config.save_steps=1")) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error == (f"{out}: cannot write checkpoint-2 (No space left on device): free some space and continue "
+                     f"with trainer_config.resume_from_checkpoint=latest")
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
+    assert torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)["state"]
+    assert "Traceback" not in caplog.text + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["metrics.jsonl", "tensorboard", "eval/step-1.json"])
+def test_a_full_disk_under_the_metrics_is_one_line_and_ends_the_run(tmp_path, caplog, capsys, monkeypatch, target):
+    """metrics.jsonl, the TensorBoard event file (flushed at each log line, in this thread) or an
+    evaluation's captions cannot be written: one line naming it, exit 1, no writer thread's or atexit
+    traceback."""
+    from tensorboardX.event_file_writer import EventsWriter
+
+    class FullText(io.StringIO):
+        def flush(self):
+            raise NO_SPACE
+
+    def full(*args):
+        raise NO_SPACE
+
+    write_mel_shards(tmp_path / "train", [8])
+    out = tmp_path / "o"
+    if target == "metrics.jsonl":
+        real_open = open
+        monkeypatch.setattr(train_logs, "open", lambda path, *args, **kwargs: FullText()
+                            if str(path).endswith("metrics.jsonl") else real_open(path, *args, **kwargs), raising=False)
+    elif target == "tensorboard":
+        monkeypatch.setattr(EventsWriter, "flush", full)
+    else:
+        real_write_json = train_stream.write_json
+        monkeypatch.setattr(train_stream, "write_json", lambda path, data: full() if "/eval/" in str(path)
+                            else real_write_json(path, data))
+    caplog.clear()
+    assert train_stream.main(run_args(out, str(tmp_path / "train"), "trainer_config.max_steps=3",
+                                      "--val-shards", str(tmp_path / "train"), "trainer_config.eval_steps=1")) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    what = "the evaluation's captions" if target.startswith("eval") else "the metrics"
+    assert error == (f"{out / target}: cannot write {what} (No space left on device): free some space and "
+                     f"continue with trainer_config.resume_from_checkpoint=latest")
+    assert "Traceback" not in caplog.text + capsys.readouterr().err
