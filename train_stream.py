@@ -258,7 +258,8 @@ def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: boo
     settings = dc.settings(
         batch_size=batch_size, seed=tc.seed, infinite=train, num_workers=tc.dataloader_num_workers,
         prefetch_factor=tc.dataloader_prefetch_factor, pin_memory=tc.dataloader_pin_memory and torch.cuda.is_available(),
-        persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0)
+        persistent_workers=tc.dataloader_persistent_workers and tc.dataloader_num_workers > 0,
+        full_batches=train)  # one batch shape in training: a short last batch would compile another graph
     if not train:  # validation samples are all DEFAULT_SOURCE's: one prompt for the split
         prefix = dc.val_prefix()
         settings = dataclasses.replace(settings, prefixes=((DEFAULT_SOURCE, prefix),) if prefix else ())

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def write_cost(folder: Path, keys: int, steps: int, enabled: bool) -> float:
     """Mean seconds per ``SampleKeysLog.write`` call."""
-    from train_stream import SampleKeysLog
+    from pipeline.train_logs import SampleKeysLog
 
     accelerator = SimpleNamespace(is_main_process=True, process_index=0, wait_for_everyone=lambda: None)
     log = SampleKeysLog(folder, accelerator, start_step=0, enabled=enabled)

@@ -7,7 +7,7 @@ Every row runs train_stream.py's own step, imported, not re-implemented: the con
 ``build_config``, the ``Accelerator`` from ``make_accelerator``, the loader from ``build_loader``
 (``pipeline.stream.make_loader`` with the config's prefetch, pinning and worker settings, its batches
 on the device), ``make_optimizer``, then per step ``next(loader)`` timed as ``Trainer.accumulate``
-times it, ``train_step``, the per-step ``accelerator.reduce(stats)``, ``optimizer_step`` and the
+times it, ``train_step``, ``optimizer_step`` (the per-step all-reduce of the statistics inside) and the
 statistics' copy to the host, read one step later as ``Trainer.run`` does. Rows, each in a fresh
 process, same model, seed and batch size:
 - in-memory: ONE batch (the stream's first), held as the loader delivers it (compact, on the
@@ -115,9 +115,8 @@ def timed_steps(batches, cfg, accelerator, model, optimizer, warmup: int, steps:
         batch = next(batches)
         waited = time.perf_counter() - waited
         ts.train_step(model, batch, accelerator, stats)
-        reduced = accelerator.reduce(stats.clone(), "sum")
-        norm = ts.optimizer_step(model, optimizer, accelerator, ts.lr_at(step, tc, tc.max_steps), tc.max_grad_norm,
-                                 skip=reduced[ts.STATS.index("bad")] > 0)
+        reduced, _, norm = ts.optimizer_step(model, optimizer, accelerator, stats, ts.lr_at(step, tc, tc.max_steps),
+                                             tc.max_grad_norm)
         launched = ts.to_host(torch.cat([reduced, norm.double().view(1)]))
         if flight is not None:
             values = read(flight)
