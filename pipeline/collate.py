@@ -128,8 +128,8 @@ class Collator:
     ``[B, T]``, ``keys``, ``captions``, ``sources``, ``is_pad`` bool ``[B]``, ``meta``,
     ``longest_caption_tokens`` int (0 for padding only); ``compact`` gives
     the form loaders hand over. It reads ``train``, ``seed``, ``max_label_tokens``, ``spec_augment``,
-    ``prefixes``, ``normalize_captions``, ``full_batches`` and ``batch_size`` of the settings; keyword ``changes`` replace fields of
-    ``settings`` (or of the defaults)."""
+    ``prefixes``, ``normalize_captions``, ``full_batches`` and ``batch_size`` of the settings; keyword
+    ``changes`` replace fields of ``settings`` (or of the defaults)."""
 
     def __init__(self, tokenizer, settings: DataSettings | None = None, n_mels: int = 80,
                  n_frames: int = N_FRAMES, **changes):
