@@ -171,6 +171,13 @@ def _parse_sketch(value: Any, samples: int) -> tuple[int, ...] | None:
     return sketch
 
 
+def _brief(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an index may hold any amount in one entry, and an
+    error must stay one line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 @dataclass(frozen=True)
 class IndexEntry:
     """One shard of ``index.json``; ``name`` is relative to the folder holding the index;
@@ -193,7 +200,7 @@ class IndexEntry:
             made = cls(str(entry["name"]), samples, float(entry["seconds"]), int(entry["bytes"]),
                        str(entry["sha256"]), _parse_sketch(entry.get("key_sketch"), samples))
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{where}: bad shard entry {entry!r} ({type(error).__name__}: {error})") from None
+            raise ValueError(f"{where}: bad shard entry {_brief(entry)} ({type(error).__name__}: {error})") from None
         if made.samples < 0 or made.bytes < 0 or made.samples * MIN_SAMPLE_BYTES > made.bytes:
             raise ValueError(f"{where}: shard {made.name} claims {made.samples} samples in {made.bytes} bytes "
                              f"(a sample takes at least {MIN_SAMPLE_BYTES})")

@@ -108,3 +108,6 @@ def test_key_sketches_are_optional_in_an_index_and_checked_when_present():
     for bad in (sketch[::-1], sketch[:1], [sketch[0]] * 2, ["xyz"], "00000000000000ff", [255, 1]):
         with pytest.raises(ValueError, match="i: bad shard entry .*key_sketch must"):
             parse(key_sketch=bad)
+    with pytest.raises(ValueError) as refused:  # 200,000 hashes in one entry: still one short line
+        parse(key_sketch=[f"{i:016x}" for i in range(2**63, 2**63 + 200_000)])
+    assert len(str(refused.value)) < 400 and "characters)" in str(refused.value)
