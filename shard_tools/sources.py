@@ -80,12 +80,14 @@ class Repeat:
 class SplitInput:
     """One output split of one part: its name ("" for a flat output), how many inputs it has (for
     the progress bar; None when streaming raw shards), a factory of its ordered item stream
-    (``item_digest`` tells ``--resume`` whether an input changed) and the repeats among its inputs."""
+    (``item_digest`` tells ``--resume`` whether an input changed), the repeats among its inputs and
+    the local raw shards it reads (which no output may be written over)."""
 
     name: str
     total: int | None
     items: Callable[[], Iterator]
     repeats: tuple[Repeat, ...] = ()
+    shard_files: tuple[str, ...] = ()
 
 
 def fingerprint(obj) -> str:
@@ -516,12 +518,14 @@ def shard_inputs(pattern: str, audio_field: str | None, caption_fields: Sequence
     """One split from raw-audio WebDataset shards named as the loader names shards (brace ranges
     ``raw/{000..009}.tar`` or ``<000..009>``, globs, folders; several patterns separated by spaces);
     part I takes the I-th contiguous slice of the shards."""
-    from pipeline.urls import expand_urls
+    from pipeline.urls import expand_urls, local_path
 
     urls = expand_urls(pattern.split())
     chosen = part_slice(urls, part, num_parts)
     name = split or ""
-    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)))]
+    files = tuple(path for path in map(local_path, urls) if path)  # every part's: none may be overwritten
+    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)),
+                       shard_files=files)]
 
 
 def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Sequence[str],

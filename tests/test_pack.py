@@ -554,3 +554,20 @@ def test_the_out_folder_inside_the_dataset_is_never_an_input(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"error: --out {dataset}: ") and "read by the next run" in err
         assert tree_bytes(tmp_path / "ds") == before
+
+
+def test_an_output_folder_holding_the_input_shards_is_refused(tmp_path, capsys, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with tarfile.open(raw / "000.tar", "w") as tar:
+        data = b'{"text": "a"}'
+        info = tarfile.TarInfo("s0.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    before = (raw / "000.tar").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for flag in ([], ["--resume"], ["--overwrite"]):  # each would lose raw/000.tar or leave a lock
+        assert main(["--from-shards", "raw/*.tar", "--out", "raw", "--workers", "1", *flag]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: --out raw: the input shard raw/000.tar lies in raw")
+        assert (raw / "000.tar").read_bytes() == before and sorted(os.listdir(raw)) == ["000.tar"]
