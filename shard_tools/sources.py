@@ -56,11 +56,12 @@ import os
 import posixpath
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from pipeline.shard_format import AUDIO_SUFFIXES, Reject, check_text, load_json
+from pipeline.shard_format import AUDIO_SUFFIXES, INDEX_FILE, Reject, check_text, load_json, parse_index
 
 CAPTION_SUFFIXES = (".json", ".txt")  # in order of preference when both sit beside one clip
 DATASET_FOLDER = "the dataset folder"  # how rejects and repeats name the folder given to the packer
@@ -253,7 +254,7 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
         return [listed(split or "", folder_items(root, root, split or "", caption_fields, skip=skip),
                        part, num_parts)]
     names = [e for e in entries if (root / e).is_dir() and not e.startswith(".")
-             and not (skip and inside(root / e, skip))]
+             and not (skip and inside(root / e, skip)) and not packed_split(root / e)]
     claimed = {os.path.realpath(root): DATASET_FOLDER}  # resolved folder -> the split folder that is it
     for name in sorted(names, key=lambda n: (root / n).is_symlink()):  # the folder itself before links to it
         claimed.setdefault(os.path.realpath(root / name), f"{name}/")
@@ -295,6 +296,9 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
     for dirpath, dirnames, filenames in os.walk(directory, onerror=unreadable, followlinks=True):
         dirnames[:] = [name for name in sorted(dirnames) if not (skip and inside(Path(dirpath) / name, skip))
                        and first_visit(Path(dirpath) / name)]
+        if Path(dirpath) != directory and packed_output(Path(dirpath), filenames, dirnames):
+            dirnames[:] = []
+            continue
         groups: dict[str, dict[str, list[str]]] = {}  # stem -> {"audio": [...], "caption": [...]}
         for name in sorted(filenames):
             stem, suffix = os.path.splitext(name)
@@ -305,6 +309,42 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
         for stem, group in groups.items():
             items += _group_items(Path(dirpath), rel_dir, stem, group, split, caption_fields)
     return unique_files(sorted(items, key=source_of))
+
+
+def is_shard_index(path: Path) -> bool:
+    """``path`` is a readable ``index.json`` of this project's shards."""
+    if not path.is_file():
+        return False
+    try:
+        parse_index(path.read_bytes(), str(path))
+    except (OSError, ValueError):  # not an index: then it is read as a caption file (and rejected)
+        return False
+    return True
+
+
+def packed_output(directory: Path, files: list[str], folders: list[str]) -> bool:
+    """Whether ``directory`` (holding ``files`` and ``folders``) is the packer's output: a split of it
+    (an index.json of its own) or the output of split folders (no audio or caption file and every
+    folder a split of it). Noted on stderr, it is skipped: its index.json files are not captions.
+    Only files named index.json are read, so the check costs little."""
+    if INDEX_FILE in files:
+        packed = is_shard_index(directory / INDEX_FILE)
+    else:
+        packed = (bool(folders) and not any(file_kind(os.path.splitext(name)[1]) for name in files)
+                  and all(is_shard_index(directory / name / INDEX_FILE) for name in folders))
+    if packed:
+        print(f"note: {directory} is skipped: it holds packed shards ({INDEX_FILE}), not inputs", file=sys.stderr)
+    return packed
+
+
+def packed_split(directory: Path) -> bool:
+    """``packed_output`` for a split folder; one that cannot be listed is read (and rejected) as a split."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return False
+    return packed_output(directory, [e.name for e in entries if not e.is_dir()],
+                         [e.name for e in entries if e.is_dir()])
 
 
 def unique_files(items: list) -> list:

@@ -352,3 +352,19 @@ def test_hf_row_with_a_nul_byte_in_its_audio_path_is_a_reject():
     row = {"audio": {"bytes": None, "path": "clips/a\0.wav"}, "text": "x"}
     item = sources.hf_row_item(row, "train/00000000", "train", "audio", ["text"])
     assert item.reason == "audio path in column 'audio' holds a NUL byte"
+
+
+def test_folders_of_packed_shards_are_skipped_with_a_note(tmp_path, capsys):
+    write_audio(tmp_path / "train" / "a.wav", seconds=0.1)
+    (tmp_path / "train" / "a.txt").write_text("a")
+    index = json.dumps({"shards": []})  # the packer's index of an empty split
+    for folder in (tmp_path / "old" / "train", tmp_path / "train" / "deep", tmp_path / "train" / "x" / "split"):
+        folder.mkdir(parents=True)
+        (folder / "index.json").write_text(index)
+    (tmp_path / "train" / "other").mkdir()
+    (tmp_path / "train" / "other" / "index.json").write_text("{}")  # not an index: a caption without audio
+    (train,) = sources.folder_inputs(tmp_path, ["text"])
+    assert [sources.source_of(i) for i in train.items()] == ["train/a.wav", "train/other/index.json"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {tmp_path / p} is skipped: it holds packed shards (index.json), not inputs"
+        for p in ("old", "train/deep", "train/x")]
