@@ -350,11 +350,23 @@ def packed_split(directory: Path) -> bool:
 def unique_files(items: list) -> list:
     """``items`` with each audio file (by resolved path) packed once, as a manifest's rows are: a
     second path to a clip (a symlink, two folders) adds its new captions to the first path's record,
-    and is a repeat when it adds none. Either way no input is lost, so neither is a rejected input."""
+    and is a repeat when it adds none or has no caption file. Either way no input is lost, so neither
+    is a rejected input; a clip with no caption file on any path is."""
     first: dict[str, dict] = {}
+    captioned: dict[str, str] = {}  # resolved audio file -> the first path to it with captions
+    for item in items:
+        if isinstance(item, dict) and item["captions"]:
+            captioned.setdefault(os.path.realpath(item["audio"]), item["source"])
     out = []
     for item in items:
-        if isinstance(item, dict):
+        if isinstance(item, dict) and not item["captions"]:  # no caption file beside this path
+            earlier = captioned.get(os.path.realpath(item["audio"]))
+            stem = posixpath.splitext(posixpath.basename(item["source"]))[0]
+            item = (Repeat(item["source"], item["split"], f"same audio file as {earlier} (a symlink or a second "
+                                                          "path to it) with no caption beside it: packed once")
+                    if earlier else reject(item["source"], item["split"],
+                                           f"audio without caption (no {stem}.txt or {stem}.json beside it)"))
+        elif isinstance(item, dict):
             earlier = first.setdefault(os.path.realpath(item["audio"]), item)
             if earlier is not item:
                 added = new_captions(earlier["captions"], item["captions"])
@@ -395,9 +407,8 @@ def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: s
 
     if not group["audio"]:
         return [reject(rel(name), split, "caption without audio") for name in group["caption"]]
-    if not group["caption"]:
-        return [reject(rel(name), split, f"audio without caption (no {stem}.txt or {stem}.json beside it)")
-                for name in group["audio"]]
+    if not group["caption"]:  # a reject unless another path to the clip has captions (``unique_files``)
+        return [record(rel(name), split, str(directory / name), [], {}) for name in group["audio"]]
     captions, extra = [], {}
     for name in sorted(group["caption"], key=lambda n: (CAPTION_SUFFIXES.index(os.path.splitext(n)[1].lower()), n)):
         try:

@@ -368,3 +368,19 @@ def test_folders_of_packed_shards_are_skipped_with_a_note(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"note: {tmp_path / p} is skipped: it holds packed shards (index.json), not inputs"
         for p in ("old", "train/deep", "train/x")]
+
+
+def test_a_second_path_to_a_clip_without_a_caption_file_is_a_repeat(tmp_path):
+    write_audio(tmp_path / "train" / "b.wav", seconds=0.1)
+    (tmp_path / "train" / "b.txt").write_text("b")
+    (tmp_path / "train" / "a_link.wav").symlink_to(tmp_path / "train" / "b.wav")  # sorted before its target
+    write_audio(tmp_path / "train" / "lone.wav", seconds=0.1)
+    (tmp_path / "train" / "lone_link.wav").symlink_to(tmp_path / "train" / "lone.wav")  # no caption on any path
+    (train,) = sources.folder_inputs(tmp_path, ["text"])
+    items = by_source(train)
+    assert items["train/b.wav"]["captions"] == ["b"]
+    assert {s: i.reason for s, i in items.items() if sources.is_reject(i)} == {
+        "train/lone.wav": "audio without caption (no lone.txt or lone.json beside it)",
+        "train/lone_link.wav": "audio without caption (no lone_link.txt or lone_link.json beside it)"}
+    assert train.repeats == (sources.Repeat("train/a_link.wav", "train", "same audio file as train/b.wav (a symlink "
+                                            "or a second path to it) with no caption beside it: packed once"),)
