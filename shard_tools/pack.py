@@ -36,7 +36,8 @@ while one runs.
 
 The output folder is never an input: an ``--out`` inside the DATASET folder is skipped when the
 splits and folders are listed (so a run reads the same inputs with or without its earlier output),
-and an output that would be written among the inputs (``--out`` the DATASET folder itself) is refused.
+and an output that would be written among the inputs (``--out`` the DATASET folder itself, or a
+folder holding the ``--from-shards`` inputs) is refused before anything is written.
 
 Repeats (a second path to a folder, clip or manifest row already read: ``sources.Repeat``) lose no
 input: each gets a note on stderr and the summary counts them, but they are not rejected inputs.

@@ -25,8 +25,9 @@ Layouts (one ``SplitInput`` per output split):
   are inputs like any other (``infer_stream.py --audio`` captions them too); only ROOT's own dot
   folders are not splits. Symlinked folders are followed; a folder reached a second time (a symlink
   loop, two paths to one place) is a repeat naming the first path; a clip reached by a second path
-  is packed once, under its first path, with the second path's new captions (as a manifest's rows);
-  the packer's own output folder (``skip``) is never read;
+  is packed once, under its first path, with the second path's new captions (as a manifest's rows;
+  a second path with no caption file is a repeat); the packer's own output folder (``skip``) is
+  never read, nor, with a note, any folder of an earlier packer's output (``packed_output``);
 - manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
   rows naming the same audio file (by resolved path) are merged into one record with all their
   distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat;
