@@ -36,7 +36,8 @@ while one runs.
 
 The output folder is never an input: an ``--out`` inside the DATASET folder is skipped when the
 splits and folders are listed (so a run reads the same inputs with or without its earlier output),
-and an output that would be written among the inputs (``--out`` the DATASET folder itself) is refused.
+and an output that would be written among the inputs (``--out`` the DATASET folder itself, or a
+folder holding the ``--from-shards`` inputs) is refused before anything is written.
 
 Repeats (a second path to a folder, clip or manifest row already read: ``sources.Repeat``) lose no
 input: each gets a note on stderr and the summary counts them, but they are not rejected inputs.
@@ -453,13 +454,24 @@ def output_inside_dataset(args, layout: str) -> str | None:
     return out if out != root and sources.inside(out, root) else None
 
 
-def check_output_apart(args, layout: str, directories: Iterable[Path]) -> None:
-    """Refuse an output folder the next run would read as input: one inside the DATASET folder that
-    is not skipped as the ``--out`` folder (``--out`` the DATASET folder itself)."""
+def check_output_apart(args, layout: str, plan: Iterable[tuple[sources.SplitInput, Path]]) -> None:
+    """Refuse an output folder among the inputs: a raw shard read from a folder the run writes (it
+    would be overwritten or removed before it is read), or a folder inside the DATASET folder that
+    is not skipped as the ``--out`` folder (``--out`` the DATASET folder itself: read by the next run)."""
+    for split_input, directory in plan:
+        # a part also writes the merged index beside its part folders
+        written = {os.path.realpath(d) for d in (directory, directory.parent if args.num_parts > 1 else directory)}
+        for shard in split_input.shard_files:
+            # the link and its target: --overwrite removes a link to a shard as it would the shard
+            if {os.path.realpath(os.path.dirname(os.path.abspath(shard))),
+                    os.path.dirname(os.path.realpath(shard))} & written:
+                raise PackError(f"--out {args.out}: the input shard {shard} lies in {directory}, a folder this "
+                                "run writes (its shards would be overwritten before they are read); choose "
+                                "another --out")
     if layout != "folder" or output_inside_dataset(args, layout):
         return
     root = os.path.realpath(args.dataset)
-    for directory in directories:
+    for _, directory in plan:
         if sources.inside(directory, root):
             raise PackError(f"--out {args.out}: {directory} would be written among the inputs of the dataset "
                             f"folder {args.dataset} and read by the next run; choose an --out that is not the "
@@ -531,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             split_inputs = open_inputs(args, layout, fields)
             plan = [(split_input, split_directory(args.out, split_input.name, args.part, args.num_parts),
                      run_settings(args, layout, fields, split_input)) for split_input in split_inputs]
-            check_output_apart(args, layout, [directory for _, directory, _ in plan])
+            check_output_apart(args, layout, [(split_input, directory) for split_input, directory, _ in plan])
             for split_input in split_inputs:
                 for repeat in split_input.repeats:
                     print(f"note: {repeat.source}: {repeat.note} (not a rejected input)", file=sys.stderr)

@@ -25,8 +25,9 @@ Layouts (one ``SplitInput`` per output split):
   are inputs like any other (``infer_stream.py --audio`` captions them too); only ROOT's own dot
   folders are not splits. Symlinked folders are followed; a folder reached a second time (a symlink
   loop, two paths to one place) is a repeat naming the first path; a clip reached by a second path
-  is packed once, under its first path, with the second path's new captions (as a manifest's rows);
-  the packer's own output folder (``skip``) is never read;
+  is packed once, under its first path, with the second path's new captions (as a manifest's rows;
+  a second path with no caption file is a repeat); the packer's own output folder (``skip``) is
+  never read, nor, with a note, any folder of an earlier packer's output (``packed_output``);
 - manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
   rows naming the same audio file (by resolved path) are merged into one record with all their
   distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat;
@@ -56,11 +57,12 @@ import os
 import posixpath
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from pipeline.shard_format import AUDIO_SUFFIXES, Reject, check_text, load_json
+from pipeline.shard_format import AUDIO_SUFFIXES, INDEX_FILE, Reject, check_text, load_json, parse_index
 
 CAPTION_SUFFIXES = (".json", ".txt")  # in order of preference when both sit beside one clip
 DATASET_FOLDER = "the dataset folder"  # how rejects and repeats name the folder given to the packer
@@ -80,12 +82,14 @@ class Repeat:
 class SplitInput:
     """One output split of one part: its name ("" for a flat output), how many inputs it has (for
     the progress bar; None when streaming raw shards), a factory of its ordered item stream
-    (``item_digest`` tells ``--resume`` whether an input changed) and the repeats among its inputs."""
+    (``item_digest`` tells ``--resume`` whether an input changed), the repeats among its inputs and
+    the local raw shards it reads (which no output may be written over)."""
 
     name: str
     total: int | None
     items: Callable[[], Iterator]
     repeats: tuple[Repeat, ...] = ()
+    shard_files: tuple[str, ...] = ()
 
 
 def fingerprint(obj) -> str:
@@ -251,7 +255,7 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
         return [listed(split or "", folder_items(root, root, split or "", caption_fields, skip=skip),
                        part, num_parts)]
     names = [e for e in entries if (root / e).is_dir() and not e.startswith(".")
-             and not (skip and inside(root / e, skip))]
+             and not (skip and inside(root / e, skip)) and not packed_split(root / e)]
     claimed = {os.path.realpath(root): DATASET_FOLDER}  # resolved folder -> the split folder that is it
     for name in sorted(names, key=lambda n: (root / n).is_symlink()):  # the folder itself before links to it
         claimed.setdefault(os.path.realpath(root / name), f"{name}/")
@@ -293,6 +297,9 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
     for dirpath, dirnames, filenames in os.walk(directory, onerror=unreadable, followlinks=True):
         dirnames[:] = [name for name in sorted(dirnames) if not (skip and inside(Path(dirpath) / name, skip))
                        and first_visit(Path(dirpath) / name)]
+        if Path(dirpath) != directory and packed_output(Path(dirpath), filenames, dirnames):
+            dirnames[:] = []
+            continue
         groups: dict[str, dict[str, list[str]]] = {}  # stem -> {"audio": [...], "caption": [...]}
         for name in sorted(filenames):
             stem, suffix = os.path.splitext(name)
@@ -305,14 +312,62 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
     return unique_files(sorted(items, key=source_of))
 
 
+def is_shard_index(path: Path) -> bool:
+    """``path`` is a readable ``index.json`` of this project's shards."""
+    if not path.is_file():
+        return False
+    try:
+        parse_index(path.read_bytes(), str(path))
+    except (OSError, ValueError):  # not an index: then it is read as a caption file (and rejected)
+        return False
+    return True
+
+
+def packed_output(directory: Path, files: list[str], folders: list[str]) -> bool:
+    """Whether ``directory`` (holding ``files`` and ``folders``) is the packer's output: a split of it
+    (an index.json of its own) or the output of split folders (no audio or caption file and every
+    folder a split of it). Noted on stderr, it is skipped: its index.json files are not captions.
+    Only files named index.json are read, so the check costs little."""
+    if INDEX_FILE in files:
+        packed = is_shard_index(directory / INDEX_FILE)
+    else:
+        packed = (bool(folders) and not any(file_kind(os.path.splitext(name)[1]) for name in files)
+                  and all(is_shard_index(directory / name / INDEX_FILE) for name in folders))
+    if packed:
+        print(f"note: {directory} is skipped: it holds packed shards ({INDEX_FILE}), not inputs", file=sys.stderr)
+    return packed
+
+
+def packed_split(directory: Path) -> bool:
+    """``packed_output`` for a split folder; one that cannot be listed is read (and rejected) as a split."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return False
+    return packed_output(directory, [e.name for e in entries if not e.is_dir()],
+                         [e.name for e in entries if e.is_dir()])
+
+
 def unique_files(items: list) -> list:
     """``items`` with each audio file (by resolved path) packed once, as a manifest's rows are: a
     second path to a clip (a symlink, two folders) adds its new captions to the first path's record,
-    and is a repeat when it adds none. Either way no input is lost, so neither is a rejected input."""
+    and is a repeat when it adds none or has no caption file. Either way no input is lost, so neither
+    is a rejected input; a clip with no caption file on any path is."""
     first: dict[str, dict] = {}
+    captioned: dict[str, str] = {}  # resolved audio file -> the first path to it with captions
+    for item in items:
+        if isinstance(item, dict) and item["captions"]:
+            captioned.setdefault(os.path.realpath(item["audio"]), item["source"])
     out = []
     for item in items:
-        if isinstance(item, dict):
+        if isinstance(item, dict) and not item["captions"]:  # no caption file beside this path
+            earlier = captioned.get(os.path.realpath(item["audio"]))
+            stem = posixpath.splitext(posixpath.basename(item["source"]))[0]
+            item = (Repeat(item["source"], item["split"], f"same audio file as {earlier} (a symlink or a second "
+                                                          "path to it) with no caption beside it: packed once")
+                    if earlier else reject(item["source"], item["split"],
+                                           f"audio without caption (no {stem}.txt or {stem}.json beside it)"))
+        elif isinstance(item, dict):
             earlier = first.setdefault(os.path.realpath(item["audio"]), item)
             if earlier is not item:
                 added = new_captions(earlier["captions"], item["captions"])
@@ -353,9 +408,8 @@ def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: s
 
     if not group["audio"]:
         return [reject(rel(name), split, "caption without audio") for name in group["caption"]]
-    if not group["caption"]:
-        return [reject(rel(name), split, f"audio without caption (no {stem}.txt or {stem}.json beside it)")
-                for name in group["audio"]]
+    if not group["caption"]:  # a reject unless another path to the clip has captions (``unique_files``)
+        return [record(rel(name), split, str(directory / name), [], {}) for name in group["audio"]]
     captions, extra = [], {}
     for name in sorted(group["caption"], key=lambda n: (CAPTION_SUFFIXES.index(os.path.splitext(n)[1].lower()), n)):
         try:
@@ -516,12 +570,14 @@ def shard_inputs(pattern: str, audio_field: str | None, caption_fields: Sequence
     """One split from raw-audio WebDataset shards named as the loader names shards (brace ranges
     ``raw/{000..009}.tar`` or ``<000..009>``, globs, folders; several patterns separated by spaces);
     part I takes the I-th contiguous slice of the shards."""
-    from pipeline.urls import expand_urls
+    from pipeline.urls import expand_urls, local_path
 
     urls = expand_urls(pattern.split())
     chosen = part_slice(urls, part, num_parts)
     name = split or ""
-    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)))]
+    files = tuple(path for path in map(local_path, urls) if path)  # every part's: none may be overwritten
+    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)),
+                       shard_files=files)]
 
 
 def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Sequence[str],

@@ -551,6 +551,42 @@ def test_the_out_folder_inside_the_dataset_is_never_an_input(tmp_path, capsys):
     for dataset in (tmp_path / "ds", flat):  # written among the inputs: refused before anything is written
         before = tree_bytes(tmp_path / "ds")
         assert main([str(dataset), "--out", str(dataset), "--workers", "1"]) == 2
-        err = capsys.readouterr().err.strip()
+        # the earlier outputs inside it are noted as skipped
+        err = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:"))
         assert len(err.splitlines()) == 1 and err.startswith(f"error: --out {dataset}: ") and "read by the next run" in err
         assert tree_bytes(tmp_path / "ds") == before
+
+
+def test_an_output_folder_holding_the_input_shards_is_refused(tmp_path, capsys, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with tarfile.open(raw / "000.tar", "w") as tar:
+        data = b'{"text": "a"}'
+        info = tarfile.TarInfo("s0.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    before = (raw / "000.tar").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for flag in ([], ["--resume"], ["--overwrite"]):  # each would lose raw/000.tar or leave a lock
+        assert main(["--from-shards", "raw/*.tar", "--out", "raw", "--workers", "1", *flag]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert err.startswith("error: --out raw: the input shard raw/000.tar lies in raw, a folder this run writes")
+        assert (raw / "000.tar").read_bytes() == before and sorted(os.listdir(raw)) == ["000.tar"]
+
+
+def test_an_earlier_pack_output_inside_the_dataset_is_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_clips(tmp_path / "cF", 2)  # a flat folder
+    make_clips(tmp_path / "ds" / "train", 2)  # split folders
+    for dataset in ("cF", "ds"):
+        assert main([dataset, "--out", f"{dataset}/packed", "--workers", "1"]) == 0
+        capsys.readouterr()
+        assert main([dataset, "--out", f"{dataset}/packed2", "--workers", "1"]) == 0
+        captured = capsys.readouterr()
+        assert f"note: {dataset}/packed is skipped: it holds packed shards (index.json), not inputs" in \
+            captured.err.splitlines()
+        assert captured.out.splitlines()[-1].endswith("rejected 0, repeats 0")
+        assert not (tmp_path / dataset / "packed2" / "packed").exists()
+    assert [s["meta"]["source"] for s in read_split(tmp_path / "cF" / "packed2")] == ["clip00.wav", "clip01.flac"]
+    assert sorted(os.listdir(tmp_path / "ds" / "packed2")) == ["train"]

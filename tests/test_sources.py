@@ -352,3 +352,35 @@ def test_hf_row_with_a_nul_byte_in_its_audio_path_is_a_reject():
     row = {"audio": {"bytes": None, "path": "clips/a\0.wav"}, "text": "x"}
     item = sources.hf_row_item(row, "train/00000000", "train", "audio", ["text"])
     assert item.reason == "audio path in column 'audio' holds a NUL byte"
+
+
+def test_folders_of_packed_shards_are_skipped_with_a_note(tmp_path, capsys):
+    write_audio(tmp_path / "train" / "a.wav", seconds=0.1)
+    (tmp_path / "train" / "a.txt").write_text("a")
+    index = json.dumps({"shards": []})  # the packer's index of an empty split
+    for folder in (tmp_path / "old" / "train", tmp_path / "train" / "deep", tmp_path / "train" / "x" / "split"):
+        folder.mkdir(parents=True)
+        (folder / "index.json").write_text(index)
+    (tmp_path / "train" / "other").mkdir()
+    (tmp_path / "train" / "other" / "index.json").write_text("{}")  # not an index: a caption without audio
+    (train,) = sources.folder_inputs(tmp_path, ["text"])
+    assert [sources.source_of(i) for i in train.items()] == ["train/a.wav", "train/other/index.json"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {tmp_path / p} is skipped: it holds packed shards (index.json), not inputs"
+        for p in ("old", "train/deep", "train/x")]
+
+
+def test_a_second_path_to_a_clip_without_a_caption_file_is_a_repeat(tmp_path):
+    write_audio(tmp_path / "train" / "b.wav", seconds=0.1)
+    (tmp_path / "train" / "b.txt").write_text("b")
+    (tmp_path / "train" / "a_link.wav").symlink_to(tmp_path / "train" / "b.wav")  # sorted before its target
+    write_audio(tmp_path / "train" / "lone.wav", seconds=0.1)
+    (tmp_path / "train" / "lone_link.wav").symlink_to(tmp_path / "train" / "lone.wav")  # no caption on any path
+    (train,) = sources.folder_inputs(tmp_path, ["text"])
+    items = by_source(train)
+    assert items["train/b.wav"]["captions"] == ["b"]
+    assert {s: i.reason for s, i in items.items() if sources.is_reject(i)} == {
+        "train/lone.wav": "audio without caption (no lone.txt or lone.json beside it)",
+        "train/lone_link.wav": "audio without caption (no lone_link.txt or lone_link.json beside it)"}
+    assert train.repeats == (sources.Repeat("train/a_link.wav", "train", "same audio file as train/b.wav (a symlink "
+                                            "or a second path to it) with no caption beside it: packed once"),)
