@@ -85,6 +85,12 @@ def label_width(longest: int, limit: int) -> int:
     return min(LABEL_WIDTHS[i], limit) if i < len(LABEL_WIDTHS) else limit
 
 
+def pad_sample(reason: str) -> dict:
+    """A padding sample: ``reason`` is "rank" (equal batch counts), "skip" (replaces a lost one) or
+    "fill" (fills a short batch, ``full_batches``)."""
+    return {"__key__": "", "__pad__": reason}
+
+
 def _hash64(*parts) -> int:
     """A stable 64-bit hash of ``parts`` (Python's ``hash`` changes with PYTHONHASHSEED)."""
     text = "\x1f".join(str(p) for p in parts).encode("utf-8", "surrogateescape")
@@ -173,7 +179,7 @@ class Collator:
         if not samples:
             raise ValueError("cannot collate an empty batch")
         if self.full_batches and len(samples) < self.batch_size:
-            samples = [*samples, *[{"__key__": "", "__pad__": True}] * (self.batch_size - len(samples))]
+            samples = [*samples, *[pad_sample("fill")] * (self.batch_size - len(samples))]
         is_pad = [bool(s.get("__pad__")) for s in samples]
         real = [s for s, pad in zip(samples, is_pad) if not pad]
         metas = [s["json"] for s in real]

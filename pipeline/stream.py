@@ -107,7 +107,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.collate import Collator
+from pipeline.collate import Collator, pad_sample
 from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings, Source, source_prefixes
 from pipeline.device import in_background, to_device_ahead
 from pipeline.fileio import file_sha256
@@ -337,14 +337,6 @@ def resume_position(num_batches: int, num_workers: int, delivered: int) -> tuple
     return turn, [lap + (w < turn) for w in range(num_workers)]
 
 
-# ---------------------------------------------------------------------------------------- decode
-
-
-def _pad(reason: str) -> dict:
-    """A padding sample: ``reason`` is "rank" (equal batch counts) or "skip" (replaces a lost one)."""
-    return {"__key__": "", "__pad__": reason}
-
-
 # --------------------------------------------------------------------------------------- dataset
 
 
@@ -488,7 +480,7 @@ class ShardStream(IterableDataset):
             for first, end in plan.to_global(plan.start + lo, plan.start + real_hi):
                 yield from self._read_range(epoch, first, end)
         for _ in range(max(lo, plan.real), hi):
-            yield _pad("rank") | {SOURCE_KEY: self.mix.names[0]}
+            yield pad_sample("rank") | {SOURCE_KEY: self.mix.names[0]}
 
     def _read_range(self, epoch: int, lo: int, hi: int) -> Iterator[dict]:
         """Global positions ``[lo, hi)`` of ``epoch``: each source's share of them read as one run of
@@ -556,7 +548,7 @@ class ShardStream(IterableDataset):
             where = "" if shard.url in str(error) else f"{shard.url}: "
             self._fault(f"{where}{error} ({count - got} planned sample(s) lost{after})")
             for _ in range(count - got):
-                yield _pad("skip")
+                yield pad_sample("skip")
 
     def _check_rest(self, shard: Shard, samples: Iterator[dict]) -> None:
         """Samples left in a shard after the count its index entry gives are a fault, counted."""
@@ -588,7 +580,7 @@ class ShardStream(IterableDataset):
             message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
             where = "" if item["__url__"] in message else f"{item['__url__']}: sample '{item['__key__']}': "
             self._fault(where + message)
-            return _pad("skip")
+            return pad_sample("skip")
 
     def _fault(self, message: str) -> None:
         if self.on_error == "raise":
