@@ -141,7 +141,8 @@ from pipeline.launch import LaunchError, make_accelerator
 from pipeline.model import (LANGUAGE, TASK, ModelLoadError, generate_captions, load_model, load_processor,
                             recorded_caption_tokens, recorded_prefixes)
 from pipeline.predictions import (RunSettings, merge_outputs, model_identity, open_part, part_files, read_record,
-                                  read_rows, resumable_rows, resume_problem, settings_file, write_record)
+                                  read_rows, resumable_rows, resume_problem, rows_text, settings_file,
+                                  write_record)
 from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
 from pipeline.stream import StreamError, make_loader
 
@@ -318,7 +319,7 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
     if accelerator.is_main_process:
         if args.output == STDOUT:
             rows = sorted((json.loads(line) for text in texts for line in text.splitlines()), key=lambda r: r["key"])
-            sys.stdout.write("".join(json.dumps(row) + "\n" for row in rows))
+            sys.stdout.write(rows_text(rows))
             sys.stdout.flush()
         else:
             rows = merge_outputs(output, settings, args.resume)

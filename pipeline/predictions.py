@@ -127,6 +127,11 @@ def read_rows(path: str | Path):
             yield row
 
 
+def rows_text(rows: list[dict]) -> str:
+    """The JSONL text of ``rows``, one row a line."""
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
 def merge_outputs(output: Path, settings: RunSettings, resume: bool) -> list[dict]:
     """Write ``output`` = earlier rows (``--resume``) + this run's part files sorted by key, each key
     once, atomically, and record that it holds rows made with ``settings``; remove the part files.
@@ -141,7 +146,7 @@ def merge_outputs(output: Path, settings: RunSettings, resume: bool) -> list[dic
             rows.append(row)
     if len(rows) < len(old) + len(new):
         print(f"warning: {len(old) + len(new) - len(rows)} duplicate keys dropped while merging", file=sys.stderr)
-    write_atomic(output, "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(output, rows_text(rows))
     write_record(output, settings, output_rows=True)
     for path in parts:
         os.remove(path)
