@@ -819,3 +819,30 @@ def test_a_sample_with_other_mel_bins_than_its_split_is_skipped(tmp_path, tiny_p
     keys, messages, _ = collect(stream)
     assert keys == [k for k in tar_keys(paths) if k != "s001_0001"] and stream.skipped == 1
     assert any("'s001_0001'" in m and "128 mel bins, the split has 80" in m for m in messages), messages
+
+
+def test_shards_packed_by_an_earlier_release_still_load(tiny_processor):
+    """Shards written by ``main`` at 7754a94 (before the shard layer moved to ``shard_tools``) load
+    through their index, each sample equal to its members read with plain tarfile and numpy."""
+    folder = ROOT / "tests" / "data" / "shards-7754a94"
+    expected = {}
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in files.items():
+            if name.endswith(".json"):
+                key = name[:-len(".json")]
+                mel = np.load(io.BytesIO(files[key + ".mel.npy"]), allow_pickle=False)
+                expected[key] = (mel, json.loads(data)["captions"])
+    stream = make_loader(str(folder / "index.json"), tiny_processor.tokenizer, batch_size=2,
+                         train=False, num_workers=0)
+    seen = {}
+    for batch in stream:
+        for i, key in enumerate(batch["keys"]):
+            if not batch["is_pad"][i]:
+                seen[key] = (batch["input_features"][i].float().numpy(), batch["captions"][i])
+    assert sorted(seen) == sorted(expected) and len(expected) == 3
+    for key, (mel, captions) in expected.items():
+        features, got_captions = seen[key]
+        np.testing.assert_array_equal(features[:, :mel.shape[1]], mel.astype(np.float32))
+        assert got_captions == captions
