@@ -7,7 +7,7 @@
 Why it is built this way:
 - Shards come through ``pipeline.stream.make_loader(train=False)``, already split per rank; the rows
   the loader adds as padding (``is_pad``) are dropped, so padding never reaches the output.
-- ``--audio`` decodes and featurises files in DataLoader workers with ``pipeline.features`` — the
+- ``--audio`` decodes and featurises files in DataLoader workers with ``shard_tools.features`` — the
   packer's own code — so a file captioned directly gets the caption its packed shard would.
 - Both hand over compact batches (cut after the longest clip, plus ``pad_values``), copied to the
   device one batch ahead (``pipeline.device``) and padded to 3000 frames there (``expand_features``).
@@ -135,15 +135,15 @@ from pipeline.collate import expand_features, prompt_ids
 from pipeline.config import ConfigError, caption_length
 from pipeline.data_settings import DataSettings
 from pipeline.device import in_background, to_device_ahead
-from pipeline.features import AudioDecodeError, clip_features, decode_audio, pad_mel
-from pipeline.fileio import LockBusy, NotRegularFile, check_replaceable, hold_lock, write_atomic
+from shard_tools.features import AudioDecodeError, clip_features, decode_audio, pad_mel
+from shard_tools.fileio import LockBusy, NotRegularFile, check_replaceable, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
 from pipeline.model import (LANGUAGE, TASK, ModelLoadError, generate_captions, load_model, load_processor,
                             recorded_caption_tokens, recorded_prefixes)
 from pipeline.predictions import (RunSettings, merge_outputs, model_identity, open_part, part_files, read_record,
                                   read_rows, resumable_rows, resume_problem, rows_text, settings_file,
                                   write_record)
-from pipeline.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
+from shard_tools.shard_format import AUDIO_SUFFIXES, CHUNK_LENGTH
 from pipeline.stream import StreamError, make_loader
 
 
@@ -423,7 +423,7 @@ def audio_under(folder: str, searched: set[str]) -> tuple[list[str], int]:
 
 
 class AudioFiles(Dataset):
-    """Decode + Whisper log-mel per file (``pipeline.features``, as the packer); runs in workers.
+    """Decode + Whisper log-mel per file (``shard_tools.features``, as the packer); runs in workers.
     A file that cannot be decoded yields ``{"__key__", "error"}`` instead of features."""
 
     def __init__(self, files: list[str], n_mels: int):

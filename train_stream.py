@@ -142,7 +142,7 @@ from pipeline import launch
 from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import DEFAULT_SOURCE
 from pipeline.decode import GRAPHS
-from pipeline.fileio import LockBusy, hold_lock, write_json
+from shard_tools.fileio import LockBusy, hold_lock, write_json
 from pipeline.metrics import score
 from pipeline.model import CAPTION_TOKENS_KEY, ModelLoadError, generate_captions, load_model, load_processor, save_model
 from pipeline.run_folder import RUN_INFO, SetAside, checkpoint_run_id, claim_run, rotate_checkpoints, set_aside

@@ -13,7 +13,7 @@ batch size and DataLoader workers:
 - ``infer_stream.py --shards --decoder hf``: the same clips packed by ``shard_tools.pack`` (packing not
   timed), captioned by HF ``generate`` as infer_stream.py did before issue 12;
 - ``infer_stream.py --shards``: the same, with the static decoder (the default);
-- ``infer_stream.py --audio``: the raw files, decoded and featurised in workers by ``pipeline.features``.
+- ``infer_stream.py --audio``: the raw files, decoded and featurised in workers by ``shard_tools.features``.
 clips/s counts from the first batch requested to the last caption (model loading excluded), as the
 final line of infer_stream.py does. The two ``--shards`` rows' predictions are compared: "outputs
 identical" under the table.

@@ -62,7 +62,7 @@ def progress_ms(samples: int) -> float:
     """Median ms of ``StreamLoader.progress`` for a three-source mix of ``samples`` (no data read)."""
     from pipeline.data_settings import DataSettings
     from pipeline.stream import Mix, ShardStream, StreamLoader
-    from pipeline.urls import Shard
+    from shard_tools.urls import Shard
 
     per_shard, settings = 1000, DataSettings(batch_size=16, num_workers=4)
     counts = [[per_shard] * (samples * share // 6 // per_shard) for share in (1, 2, 3)]

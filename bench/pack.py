@@ -7,7 +7,7 @@ Rows (all over the same generated corpus: wav/flac/ogg/mp3, 16/22.05/44.1/48 kHz
 - seed, extractor default: ``librosa.load`` + ``librosa.resample`` + ``WhisperFeatureExtractor``
   as the seed called it (transformers 5 runs a torch STFT on the 30-s padded clip), one process;
 - seed, numpy extractor: the same with the extractor's numpy path (what older transformers ran);
-- floor: decoding and resampling only (``pipeline.features.decode_audio``), one process;
+- floor: decoding and resampling only (``shard_tools.features.decode_audio``), one process;
 - ``python -m shard_tools.pack --workers 1`` and ``--workers N``: the packer end to end, as a user runs
   it, Python start-up and writing the shards included.
 Then shard bytes per audio second against the same audio stored as 16-kHz mono FLAC.
@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.seed import audio_files, seed_features  # noqa: E402
-from pipeline.features import decode_audio  # noqa: E402
-from pipeline.shard_format import REJECTS_FILE  # noqa: E402
+from shard_tools.features import decode_audio  # noqa: E402
+from shard_tools.shard_format import REJECTS_FILE  # noqa: E402
 from shard_tools.synth import make_corpus  # noqa: E402
 
 def replicate(corpus: Path, times: int) -> Path:
@@ -110,7 +110,7 @@ def children_cpu() -> float:
 # Run by ``python -c`` in a code folder (this tree or a baseline's), so its own decode_audio is timed.
 FLOOR_SCRIPT = """
 import json, sys, time
-from pipeline.features import decode_audio
+from shard_tools.features import decode_audio
 files = json.load(sys.stdin)
 decode_audio(files[0])  # imports and first-call set-up out of the timing
 wall, cpu = time.perf_counter(), time.process_time()

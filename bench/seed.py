@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
-from pipeline.shard_format import AUDIO_SUFFIXES
+from shard_tools.shard_format import AUDIO_SUFFIXES
 
 SAMPLE_RATE = 16000
 

@@ -3,7 +3,7 @@
 Why it looks like this:
 
 * Features are padded to Whisper's 3000 frames with each clip's own ``pad_value``
-  (``pipeline.features.pad_mel``): that is exactly what ``WhisperFeatureExtractor`` gives the
+  (``shard_tools.features.pad_mel``): that is exactly what ``WhisperFeatureExtractor`` gives the
   silent rest of the 30-s window, and the encoder only accepts the full window. Batches travel in
   the compact form (cut after the longest clip, float16, plus ``pad_values``) all the way to the
   device; ``expand_features`` builds the 3000-frame batch there, in the step. Padding earlier costs
@@ -68,7 +68,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings
-from pipeline.features import LOG_FLOOR, N_FRAMES, pad_mel
+from shard_tools.features import LOG_FLOOR, N_FRAMES, pad_mel
 
 IGNORE_INDEX = -100  # ignored by torch's cross-entropy and by the HF Whisper loss
 SILENCE_PAD_VALUE = (LOG_FLOOR + 4.0) / 4.0  # the extractor's value for an all-silent window (-1.5)

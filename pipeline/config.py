@@ -34,10 +34,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data_settings import (DEFAULT_SOURCE, MAX_TARGET_POSITIONS, DataSettings, Source, SpecAugment,
+from pipeline.data_settings import (DEFAULT_SOURCE, DataSettings, Source, SpecAugment,
                                     source_prefixes)
-from pipeline.fileio import write_atomic
-from pipeline.retry import RetryPolicy
+from shard_tools.fileio import write_atomic
+from shard_tools.retry import RetryPolicy
+from shard_tools.shard_format import MAX_TARGET_POSITIONS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MAIN = CONFIG_DIR / "main.yaml"

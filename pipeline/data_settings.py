@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from pipeline.retry import RetryPolicy
+from shard_tools.retry import RetryPolicy
+from shard_tools.shard_format import MAX_TARGET_POSITIONS
 
-MAX_TARGET_POSITIONS = 448  # Whisper's decoder positions: the longest label sequence a model takes
 ON_ERROR = ("skip", "raise")
 SOURCE_KEY = "__source__"  # every sample dict the stream hands the collator names its source here
 DEFAULT_SOURCE = "default"  # the name of the one source of a plain train_shards / --shards run

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from pipeline.config import DECODE_METHODS
-from pipeline.data_settings import MAX_TARGET_POSITIONS
+from shard_tools.shard_format import MAX_TARGET_POSITIONS
 
 log = logging.getLogger(__name__)
 BUILTIN_TINY = "tiny"

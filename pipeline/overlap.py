@@ -17,8 +17,8 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
-from pipeline.shard_format import KEY_SKETCH_SIZE
-from pipeline.urls import Shard
+from shard_tools.shard_format import KEY_SKETCH_SIZE
+from shard_tools.urls import Shard
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.fileio import write_atomic, write_json
+from shard_tools.fileio import write_atomic, write_json
 from pipeline.model import BUILTIN_TINY
 
 

@@ -110,11 +110,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.collate import Collator, pad_sample
 from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings, Source, source_prefixes
 from pipeline.device import in_background, to_device_ahead
-from pipeline.fileio import file_sha256
+from shard_tools.fileio import file_sha256
 from pipeline.overlap import overlaps
-from pipeline.retry import RetryPolicy
-from pipeline.shard_format import decode_sample
-from pipeline.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
+from shard_tools.retry import RetryPolicy
+from shard_tools.shard_format import decode_sample
+from shard_tools.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
                            resolve_shards)
 from pipeline.workers import exit_flag, worker_init
 

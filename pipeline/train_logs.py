@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from pipeline.fileio import write_atomic
+from shard_tools.fileio import write_atomic
 
 log = logging.getLogger("train_stream")
 

@@ -68,9 +68,9 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from pipeline import shard_format
-from pipeline.fileio import LockBusy, hold_lock, write_atomic, write_json
-from pipeline.shard_format import INDEX_FILE, REJECTS_FILE, Reject, SampleMeta
+from shard_tools import shard_format
+from shard_tools.fileio import LockBusy, hold_lock, write_atomic, write_json
+from shard_tools.shard_format import INDEX_FILE, REJECTS_FILE, Reject, SampleMeta
 from shard_tools import sources, writer
 
 # Defaults of --audio-field / --caption-field per input layout.
@@ -84,7 +84,7 @@ MB = 1_000_000
 # Imported once by the forkserver, so that each forked worker starts with them loaded (a failed
 # import there only costs start-up time). Not this module: under ``python -m shard_tools.pack`` each
 # worker re-runs it as its main module, which runpy warns about when it is already imported.
-WORKER_PRELOAD = ["pipeline.features"]
+WORKER_PRELOAD = ["shard_tools.features"]
 
 
 class PackError(Exception):
@@ -98,7 +98,7 @@ class PackError(Exception):
 
 def init_worker(n_mels: int) -> None:
     """Once per worker: the features module loaded and the mel filters built up front."""
-    from pipeline.features import mel_filters
+    from shard_tools.features import mel_filters
 
     mel_filters(n_mels)
 
@@ -107,7 +107,7 @@ def encode(item, n_mels: int):
     """A record -> ``{"__key__", "members", "seconds", "truncated"}``, or a reject (passed through,
     or made here for audio that does not decode, is empty, silent or overflows, and for a sample the
     shard format refuses)."""
-    from pipeline.features import AudioDecodeError, clip_features, decode_audio  # loaded by init_worker
+    from shard_tools.features import AudioDecodeError, clip_features, decode_audio  # loaded by init_worker
 
     if sources.is_reject(item):
         return item

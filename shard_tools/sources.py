@@ -6,7 +6,7 @@ Every layout yields, in a deterministic order, two kinds of item:
   (str) or the encoded file's bytes, left undecoded so that decoding runs in the packer's workers;
   ``captions`` is a non-empty list of stripped strings; ``extra`` the input's own JSON/manifest fields
   other than the caption and audio fields;
-- a ``pipeline.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
+- a ``shard_tools.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
   empty caption, a JSON without the caption field, an unreadable caption file, folder, shard or
   manifest row, a path that is not a regular file).
 
@@ -32,7 +32,7 @@ Layouts (one ``SplitInput`` per output split):
   rows naming the same audio file (by resolved path) are merged into one record with all their
   distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat;
 - raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
-  the sample (``json.text``), named and read by the loader's own ``pipeline.urls`` (one URL grammar,
+  the sample (``json.text``), named and read by the loader's own ``shard_tools.urls`` (one URL grammar,
   one tar reader);
 - a Hugging Face dataset (optional ``datasets`` package), by Hub name or local directory.
 
@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from pipeline.shard_format import AUDIO_SUFFIXES, INDEX_FILE, Reject, check_text, load_json, parse_index
+from shard_tools.shard_format import AUDIO_SUFFIXES, INDEX_FILE, Reject, check_text, load_json, parse_index
 
 CAPTION_SUFFIXES = (".json", ".txt")  # in order of preference when both sit beside one clip
 DATASET_FOLDER = "the dataset folder"  # how rejects and repeats name the folder given to the packer
@@ -570,7 +570,7 @@ def shard_inputs(pattern: str, audio_field: str | None, caption_fields: Sequence
     """One split from raw-audio WebDataset shards named as the loader names shards (brace ranges
     ``raw/{000..009}.tar`` or ``<000..009>``, globs, folders; several patterns separated by spaces);
     part I takes the I-th contiguous slice of the shards."""
-    from pipeline.urls import expand_urls, local_path
+    from shard_tools.urls import expand_urls, local_path
 
     urls = expand_urls(pattern.split())
     chosen = part_slice(urls, part, num_parts)
@@ -584,7 +584,7 @@ def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Se
                 split: str) -> Iterator:
     """Records for the samples of each shard in order, read by the loader's tar reader; an
     unreadable shard becomes a reject after the samples read before the fault."""
-    from pipeline.urls import ShardReadError, iter_samples, open_url
+    from shard_tools.urls import ShardReadError, iter_samples, open_url
 
     for url in urls:
         count = 0

@@ -24,8 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pipeline.fileio import file_sha256, write_atomic
-from pipeline.shard_format import IndexEntry, Reject, json_line, key_sketch
+from shard_tools.fileio import file_sha256, write_atomic
+from shard_tools.shard_format import IndexEntry, Reject, json_line, key_sketch
 
 PROGRESS_FILE = ".progress.jsonl"
 TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive

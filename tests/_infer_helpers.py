@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.features import pad_mel
+from shard_tools.features import pad_mel
 from pipeline.model import LANGUAGE, TASK, load_model, load_processor, save_model
 
 

@@ -11,7 +11,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from pipeline.collate import LABEL_WIDTHS, Collator, expand_features, normalize_caption, prompt_ids
 from pipeline.config import ConfigError
 from pipeline.data_settings import DEFAULT_SOURCE, MAX_TARGET_POSITIONS, SOURCE_KEY, SpecAugment
-from pipeline.features import clip_features, pad_mel
+from shard_tools.features import clip_features, pad_mel
 from pipeline.model import load_model
 from tests.conftest import tone
 

@@ -8,9 +8,9 @@ import torch
 
 from pipeline.collate import Collator, expand_features
 from pipeline.device import DEVICE_KEYS, in_background, to_device_ahead
-from pipeline.shard_format import decode_sample
+from shard_tools.shard_format import decode_sample
 from pipeline.stream import make_loader
-from pipeline.urls import iter_samples
+from shard_tools.urls import iter_samples
 from tests.conftest import NEEDS_CUDA, write_mel_shards
 
 

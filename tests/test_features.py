@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
 
-from pipeline.features import (N_FRAMES, AudioDecodeError, clip_features, decode_audio, log_mel, pad_mel,
+from shard_tools.features import (N_FRAMES, AudioDecodeError, clip_features, decode_audio, log_mel, pad_mel,
                                valid_frames)
-from pipeline.shard_format import AUDIO_SUFFIXES
+from shard_tools.shard_format import AUDIO_SUFFIXES
 from tests.conftest import ENCODED_CLIPS, write_audio
 
 
@@ -94,7 +94,7 @@ def test_a_very_quiet_clip_matches_the_extractor(n):
 def test_features_never_import_torch():
     # The packer's workers compute features with numpy and scipy alone: importing torch would cost
     # each of them seconds of start-up.
-    code = ("import sys, numpy as np; import shard_tools.pack; from pipeline.features import clip_features; "
+    code = ("import sys, numpy as np; import shard_tools.pack; from shard_tools.features import clip_features; "
             "clip_features(np.ones(16000, dtype=np.float32)); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parent.parent)
@@ -102,7 +102,7 @@ def test_features_never_import_torch():
 
 
 def test_to_float16_is_numpys_cast():
-    from pipeline.features import to_float16
+    from shard_tools.features import to_float16
 
     rng = np.random.default_rng(0)
     n = 2_000_000  # every exponent from subnormal to overflow, both signs
@@ -166,7 +166,7 @@ def test_pad_mel_works_on_tensors_and_rejects_overlong():
 
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_mel_filters_equal_the_extractors(n_mels):
-    from pipeline.features import mel_filters
+    from shard_tools.features import mel_filters
 
     ref = WhisperFeatureExtractor(feature_size=n_mels).mel_filters.T  # [n_mels, 201] float64
     np.testing.assert_allclose(mel_filters(n_mels), ref.astype(np.float32), rtol=1e-6, atol=1e-9)

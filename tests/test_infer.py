@@ -252,7 +252,7 @@ def test_bf16_runs_the_model_in_bfloat16(model_dir, shards, expected, tmp_path, 
 
 def test_a_busy_or_unwritable_output_is_refused_before_any_clip(model_dir, shards, expected, tmp_path, capsys,
                                                                  monkeypatch):
-    from pipeline.fileio import hold_lock
+    from shard_tools.fileio import hold_lock
 
     out = tmp_path / "preds.jsonl"
     calls = []
@@ -396,7 +396,7 @@ def test_resume_refuses_other_settings_and_never_mixes_runs(model_dir, shards, t
 def test_only_regular_files_or_new_paths_are_written(model_dir, shards, tmp_path, capsys, monkeypatch):
     """An output, lock, settings or metrics path that is a link, a pipe or a device is refused
     (exit 2, one line) before any clip, and left as it was; so is it by ``write_atomic`` and ``hold_lock``."""
-    from pipeline.fileio import NotRegularFile, check_replaceable, hold_lock, write_atomic
+    from shard_tools.fileio import NotRegularFile, check_replaceable, hold_lock, write_atomic
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")

@@ -21,7 +21,7 @@ import soundfile
 import webdataset
 from transformers import WhisperFeatureExtractor
 
-from pipeline.features import N_FRAMES, pad_mel
+from shard_tools.features import N_FRAMES, pad_mel
 from shard_tools.pack import LOCK_FILE, main
 from tests.conftest import write_audio
 
@@ -383,7 +383,7 @@ def test_hostile_inputs_cost_only_themselves(tmp_path, monkeypatch, capsys):
 def test_only_the_kept_window_is_decoded(tmp_path):
     import tracemalloc
 
-    from pipeline.features import decode_audio
+    from shard_tools.features import decode_audio
 
     path = write_audio(tmp_path / "long.wav", seconds=120.0, sr=48000, channels=2)  # 46 MB as float32
     tracemalloc.start()
@@ -415,7 +415,7 @@ def test_resume_after_fixing_a_reject_packs_it_and_matches_a_fresh_run(tmp_path)
 
 
 def test_outputs_honour_the_umask_and_bad_outputs_are_one_line(tmp_path, capsys, monkeypatch):
-    from pipeline.fileio import hold_lock
+    from shard_tools.fileio import hold_lock
     from shard_tools import writer
 
     make_clips(tmp_path / "ds", 2)

@@ -13,10 +13,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import retry
-from pipeline.retry import RetryPolicy
+from shard_tools import retry
+from shard_tools.retry import RetryPolicy
 from pipeline.stream import StreamError, StreamWarning, make_loader
-from pipeline.urls import ShardReadError, open_url
+from shard_tools.urls import ShardReadError, open_url
 from tests.conftest import write_mel_shards
 from tests.test_urls import eval_keys, tar_keys
 
@@ -106,7 +106,7 @@ def fast_policy(monkeypatch):
 
 
 def retry_lines(caplog, name: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "pipeline.retry" and name in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name == "shard_tools.retry" and name in r.getMessage()]
 
 
 def assert_skipped(caught, url: str, reason: str) -> None:
@@ -136,7 +136,7 @@ def test_policy_checks_and_backoff():
 def test_500_once_then_served_loses_nothing(tmp_path, server, tiny_processor, caplog):
     paths = write_mel_shards(tmp_path / "train", [4, 5, 3])
     server.faults = {"/train/001.tar": [500], "/train/index.json": [503]}
-    with caplog.at_level(logging.WARNING, logger="pipeline.retry"):
+    with caplog.at_level(logging.WARNING, logger="shard_tools.retry"):
         keys, loader = train_keys(f"{server.url}/train/<000..002>.tar", tiny_processor)
     assert sorted(keys) == sorted(tar_keys(paths)) and loader.skipped == 0
     assert len(retry_lines(caplog, "001.tar: HTTPError: HTTP Error 500")) == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from pipeline.shard_format import (MAX_JSON_DEPTH, IndexEntry, SampleError, SampleMeta, decode_sample,
+from shard_tools.shard_format import (MAX_JSON_DEPTH, IndexEntry, SampleError, SampleMeta, decode_sample,
                                    encode_sample, load_json, parse_index)
 
 

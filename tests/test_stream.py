@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from pipeline.data_settings import SOURCE_KEY, Source
-from pipeline.fileio import write_json
-from pipeline.shard_format import index_dict
+from shard_tools.fileio import write_json
+from shard_tools.shard_format import index_dict
 from pipeline.stream import Mix, StreamError, StreamWarning, make_loader, resume_position, worker_split
 from shard_tools.writer import ShardWriter, index_entry
 from tests._stream_run import fingerprint

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.retry import RetryPolicy
+from shard_tools.retry import RetryPolicy
 from pipeline.stream import StreamError, make_loader
-from pipeline.urls import (expand_braces, expand_urls, iter_samples, open_url, read_index,
+from shard_tools.urls import (expand_braces, expand_urls, iter_samples, open_url, read_index,
                            resolve_shards, scan_keys)
 from tests.conftest import write_mel_shards
 

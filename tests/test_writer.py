@@ -10,8 +10,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline.fileio import write_json
-from pipeline.shard_format import Reject, SampleMeta, encode_sample, index_dict
+from shard_tools.fileio import write_json
+from shard_tools.shard_format import Reject, SampleMeta, encode_sample, index_dict
 from shard_tools import writer
 
 

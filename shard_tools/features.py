@@ -37,8 +37,8 @@ import scipy.fft
 import soxr
 import threadpoolctl
 
-from pipeline.fileio import file_type
-from pipeline.shard_format import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from shard_tools.fileio import file_type
+from shard_tools.shard_format import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 LOG_FLOOR = -10.0  # log10 of the 1e-10 power clamp: the log-mel of a zero frame
 DYNAMIC_RANGE = 8.0  # the extractor floors log-mel at (max - 8)

@@ -10,7 +10,7 @@ Why each piece is here:
   the packer); only shards that no index lists are counted by a header scan, with a warning.
 * ``open_url`` opens local files, ``http(s)://`` (urllib, streamed, never downloaded whole),
   ``pipe:CMD`` (the command's stdout, as in webdataset) and any other ``proto://`` through fsspec.
-  http(s) and fsspec reads retry transient faults and resume at the byte reached (``pipeline.retry``).
+  http(s) and fsspec reads retry transient faults and resume at the byte reached (``shard_tools.retry``).
 * ``iter_samples`` is a small tar reader of our own rather than ``tarfile``'s stream mode: it can
   *seek* over the data of samples it is told to skip (resume and worker ranges start mid-shard
   without reading, let alone decoding, what comes before), and it reports truncation with the URL
@@ -33,8 +33,8 @@ import warnings
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from pipeline.retry import RetryPolicy, open_fsspec, open_http
-from pipeline.shard_format import INDEX_FILE, IndexEntry, key_sketch, parse_index
+from shard_tools.retry import RetryPolicy, open_fsspec, open_http
+from shard_tools.shard_format import INDEX_FILE, IndexEntry, key_sketch, parse_index
 BLOCK = 512  # tar block size
 
 # webdataset's split of a member name into key and extension: the extension starts at the first dot
@@ -346,7 +346,7 @@ def _import_fsspec(url: str):
 def open_url(url: str, policy: RetryPolicy | None = None) -> BinaryIO:
     """A binary stream for a shard or index URL (local, http(s), pipe:, fsspec). Raises
     ``ShardReadError`` naming the URL (cause kept) when it cannot be opened. http(s) and fsspec
-    reads retry per ``policy`` (None: ``pipeline.retry.DEFAULT_POLICY``)."""
+    reads retry per ``policy`` (None: ``shard_tools.retry.DEFAULT_POLICY``)."""
     try:
         if url.startswith("pipe:"):
             return io.BufferedReader(_PipeStream(url[len("pipe:"):]), 1 << 16)

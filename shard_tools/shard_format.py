@@ -1,5 +1,5 @@
 """The shard format of docs/FORMAT.md in code: the one contract between the packer (``shard_tools``)
-and the loader (``pipeline.urls``, ``pipeline.stream``).
+and the loader (``shard_tools.urls``, ``pipeline.stream``).
 
 Both ends import what is here and nothing else about the format: Whisper's front-end constants,
 member and file names, the version, the audio suffixes every input layout recognises, the dataclasses
@@ -31,6 +31,7 @@ HOP_LENGTH = 160  # 10 ms hop at 16 kHz
 CHUNK_LENGTH = 30  # seconds: the encoder's fixed input window
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480,000 samples in one window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames the encoder expects
+MAX_TARGET_POSITIONS = 448  # Whisper's decoder positions: the longest label sequence a model takes
 N_MELS = (80, 128)  # mel bins of every Whisper model (128: large-v3)
 
 FORMAT_NAME = "whisper-caption-stream"
