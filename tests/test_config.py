@@ -264,7 +264,7 @@ def test_bad_train_sources_are_one_line_each_naming_the_key():
 def test_the_readme_mix_example_loads(tmp_path):
     from pipeline.config import CONFIG_DIR
 
-    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    readme = (CONFIG_DIR.parent / "docs" / "training.md").read_text()
     example = readme.split("<!-- mix-example -->\n```yaml\n", 1)[1].split("```", 1)[0]
     shutil.copytree(CONFIG_DIR, tmp_path / "configs")
     (tmp_path / "recipes").mkdir()
