@@ -103,27 +103,35 @@ def init_worker(n_mels: int) -> None:
     mel_filters(n_mels)
 
 
-def encode(item, n_mels: int):
-    """A record -> ``{"__key__", "members", "seconds", "truncated"}``, or a reject (passed through,
-    or made here for audio that does not decode, is empty, silent or overflows, and for a sample the
-    shard format refuses)."""
+@dataclass(frozen=True)
+class Encoded:
+    """One clip as the workers send it back: the shard members' bytes and what the index counts."""
+
+    key: str
+    members: list[tuple[str, bytes]]
+    seconds: float
+    truncated: bool
+
+
+def encode(item: sources.Item | Reject, n_mels: int) -> Encoded | Reject:
+    """An Item's shard members, or a reject (passed through, or made here for audio that does not
+    decode, is empty, silent or overflows, and for a sample the shard format refuses)."""
     from shard_tools.features import AudioDecodeError, clip_features, decode_audio  # loaded by init_worker
 
-    if sources.is_reject(item):
+    if isinstance(item, Reject):
         return item
     try:  # only the 30-s window is decoded: a 2-hour file costs what 30 s cost
-        decoded = decode_audio(item["audio"], max_seconds=shard_format.CHUNK_LENGTH)
+        decoded = decode_audio(item.audio, max_seconds=shard_format.CHUNK_LENGTH)
         feats = clip_features(decoded.audio, n_mels, decoded.seconds)  # mel [n_mels, valid_frames] float16
-        meta = SampleMeta(item["captions"], item["source"], feats["seconds"], decoded.orig_sample_rate,
-                          feats["pad_value"], feats["truncated"], item["extra"])
-        members = shard_format.encode_sample(item["__key__"], feats["mel"], meta)
+        meta = SampleMeta(item.captions, item.source, feats["seconds"], decoded.orig_sample_rate,
+                          feats["pad_value"], feats["truncated"], item.extra)
+        members = shard_format.encode_sample(item.key, feats["mel"], meta)
     except (AudioDecodeError, shard_format.SampleError, OSError) as error:
-        return sources.reject(item["source"], item["split"], str(error))
-    return {"__key__": item["__key__"], "members": members, "seconds": feats["seconds"],
-            "truncated": feats["truncated"]}
+        return Reject(item.source, item.split, str(error))
+    return Encoded(item.key, members, feats["seconds"], feats["truncated"])
 
 
-def encode_chunk(items: list[dict], n_mels: int) -> list[dict]:
+def encode_chunk(items: list, n_mels: int) -> list[Encoded | Reject]:
     return [encode(item, n_mels) for item in items]
 
 
@@ -157,7 +165,7 @@ def worker_pool(workers: int, n_mels: int):
             os.environ["OMP_NUM_THREADS"] = omp_before
 
 
-def encoded(items: Iterable[dict], pool, workers: int, n_mels: int, chunksize: int) -> Iterator[dict]:
+def encoded(items: Iterable, pool, workers: int, n_mels: int, chunksize: int) -> Iterator[Encoded | Reject]:
     """``encode`` over ``items``, results in input order, at most 4 chunks per worker in flight."""
     if pool is None:
         yield from (encode(item, n_mels) for item in items)
@@ -324,11 +332,10 @@ def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, l
     consumed, packed = start, 0
     try:
         for position, result in enumerate(results, start):
-            if sources.is_reject(result):
+            if isinstance(result, Reject):
                 rejects.append(dataclasses.replace(result, input=position))
             else:
-                shard_writer.add(result["__key__"], result["members"], result["seconds"], result["truncated"],
-                                 position)
+                shard_writer.add(result.key, result.members, result.seconds, result.truncated, position)
                 packed += 1
             consumed = position + 1
             bar.update()
