@@ -1,6 +1,9 @@
-"""Input layouts for the packer: each turns a dataset into per-split streams of items and rejects.
+"""The packer's item model and its file-listing input layouts (folders and manifests); the layouts
+read from container formats are ``shard_tools.source_shards``, and ``shard_tools.layouts`` is the
+table of all of them.
 
-Every layout yields, in a deterministic order, two kinds of input:
+Every layout's reader takes an ``InputSpec`` and yields, per output split (a ``SplitInput``) and in
+a deterministic order, two kinds of input:
 
 - an ``Item``: one clip's source, split, undecoded audio (a path or bytes), captions and other fields;
 - a ``shard_tools.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
@@ -14,8 +17,6 @@ row that repeats an earlier one) loses no input: it is a ``Repeat``, kept apart 
 Decoding failures (corrupt, zero-length or silent audio) only show when the audio is decoded, so the
 packer's workers turn those items into rejects.
 
-Layouts (one ``SplitInput`` per output split):
-
 - folder: ``ROOT/<split>/**/clip.wav`` when ROOT holds no audio itself, else a flat folder (split "");
   the caption sits beside the audio in ``clip.json`` or ``clip.txt`` (whole file); with both, each
   gives references (the JSON's first, and its other fields are the extra). Names starting with a dot
@@ -27,16 +28,10 @@ Layouts (one ``SplitInput`` per output split):
   never read, nor, with a note, any folder of an earlier packer's output (``packed_output``);
 - manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
   rows naming the same audio file (by resolved path) are merged into one item with all their
-  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat;
-- raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
-  the sample (``json.text``), named and read by the loader's own ``shard_tools.urls`` (one URL grammar,
-  one tar reader);
-- a Hugging Face dataset (optional ``datasets`` package), by Hub name or local directory.
+  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat.
 
-Folder, manifest and HF inputs are sorted by ``source``; raw shards keep their order (shards as the
-pattern expands, members as stored), which is just as deterministic and needs no buffering. A
-``--part I --num-parts N`` run takes the I-th contiguous slice of each split (of the shard list for
-raw shards), so parts are disjoint and together cover every input.
+Both are sorted by ``source``. A ``--part I --num-parts N`` run takes the I-th contiguous slice of
+each split, so parts are disjoint and together cover every input.
 
 Caption fields are dotted paths (``meta.caption``: a literal key with dots wins); several fields may
 be joined with commas (``caption_1,caption_2`` for Clotho's CSV). A field holding a list gives
@@ -73,6 +68,22 @@ class Repeat:
     source: str
     split: str
     note: str  # what it repeats
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a layout's reader reads: the input as given (a folder, manifest, shard pattern or dataset
+    name), where the audio (None: the reader finds it) and the captions are, the part of it
+    (``part_slice``), the one split to read or to name the output (None: every split, or ""), and a
+    folder never read, nor anything under it (the packer's output inside a folder input)."""
+
+    location: str
+    caption_fields: tuple[str, ...]
+    audio_field: str | None = None
+    part: int = 0
+    num_parts: int = 1
+    split: str | None = None
+    skip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,19 +253,18 @@ def inside(path: str | Path, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0, num_parts: int = 1,
-                  split: str | None = None, skip: str | Path | None = None) -> list[SplitInput]:
-    """Split folders (ROOT holds no audio itself) or a flat folder (output split ``split`` or "");
-    the folder ``skip`` (the packer's output, inside ROOT) and all under it are never read."""
-    root = Path(root)
+def folder_inputs(spec: InputSpec) -> list[SplitInput]:
+    """Split folders (ROOT holds no audio itself) or a flat folder (output split ``spec.split`` or "");
+    the folder ``spec.skip`` (the packer's output, inside ROOT) and all under it are never read."""
+    root, split = Path(spec.location), spec.split
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    skip = os.path.realpath(skip) if skip is not None else None
+    skip = os.path.realpath(spec.skip) if spec.skip is not None else None
     entries = sorted(os.listdir(root))
     flat = any(file_kind(os.path.splitext(e)[1]) == "audio" and not (root / e).is_dir() for e in entries)
     if flat:
-        return [listed(split or "", folder_items(root, root, split or "", caption_fields, skip=skip),
-                       part, num_parts)]
+        return [listed(split or "", folder_items(root, root, split or "", spec.caption_fields, skip=skip),
+                       spec.part, spec.num_parts)]
     names = [e for e in entries if (root / e).is_dir() and not e.startswith(".")
              and not (skip and inside(root / e, skip)) and not packed_split(root / e)]
     claimed = {os.path.realpath(root): DATASET_FOLDER}  # resolved folder -> the split folder that is it
@@ -264,7 +274,8 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
     if not names:
         raise FileNotFoundError(f"{root} holds no audio files and no split folder"
                                 + (f" named {split!r}" if split else ""))
-    return [listed(name, folder_items(root, root / name, name, caption_fields, claimed, skip), part, num_parts)
+    return [listed(name, folder_items(root, root / name, name, spec.caption_fields, claimed, skip),
+                   spec.part, spec.num_parts)
             for name in names]
 
 
@@ -474,11 +485,11 @@ def read_caption_file(path: Path, caption_fields: Sequence[str]) -> tuple[list[s
 
 # ----------------------------------------------------------------------------- manifest layout
 
-def manifest_inputs(manifest: str | Path, audio_field: str, caption_fields: Sequence[str], part: int = 0,
-                    num_parts: int = 1, split: str | None = None) -> list[SplitInput]:
-    """One split (``split`` or "") from a JSONL or CSV manifest."""
-    return [listed(split or "", manifest_items(Path(manifest), audio_field, caption_fields, split or ""),
-                   part, num_parts)]
+def manifest_inputs(spec: InputSpec) -> list[SplitInput]:
+    """One split (``spec.split`` or "") from a JSONL or CSV manifest."""
+    split = spec.split or ""
+    return [listed(split, manifest_items(Path(spec.location), spec.audio_field, spec.caption_fields, split),
+                   spec.part, spec.num_parts)]
 
 
 def manifest_rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
@@ -565,135 +576,3 @@ def audio_path_problem(path, what: str) -> str | None:
     if not isinstance(path, str):
         return f"{what} is not a string (a {type(path).__name__})"
     return f"{what} holds a NUL byte" if "\0" in path else None
-
-
-# ----------------------------------------------------------------------------- raw-audio shards
-
-def shard_inputs(pattern: str, audio_field: str | None, caption_fields: Sequence[str], part: int = 0,
-                 num_parts: int = 1, split: str | None = None) -> list[SplitInput]:
-    """One split from raw-audio WebDataset shards named as the loader names shards (brace ranges
-    ``raw/{000..009}.tar`` or ``<000..009>``, globs, folders; several patterns separated by spaces);
-    part I takes the I-th contiguous slice of the shards."""
-    from shard_tools.urls import expand_urls, local_path
-
-    urls = expand_urls(pattern.split())
-    chosen = part_slice(urls, part, num_parts)
-    name = split or ""
-    files = tuple(path for path in map(local_path, urls) if path)  # every part's: none may be overwritten
-    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)),
-                       shard_files=files)]
-
-
-def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Sequence[str],
-                split: str) -> Iterator:
-    """Items for the samples of each shard in order, read by the loader's tar reader; an
-    unreadable shard becomes a reject after the samples read before the fault."""
-    from shard_tools.urls import ShardReadError, iter_samples, open_url
-
-    for url in urls:
-        count = 0
-        try:
-            with open_url(url) as stream:
-                for sample in iter_samples(stream, url):
-                    count += 1
-                    yield shard_sample_item(sample, audio_field, caption_fields, split)
-        except ShardReadError as error:
-            yield Reject(url, split, f"cannot read shard after {count} samples ({error})")
-
-
-def shard_sample_item(sample: dict, audio_field: str | None, caption_fields: Sequence[str],
-                      split: str) -> Item | Reject:
-    """An Item or reject for one webdataset sample ``{"__key__", "__url__", ext: bytes}``."""
-    where = f"{sample['__url__']}#{sample['__key__']}"
-    exts = [e for e in sample if not e.startswith("__")]
-    audio_ext = audio_field or next((e for e in exts if f".{e}" in AUDIO_SUFFIXES), None)
-    if audio_ext not in sample:
-        wanted = f".{audio_field}" if audio_field else " or ".join(sorted(AUDIO_SUFFIXES))
-        return Reject(where, split, f"sample has no audio member ({wanted})")
-    source = f"{where}.{audio_ext}"
-    try:
-        fields = decoded_members(sample, exclude=audio_ext)
-        captions = captions_from(fields, caption_fields)
-    except CaptionError as error:
-        return Reject(source, split, str(error))
-    extra = without(fields.get("json", {}), [f[len("json."):] for f in caption_fields if f.startswith("json.")])
-    return Item(source, split, sample[audio_ext], captions, extra if isinstance(extra, dict) else {}, source)
-
-
-def decoded_members(sample: dict, exclude: str) -> dict:
-    """The sample's JSON members parsed and text members decoded, for caption lookup."""
-    fields = {}
-    for ext, data in sample.items():
-        if ext.startswith("__") or ext == exclude or not isinstance(data, bytes):
-            continue
-        last = ext.rsplit(".", 1)[-1]
-        try:
-            if last == "json":
-                fields[ext] = load_json(data)
-            elif last in ("txt", "text", "caption"):
-                fields[ext] = data.decode("utf-8-sig")
-        except ValueError as error:  # UnicodeDecodeError too
-            raise CaptionError(f"member .{ext} cannot be read ({error})") from error
-    return fields
-
-
-# ----------------------------------------------------------------------------- Hugging Face datasets
-
-def hf_inputs(name: str, audio_field: str, caption_fields: Sequence[str], part: int = 0, num_parts: int = 1,
-              split: str | None = None) -> list[SplitInput]:
-    """Every split (or only ``split``) of a Hub dataset or a local dataset directory; audio is
-    taken undecoded (``Audio(decode=False)``: the file's bytes or its path)."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("--hf-dataset needs the optional 'datasets' package: "
-                          "pip install 'whisper-caption-stream[hf]'") from error
-    local = Path(name)
-    if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
-        loaded = datasets.load_from_disk(str(local))
-    else:
-        loaded = datasets.load_dataset(name)
-    if not isinstance(loaded, datasets.DatasetDict):
-        splits = {split or "": loaded}
-    elif split is None:
-        splits = dict(loaded)
-    elif split in loaded:
-        splits = {split: loaded[split]}
-    else:
-        raise ValueError(f"{name} has no split {split!r} (splits: {', '.join(loaded)})")
-    inputs = []
-    for split_name in sorted(splits):
-        table = splits[split_name]
-        if audio_field not in table.column_names:
-            raise ValueError(f"{name} split {split_name!r} has no audio column {audio_field!r} "
-                             f"(columns: {', '.join(table.column_names)})")
-        table = table.cast_column(audio_field, datasets.Audio(decode=False))
-        rows = part_slice(range(len(table)), part, num_parts)
-        inputs.append(SplitInput(split_name, len(rows), _hf_items(table, rows, split_name, audio_field, caption_fields)))
-    return inputs
-
-
-def _hf_items(table, rows: range, split: str, audio_field: str, caption_fields: Sequence[str]):
-    def items() -> Iterator[Item | Reject]:
-        for i in rows:
-            yield hf_row_item(table[i], f"{split}/{i:08d}" if split else f"{i:08d}", split, audio_field,
-                              caption_fields)
-    return items
-
-
-def hf_row_item(row: dict, source: str, split: str, audio_field: str,
-                caption_fields: Sequence[str]) -> Item | Reject:
-    audio = row.get(audio_field) or {}
-    data = audio.get("bytes") or audio.get("path")
-    if not data:
-        return Reject(source, split, f"row has no audio in column {audio_field!r}")
-    problem = isinstance(data, str) and audio_path_problem(data, f"audio path in column {audio_field!r}")
-    if problem:
-        return Reject(source, split, problem)
-    try:
-        captions = captions_from(row, caption_fields)
-    except CaptionError as error:
-        return Reject(source, split, str(error))
-    extra = json.loads(json.dumps(without({k: v for k, v in row.items() if k != audio_field}, caption_fields),
-                                  default=str))
-    return Item(source, split, data, captions, extra, source)
