@@ -302,3 +302,17 @@ def test_a_second_path_to_a_clip_without_a_caption_file_is_a_repeat(tmp_path):
         "train/lone_link.wav": "audio without caption (no lone_link.txt or lone_link.json beside it)"}
     assert train.repeats == (sources.Repeat("train/a_link.wav", "train", "same audio file as train/b.wav (a symlink "
                                             "or a second path to it) with no caption beside it: packed once"),)
+
+
+def test_merge_same_audio_keeps_each_file_once_at_its_first_item(tmp_path):
+    clip = write_audio(tmp_path / "a.wav", seconds=0.1)
+    (tmp_path / "link.wav").symlink_to(clip)
+
+    def item(source, captions, origin):
+        return sources.Item(source, "", str(tmp_path / source), captions, {}, origin)
+
+    bad = Reject("b.wav", "", "no caption")
+    items = [item("a.wav", ["one"], "m:1"), bad, item("link.wav", ["one", "two"], "m:2"), item("a.wav", ["two"], "m:3")]
+    merged = sources.merge_same_audio(items, lambda first: f"repeats {first.origin}")
+    assert merged == [item("a.wav", ["one", "two"], "m:1"), bad, sources.Repeat("m:3", "", "repeats m:1")]
+    assert items[0].captions == ["one"]  # the inputs are not changed
