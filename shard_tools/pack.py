@@ -8,7 +8,7 @@
 Output (docs/FORMAT.md): ``OUT/<split>/000.tar …`` for a dataset of split folders, ``OUT/000.tar …``
 for a flat one (or ``OUT/<--split>/``), each with ``index.json`` (written last) and ``rejects.jsonl``.
 
-Pipeline: ``sources`` lists the inputs of each split in a fixed order (paths and captions only, cheap);
+Pipeline: the input layout's reader (``layouts``) lists the inputs of each split in a fixed order (cheap);
 a pool of ``--workers`` processes decodes, resamples and computes the features of each clip and sends
 back only the two members' bytes; the main process writes the shards in input order. The results
 come back in input order whatever the number of workers (``apply_async`` on chunks of inputs with a
