@@ -56,7 +56,8 @@ import time
 from pathlib import Path
 
 from pipeline import metrics
-from pipeline.config import CAPTION_LENGTH_KEY, DECODE_METHODS, caption_length_default
+from pipeline.config import CAPTION_LENGTH_KEY, caption_length_default
+from pipeline.decode import DECODE_METHODS
 
 STDOUT = "-"  # --output: the rows to standard output
 
