@@ -56,8 +56,7 @@ import time
 from pathlib import Path
 
 from pipeline import metrics
-from pipeline.config import CAPTION_LENGTH_KEY, caption_length_default
-from pipeline.decode import DECODE_METHODS
+from pipeline.config import CAPTION_LENGTH_KEY, DECODE_METHODS, caption_length_default
 
 STDOUT = "-"  # --output: the rows to standard output
 

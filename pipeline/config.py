@@ -43,6 +43,8 @@ from shard_tools.fileio import write_atomic
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MAIN = CONFIG_DIR / "main.yaml"
 SCHEDULERS = ("linear", "cosine", "constant")
+# generate_captions' decoders: pipeline.decode's static-cache path, and HF generate (the reference)
+DECODE_METHODS = ("static", "hf")
 # the caption length a trained model was evaluated with: infer_stream.py's default --max-new-tokens
 CAPTION_LENGTH_KEY = "trainer_config.generation_max_new_tokens"
 # model_config's probabilities and their ranges: a dropout of 1 would zero every activation it drops

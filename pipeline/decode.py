@@ -43,8 +43,6 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 
 log = logging.getLogger(__name__)
-# generate_captions' decoders: this module's static-cache path, and HF generate (the reference)
-DECODE_METHODS = ("static", "hf")
 SYNC_EVERY = 8  # tokens decoded between two "every row finished?" reads (each read waits for the GPU)
 GRAPH_CACHE_SIZE = 4  # captured greedy steps kept (each holds its batch's caches on the device)
 DROP_SHARE = 0.25  # CPU: drop finished rows from the batch once they are this share of the rows still in it

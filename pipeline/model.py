@@ -29,6 +29,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
+from pipeline.config import DECODE_METHODS
 from shard_tools.shard_format import MAX_TARGET_POSITIONS
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
         return decode.generate(model, features, rules, decode.max_new_tokens_for(model, rules, max_new_tokens),
                                num_beams)
     if method != "hf":
-        raise ValueError(f"decoding method {method!r}: choose from {', '.join(decode.DECODE_METHODS)}")
+        raise ValueError(f"decoding method {method!r}: choose from {', '.join(DECODE_METHODS)}")
     gen = copy.deepcopy(model.generation_config)
     gen.do_sample, gen.num_beams = False, num_beams
     prompt = decode.task_prompt(gen, LANGUAGE, TASK, prefix_ids)
