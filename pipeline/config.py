@@ -322,7 +322,7 @@ def _section_fields(section: str) -> dict[str, dataclasses.Field]:
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section '{section}'{_did_you_mean(section, sections=True)}; valid sections: "
                           f"{', '.join(SECTIONS)}")
-    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    return _fields_of(SECTIONS[section])
 
 
 def _subsection(f: dataclasses.Field) -> type | None:
@@ -343,20 +343,21 @@ def all_keys() -> list[str]:
 
 def _did_you_mean(key: str, sections: bool = False) -> str:
     """`` (did you mean 'trainer_config.max_steps'?)`` for the key whose name within its section is
-    nearest to this one's (in its own section first; the section may be left out), else one whose
-    last part ends this one's name (``read_timeout``: ``data_config.retry.timeout``), or the nearest
-    section; or ""."""
+    nearest to this one's (in its own section first; the section may be left out), else the key whose
+    last part ends this one's name (a section folded in: ``read_timeout`` for ``retry.timeout``), or
+    the nearest section; or ""."""
     if sections:
         close = difflib.get_close_matches(key, SECTIONS, n=1, cutoff=0.75)
         return f" (did you mean '{close[0]}'?)" if close else ""
     section, _, name = key.partition(".") if key.split(".")[0] in SECTIONS else ("", "", key)
-    # later entries win: the key's own section last
+    # name within the section -> key; later entries win: the key's own section last
     names = {k.split(".", 1)[1]: k for k in sorted(all_keys(), key=lambda k: k.startswith(f"{section}."))}
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
-    flat = "_" + name.replace(".", "_")
-    folded = [k for k in names if flat.endswith("_" + k.rpartition(".")[2])]
-    nearest = names[close[0]] if close else max(folded, key=lambda k: len(k.rpartition(".")[2]), default=None)
-    return f" (did you mean '{names.get(nearest, nearest)}'?)" if nearest else ""
+    if not close:
+        folded = "_" + name.replace(".", "_")
+        close = sorted((k for k in names if folded.endswith("_" + k.rpartition(".")[2])),
+                       key=lambda k: -len(k.rpartition(".")[2]))[:1]
+    return f" (did you mean '{names[close[0]]}'?)" if close else ""
 
 
 def check_key(key: str) -> dataclasses.Field:
