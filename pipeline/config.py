@@ -151,7 +151,7 @@ def _data_key(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
     policy = _policy(f)
     if policy is None:
         return f.name, _DATA_HINTS[f.name], key(f.default, f.metadata["help"])
-    extra = [("enabled", bool, key(f.default is not None, "true turns it on"))] if f.metadata.get("toggle") else []
+    extra = [("enabled", bool, key(f.default is not None, "true turns it on"))] if f.metadata["toggle"] else []
     section = _section(policy, extra)
     return f.name, section, field(default_factory=section, metadata={"help": f.metadata["help"]})
 
@@ -162,7 +162,7 @@ def _setting(f: dataclasses.Field, value: Any) -> Any:
     if policy is None:
         return value
     values = dataclasses.asdict(value)
-    if f.metadata.get("toggle") and not values.pop("enabled"):
+    if f.metadata["toggle"] and not values.pop("enabled"):
         return None
     try:
         return policy(**values)

@@ -3,8 +3,8 @@
 ``make_loader`` and ``Collator`` take a ``DataSettings``. Its fields made with ``key`` (a default and a
 one-line meaning) are the ``data_config`` keys a user sets: ``pipeline.config.DataConfig`` is built from
 them under the same names, their policies (``SpecAugment``, ``RetryPolicy``) as nested sections, and
-``configs/data.yaml`` must agree with the defaults (a test checks). So a loader knob is one field here
-and its YAML line. The checks run when a ``DataSettings`` is made, and ``pipeline.config`` reports
+``configs/data.yaml`` must agree with the defaults it repeats (a test checks). So a loader knob is one
+field here (and its line in configs/data.yaml, to show it there). The checks run when a ``DataSettings`` is made, and ``pipeline.config`` reports
 them under the config keys. No torch here: the config module imports it.
 """
 
@@ -22,12 +22,13 @@ SOURCE_KEY = "__source__"  # every sample dict the stream hands the collator nam
 DEFAULT_SOURCE = "default"  # the name of the one source of a plain train_shards / --shards run
 
 
-def key(default: Any, meaning: str, **more: Any) -> Any:
+def key(default: Any, meaning: str, toggle: bool = False) -> Any:
     """A field that is a config key, with its one-line meaning (``train_stream.py --help`` prints it).
-    ``toggle=True`` on a policy that may be None: its section gets an ``enabled`` key, off gives None."""
+    ``toggle`` on a policy that may be None: its config section gets an ``enabled`` key, off gives None."""
+    metadata = {"help": meaning, "toggle": toggle}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": meaning, **more})
-    return field(default=default, metadata={"help": meaning, **more})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
