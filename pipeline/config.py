@@ -67,7 +67,7 @@ class DataSources:
     train_sources: Optional[list[dict[str, Any]]] = key(None, "several training sources mixed by weight, each "
                                                          f"{{name, shards, weight ({Source.weight:g}), prefix "
                                                          f"({Source.prefix!r})}}; null: train_shards alone "
-                                                         "(README: mixing sources)")
+                                                         "(docs/training.md: mixing sources)")
     caption_prefix: str = key("", "text forced after the task tokens as the decoder prompt of the train_shards "
                               "source, not trained on, recorded with the model for inference (e.g. 'clotho > "
                               "caption:'); '': none; with train_sources each source has its own prefix")

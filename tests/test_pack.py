@@ -408,7 +408,7 @@ def test_resume_after_fixing_a_reject_packs_it_and_matches_a_fresh_run(tmp_path)
     args = ["--workers", "1", "--samples-per-shard", "2", "--max-reject-fraction", "1"]
     assert main([str(ds), "--out", str(out), *args]) == 0
     assert "clip01.flac" in (out / "rejects.jsonl").read_text()
-    (ds / "clip01.flac").write_bytes(good)  # fixed, as the README tells the user to
+    (ds / "clip01.flac").write_bytes(good)  # fixed, as docs/troubleshooting.md tells the user to
     assert main([str(ds), "--out", str(out), "--resume", *args]) == 0
     assert (out / "rejects.jsonl").read_text() == ""
     assert sorted(s["meta"]["source"] for s in read_split(out)) == [
