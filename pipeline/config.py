@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.data_settings import DEFAULT_SOURCE, DataSettings, Source, key, source_prefixes
+from pipeline.window import DEFAULT_STEP_SECONDS, AudioWindow
 from shard_tools.fileio import write_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -199,6 +200,10 @@ class ModelConfig:
     mask_feature_length: int = key(10, "model SpecAugment: bins per feature mask")
     mask_feature_min_masks: int = key(0, "model SpecAugment: fewest feature masks")
     torch_compile: bool = key(False, "torch.compile the model")
+    audio_window: str = key("full", "what the encoder sees: full (Whisper's 30 s), fit (each batch's longest clip "
+                            "rounded up to audio_window_step) or seconds (a fixed window, longer clips cut); "
+                            "recorded with the model for inference (docs/training.md: encoder windows)")
+    audio_window_step: float = key(DEFAULT_STEP_SECONDS, "fit windows are multiples of this many seconds")
 
 
 @dataclass
@@ -526,6 +531,10 @@ def validate(cfg: RunConfig) -> None:
                      ("mask_feature_min_masks", 0)):  # HF raises on a length of 0 at the first masked step
         if getattr(mc, key) < low:
             problems.append(f"model_config.{key}={getattr(mc, key)}: must be at least {low}")
+    try:
+        AudioWindow.parse(mc.audio_window, mc.audio_window_step)
+    except ValueError as error:
+        problems.append(f"model_config.{error}")
     if mc.lora_r < 0:
         problems.append(f"model_config.lora_r={mc.lora_r}: must be at least 0 (0: no LoRA)")
     if mc.lora_r and not mc.lora_target_modules:

@@ -7,6 +7,7 @@ the same code path as ``openai/whisper-small``: same token ids, same prompt, sam
 
 The captioning task is Whisper's ``translate`` task in English: the decoder reads
 ``<|startoftranscript|><|en|><|translate|><|notimestamps|> caption <|endoftext|>``.
+``fit_encoder`` lets the encoder take windows shorter than 30 s (``pipeline.window``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from torch import nn
 from transformers import (
     GenerationConfig,
     WhisperConfig,
@@ -28,8 +31,11 @@ from transformers import (
     WhisperProcessor,
     WhisperTokenizer,
 )
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from pipeline.config import DECODE_METHODS
+from pipeline.window import FRAMES_PER_POSITION
 from shard_tools.shard_format import MAX_TARGET_POSITIONS
 
 log = logging.getLogger(__name__)
@@ -303,3 +309,44 @@ def recorded_caption_tokens(model) -> int | None:
         raise ModelLoadError(f"{Path(model.name_or_path) / 'generation_config.json'}: {CAPTION_TOKENS_KEY}={value!r}: "
                              f"must be an integer >= 1")
     return value
+
+
+class FittedWhisperEncoder(WhisperEncoder):
+    """HF's encoder without its 3,000-frame check: ``n`` frames give ``n / 2`` positions, each with
+    its own row of the positional embedding, as whisper.cpp's ``audio_ctx`` does. Given to a loaded
+    model by ``fit_encoder``; the weights and the saved model stay standard Whisper."""
+
+    def forward(self, input_features: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutput:
+        asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+        if asked:  # HF records them through hooks this forward does not install
+            raise ValueError(f"the fitted encoder does not return {', '.join(asked)}")
+        frames, most = input_features.shape[-1], self.max_source_positions * FRAMES_PER_POSITION
+        if frames % FRAMES_PER_POSITION or not 0 < frames <= most:
+            raise ValueError(f"the encoder takes an even number of frames up to {most}, not {frames}")
+        embeds = nn.functional.gelu(self.conv1(input_features))
+        embeds = nn.functional.gelu(self.conv2(embeds)).permute(0, 2, 1)
+        hidden = embeds + self.embed_positions.weight[:embeds.shape[1]]
+        hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue  # LayerDrop, as HF's encoder
+            hidden = layer(hidden, None)
+        return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))
+
+
+def encoder_of(model: nn.Module) -> WhisperEncoder:
+    """The Whisper encoder inside ``model`` (plain, PEFT-wrapped or compiled)."""
+    for module in model.modules():
+        if isinstance(module, WhisperEncoder):
+            return module
+    raise ValueError(f"{type(model).__name__} holds no Whisper encoder")
+
+
+def fit_encoder(model: nn.Module) -> nn.Module:
+    """Let ``model``'s encoder take any even number of frames up to 3,000 (in place; returned)."""
+    encoder = encoder_of(model)
+    if type(encoder) is WhisperEncoder:
+        encoder.__class__ = FittedWhisperEncoder
+    elif not isinstance(encoder, FittedWhisperEncoder):
+        raise ValueError(f"cannot fit {type(encoder).__name__}: not HF's WhisperEncoder")
+    return model

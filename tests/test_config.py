@@ -1,6 +1,7 @@
 """Run configuration: the YAML files, Hydra-grammar overrides, types, errors, interpolation, --config."""
 
 import dataclasses
+import re
 import shutil
 
 import pytest
@@ -363,3 +364,13 @@ def test_values_at_the_edges_of_their_ranges_are_accepted():
     cfg = load_config(overrides=["model_config.dropout=0.99", "model_config.mask_time_prob=1",
                                  "model_config.lora_dropout=0", "data_config.max_label_tokens=448"])
     assert cfg.model_config.dropout == 0.99 and cfg.data_config.settings().max_label_tokens == 448
+
+
+def test_the_audio_window_is_full_fit_or_seconds_and_anything_else_is_refused_naming_it():
+    assert load_config().model_config.audio_window == "full"
+    assert load_config(overrides=["model_config.audio_window=10"]).model_config.audio_window == "10"
+    for override, message in [("model_config.audio_window=half", "model_config.audio_window='half': must be"),
+                              ("model_config.audio_window=40", "model_config.audio_window='40': must be"),
+                              ("model_config.audio_window_step=0", "model_config.audio_window_step=0.0: must be")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(overrides=[override])

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.model import builtin_tiny_model
-from pipeline.window import AudioWindow, FittedWhisperEncoder, encoder_of, fit_encoder
+from pipeline.model import FittedWhisperEncoder, builtin_tiny_model, encoder_of, fit_encoder
+from pipeline.window import AudioWindow
 from shard_tools.shard_format import N_FRAMES
 
 
@@ -74,7 +74,7 @@ def test_a_window_step_rounds_fit_windows_and_records_its_policy():
 
 @pytest.mark.parametrize("value", ["half", 0, -1, 31, float("nan"), None])
 def test_a_window_outside_whispers_window_is_refused_naming_it(value):
-    with pytest.raises(ValueError, match=r"audio window .*: must be 'full', 'fit' or seconds in \(0, 30\]"):
+    with pytest.raises(ValueError, match=r"audio_window=.*: must be 'full', 'fit' or seconds in \(0, 30\]"):
         AudioWindow.parse(value)
-    with pytest.raises(ValueError, match=r"window step 0: must be seconds in \(0, 30\]"):
+    with pytest.raises(ValueError, match=r"audio_window_step=0: must be seconds in \(0, 30\]"):
         AudioWindow.parse("fit", step_seconds=0)
