@@ -114,8 +114,8 @@ from shard_tools.fileio import file_sha256
 from pipeline.overlap import overlaps
 from shard_tools.retry import RetryPolicy
 from shard_tools.shard_format import decode_sample
-from shard_tools.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
-                           resolve_shards)
+from shard_tools.tar import ShardReadError, iter_samples
+from shard_tools.urls import Shard, canonical_url, expand_urls, local_path, open_url, resolve_shards
 from pipeline.workers import exit_flag, worker_init
 
 STATE_VERSION = 3  # 3 added the sources (mixing); 2 the data digest and the epoch's sequence (elastic resume)

@@ -584,7 +584,8 @@ def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Se
                 split: str) -> Iterator:
     """Records for the samples of each shard in order, read by the loader's tar reader; an
     unreadable shard becomes a reject after the samples read before the fault."""
-    from shard_tools.urls import ShardReadError, iter_samples, open_url
+    from shard_tools.tar import ShardReadError, iter_samples
+    from shard_tools.urls import open_url
 
     for url in urls:
         count = 0
