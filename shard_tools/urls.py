@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from shard_tools.retry import RetryPolicy, open_fsspec, open_http
-from shard_tools.shard_format import INDEX_FILE, IndexEntry, key_sketch, parse_index
+from shard_tools.shard_format import INDEX_FILE, Index, IndexEntry, key_sketch, parse_index
 from shard_tools.tar import ShardReadError, scan_keys
 
 RANGE_RE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -138,7 +138,7 @@ def _from_index(index_url: str, policy: RetryPolicy | None) -> list[str]:
     if index is None:
         raise FileNotFoundError(f"{index_url}: no index.json there")
     folder = _parent(index_url)
-    return [_join(folder, entry.name) for entry in index[0]]
+    return [_join(folder, entry.name) for entry in index.entries]
 
 
 def _resolve_one(url: str, policy: RetryPolicy | None) -> list[str]:
@@ -220,8 +220,8 @@ def canonical_url(url: str) -> str:
 # ------------------------------------------------------------------------------------------ index
 
 
-def read_index(index_url: str, policy: RetryPolicy | None = None) -> tuple[list[IndexEntry], int | None] | None:
-    """``(entries, n_mels)`` of an ``index.json`` (local, http, fsspec); None when there is none
+def read_index(index_url: str, policy: RetryPolicy | None = None) -> Index | None:
+    """The ``Index`` of an ``index.json`` (local, http, fsspec); None when there is none
     (a missing file, HTTP 404). Anything else raises: a server error or a broken index taken for
     "no index" would silently change epoch sizes, and an entry naming a file outside the index's
     folder (absolute, or through ``..``) would have a downloaded index read any file of this machine."""
@@ -233,12 +233,12 @@ def read_index(index_url: str, policy: RetryPolicy | None = None) -> tuple[list[
         if isinstance(cause, FileNotFoundError) or (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
             return None
         raise
-    entries, n_mels = parse_index(data, index_url)
-    for entry in entries:
+    index = parse_index(data, index_url)
+    for entry in index.entries:
         if posixpath.isabs(entry.name) or ".." in re.split(r"[/\\]", entry.name):
             raise ValueError(f"{index_url}: shard entry {entry.name!r} is not inside the index's folder "
                              f"(names are relative to it, without '..')")
-    return entries, n_mels
+    return index
 
 
 def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy | None = None
@@ -254,9 +254,9 @@ def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy |
         folder = _parent(url)
         if folder is not None and folder not in indexes:
             index = read_index(_join(folder, INDEX_FILE), policy)
-            indexes[folder] = {e.name: e for e in index[0]} if index else {}
+            indexes[folder] = {e.name: e for e in index.entries} if index else {}
             if index and n_mels is None:
-                n_mels = index[1]
+                n_mels = index.n_mels
         entry = indexes.get(folder, {}).get(url.rsplit("/", 1)[-1])
         if entry is None:
             to_scan.append(len(shards))

@@ -75,6 +75,21 @@ def test_broken_index_is_an_error(tmp_path):
         read_index(str(tmp_path / "train" / "index.json"))
 
 
+def test_an_index_of_a_version_this_release_does_not_read_is_refused(tmp_path):
+    """A newer release's index.json is refused in one line naming the file, its version and the versions
+    this release reads, rather than misread; a version-1 index loads and says which version it is."""
+    write_mel_shards(tmp_path / "train", [2, 3])
+    path = tmp_path / "train" / "index.json"
+    index = read_index(str(path))
+    assert (index.version, index.split, index.n_mels, [e.samples for e in index.entries]) == (1, "train", 80, [2, 3])
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 2}))
+    line = f"{path}: whisper-caption-stream version 2, this release reads version(s) 1"
+    for read in (lambda: read_index(str(path)), lambda: expand_urls(str(path.parent)),
+                 lambda: resolve_shards([str(path.parent / "000.tar")])):
+        with pytest.raises(ValueError, match=f"^{re.escape(line)}$"):
+            read()
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves files; ``NAME.cut`` promises all of NAME's bytes, sends half, and hangs up."""
 
