@@ -47,6 +47,15 @@ class Shard:
     key_sketch: tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True)
+class ResolveInfo:
+    """What ``resolve_shards`` learnt beside the shards: the mel bins the first index names (None
+    without an index) and the shards no index lists, counted by a header scan."""
+
+    n_mels: int | None
+    scanned: list[str]
+
+
 # ---------------------------------------------------------------------------------------- expansion
 
 
@@ -242,11 +251,10 @@ def read_index(index_url: str, policy: RetryPolicy | None = None) -> Index | Non
 
 
 def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy | None = None
-                   ) -> tuple[list[Shard], dict]:
+                   ) -> tuple[list[Shard], ResolveInfo]:
     """Shards with sample counts: from the ``index.json`` beside each shard where one lists it,
-    else by a header scan (warned: it reads every such shard once). Returns ``(shards, info)`` with
-    ``info = {"n_mels": int | None, "scanned": [urls counted by scanning]}``. A shard that cannot be
-    counted raises ``ShardReadError``: it would otherwise drop out of the plan unseen."""
+    else by a header scan (warned: it reads every such shard once), and a ``ResolveInfo``. A shard
+    that cannot be counted raises ``ShardReadError``: it would otherwise drop out of the plan unseen."""
     indexes: dict[str, dict[str, IndexEntry]] = {}
     n_mels = None
     shards, to_scan = [], []
@@ -272,7 +280,7 @@ def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy |
             with open_url(shards[i].url, policy) as stream:
                 keys = scan_keys(stream, shards[i].url)
             shards[i] = Shard(shards[i].url, len(keys), key_sketch=key_sketch(keys))
-    return shards, {"n_mels": n_mels, "scanned": [shards[i].url for i in to_scan]}
+    return shards, ResolveInfo(n_mels, [shards[i].url for i in to_scan])
 
 
 # -------------------------------------------------------------------------------------------- open

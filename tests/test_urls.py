@@ -60,12 +60,12 @@ def test_expand_local_forms(tmp_path):
 def test_counts_from_index_and_by_header_scan(tmp_path):
     paths = write_mel_shards(tmp_path / "train", [4, 0, 7])
     shards, info = resolve_shards(expand_urls(str(tmp_path / "train")))
-    assert [s.samples for s in shards] == [4, 0, 7] and info["n_mels"] == 80 and not info["scanned"]
+    assert [s.samples for s in shards] == [4, 0, 7] and info.n_mels == 80 and not info.scanned
     assert all(len(s.sha256) == 64 for s in shards)
     (tmp_path / "train" / "index.json").unlink()
     with pytest.warns(UserWarning, match="counting their samples"):
         shards, info = resolve_shards(expand_urls(str(tmp_path / "train")))
-    assert [s.samples for s in shards] == [len(tar_keys([p])) for p in paths] and info["scanned"] == paths
+    assert [s.samples for s in shards] == [len(tar_keys([p])) for p in paths] and info.scanned == paths
 
 
 def test_broken_index_is_an_error(tmp_path):
