@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.seed import audio_files, seed_features  # noqa: E402
 from shard_tools.features import decode_audio  # noqa: E402
-from shard_tools.shard_format import REJECTS_FILE  # noqa: E402
+from shard_tools.shard_format import REJECTS_FILE, SAMPLE_RATE  # noqa: E402
 from shard_tools.synth import make_corpus  # noqa: E402
 
 def replicate(corpus: Path, times: int) -> Path:
@@ -235,7 +235,7 @@ def flac_bytes_16k(files: list[str]) -> int:
     for path in files:
         audio = decode_audio(path).audio
         buf = io.BytesIO()
-        soundfile.write(buf, audio, 16000, format="FLAC", subtype="PCM_16")
+        soundfile.write(buf, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         total += len(buf.getvalue())
     return total
 

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
-from shard_tools.shard_format import AUDIO_SUFFIXES
-
-SAMPLE_RATE = 16000
+from shard_tools.shard_format import AUDIO_SUFFIXES, SAMPLE_RATE
 
 
 def seed_features(path: str, extractor: WhisperFeatureExtractor, numpy: bool = False) -> np.ndarray:

@@ -68,7 +68,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings
-from shard_tools.features import LOG_FLOOR, N_FRAMES, pad_mel
+from shard_tools.features import LOG_FLOOR, pad_mel
+from shard_tools.shard_format import MEL_MEMBER, N_FRAMES
 
 IGNORE_INDEX = -100  # ignored by torch's cross-entropy and by the HF Whisper loss
 SILENCE_PAD_VALUE = (LOG_FLOOR + 4.0) / 4.0  # the extractor's value for an all-silent window (-1.5)
@@ -300,7 +301,7 @@ def expand_features(batch: dict, n_frames: int = N_FRAMES, device=None,
 
 
 def _mel(sample: dict) -> np.ndarray:
-    mel = sample["mel"] if "mel" in sample else sample["mel.npy"]
+    mel = sample["mel"] if "mel" in sample else sample[MEL_MEMBER]
     if isinstance(mel, torch.Tensor):
         mel = mel.cpu().numpy()
     if mel.ndim != 2:

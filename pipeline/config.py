@@ -479,10 +479,10 @@ def load_config(config_file: str | os.PathLike | None = None, overrides: list[st
     from_files = compose_files(config_file)
     cfg = OmegaConf.structured(RunConfig)
     present = set(_flat_keys(from_files))
-    for key in present:
-        check_key(key)
-    for key in sorted(present):
-        _set(cfg, key, functools.reduce(dict.__getitem__, key.split("."), from_files), f"{config_file}")
+    for name in present:
+        check_key(name)
+    for name in sorted(present):
+        _set(cfg, name, functools.reduce(dict.__getitem__, name.split("."), from_files), f"{config_file}")
     for text in overrides:
         prefix, key, value = parse_override(text)
         check_key(key)
@@ -512,10 +512,10 @@ def validate(cfg: RunConfig) -> None:
         except ValueError as error:
             problems += [f"data_config.{line}" for line in str(error).splitlines()]
             break  # settings() and val_prefix() read sources() too: said once
-    for key in ("learning_rate", "max_grad_norm", "weight_decay", "adam_epsilon"):
-        value = getattr(tc, key)
+    for name in ("learning_rate", "max_grad_norm", "weight_decay", "adam_epsilon"):
+        value = getattr(tc, name)
         if not (math.isfinite(value) and value >= 0):  # max_grad_norm=nan would turn clipping off unseen
-            problems.append(f"trainer_config.{key}={value}: must be a finite number >= 0")
+            problems.append(f"trainer_config.{name}={value}: must be a finite number >= 0")
     if tc.seed < 0:
         problems.append(f"trainer_config.seed={tc.seed}: must be at least 0")
     if not 0 <= tc.label_smoothing < 1:
@@ -523,14 +523,14 @@ def validate(cfg: RunConfig) -> None:
     if tc.generation_num_beams < 1:
         problems.append(f"trainer_config.generation_num_beams={tc.generation_num_beams}: must be at least 1")
     mc = cfg.model_config
-    for key, interval in PROBABILITIES.items():
-        value = getattr(mc, key)
+    for name, interval in PROBABILITIES.items():
+        value = getattr(mc, name)
         if not (0 <= value < 1 if interval.endswith(")") else 0 <= value <= 1):  # nan fails both
-            problems.append(f"model_config.{key}={value}: must be within {interval}")
-    for key, low in (("mask_time_length", 1), ("mask_feature_length", 1), ("mask_time_min_masks", 0),
+            problems.append(f"model_config.{name}={value}: must be within {interval}")
+    for name, low in (("mask_time_length", 1), ("mask_feature_length", 1), ("mask_time_min_masks", 0),
                      ("mask_feature_min_masks", 0)):  # HF raises on a length of 0 at the first masked step
-        if getattr(mc, key) < low:
-            problems.append(f"model_config.{key}={getattr(mc, key)}: must be at least {low}")
+        if getattr(mc, name) < low:
+            problems.append(f"model_config.{name}={getattr(mc, name)}: must be at least {low}")
     try:
         AudioWindow.parse(mc.audio_window, mc.audio_window_step)
     except ValueError as error:

@@ -114,8 +114,8 @@ from shard_tools.fileio import file_sha256
 from pipeline.overlap import overlaps
 from shard_tools.retry import RetryPolicy
 from shard_tools.shard_format import decode_sample
-from shard_tools.urls import (Shard, ShardReadError, canonical_url, expand_urls, iter_samples, local_path, open_url,
-                           resolve_shards)
+from shard_tools.tar import ShardReadError, iter_samples
+from shard_tools.urls import ResolveInfo, Shard, canonical_url, expand_urls, local_path, open_url, resolve_shards
 from pipeline.workers import exit_flag, worker_init
 
 STATE_VERSION = 3  # 3 added the sources (mixing); 2 the data digest and the epoch's sequence (elastic resume)
@@ -760,7 +760,8 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return 0, 1
 
 
-def _resolve_everywhere(urls, rank: int, world_size: int, policy: RetryPolicy | None) -> tuple[list[Shard], dict]:
+def _resolve_everywhere(urls, rank: int, world_size: int, policy: RetryPolicy | None
+                        ) -> tuple[list[Shard], ResolveInfo]:
     """Shards and counts, resolved on rank 0 and broadcast when torch.distributed runs: a plan built
     from counts that differ between ranks (a shard one rank could not reach while counting) would
     break exactly-once and could hang DDP. Only rank 0 reads indexes or scans headers."""
@@ -804,8 +805,8 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
                     raise StreamError(f"shard {shard.url} of source '{source.name}' repeats {seen[1]} of source "
                                       f"'{seen[0]}' (same {same}): its samples would come twice per epoch "
                                       f"(list it once; a weight above 1 repeats a source)")
-        if info["n_mels"] is not None:
-            n_mels[source.name] = info["n_mels"]
+        if info.n_mels is not None:
+            n_mels[source.name] = info.n_mels
         shards += own
         named.append((source.name, own))
     for found in overlaps(named) if rank == 0 else []:  # every rank holds the same shards

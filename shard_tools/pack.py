@@ -56,7 +56,6 @@ import dataclasses
 import functools
 import hashlib
 import itertools
-import json
 import multiprocessing
 import os
 import re
@@ -314,8 +313,8 @@ def _pack_split(split_input: sources.SplitInput, directory: Path, settings: Pack
     remove_stale_shards(directory, {s["name"] for s in shards})
     truncated = sum(s["truncated"] for s in shards)
     writer.write_rejects(directory / REJECTS_FILE, rejects)
-    write_json(directory / INDEX_FILE, shard_format.index_dict(
-        split_input.name, settings.n_mels, [writer.index_entry(s) for s in shards], truncated, len(rejects)))
+    write_json(directory / INDEX_FILE, shard_format.Index(
+        split_input.name, settings.n_mels, [writer.index_entry(s) for s in shards], truncated, len(rejects)).to_dict())
     return SplitResult(directory, sum(s["samples"] for s in shards), sum(s["seconds"] for s in shards), len(shards),
                        sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now,
                        len(split_input.repeats))
@@ -391,15 +390,13 @@ def merge_parts(split_dir: Path, split: str, num_parts: int, n_mels: int) -> Pat
         return None
     entries, truncated, rejected, reject_lines = [], 0, 0, []
     for part in parts:
-        data = (part / INDEX_FILE).read_bytes()
-        part_entries, _ = shard_format.parse_index(data, str(part / INDEX_FILE))
-        entries += [dataclasses.replace(e, name=f"{part.name}/{e.name}") for e in part_entries]
-        totals = json.loads(data)["totals"]
-        truncated += totals["truncated"]
-        rejected += totals["rejected"]
+        index = shard_format.parse_index((part / INDEX_FILE).read_bytes(), str(part / INDEX_FILE))
+        entries += [dataclasses.replace(e, name=f"{part.name}/{e.name}") for e in index.entries]
+        truncated += index.truncated
+        rejected += index.rejected
         reject_lines.append((part / REJECTS_FILE).read_bytes())
     write_atomic(split_dir / REJECTS_FILE, b"".join(reject_lines))
-    write_json(split_dir / INDEX_FILE, shard_format.index_dict(split, n_mels, entries, truncated, rejected))
+    write_json(split_dir / INDEX_FILE, shard_format.Index(split, n_mels, entries, truncated, rejected).to_dict())
     return split_dir / INDEX_FILE
 
 

@@ -18,8 +18,9 @@ Why it is built this way:
   trainer consumes samples, does not count: an interleaving worker keeps a shard open for much of
   an epoch. Each http read waits at most ``timeout`` for a byte, so a server that trickles bytes
   is stopped by the deadline within one ``timeout``.
-* What finally fails raises ``RetryError`` (chained to the last fault); ``shard_tools.urls`` wraps it
-  in ``ShardReadError`` with the URL and sample, and the stream skips and counts what is lost.
+* What finally fails raises ``RetryError`` (chained to the last fault); ``shard_tools.urls`` (opening)
+  and ``shard_tools.tar`` (reading) wrap it in ``ShardReadError`` with the URL and sample, and the
+  stream skips and counts what is lost.
   Every retry is logged (logger ``shard_tools.retry``) and counted in the stream's ``retries``.
 """
 

@@ -1,10 +1,11 @@
 """The shard format of docs/FORMAT.md in code: the one contract between the packer (``shard_tools``)
-and the loader (``shard_tools.urls``, ``pipeline.stream``).
+and the loader (``shard_tools.urls``, ``shard_tools.tar``, ``pipeline.stream``).
 
 Both ends import what is here and nothing else about the format: Whisper's front-end constants,
-member and file names, the version, the audio suffixes every input layout recognises, the dataclasses
-of a sample's metadata, an index entry and a reject, and ``encode_sample`` / ``decode_sample``, which
-apply the same checks, so a sample the packer writes is one the loader accepts and a sample the
+member and file names, the version written and the versions read, the audio suffixes every input
+layout recognises, the dataclasses of a sample's metadata, an index, an index entry and a reject, and
+two symmetric pairs: ``Index.to_dict`` / ``parse_index``, and ``encode_sample`` / ``decode_sample``,
+which apply the same checks, so a sample the packer writes is one the loader accepts and a sample the
 loader refuses could never have been written. docs/FORMAT.md stays the human spec.
 
 This module imports numpy only: the packer's main process reads it without starting torch.
@@ -35,7 +36,10 @@ MAX_TARGET_POSITIONS = 448  # Whisper's decoder positions: the longest label seq
 N_MELS = (80, 128)  # mel bins of every Whisper model (128: large-v3)
 
 FORMAT_NAME = "whisper-caption-stream"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the version this release writes
+# The versions this release reads (FORMAT_VERSION among them); an index of any other is refused, naming
+# them, rather than misread. A new version that old shards still satisfy adds itself here.
+READABLE_VERSIONS = (1,)
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
 MEL_MEMBER = "mel.npy"  # member extensions: KEY.mel.npy and KEY.json
@@ -231,29 +235,61 @@ class Reject:
         return json_line({"path": self.source, "reason": self.reason})
 
 
-def index_dict(split: str, n_mels: int, entries: list[IndexEntry], truncated: int, rejected: int) -> dict:
-    """The ``index.json`` of one split: settings, one entry per shard, totals."""
-    shards = [e.to_dict() for e in entries]
-    totals = {"shards": len(shards), "samples": sum(e.samples for e in entries),
-              "seconds": round(sum(e.seconds for e in entries), 6), "bytes": sum(e.bytes for e in entries),
-              "truncated": truncated, "rejected": rejected}
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "split": split, "features": feature_settings(n_mels),
-            "shards": shards, "totals": totals}
+@dataclass(frozen=True)
+class Index:
+    """``index.json`` of one split: its shards, the mel bins, the totals its entries do not hold
+    (inputs truncated to the 30-s window, inputs rejected), and the format version it was written in
+    (one of ``READABLE_VERSIONS``; an index without one is taken as ``FORMAT_VERSION``)."""
+
+    split: str | None
+    n_mels: int | None
+    entries: list[IndexEntry]
+    truncated: int = 0
+    rejected: int = 0
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        """The index as ``index.json`` holds it: settings, one entry per shard, totals."""
+        entries = self.entries
+        totals = {"shards": len(entries), "samples": sum(e.samples for e in entries),
+                  "seconds": round(sum(e.seconds for e in entries), 6), "bytes": sum(e.bytes for e in entries),
+                  "truncated": self.truncated, "rejected": self.rejected}
+        return {"format": FORMAT_NAME, "version": self.version, "split": self.split,
+                "features": feature_settings(self.n_mels), "shards": [e.to_dict() for e in entries], "totals": totals}
+
+    @classmethod
+    def from_dict(cls, index: Any, where: str) -> Index:
+        """Checked: ValueError naming ``where`` for anything that is not an index this release reads."""
+        if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+            raise ValueError(f"{where}: not a valid index.json (no 'shards' list)")
+        if index.get("format") not in (None, FORMAT_NAME):
+            raise ValueError(f"{where}: format {_brief(index['format'])}, this release reads {FORMAT_NAME}")
+        version = index.get("version", FORMAT_VERSION)
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise ValueError(f"{where}: {FORMAT_NAME} version {_brief(version)}, this release reads version(s) "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+        entries = [IndexEntry.from_dict(e, where) for e in index["shards"]]
+        if len({e.name for e in entries}) != len(entries):
+            raise ValueError(f"{where}: a shard is listed more than once")
+        features, totals = index.get("features"), _field(where, "totals", index.get("totals", {}), dict)
+        n_mels = features.get("n_mels") if isinstance(features, dict) else None
+        return cls(_field(where, "split", index.get("split"), str, optional=True),
+                   _field(where, "n_mels", n_mels, int, optional=True), entries,
+                   _field(where, "truncated", totals.get("truncated", 0), int),
+                   _field(where, "rejected", totals.get("rejected", 0), int), version)
 
 
-def parse_index(data: bytes, where: str) -> tuple[list[IndexEntry], int | None]:
-    """``(entries, n_mels)`` of an ``index.json``; ValueError naming ``where`` if it is not one."""
-    index = load_json(data, where)
-    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{where}: not a valid index.json (no 'shards' list)")
-    if index.get("format") not in (None, FORMAT_NAME) or index.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise ValueError(f"{where}: format {index.get('format')!r} version {index.get('version')!r}, this code "
-                         f"reads {FORMAT_NAME} version {FORMAT_VERSION}")
-    entries = [IndexEntry.from_dict(e, where) for e in index["shards"]]
-    if len({e.name for e in entries}) != len(entries):
-        raise ValueError(f"{where}: a shard is listed more than once")
-    features = index.get("features")
-    return entries, features.get("n_mels") if isinstance(features, dict) else None
+def _field(where: str, name: str, value: Any, kind: type, optional: bool = False) -> Any:
+    """``value`` of an index field if it is a ``kind`` (or None where ``optional``); ValueError naming
+    the index otherwise."""
+    if type(value) is kind or (optional and value is None):
+        return value
+    raise ValueError(f"{where}: '{name}' is {_brief(value)}, expected {kind.__name__}")
+
+
+def parse_index(data: bytes, where: str) -> Index:
+    """The ``Index`` of ``index.json`` text; ValueError naming ``where`` if it is not one this release reads."""
+    return Index.from_dict(load_json(data, where), where)
 
 
 # ------------------------------------------------------------------------------------------ samples

@@ -2,7 +2,7 @@
 Face datasets (the item model, rejects and caption fields are ``shard_tools.sources``').
 
 - raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
-  the sample (``json.text``), named and read by the loader's own ``shard_tools.urls`` (one URL grammar,
+  the sample (``json.text``), named and read by the loader's own ``shard_tools.urls`` and ``shard_tools.tar`` (one URL grammar,
   one tar reader). They keep their order (shards as the pattern expands, members as stored), which
   is deterministic and needs no buffering; part I takes the I-th contiguous slice of the shard list;
 - a Hugging Face dataset (optional ``datasets`` package), by Hub name or local directory, in row
@@ -18,7 +18,8 @@ from typing import Iterator, Sequence
 from shard_tools.shard_format import AUDIO_SUFFIXES, Reject, load_json
 from shard_tools.sources import (CaptionError, InputSpec, Item, SplitInput, audio_path_problem, captions_from,
                                  part_slice, unique_keys, without)
-from shard_tools.urls import ShardReadError, expand_urls, iter_samples, local_path, open_url
+from shard_tools.tar import ShardReadError, iter_samples
+from shard_tools.urls import expand_urls, local_path, open_url
 
 
 # ----------------------------------------------------------------------------- raw-audio shards

@@ -1,4 +1,4 @@
-"""Shard URLs: expansion, index.json lookup, opening, and streaming tar reading.
+"""Shard URLs: what a user types, the index.json beside the shards, and opening a URL.
 
 Why each piece is here:
 
@@ -9,13 +9,9 @@ Why each piece is here:
   same number of batches, so they come from the ``index.json`` beside the shards (written last by
   the packer); only shards that no index lists are counted by a header scan, with a warning.
 * ``open_url`` opens local files, ``http(s)://`` (urllib, streamed, never downloaded whole),
-  ``pipe:CMD`` (the command's stdout, as in webdataset) and any other ``proto://`` through fsspec.
-  http(s) and fsspec reads retry transient faults and resume at the byte reached (``shard_tools.retry``).
-* ``iter_samples`` is a small tar reader of our own rather than ``tarfile``'s stream mode: it can
-  *seek* over the data of samples it is told to skip (resume and worker ranges start mid-shard
-  without reading, let alone decoding, what comes before), and it reports truncation with the URL
-  and the key it happened in. Samples are dicts keyed by ``__key__`` with one ``bytes`` value per
-  member extension, like webdataset's ``tariterators``.
+  ``pipe:CMD`` (the command's stdout, as in webdataset) and any other ``proto://`` through fsspec,
+  one opener per scheme (``OPENERS``). http(s) and fsspec reads retry transient faults and resume at
+  the byte reached (``shard_tools.retry``). ``shard_tools.tar`` reads what it opens.
 """
 
 from __future__ import annotations
@@ -26,28 +22,17 @@ import os
 import posixpath
 import re
 import subprocess
-import tarfile
 import tempfile
 import urllib.error
 import warnings
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable
 
 from shard_tools.retry import RetryPolicy, open_fsspec, open_http
-from shard_tools.shard_format import INDEX_FILE, IndexEntry, key_sketch, parse_index
-BLOCK = 512  # tar block size
+from shard_tools.shard_format import INDEX_FILE, Index, IndexEntry, key_sketch, parse_index
+from shard_tools.tar import ShardReadError, scan_keys
 
-# webdataset's split of a member name into key and extension: the extension starts at the first dot
-# of the base name, the key keeps any directory prefix.
-MEMBER_RE = re.compile(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$")
 RANGE_RE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-
-
-class ShardReadError(OSError):
-    """A shard that cannot be opened or read to the end: ``url``, ``key`` (last key seen) and why."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -60,6 +45,15 @@ class Shard:
     sha256: str | None = None
     bytes: int | None = None
     key_sketch: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ResolveInfo:
+    """What ``resolve_shards`` learnt beside the shards: the mel bins the first index names (None
+    without an index) and the shards no index lists, counted by a header scan."""
+
+    n_mels: int | None
+    scanned: list[str]
 
 
 # ---------------------------------------------------------------------------------------- expansion
@@ -113,8 +107,15 @@ def expand_braces(text: str) -> list[str]:
     return [head + item + t for item in items for t in expand_braces(tail)]
 
 
+def url_scheme(url: str) -> str:
+    """``pipe``, ``http``, ``s3``, ``file``, …; ``""`` for a plain path."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    return url.split("://", 1)[0] if "://" in url else ""
+
+
 def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+    return url_scheme(url) not in ("", "file")
 
 
 def _local_path(url: str) -> str:
@@ -146,7 +147,7 @@ def _from_index(index_url: str, policy: RetryPolicy | None) -> list[str]:
     if index is None:
         raise FileNotFoundError(f"{index_url}: no index.json there")
     folder = _parent(index_url)
-    return [_join(folder, entry.name) for entry in index[0]]
+    return [_join(folder, entry.name) for entry in index.entries]
 
 
 def _resolve_one(url: str, policy: RetryPolicy | None) -> list[str]:
@@ -228,8 +229,8 @@ def canonical_url(url: str) -> str:
 # ------------------------------------------------------------------------------------------ index
 
 
-def read_index(index_url: str, policy: RetryPolicy | None = None) -> tuple[list[IndexEntry], int | None] | None:
-    """``(entries, n_mels)`` of an ``index.json`` (local, http, fsspec); None when there is none
+def read_index(index_url: str, policy: RetryPolicy | None = None) -> Index | None:
+    """The ``Index`` of an ``index.json`` (local, http, fsspec); None when there is none
     (a missing file, HTTP 404). Anything else raises: a server error or a broken index taken for
     "no index" would silently change epoch sizes, and an entry naming a file outside the index's
     folder (absolute, or through ``..``) would have a downloaded index read any file of this machine."""
@@ -241,20 +242,19 @@ def read_index(index_url: str, policy: RetryPolicy | None = None) -> tuple[list[
         if isinstance(cause, FileNotFoundError) or (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
             return None
         raise
-    entries, n_mels = parse_index(data, index_url)
-    for entry in entries:
+    index = parse_index(data, index_url)
+    for entry in index.entries:
         if posixpath.isabs(entry.name) or ".." in re.split(r"[/\\]", entry.name):
             raise ValueError(f"{index_url}: shard entry {entry.name!r} is not inside the index's folder "
                              f"(names are relative to it, without '..')")
-    return entries, n_mels
+    return index
 
 
 def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy | None = None
-                   ) -> tuple[list[Shard], dict]:
+                   ) -> tuple[list[Shard], ResolveInfo]:
     """Shards with sample counts: from the ``index.json`` beside each shard where one lists it,
-    else by a header scan (warned: it reads every such shard once). Returns ``(shards, info)`` with
-    ``info = {"n_mels": int | None, "scanned": [urls counted by scanning]}``. A shard that cannot be
-    counted raises ``ShardReadError``: it would otherwise drop out of the plan unseen."""
+    else by a header scan (warned: it reads every such shard once), and a ``ResolveInfo``. A shard
+    that cannot be counted raises ``ShardReadError``: it would otherwise drop out of the plan unseen."""
     indexes: dict[str, dict[str, IndexEntry]] = {}
     n_mels = None
     shards, to_scan = [], []
@@ -262,9 +262,9 @@ def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy |
         folder = _parent(url)
         if folder is not None and folder not in indexes:
             index = read_index(_join(folder, INDEX_FILE), policy)
-            indexes[folder] = {e.name: e for e in index[0]} if index else {}
+            indexes[folder] = {e.name: e for e in index.entries} if index else {}
             if index and n_mels is None:
-                n_mels = index[1]
+                n_mels = index.n_mels
         entry = indexes.get(folder, {}).get(url.rsplit("/", 1)[-1])
         if entry is None:
             to_scan.append(len(shards))
@@ -277,26 +277,10 @@ def resolve_shards(urls: list[str], progress: bool = True, policy: RetryPolicy |
         from tqdm import tqdm
 
         for i in tqdm(to_scan, desc="counting samples", unit="shard", disable=not progress or len(to_scan) < 8):
-            keys = scan_keys(shards[i].url, policy)
+            with open_url(shards[i].url, policy) as stream:
+                keys = scan_keys(stream, shards[i].url)
             shards[i] = Shard(shards[i].url, len(keys), key_sketch=key_sketch(keys))
-    return shards, {"n_mels": n_mels, "scanned": [shards[i].url for i in to_scan]}
-
-
-def scan_keys(url: str, policy: RetryPolicy | None = None) -> list[str]:
-    """The keys of a shard's samples (key groups), in order, reading headers only (data is seeked over)."""
-    keys: list[str] = []
-    with open_url(url, policy) as stream:
-        reader = _TarReader(stream, url)
-        last = None
-        while (head := reader.next_header(last)) is not None:
-            name, size = head
-            reader.skip_data(size, last)
-            match = MEMBER_RE.match(name)
-            if match and match.group(1) != last:
-                last = match.group(1)
-                keys.append(last)
-    return keys
-
+    return shards, ResolveInfo(n_mels, [shards[i].url for i in to_scan])
 
 
 # -------------------------------------------------------------------------------------------- open
@@ -343,170 +327,31 @@ def _import_fsspec(url: str):
     return fsspec
 
 
+def _open_local(url: str, policy: RetryPolicy | None) -> BinaryIO:
+    return open(_local_path(url), "rb")
+
+
+def _open_pipe(url: str, policy: RetryPolicy | None) -> BinaryIO:
+    return io.BufferedReader(_PipeStream(url[len("pipe:"):]), 1 << 16)
+
+
+def _open_fsspec(url: str, policy: RetryPolicy | None) -> BinaryIO:
+    fsspec = _import_fsspec(url)
+    return open_fsspec(url, lambda: fsspec.open(url, "rb").open(), policy)
+
+
+# scheme -> opener(url, policy), as webdataset's gopen_schemes; any other ``proto://`` goes to fsspec.
+OPENERS: dict[str, Callable[[str, RetryPolicy | None], BinaryIO]] = {
+    "": _open_local, "file": _open_local, "pipe": _open_pipe, "http": open_http, "https": open_http}
+
+
 def open_url(url: str, policy: RetryPolicy | None = None) -> BinaryIO:
-    """A binary stream for a shard or index URL (local, http(s), pipe:, fsspec). Raises
-    ``ShardReadError`` naming the URL (cause kept) when it cannot be opened. http(s) and fsspec
+    """A binary stream for a shard or index URL (local, http(s), pipe:, fsspec), by ``OPENERS``.
+    Raises ``ShardReadError`` naming the URL (cause kept) when it cannot be opened. http(s) and fsspec
     reads retry per ``policy`` (None: ``shard_tools.retry.DEFAULT_POLICY``)."""
     try:
-        if url.startswith("pipe:"):
-            return io.BufferedReader(_PipeStream(url[len("pipe:"):]), 1 << 16)
-        if url.startswith(("http://", "https://")):
-            return open_http(url, policy)
-        if _is_remote(url):
-            fsspec = _import_fsspec(url)
-            return open_fsspec(url, lambda: fsspec.open(url, "rb").open(), policy)
-        return open(_local_path(url), "rb")
+        return OPENERS.get(url_scheme(url), _open_fsspec)(url, policy)
     except ShardReadError:
         raise
     except Exception as error:  # urllib, fsspec backends and the OS raise many types; all mean "unreachable"
         raise ShardReadError(f"{url}: cannot open ({type(error).__name__}: {error})") from error
-
-
-# ------------------------------------------------------------------------------------------- tar
-
-
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    chunks, left = [], n
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _guarded(method):
-    """Turn whatever a backend raises mid-read (http.client.IncompleteRead, socket timeouts, fsspec
-    and pipe errors) into ``ShardReadError`` naming the URL and the sample being read."""
-
-    def wrapper(self, *args):
-        try:
-            return method(self, *args)
-        except ShardReadError:
-            raise
-        except Exception as error:
-            key = args[-1]
-            where = f" in sample '{key}'" if key else ""
-            raise ShardReadError(f"{self.url}: read failed{where} ({type(error).__name__}: {error})") from error
-
-    return wrapper
-
-
-def _seekable(stream: BinaryIO) -> bool:
-    try:
-        return stream.seekable()
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header (records are ``"LEN key=value\\n"``)."""
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        if length <= 0:
-            raise ValueError(f"pax record length {length}")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
-        pos += length
-    return None
-
-
-class _TarReader:
-    """Tar members one at a time: ``next_header()`` then ``read_data()`` or ``skip_data()``."""
-
-    def __init__(self, stream: BinaryIO, url: str):
-        self.stream, self.url = stream, url
-        self.seekable = _seekable(stream)
-
-    def _fail(self, reason: str, key: str | None):
-        where = f" in sample '{key}'" if key else ""
-        raise ShardReadError(f"{self.url}: {reason}{where}")
-
-    @_guarded
-    def next_header(self, key: str | None) -> tuple[str, int] | None:
-        """``(name, size)`` of the next file member, or None at the end of the archive."""
-        long_name = None
-        while True:
-            block = _read_exact(self.stream, BLOCK)
-            if not block or block == bytes(BLOCK):
-                return None  # end of archive (end blocks, or data ending on a member boundary)
-            if len(block) < BLOCK:
-                self._fail("truncated tar (partial header)", key)
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as error:
-                self._fail(f"corrupt tar header ({error})", key)
-            if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE):
-                data = self.read_data(info.size, key)
-                long_name = (data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                             if info.type == tarfile.GNUTYPE_LONGNAME else _pax_path(data) or long_name)
-                continue
-            if info.type not in tarfile.REGULAR_TYPES:
-                self.skip_data(info.size, key)  # directories, links, pax globals: not sample members
-                long_name = None
-                continue
-            return (long_name or info.name), info.size
-
-    @_guarded
-    def read_data(self, size: int, key: str | None) -> bytes:
-        padded = -(-size // BLOCK) * BLOCK
-        data = _read_exact(self.stream, padded)
-        if len(data) < size:
-            self._fail(f"truncated tar (member data has {len(data)} of {size} bytes)", key)
-        return data[:size]
-
-    @_guarded
-    def skip_data(self, size: int, key: str | None) -> None:
-        padded = -(-size // BLOCK) * BLOCK
-        if self.seekable:
-            self.stream.seek(padded, io.SEEK_CUR)  # past EOF is caught by the planned sample count
-        elif len(_read_exact(self.stream, padded)) < size:
-            self._fail("truncated tar (member data cut short)", key)
-
-
-def iter_samples(stream: BinaryIO, url: str, skip: int = 0, limit: int | None = None) -> Iterator[dict]:
-    """Samples ``{"__key__", "__url__", "__index__", ext: bytes, ...}`` of a tar stream, grouping
-    consecutive members with the same key. The first ``skip`` samples are passed over without
-    reading their data (seeked over where the stream allows); at most ``limit`` are yielded.
-
-    A read error raises ``ShardReadError`` after yielding the sample whose members were read
-    before it (the decoder then finds it whole or reports the missing member)."""
-    reader = _TarReader(stream, url)
-    current, index = None, -1
-    stop = None if limit is None else skip + limit
-    try:
-        while True:
-            head = reader.next_header(current and current["__key__"])
-            if head is None:
-                break
-            name, size = head
-            match = MEMBER_RE.match(name)
-            if not match:
-                reader.skip_data(size, name)
-                continue
-            key, ext = match.groups()
-            if current is None or key != current["__key__"]:
-                if current is not None and index >= skip:
-                    yield current
-                index += 1
-                if stop is not None and index >= stop:
-                    current = None
-                    break
-                current = {"__key__": key, "__url__": url, "__index__": index}
-            if index < skip:
-                reader.skip_data(size, key)
-            else:
-                current[ext] = reader.read_data(size, key)
-    except ShardReadError:
-        if current is not None and index >= skip:
-            yield current  # the members read before the error may still form a whole sample
-        raise
-    if current is not None and index >= skip:
-        yield current
-

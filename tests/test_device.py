@@ -10,7 +10,7 @@ from pipeline.collate import Collator, expand_features
 from pipeline.device import DEVICE_KEYS, in_background, to_device_ahead
 from shard_tools.shard_format import decode_sample
 from pipeline.stream import make_loader
-from shard_tools.urls import iter_samples
+from shard_tools.tar import iter_samples
 from tests.conftest import NEEDS_CUDA, write_mel_shards
 
 

@@ -16,7 +16,8 @@ import pytest
 from shard_tools import retry
 from shard_tools.retry import RetryPolicy
 from pipeline.stream import StreamError, StreamWarning, make_loader
-from shard_tools.urls import ShardReadError, open_url
+from shard_tools.tar import ShardReadError
+from shard_tools.urls import open_url
 from tests.conftest import write_mel_shards
 from tests.test_urls import eval_keys, tar_keys
 

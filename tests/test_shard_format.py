@@ -3,14 +3,15 @@
 import dataclasses
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
 import pytest
 import webdataset
 
-from shard_tools.shard_format import (MAX_JSON_DEPTH, IndexEntry, SampleError, SampleMeta, decode_sample,
-                                   encode_sample, load_json, parse_index)
+from shard_tools.shard_format import (FORMAT_VERSION, MAX_JSON_DEPTH, READABLE_VERSIONS, Index, IndexEntry,
+                                      SampleError, SampleMeta, decode_sample, encode_sample, load_json, parse_index)
 
 
 def meta(**changes) -> SampleMeta:
@@ -99,7 +100,7 @@ def test_key_sketches_are_optional_in_an_index_and_checked_when_present():
 
     def parse(**fields):
         index = {"format": "whisper-caption-stream", "version": 1, "shards": [{**entry, **fields}]}
-        return parse_index(json.dumps(index).encode(), "i")[0][0]
+        return parse_index(json.dumps(index).encode(), "i").entries[0]
 
     assert parse().key_sketch is None and parse().to_dict() == entry
     sketch = ["00000000000000ff", "0123456789abcdef"]
@@ -111,3 +112,18 @@ def test_key_sketches_are_optional_in_an_index_and_checked_when_present():
     with pytest.raises(ValueError) as refused:  # 200,000 hashes in one entry: still one short line
         parse(key_sketch=[f"{i:016x}" for i in range(2**63, 2**63 + 200_000)])
     assert len(str(refused.value)) < 400 and "characters)" in str(refused.value)
+
+
+def test_an_index_reads_back_as_written_with_its_version():
+    """The writer's ``Index.to_dict`` and the reader's ``parse_index`` are one another's inverse; the
+    version this release writes is one it reads."""
+    entries = [IndexEntry("000.tar", 2, 1.5, 20480, "ab", (3, 7)), IndexEntry("001.tar", 1, 0.25, 10240, "cd")]
+    index = Index("train", 128, entries, truncated=1, rejected=2)
+    assert index.version == FORMAT_VERSION and FORMAT_VERSION in READABLE_VERSIONS
+    assert parse_index(json.dumps(index.to_dict()).encode(), "i") == index
+    assert parse_index(b'{"shards": []}', "i") == Index(None, None, [])  # hand-written: the version written now
+    for field, value, reason in (("split", 3, "'split' is 3, expected str"),
+                                 ("totals", [], "'totals' is [], expected dict"),
+                                 ("features", {"n_mels": "80"}, "'n_mels' is '80', expected int")):
+        with pytest.raises(ValueError, match=f"^i: {re.escape(reason)}$"):
+            parse_index(json.dumps({**index.to_dict(), field: value}).encode(), "i")

@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.data_settings import SOURCE_KEY, Source
 from shard_tools.fileio import write_json
-from shard_tools.shard_format import index_dict
+from shard_tools.shard_format import Index
 from pipeline.stream import Mix, StreamError, StreamWarning, make_loader, resume_position, worker_split
 from shard_tools.writer import ShardWriter, index_entry
 from tests._stream_run import fingerprint
@@ -680,7 +680,7 @@ def packed(directory: Path, keys: list[str], per_shard: int) -> Path:
     for position, key in enumerate(keys):
         shard_writer.add(key, members(key), seconds=0.07, truncated=False, position=position)
     shard_writer.close(len(keys))
-    write_json(directory / "index.json", index_dict("train", 80, [index_entry(e) for e in entries], 0, 0))
+    write_json(directory / "index.json", Index("train", 80, [index_entry(e) for e in entries]).to_dict())
     return directory
 
 

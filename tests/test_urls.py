@@ -1,12 +1,10 @@
-"""Shard URL expansion, index lookup and opening (local, http on loopback, pipe:, fsspec memory://),
-and the tar reader against plain ``tarfile``."""
+"""Shard URL expansion, index lookup and opening (local, http on loopback, pipe:, fsspec memory://);
+the tar reader is in tests/test_tar.py."""
 
 import functools
 import http.server
-import io
 import json
 import re
-import shutil
 import tarfile
 import threading
 import warnings
@@ -16,8 +14,8 @@ import pytest
 
 from shard_tools.retry import RetryPolicy
 from pipeline.stream import StreamError, make_loader
-from shard_tools.urls import (expand_braces, expand_urls, iter_samples, open_url, read_index,
-                           resolve_shards, scan_keys)
+from shard_tools.tar import iter_samples
+from shard_tools.urls import expand_braces, expand_urls, open_url, read_index, resolve_shards
 from tests.conftest import write_mel_shards
 
 
@@ -62,12 +60,12 @@ def test_expand_local_forms(tmp_path):
 def test_counts_from_index_and_by_header_scan(tmp_path):
     paths = write_mel_shards(tmp_path / "train", [4, 0, 7])
     shards, info = resolve_shards(expand_urls(str(tmp_path / "train")))
-    assert [s.samples for s in shards] == [4, 0, 7] and info["n_mels"] == 80 and not info["scanned"]
+    assert [s.samples for s in shards] == [4, 0, 7] and info.n_mels == 80 and not info.scanned
     assert all(len(s.sha256) == 64 for s in shards)
     (tmp_path / "train" / "index.json").unlink()
     with pytest.warns(UserWarning, match="counting their samples"):
         shards, info = resolve_shards(expand_urls(str(tmp_path / "train")))
-    assert [s.samples for s in shards] == [len(tar_keys([p])) for p in paths] and info["scanned"] == paths
+    assert [s.samples for s in shards] == [len(tar_keys([p])) for p in paths] and info.scanned == paths
 
 
 def test_broken_index_is_an_error(tmp_path):
@@ -75,6 +73,21 @@ def test_broken_index_is_an_error(tmp_path):
     (tmp_path / "train" / "index.json").write_text('{"shards": [{"name": "000.tar"}]}')
     with pytest.raises(ValueError, match="index.json"):
         read_index(str(tmp_path / "train" / "index.json"))
+
+
+def test_an_index_of_a_version_this_release_does_not_read_is_refused(tmp_path):
+    """A newer release's index.json is refused in one line naming the file, its version and the versions
+    this release reads, rather than misread; a version-1 index loads and says which version it is."""
+    write_mel_shards(tmp_path / "train", [2, 3])
+    path = tmp_path / "train" / "index.json"
+    index = read_index(str(path))
+    assert (index.version, index.split, index.n_mels, [e.samples for e in index.entries]) == (1, "train", 80, [2, 3])
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 2}))
+    line = f"{path}: whisper-caption-stream version 2, this release reads version(s) 1"
+    for read in (lambda: read_index(str(path)), lambda: expand_urls(str(path.parent)),
+                 lambda: resolve_shards([str(path.parent / "000.tar")])):
+        with pytest.raises(ValueError, match=f"^{re.escape(line)}$"):
+            read()
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -157,76 +170,6 @@ def test_pipe_and_fsspec_urls(tmp_path, tiny_processor):
         assert eval_keys("memory://wcs/train/{000..001}.tar", tiny_processor) == tar_keys(paths)
     finally:
         fs.rm("/wcs", recursive=True)
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_tar_reader_matches_tarfile(tmp_path, fmt):
-    """Long names (GNU longname, pax path), a directory entry and a member without extension."""
-    path = tmp_path / "x.tar"
-    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 60
-    names = [f"{long_dir}/k{i}.{ext}" for i in range(3) for ext in ("mel.npy", "json")]
-    with tarfile.open(path, "w", format=fmt) as tar:
-        tar.addfile(_dir_info(long_dir))
-        for name in names + ["README"]:
-            info = tarfile.TarInfo(name)
-            data = name.encode()
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with open(path, "rb") as f:
-        samples = list(iter_samples(f, str(path)))
-    assert [s["__key__"] for s in samples] == [f"{long_dir}/k{i}" for i in range(3)]
-    assert samples[1]["json"] == f"{long_dir}/k1.json".encode()
-    assert scan_keys(str(path)) == [s["__key__"] for s in samples]  # headers only, the reader's keys
-
-
-def _dir_info(name):
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    return info
-
-
-class _CountingReader(io.RawIOBase):
-    def __init__(self, data: bytes, seekable: bool):
-        self.inner, self._seekable, self.bytes_read = io.BytesIO(data), seekable, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return self._seekable
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        return self.inner.seek(offset, whence)
-
-    def readinto(self, buffer):
-        n = self.inner.readinto(buffer)
-        self.bytes_read += n
-        return n
-
-
-@pytest.mark.parametrize("seekable", [True, False])
-def test_skipped_samples_are_seeked_over(tmp_path, seekable):
-    path = write_mel_shards(tmp_path / "train", [40])[0]
-    data = Path(path).read_bytes()
-    reader = _CountingReader(data, seekable)
-    samples = list(iter_samples(reader, path, skip=37, limit=2))
-    assert [s["__key__"] for s in samples] == tar_keys([path])[37:39]
-    if seekable:  # headers only before the start: far less than the file
-        assert reader.bytes_read < len(data) / 4
-    with tarfile.open(path) as tar:
-        member = tar.extractfile(f"{samples[0]['__key__']}.mel.npy").read()
-    assert samples[0]["mel.npy"] == member
-
-
-def test_truncated_shard_reports_url_and_key(tmp_path):
-    path = write_mel_shards(tmp_path / "train", [3])[0]
-    data = Path(path).read_bytes()
-    cut = tmp_path / "cut.tar"
-    cut.write_bytes(data[:1800])
-    with open(cut, "rb") as f, pytest.raises(OSError, match=r"cut.tar: truncated tar .* in sample 's000_0000'"):
-        list(iter_samples(f, str(cut)))
-    shutil.copy(path, tmp_path / "ok.tar")
-    assert len(scan_keys(str(tmp_path / "ok.tar"))) == 3
 
 
 def test_a_server_error_on_index_json_is_not_taken_for_no_index(tmp_path, http_root, tiny_processor):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shard_tools.fileio import write_json
-from shard_tools.shard_format import Reject, SampleMeta, encode_sample, index_dict
+from shard_tools.shard_format import Index, Reject, SampleMeta, encode_sample
 from shard_tools import writer
 
 
@@ -107,7 +107,7 @@ def test_index_and_rejects(tmp_path):
                "next_input": 3},
               {"name": "001.tar", "samples": 1, "seconds": 0.5, "bytes": 10240, "sha256": "cd", "truncated": 0,
                "next_input": 4}]
-    index = index_dict("train", 128, [writer.index_entry(s) for s in shards], truncated=1, rejected=2)
+    index = Index("train", 128, [writer.index_entry(s) for s in shards], truncated=1, rejected=2).to_dict()
     assert index["format"] == "whisper-caption-stream" and index["version"] == 1 and index["split"] == "train"
     assert index["features"] == {"kind": "whisper-log-mel", "n_mels": 128, "sample_rate": 16000, "n_fft": 400,
                                  "hop_length": 160, "dtype": "float16"}
@@ -182,7 +182,7 @@ def test_each_index_entry_sketches_its_shards_keys(tmp_path):
         return sorted(hashlib.blake2b(k.encode(), digest_size=8).hexdigest() for k in shard_keys)[:32]
 
     assert [e["key_sketch"] for e in entries] == [reference(keys[:40]), reference(keys[40:])]
-    index = index_dict("train", 80, [writer.index_entry(e) for e in entries], truncated=0, rejected=0)
+    index = Index("train", 80, [writer.index_entry(e) for e in entries]).to_dict()
     assert [s["key_sketch"] for s in index["shards"]] == [e["key_sketch"] for e in entries]
     old = {k: v for k, v in entries[0].items() if k != "key_sketch"}
     assert writer.index_entry(old).key_sketch is None and "key_sketch" not in writer.index_entry(old).to_dict()
