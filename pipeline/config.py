@@ -541,10 +541,10 @@ def validate(cfg: RunConfig) -> None:
         problems.append("model_config.lora_target_modules is empty: name the modules LoRA adapts")
     if tc.bf16 and tc.fp16:
         problems.append("trainer_config.bf16 and trainer_config.fp16 are both true: pick one")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "eval_steps", "save_steps", "max_bad_steps", "generation_max_new_tokens"):
-        if getattr(tc, key) < 1:
-            problems.append(f"trainer_config.{key}={getattr(tc, key)}: must be at least 1")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "eval_steps", "save_steps", "max_bad_steps", "generation_max_new_tokens"):
+        if getattr(tc, name) < 1:
+            problems.append(f"trainer_config.{name}={getattr(tc, name)}: must be at least 1")
     if tc.max_steps <= 0 and tc.num_train_epochs <= 0:
         problems.append("trainer_config.max_steps and num_train_epochs are both <= 0: set one")
     if tc.push_to_hub and not tc.hub_model_id:
