@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from pipeline.config import DECODE_METHODS
-from pipeline.window import FRAMES_PER_POSITION
+from pipeline.window import FRAMES_PER_POSITION, AudioWindow
 from shard_tools.shard_format import MAX_TARGET_POSITIONS
 
 log = logging.getLogger(__name__)
@@ -219,16 +219,17 @@ def load_processor(name: str, option: str = "model_config.name") -> WhisperProce
 
 def load_model(name: str, processor: WhisperProcessor | None = None, option: str = "model_config.name",
                **kwargs) -> WhisperForConditionalGeneration:
-    """Model for ``name``; ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
+    """Model for ``name``, its encoder fitted (``fit_encoder``: on a full window it is HF's);
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
     processor = processor or load_processor(name, option)
     if name == BUILTIN_TINY:
         model = builtin_tiny_model(processor.tokenizer, n_mels=processor.feature_extractor.feature_size)
         if "attn_implementation" in kwargs:
             model.set_attn_implementation(kwargs["attn_implementation"])
-        return model
+        return fit_encoder(model)
     model = _from_pretrained(WhisperForConditionalGeneration, name, option, **kwargs)
     model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
-    return model
+    return fit_encoder(model)
 
 
 def _way_out(option: str) -> str:
@@ -275,15 +276,18 @@ def _from_pretrained(cls, name: str, option: str, **kwargs):
 
 
 def save_model(model, processor: WhisperProcessor, directory: str | os.PathLike,
-               prefixes: Sequence[tuple[str, str]] = (), caption_tokens: int | None = None) -> None:
+               prefixes: Sequence[tuple[str, str]] = (), caption_tokens: int | None = None,
+               window: AudioWindow = AudioWindow()) -> None:
     """``save_pretrained`` model + processor so that ``from_pretrained`` loads both back; ``prefixes``
     (source name, caption prefix), the one inference uses by default first, are recorded in the generation config
     (``recorded_prefixes``), so inference prompts as training did without being told; so is
     ``caption_tokens``, the longest caption trained on in tokens, the end token included
     (``recorded_caption_tokens``; None or 0: not known, nothing recorded, and a record the model
-    came with is dropped: it described other data)."""
+    came with is dropped: it described other data); so is the encoder ``window`` trained with
+    (``recorded_window``), which inference then uses unless told otherwise."""
     gen = model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
     gen.caption_prefixes = [[name, prefix] for name, prefix in prefixes]
+    gen.audio_window, gen.audio_window_step = window.record(), window.step_seconds
     if caption_tokens:
         setattr(gen, CAPTION_TOKENS_KEY, int(caption_tokens))
     elif hasattr(gen, CAPTION_TOKENS_KEY):
@@ -296,6 +300,13 @@ def recorded_prefixes(model) -> list[tuple[str, str]]:
     """The (source name, caption prefix) pairs ``save_model`` recorded with ``model``, inference's
     default first ([] for a model trained without prefixes)."""
     return [(name, prefix) for name, prefix in getattr(model.generation_config, "caption_prefixes", None) or []]
+
+
+def recorded_window(model) -> AudioWindow:
+    """The encoder window ``save_model`` recorded with ``model`` (``full`` for any other Whisper)."""
+    gen = model.generation_config
+    return AudioWindow.parse(getattr(gen, "audio_window", "full"),
+                             getattr(gen, "audio_window_step", AudioWindow.step_seconds))
 
 
 def recorded_caption_tokens(model) -> int | None:

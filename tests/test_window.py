@@ -78,3 +78,17 @@ def test_a_window_outside_whispers_window_is_refused_naming_it(value):
         AudioWindow.parse(value)
     with pytest.raises(ValueError, match=r"audio_window_step=0: must be seconds in \(0, 30\]"):
         AudioWindow.parse("fit", step_seconds=0)
+
+
+def test_a_saved_model_records_its_window_and_loads_with_a_fitted_encoder(tmp_path, tiny_processor):
+    from pipeline.model import load_model, recorded_window, save_model
+
+    model = load_model("tiny", tiny_processor)
+    assert type(encoder_of(model)) is FittedWhisperEncoder and recorded_window(model) == AudioWindow()
+    save_model(model, tiny_processor, tmp_path / "fit", window=AudioWindow.parse("fit", 2.5))
+    save_model(model, tiny_processor, tmp_path / "ten", window=AudioWindow.parse(10))
+    fit, ten = (load_model(str(tmp_path / name)) for name in ("fit", "ten"))
+    assert recorded_window(fit) == AudioWindow("fit", None, 2.5) and recorded_window(ten).frames(1) == 1000
+    assert type(encoder_of(fit)) is FittedWhisperEncoder
+    config = (tmp_path / "fit" / "config.json").read_text()
+    assert '"WhisperForConditionalGeneration"' in config and "Fitted" not in config  # a standard Whisper folder
