@@ -31,7 +31,7 @@ class SpecAugment:
 
 @dataclass(frozen=True)
 class Source:
-    """One training source of a mixed stream (pipeline.stream module doc, item 0): its shards (any
+    """One training source of a mixed stream (docs/streaming.md, 'Sources and mixing'): its shards (any
     form ``expand_urls`` takes), its weight (share of every epoch, relative to the others') and the
     caption prefix its samples are trained with ("": none)."""
 
@@ -67,7 +67,7 @@ def source_prefixes(sources: list[Source]) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """How one rank reads and batches a split (pipeline.stream module doc for the plan)."""
+    """How one rank reads and batches a split (docs/streaming.md for the plan)."""
 
     batch_size: int = 16
     train: bool = True  # shuffle, draw one caption per visit, SpecAugment

@@ -230,7 +230,7 @@ def delivered_mask(positions: int, seed: int, epoch: int, train: bool, layout: L
                    sequence: np.ndarray | None = None) -> np.ndarray:
     """``[N]`` bool over the epoch's sequence (of ``positions``, or ``sequence``): the samples every
     rank of ``layout`` had handed out after ``delivered`` batches (the same arithmetic as
-    ``ShardStream.worker_batches``, no data read)."""
+    ``ShardStream.worker_batches``, no data read; docs/streaming.md, 'Elastic resume')."""
     mask = None
     for rank in range(layout.world_size):
         plan = plan_epoch(positions, rank, layout.world_size, layout.batch_size, sequence)

@@ -1,95 +1,7 @@
-"""Shard streaming for training and inference: every rank and worker exactly once, deterministically
-and resumably.
-
-The epoch plan (all of it a pure function of ``(seed, epoch)``, the shard sample counts and the
-sources' weights):
-
-1. **Sources and the epoch's sequence.** A stream reads one or more sources (``Source``: a name,
-   shards, a weight). Each source has its own endless sequence: its own epochs back to back, each
-   its shards in an order permuted (training) with ``numpy.random.default_rng((seed, own epoch, 0,
-   source))`` (never Python's ``hash``; source 0 drops the last part, as streams did before they
-   had sources, so their saved positions still resume) or listed (evaluation). An epoch of the
-   stream has N positions, N being the samples of all sources together; source ``s`` has ``m_s``
-   of them, its weight's share of N (largest remainder; a weight too small for one position is
-   refused), and which positions are whose is a seeded shuffle of those counts (``(seed, epoch,
-   2)``, the same for any number of ranks or workers). The position that is source ``s``'s
-   ``j``-th in epoch ``E`` is sample ``E * m_s + j`` of ``s``'s sequence. So every source is read
-   exactly once per its *own* epoch (its sequence is taken in order, each stream position once);
-   a source weighted above its size cycles several times per stream epoch, one below less than
-   once; within any stretch of the epoch the sources come in proportion to their weights
-   (hypergeometric noise around them, less than independent draws would give); and where each
-   source stands is arithmetic on the stream's position, so everything below (ranks, workers,
-   shuffle, resume, elastic resume) cuts and orders the N positions of an epoch without knowing
-   whose they are. Reading a range of positions reads each source's share of it as one run of its
-   sequence (shards entered mid-shard, as for one source; a reader holds one open shard per
-   source), and each sample names its source under ``SOURCE_KEY`` for the collator (its prefix).
-   One source: N is its size, its epochs are the stream's. A stream epoch is what
-   ``num_train_epochs`` counts; ``max_steps`` training (item 7) runs them back to back. Unlike
-   weighted mixes that draw each sample's source at random, and whose resume then needs the
-   sampler's state (LitData #694), nothing here is drawn at run time.
-2. **Ranks.** The sequence is cut into ``world_size`` contiguous near-equal ranges. Every rank has
-   ``L = ceil(N / world_size)`` slots; a rank with one sample fewer gets a marked padding sample, so
-   every rank yields exactly ``ceil(L / batch_size)`` batches of the same sizes (no DDP hang, and
-   no sample dropped or doubled whatever the shard count: fewer shards than ranks × workers just
-   means ranges that start and end inside shards).
-3. **Workers.** A rank's batches are split into contiguous ranges, one per dataloader worker
-   (the first ``B % W`` workers get one more). A worker reads only the shards overlapping its
-   range and seeks over the members before its start (nothing read, nothing decoded). Batches are
-   collated inside the worker, so the ``DataLoader`` runs with ``batch_size=None``; with
-   ``in_order`` it hands out worker batches round-robin, dropping workers that are done. That
-   order is canonical: worker ``w``'s ``j``-th batch comes at (lap ``j``, position ``w``).
-   Batches cross the process boundary cut after their longest clip, and stay so up to the device
-   (``pipeline.device``: received from the workers by a background thread, pinned by the
-   ``DataLoader``'s pin-memory thread, copied one batch ahead on a side CUDA stream; ``_Crossing``
-   for what crosses the process boundary how), where the step pads them to 3000 frames: a padded float16 batch of 16 is
-   7.7 MB, and the worker queue alone moved only 500-750 such samples/s here, against ~4,000/s for
-   500-frame batches; padding in the main process held every step up by milliseconds.
-4. **Shuffle.** A worker's sample stream is shuffled in blocks of ``shuffle_buffer`` samples,
-   each permuted by a generator seeded from ``(seed, epoch, rank, worker, block)``. Memory is one
-   block of raw samples; unlike a webdataset-style reservoir, the state after k samples is known
-   by arithmetic, which is what makes resume exact and cheap. A block read straight through would
-   hold one or two shards, and shards are packed in source-path order (often one class or source
-   per shard), so training reads the worker's range through ``interleave`` cursors instead: the
-   range is cut into that many near-equal sub-ranges read round-robin, and each block mixes
-   samples from as many places in the range. Cursor positions after k samples are again
-   arithmetic (the same round-robin as the workers). Local shards cost nothing extra (skips are
-   seeks); over http a cursor that starts inside a shard reads the bytes before it, so
-   ``interleave=1`` reads each shard once, straight through.
-5. **Resume.** ``state_dict`` counts the batches ``StreamLoader`` actually *handed to the caller*
-   (prefetched batches do not count). After k batches, the round-robin above says how many
-   batches each worker had delivered and whose turn is next (``resume_position``); physical worker
-   ``p`` then plays logical worker ``(next + p) mod W`` starting at that worker's count, so the
-   fresh ``DataLoader`` (which always starts with worker 0) continues the exact sequence. A worker
-   skips whole shuffle blocks by arithmetic and re-reads only the block it stops in.
-   The position reaches workers through a shared-memory tensor read at the start of each
-   iteration, so it works with ``persistent_workers`` too.
-   **Elastic resume.** A position saved under another layout (world size, workers, batch size,
-   shuffle buffer, interleave) cannot be continued batch for batch, but what it delivered can be
-   recomputed: everything above is arithmetic on global positions (which sample each position of
-   an epoch is depends on ``(seed, epoch)`` alone), so replaying the saved layout's plan for ``batches``
-   batches per rank gives the set of positions consumed (whole shuffle blocks per worker as
-   cursor prefixes, plus the seeded permutation prefix of the block it stopped in). The rest of
-   the epoch, kept as sorted runs of global positions (``sequence`` in the state), becomes that
-   epoch's sequence: cut over the new ranks and workers exactly as a whole epoch would be, so
-   each remaining sample comes once and every rank has the same batch count. The next epoch is a
-   whole one under the new layout. Resuming the same layout keeps the bit-exact continuation.
-6. **Faults.** A truncated tar, a corrupt member (bad npy or JSON, missing member), an
-   unreachable URL or a sha256 mismatch is reported with URL and key; with ``on_error="skip"`` the
-   lost samples become marked padding samples (batch counts stay equal on every rank) counted in
-   ``loader.skipped``, and more than ``max_skip_fraction`` of a rank's samples skipped in one epoch
-   raises ``StreamError``; ``on_error="raise"`` raises at once. ``np.load(allow_pickle=False)``
-   only: shard content is never unpickled.
-7. **Infinite mode** runs epoch after epoch (epoch number increasing, each with its own seeded
-   plan) for ``max_steps`` training; ``state_dict`` holds the epoch too.
-8. **Distributed.** Rank and world size come from ``torch.distributed`` when it is initialised
-   (the loader is never given to ``accelerator.prepare``). Shard counts are resolved on rank 0 and
-   broadcast, so every rank builds the same plan even if a shard is unreachable from one of them.
-
-Memory per process: the plan is O(number of shards) integers (a mix of sources adds two bytes per
-position of the epoch: whose it is); samples stream from the tar reader through one shuffle block.
-A position resumes exactly (batch for batch) under the same layout and elastically under another;
-the seed and the data (shard sample counts, and a mix's sources and their shares) must be the same,
-which ``load_state_dict`` checks. An elastic resume costs one boolean per sample of the epoch, once.
+"""Shard streaming for training and inference: the per-rank loader that reads what the epoch plan
+(``pipeline.plan``) says, every sample once over ranks and workers. Here: the shard reader and its fault
+policy (``ShardStream``), the ``DataLoader`` wrapper with exact and elastic resume (``StreamLoader``)
+and source resolution across ranks (``make_loader``). docs/streaming.md describes the plan.
 """
 
 from __future__ import annotations
@@ -134,7 +46,7 @@ class StreamWarning(UserWarning):
 
 
 class ShardStream(IterableDataset):
-    """The per-rank iterable of collated batches for one epoch (see the module doc). Iterated by a
+    """The per-rank iterable of collated batches for one epoch (docs/streaming.md). Iterated by a
     ``DataLoader(batch_size=None)``. Batches are in ``Collator.compact`` form (features cut after
     the longest clip, ``pad_values``) and carry ``"_skipped"`` (samples replaced by padding in them),
     which ``StreamLoader`` removes. ``set_position(epoch, batches)`` chooses where the next
@@ -398,7 +310,7 @@ class _Crossing:
 
 
 class StreamLoader:
-    """Batches of one rank, epoch after epoch, with an exact resumable position (module doc).
+    """Batches of one rank, epoch after epoch, with an exact resumable position (docs/streaming.md).
 
     Iterating yields the remaining batches of the current epoch (``infinite``: then the next epochs,
     forever); finishing an epoch moves to the next one, so iterating again or ``set_epoch(e + 1)``
@@ -481,7 +393,8 @@ class StreamLoader:
 
     def state_dict(self) -> dict:
         """JSON-able position: the same on every rank except the skip counts. Where every source
-        stands follows from it (module doc, item 1); ``sources`` says so for people and the banner."""
+        stands follows from it (docs/streaming.md, 'Sources and mixing'); ``sources`` says so for people
+        and the banner."""
         ds = self.dataset
         sequence = ds.sequence.runs.tolist() if ds.sequence and ds.sequence.epoch == self.epoch else None
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": ds.seed,
@@ -491,7 +404,7 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` was taken: batch for batch under the same layout, elastically
-        (module doc, item 5) under another. ``StreamError`` if the seed or the data differ. The rank
+        (docs/streaming.md, 'Elastic resume') under another. ``StreamError`` if the seed or the data differ. The rank
         is not checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
         if state.get("version") not in range(1, STATE_VERSION + 1):
             raise StreamError(f"loader state version {state.get('version')!r}, this code reads 1 to {STATE_VERSION}")
@@ -609,7 +522,7 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
 def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: int | None = None,
                 world_size: int | None = None, device=None, **changes) -> StreamLoader:
     """The per-rank loader for ``urls`` (see ``expand_urls``), or for a list of ``Source`` mixed by
-    weight (module doc, item 1; their prefixes become ``settings.prefixes``), with ``settings``;
+    weight (docs/streaming.md, 'Sources and mixing'; their prefixes become ``settings.prefixes``), with ``settings``;
     keyword ``changes`` replace fields of ``settings`` (or of the defaults):
     ``make_loader(urls, tok, batch_size=8)``.
     Batches are ``Collator.compact`` ones, their tensors on ``device`` (``pipeline.device``; None:

@@ -582,7 +582,7 @@ def shard_runs(keys: list[str]) -> list[str]:
 def test_each_epoch_visits_the_shards_and_interleaves_the_sources_in_its_own_order(tmp_path, tiny_processor):
     """Read straight through (shuffle blocks of one sample, one cursor), an epoch's key order is its
     plan: the shards each source visits, and which source each position is. Both are drawn per
-    epoch (module doc, item 1): every epoch differs, for the first source and the others."""
+    epoch (docs/streaming.md, 'Sources and mixing'): every epoch differs, for the first source and the others."""
     sources, _ = mixed(tmp_path, {"a": [2] * 6, "b": [2] * 6}, {"a": 1, "b": 1})
     straight = {"shuffle_buffer": 1, "interleave": 1, "seed": 4}
     one = loader(sources[0].shards, tiny_processor, **straight)
