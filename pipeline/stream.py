@@ -404,8 +404,9 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` was taken: batch for batch under the same layout, elastically
-        (docs/streaming.md, 'Elastic resume') under another. ``StreamError`` if the seed or the data differ. The rank
-        is not checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
+        (docs/streaming.md, 'Elastic resume') under another. ``StreamError`` if the seed or the data
+        differ. The rank is not checked: rank 0's state is valid on every rank (all ranks deliver the
+        same batch counts)."""
         if state.get("version") not in range(1, STATE_VERSION + 1):
             raise StreamError(f"loader state version {state.get('version')!r}, this code reads 1 to {STATE_VERSION}")
         ds, before = self.dataset, self.dataset.sequence
@@ -522,8 +523,8 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
 def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: int | None = None,
                 world_size: int | None = None, device=None, **changes) -> StreamLoader:
     """The per-rank loader for ``urls`` (see ``expand_urls``), or for a list of ``Source`` mixed by
-    weight (docs/streaming.md, 'Sources and mixing'; their prefixes become ``settings.prefixes``), with ``settings``;
-    keyword ``changes`` replace fields of ``settings`` (or of the defaults):
+    weight (docs/streaming.md, 'Sources and mixing'; their prefixes become ``settings.prefixes``), with
+    ``settings``; keyword ``changes`` replace fields of ``settings`` (or of the defaults):
     ``make_loader(urls, tok, batch_size=8)``.
     Batches are ``Collator.compact`` ones, their tensors on ``device`` (``pipeline.device``; None:
     left on the host) for ``expand_features``.
