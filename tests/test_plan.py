@@ -3,6 +3,9 @@ checked against a plain simulation of what the loader does (round-robin workers,
 seeded shuffle blocks), written here independently of the plan's closed forms."""
 
 import collections
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +187,11 @@ def test_seen_per_source_counts_earlier_epochs_and_the_delivered_part():
         quota + sum(int(picks.sources[p]) == s for p in some) for s, quota in enumerate(mix.quotas)]
     one = Mix.weighted(["a"], [[5, 4]], [1])
     assert seen_per_source(one, 3, 0, False, Layout(1, 1, 2, 5, 1), 2, None, None) == [4]
+
+
+def test_the_plan_imports_numpy_alone():
+    code = ("import sys, pipeline.plan; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('pipeline.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "['pipeline.plan']"
