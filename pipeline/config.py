@@ -8,9 +8,10 @@ So the pieces are small and explicit:
   YAML file beside it; later entries (and ``_self_``, the main file's own keys, last by default) win.
 - The dataclasses below are OmegaConf structured schemas: every valid key, its type, its default and
   (``key(default, meaning)``) its one-line meaning, which ``train_stream.py --help`` prints; the YAML
-  files repeat some defaults (tested to agree) and no meanings. An unknown key or a value of the
-  wrong type is a ``ConfigError`` naming the key (and the nearest one) and listing the valid keys of
-  its section.
+  files repeat some defaults (tested to agree) and no meanings. ``data_config``'s loader keys are
+  ``DataSettings``' own fields, made into ``DataConfig`` here, with its policies as nested sections
+  (``data_config.retry.backoff``). An unknown key or a value of the wrong type is a ``ConfigError``
+  naming the key (and the nearest one) and listing the valid keys of its section.
 - Overrides follow Hydra's grammar: ``key=value`` sets a key, ``+key=value`` adds a key the YAML files
   do not set (an error when they do, as in Hydra), ``++key=value`` sets it either way. Values are YAML
   (``true``, ``16``, ``1e-5``, ``null``, ``[a, b]``); a value that is not valid YAML stays a string.
@@ -22,23 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data_settings import (DEFAULT_SOURCE, DataSettings, Source, SpecAugment,
-                                    source_prefixes)
+from pipeline.data_settings import DEFAULT_SOURCE, DataSettings, Source, key, source_prefixes
 from shard_tools.fileio import write_atomic
-from shard_tools.retry import RetryPolicy
-from shard_tools.shard_format import MAX_TARGET_POSITIONS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MAIN = CONFIG_DIR / "main.yaml"
@@ -47,62 +47,33 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DECODE_METHODS = ("static", "hf")
 # the caption length a trained model was evaluated with: infer_stream.py's default --max-new-tokens
 CAPTION_LENGTH_KEY = "trainer_config.generation_max_new_tokens"
-_DATA = DataSettings()  # the loader's defaults: DataConfig repeats none of them
-_SPEC = SpecAugment()
-_RETRY = RetryPolicy()
 # model_config's probabilities and their ranges: a dropout of 1 would zero every activation it drops
 PROBABILITIES = {"dropout": "[0, 1)", "lora_dropout": "[0, 1)", "mask_time_prob": "[0, 1]",
                  "mask_feature_prob": "[0, 1]"}
 SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(Source))
-RETRY_KEYS = {"retries": "retries", "backoff": "retry_backoff", "backoff_max": "retry_backoff_max",
-              "timeout": "read_timeout", "deadline": "shard_deadline"}  # RetryPolicy field -> data_config key
+_DATA_HINTS = typing.get_type_hints(DataSettings)
 
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be applied; the message says which and why."""
 
 
-def key(default: Any, meaning: str) -> Any:
-    """A config field and its one-line meaning: ``train_stream.py --help`` prints it from here."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": meaning})
-    return field(default=default, metadata={"help": meaning})
-
-
 @dataclass
-class DataConfig:
+class DataSources:
+    """``data_config``'s own keys: the shards and their prompts. ``DataConfig`` adds the loader's."""
+
     train_shards: Optional[str] = key("${paths.data_dir}/train", "training shard URLs: 'data/train/<000..099>.tar', "
                                       "a split folder, a glob, http(s)://, pipe: (--shards)")
     train_sources: Optional[list[dict[str, Any]]] = key(None, "several training sources mixed by weight, each "
                                                          f"{{name, shards, weight ({Source.weight:g}), prefix "
                                                          f"({Source.prefix!r})}}; null: train_shards alone "
-                                                         "(README: mixing sources)")
+                                                         "(docs/training.md: mixing sources)")
     caption_prefix: str = key("", "text forced after the task tokens as the decoder prompt of the train_shards "
                               "source, not trained on, recorded with the model for inference (e.g. 'clotho > "
                               "caption:'); '': none; with train_sources each source has its own prefix")
     val_shards: Optional[str] = key(None, "validation shard URLs, as train_shards (--val-shards); null: no evaluation")
     val_source: Optional[str] = key(None, "with train_sources: the source whose prefix validation prompts with; "
                                     "null: the highest-weight source (the one inference uses by default)")
-    shuffle_buffer: int = key(_DATA.shuffle_buffer, "samples held for shuffling within a worker's shards")
-    max_label_tokens: int = key(_DATA.max_label_tokens, "longest label row, in tokens: 3 task tokens, the caption "
-                                "prefix, the caption and its end token; longer captions are cut (at most "
-                                f"{MAX_TARGET_POSITIONS}, the decoder's positions)")
-    on_error: str = key(_DATA.on_error, "skip | raise: what a damaged sample does")
-    max_skip_fraction: float = key(_DATA.max_skip_fraction, "more skipped samples than this fraction of the plan "
-                                   "stops the run")
-    verify: bool = key(_DATA.verify, "check local shards against index.json's sha256 first")
-    normalize_captions: bool = key(_DATA.normalize_captions, "train on the captions lower-cased, without punctuation")
-    spec_augment: bool = key(False, "SpecAugment in the data loader (on the log-mel, per clip)")
-    spec_time_masks: int = key(_SPEC.time_masks, "loader SpecAugment: time masks per clip")
-    spec_time_width: int = key(_SPEC.time_width, "loader SpecAugment: widest time mask, in frames")
-    spec_freq_masks: int = key(_SPEC.freq_masks, "loader SpecAugment: frequency masks per clip")
-    spec_freq_width: int = key(_SPEC.freq_width, "loader SpecAugment: widest frequency mask, in mel bins")
-    retries: int = key(_RETRY.retries, "retries of one http(s)/fsspec shard read (5xx, reset, timeout), "
-                       "resuming at the byte reached")
-    retry_backoff: float = key(_RETRY.backoff, "seconds before the first retry, doubled per retry")
-    retry_backoff_max: float = key(_RETRY.backoff_max, "longest wait between retries, in seconds")
-    read_timeout: float = key(_RETRY.timeout, "seconds an http read waits for a byte")
-    shard_deadline: Optional[float] = key(_RETRY.deadline, "seconds one shard may spend reading in all; null: none")
 
     def sources(self) -> list[Source]:
         """The training sources: ``train_sources``, or ``train_shards`` as the one source named
@@ -150,17 +121,58 @@ class DataConfig:
     def settings(self, **run) -> DataSettings:
         """The loader settings of this section; ``run`` gives the run's own (batch size, seed,
         workers, ...). ValueError with one ``name=value: why`` line per bad setting."""
-        spec = (SpecAugment(self.spec_time_masks, self.spec_time_width, self.spec_freq_masks, self.spec_freq_width)
-                if self.spec_augment else None)  # the collator applies it to training batches only
-        try:
-            retry = RetryPolicy(**{name: getattr(self, key) for name, key in RETRY_KEYS.items()})
-        except ValueError as error:  # said with this section's key names
-            raise ValueError("\n".join(RETRY_KEYS[line.split("=")[0]] + "=" + line.split("=", 1)[1]
-                                        for line in str(error).splitlines())) from None
-        return DataSettings(shuffle_buffer=self.shuffle_buffer, max_label_tokens=self.max_label_tokens,
-                            on_error=self.on_error, max_skip_fraction=self.max_skip_fraction, verify=self.verify,
-                            spec_augment=spec, retry=retry, prefixes=source_prefixes(self.sources()),
-                            normalize_captions=self.normalize_captions, **run)
+        loader = {f.name: _setting(f, getattr(self, f.name)) for f in _loader_fields()}
+        return DataSettings(**loader, prefixes=source_prefixes(self.sources()), **run)
+
+
+def _loader_fields() -> list[dataclasses.Field]:
+    """The ``DataSettings`` fields that are ``data_config`` keys: those with a meaning (``key``)."""
+    return [f for f in dataclasses.fields(DataSettings) if "help" in f.metadata]
+
+
+def _policy(f: dataclasses.Field) -> type | None:
+    """The dataclass a ``DataSettings`` field holds (``SpecAugment | None``: SpecAugment), else None."""
+    hint = _DATA_HINTS[f.name]
+    return next((t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)), None)
+
+
+def _section(policy: type, extra: list) -> type:
+    """A config section of ``policy``'s fields: same names, types, defaults and meanings, ``extra``
+    first. A copy, as OmegaConf makes a frozen dataclass read-only."""
+    hints = typing.get_type_hints(policy)
+    return dataclasses.make_dataclass(
+        f"{policy.__name__}Keys", extra + [(f.name, hints[f.name], key(f.default, f.metadata["help"]))
+                                           for f in dataclasses.fields(policy)], namespace={"__module__": __name__})
+
+
+def _data_key(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+    """``DataSettings`` field ``f`` as a ``data_config`` key, or as a section of its policy's keys (with
+    ``enabled`` first where the field says ``toggle``: off gives None)."""
+    policy = _policy(f)
+    if policy is None:
+        return f.name, _DATA_HINTS[f.name], key(f.default, f.metadata["help"])
+    extra = [("enabled", bool, key(f.default is not None, "true turns it on"))] if f.metadata["toggle"] else []
+    section = _section(policy, extra)
+    return f.name, section, field(default_factory=section, metadata={"help": f.metadata["help"]})
+
+
+def _setting(f: dataclasses.Field, value: Any) -> Any:
+    """The ``DataSettings`` value of key or section ``f``; a bad policy value says its ``section.key``."""
+    policy = _policy(f)
+    if policy is None:
+        return value
+    values = dataclasses.asdict(value)
+    if f.metadata["toggle"] and not values.pop("enabled"):
+        return None
+    try:
+        return policy(**values)
+    except ValueError as error:
+        raise ValueError("\n".join(f"{f.name}.{line}" for line in str(error).splitlines())) from None
+
+
+# data_config: its own keys, then DataSettings' keys under their names (a loader knob is a field there)
+DataConfig = dataclasses.make_dataclass("DataConfig", [_data_key(f) for f in _loader_fields()], bases=(DataSources,),
+                                        namespace={"__module__": __name__})
 
 
 @dataclass
@@ -310,56 +322,102 @@ def _section_fields(section: str) -> dict[str, dataclasses.Field]:
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section '{section}'{_did_you_mean(section, sections=True)}; valid sections: "
                           f"{', '.join(SECTIONS)}")
-    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    return _fields_of(SECTIONS[section])
+
+
+def _subsection(f: dataclasses.Field) -> type | None:
+    """The dataclass of a nested section (``data_config.retry``), else None: ``f`` is a key."""
+    return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+
+
+def _keys(cls: type, where: str) -> Iterator[tuple[str, dataclasses.Field]]:
+    """Every key of section ``cls`` named ``where``, nested sections walked, with its field."""
+    for f in dataclasses.fields(cls):
+        section = _subsection(f)
+        yield from _keys(section, f"{where}.{f.name}") if section else [(f"{where}.{f.name}", f)]
 
 
 def all_keys() -> list[str]:
-    return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return [name for section, cls in SECTIONS.items() for name, _ in _keys(cls, section)]
 
 
 def _did_you_mean(key: str, sections: bool = False) -> str:
-    """`` (did you mean 'trainer_config.max_steps'?)`` for the key whose name is nearest to this one's
-    (in its own section first; the section may be left out), or the nearest section; or ""."""
-    section, _, name = key.rpartition(".")
+    """`` (did you mean 'trainer_config.max_steps'?)`` for the key whose name within its section is
+    nearest to this one's (in its own section first; the section may be left out), else the key whose
+    last part ends this one's name (a section folded in: ``read_timeout`` for ``retry.timeout``), or
+    the nearest section; or ""."""
     if sections:
-        names = {s: s for s in SECTIONS}
-    else:  # later entries win: the key's own section last
-        names = {k.split(".")[1]: k for k in sorted(all_keys(), key=lambda k: k.startswith(f"{section}."))}
-    close = difflib.get_close_matches(key if sections else name, names, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(key, SECTIONS, n=1, cutoff=0.75)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+    section, _, name = key.partition(".") if key.split(".")[0] in SECTIONS else ("", "", key)
+    # name within the section -> key; later entries win: the key's own section last
+    names = {k.split(".", 1)[1]: k for k in sorted(all_keys(), key=lambda k: k.startswith(f"{section}."))}
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    if not close:
+        folded = "_" + name.replace(".", "_")
+        close = sorted((k for k in names if folded.endswith("_" + k.rpartition(".")[2])),
+                       key=lambda k: -len(k.rpartition(".")[2]))[:1]
     return f" (did you mean '{names[close[0]]}'?)" if close else ""
 
 
 def check_key(key: str) -> dataclasses.Field:
-    """The schema field for ``section.name``, or a ConfigError naming the nearest key and listing
-    the section's valid keys."""
+    """The schema field for ``section.name`` (``section.sub.name`` in a nested section), or a
+    ConfigError naming the nearest key and listing the valid keys of the section reached."""
     parts = key.split(".")
     if len(parts) == 1 and parts[0] not in SECTIONS:
         raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key)}; keys are section.name "
                           f"(python train_stream.py --help lists them)")
-    fields = _section_fields(parts[0])
-    if len(parts) != 2 or parts[1] not in fields:
-        raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key)}; valid keys of '{parts[0]}': "
-                          + ", ".join(sorted(fields)))
-    return fields[parts[1]]
+    fields, where = _section_fields(parts[0]), parts[0]
+    for i, name in enumerate(parts[1:], 2):
+        f = fields.get(name)
+        section = f and _subsection(f)
+        if f is None or (section is None and i < len(parts)):
+            break
+        if section is None:
+            return f
+        if i == len(parts):
+            raise ConfigError(f"'{key}' is a section: set its keys "
+                              f"({', '.join(name for name, _ in _keys(section, key))})")
+        fields, where = _fields_of(section), f"{where}.{name}"
+    raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key)}; valid keys of '{where}': "
+                      + ", ".join(sorted(name + ".*" * bool(_subsection(f)) for name, f in fields.items())))
 
 
 def keys_help() -> str:
-    """Every config key with its type, default and meaning, from the dataclasses above."""
+    """Every config key with its type, default and meaning, from the dataclasses above; a nested
+    section's meaning heads its keys."""
+    return "\n".join(line for section, cls in SECTIONS.items() for line in [f"{section}:", *_help_lines(cls, "")])
+
+
+def _help_lines(cls: type, where: str) -> list[str]:
     lines = []
-    for section, cls in SECTIONS.items():
-        lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            shown = default if isinstance(default, str) else json.dumps(default)
-            lines.append(f"  {f.name} ({_type_name(f)} = {shown}): {f.metadata['help']}")
-    return "\n".join(lines)
+    for f in dataclasses.fields(cls):
+        section = _subsection(f)
+        if section:
+            lines += [f"  {where}{f.name}: {f.metadata['help']}", *_help_lines(section, f"{where}{f.name}.")]
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = default if isinstance(default, str) else json.dumps(default)
+        lines.append(f"  {where}{f.name} ({_type_name(f)} = {shown}): {f.metadata['help']}")
+    return lines
+
+
+def _is_section(path: str) -> bool:
+    top, *names = path.split(".")
+    cls = SECTIONS.get(top)
+    for name in names:
+        f = cls and _fields_of(cls).get(name)
+        cls = f and _subsection(f)
+    return bool(cls)
 
 
 def _flat_keys(tree: dict, where: str = "") -> list[str]:
+    """The keys a composed YAML tree sets: mappings walked into at the top and in nested sections (a
+    mapping anywhere else is a value, refused by its key's type)."""
     keys = []
     for name, value in tree.items():
         key = f"{where}{name}"
-        if isinstance(value, dict) and where == "":
+        if isinstance(value, dict) and (where == "" or _is_section(key)):
             keys += _flat_keys(value, f"{key}.")
         else:
             keys.append(key)
@@ -370,13 +428,24 @@ def _type_name(f: dataclasses.Field) -> str:
     return getattr(f.type, "__name__", None) or str(f.type).replace("typing.", "")
 
 
+def _section_at(path: str) -> type:
+    """The dataclass of section ``path`` (``data_config``, ``data_config.retry``), known to be one."""
+    top, *names = path.split(".")
+    return functools.reduce(lambda cls, name: _fields_of(cls)[name].default_factory, names, SECTIONS[top])
+
+
+def _fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _set(cfg: DictConfig, key: str, value: Any, origin: str) -> None:
     f = check_key(key)
     try:
         OmegaConf.update(cfg, key, value, merge=False)
     except OmegaConfBaseException as error:
-        section = key.split(".")[0]
-        typed = ", ".join(f"{name}: {_type_name(g)}" for name, g in _section_fields(section).items())
+        section = key.rpartition(".")[0]
+        typed = ", ".join(f"{name}.*" if _subsection(g) else f"{name}: {_type_name(g)}"
+                          for name, g in _fields_of(_section_at(section)).items())
         raise ConfigError(f"{origin}: wrong type for '{key}' (expected {_type_name(f)}, got {value!r}): "
                           f"{str(error).splitlines()[0]}\nvalid keys of '{section}': {typed}") from None
 
@@ -408,8 +477,7 @@ def load_config(config_file: str | os.PathLike | None = None, overrides: list[st
     for key in present:
         check_key(key)
     for key in sorted(present):
-        section, name = key.split(".")
-        _set(cfg, key, from_files[section][name], f"{config_file}")
+        _set(cfg, key, functools.reduce(dict.__getitem__, key.split("."), from_files), f"{config_file}")
     for text in overrides:
         prefix, key, value = parse_override(text)
         check_key(key)

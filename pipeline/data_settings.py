@@ -1,15 +1,18 @@
 """The typed settings of the shard loader and the collator: one object, one home for every default.
 
-``make_loader`` and ``Collator`` take a ``DataSettings``; ``pipeline.config.DataConfig`` takes its
-defaults from here and ``configs/data.yaml`` must agree with them (a test checks), so a default is
-written once. The checks run when a ``DataSettings`` is made, and ``pipeline.config`` reports them
-under the config keys. No torch here: the config module imports it.
+``make_loader`` and ``Collator`` take a ``DataSettings``. Its fields made with ``key`` (a default and a
+one-line meaning) are the ``data_config`` keys a user sets: ``pipeline.config.DataConfig`` is built from
+them under the same names, their policies (``SpecAugment``, ``RetryPolicy``) as nested sections, and
+``configs/data.yaml`` must agree with the defaults it repeats (a test checks). So a loader knob is one
+field here (and its line in configs/data.yaml, to show it there). The checks run when a ``DataSettings`` is made, and ``pipeline.config`` reports
+them under the config keys. No torch here: the config module imports it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from shard_tools.retry import RetryPolicy
 from shard_tools.shard_format import MAX_TARGET_POSITIONS
@@ -19,14 +22,23 @@ SOURCE_KEY = "__source__"  # every sample dict the stream hands the collator nam
 DEFAULT_SOURCE = "default"  # the name of the one source of a plain train_shards / --shards run
 
 
+def key(default: Any, meaning: str, toggle: bool = False) -> Any:
+    """A field that is a config key, with its one-line meaning (``train_stream.py --help`` prints it).
+    ``toggle`` on a policy that may be None: its config section gets an ``enabled`` key, off gives None."""
+    metadata = {"help": meaning, "toggle": toggle}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class SpecAugment:
     """SpecAugment on the log-mel in the loader: masks per clip, widths in frames / mel bins."""
 
-    time_masks: int = 2
-    time_width: int = 50
-    freq_masks: int = 2
-    freq_width: int = 10
+    time_masks: int = key(2, "time masks per clip")
+    time_width: int = key(50, "widest time mask, in frames")
+    freq_masks: int = key(2, "frequency masks per clip")
+    freq_width: int = key(10, "widest frequency mask, in mel bins")
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,8 @@ def source_prefixes(sources: list[Source]) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """How one rank reads and batches a split (docs/streaming.md for the plan)."""
+    """How one rank reads and batches a split (docs/streaming.md for the plan). The fields
+    made with ``key`` are ``data_config`` keys; the others are the run's (trainer_config, the loop)."""
 
     batch_size: int = 16
     train: bool = True  # shuffle, draw one caption per visit, SpecAugment
@@ -77,16 +90,21 @@ class DataSettings:
     prefetch_factor: int = 2
     pin_memory: bool = False
     persistent_workers: bool = False
-    shuffle_buffer: int = 500  # samples per shuffle block
+    shuffle_buffer: int = key(500, "samples held for shuffling within a worker's shards")
     interleave: int = 4  # cursors a training worker reads its range with
-    on_error: str = "skip"  # skip | raise: a damaged shard or sample
-    max_skip_fraction: float = 0.05  # more skipped samples than this share of a rank's epoch raise
-    verify: bool = False  # check local shards against index.json's sha256 before reading them
-    max_label_tokens: int = MAX_TARGET_POSITIONS
-    spec_augment: SpecAugment | None = None
-    retry: RetryPolicy | None = None  # http(s) and fsspec reads: retries, deadline (None: retry.DEFAULT_POLICY)
+    on_error: str = key("skip", f"{' | '.join(ON_ERROR)}: what a damaged shard or sample does")
+    max_skip_fraction: float = key(0.05, "more skipped samples than this fraction of the plan stops the run")
+    verify: bool = key(False, "check local shards against index.json's sha256 first")
+    max_label_tokens: int = key(MAX_TARGET_POSITIONS, "longest label row, in tokens: 3 task tokens, the caption "
+                                "prefix, the caption and its end token; longer captions are cut (at most "
+                                f"{MAX_TARGET_POSITIONS}, the decoder's positions)")
+    normalize_captions: bool = key(False, "train on the captions lower-cased, without punctuation")
+    spec_augment: SpecAugment | None = key(None, "SpecAugment in the data loader (on the log-mel, per clip; "
+                                           "training batches only)", toggle=True)
+    # http(s) and fsspec reads; None: retry.DEFAULT_POLICY (the config always gives its own)
+    retry: RetryPolicy | None = key(None, "retries of one http(s)/fsspec shard read (5xx, reset, timeout), "
+                                    "resuming at the byte reached")
     prefixes: tuple[tuple[str, str], ...] = ()  # (source name, caption prefix): the collator's per-source prompt
-    normalize_captions: bool = False  # train on lower-cased captions without punctuation (collate.normalize_caption)
     full_batches: bool = False  # fill a short batch with padding samples up to batch_size: one shape for torch.compile
 
     def __post_init__(self):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job, offline, on built-in data and the built-in tiny Whisper (README: how long it takes):
+# The whole job, offline, on built-in data and the built-in tiny Whisper (docs/testing.md: how long it takes):
 # generate a learnable captioning corpus in two caption styles (sentences; terse keywords) → pack
 # them into log-mel shards → train on both sources mixed 3:1, each with its own prefix → caption the
 # held-out clips with each prefix → score them next to the most-common-caption baseline, and check

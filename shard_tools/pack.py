@@ -8,7 +8,7 @@
 Output (docs/FORMAT.md): ``OUT/<split>/000.tar …`` for a dataset of split folders, ``OUT/000.tar …``
 for a flat one (or ``OUT/<--split>/``), each with ``index.json`` (written last) and ``rejects.jsonl``.
 
-Pipeline: ``sources`` lists the inputs of each split in a fixed order (paths and captions only, cheap);
+Pipeline: the input layout's reader (``layouts``) lists the inputs of each split in a fixed order (cheap);
 a pool of ``--workers`` processes decodes, resamples and computes the features of each clip and sends
 back only the two members' bytes; the main process writes the shards in input order. The results
 come back in input order whatever the number of workers (``apply_async`` on chunks of inputs with a
@@ -72,10 +72,8 @@ from shard_tools import shard_format
 from shard_tools.fileio import LockBusy, hold_lock, write_atomic, write_json
 from shard_tools.shard_format import INDEX_FILE, REJECTS_FILE, Reject, SampleMeta
 from shard_tools import sources, writer
+from shard_tools.layouts import LAYOUTS, Layout
 
-# Defaults of --audio-field / --caption-field per input layout.
-DEFAULT_AUDIO_FIELD = {"manifest": "audio_file", "hf": "audio", "shards": None}
-DEFAULT_CAPTION_FIELD = {"folder": "text", "manifest": "caption_text", "shards": "json.text", "hf": "text"}
 SHARD_FILE = re.compile(r"^\d{3,}\.tar$")
 LOCK_FILE = ".lock"
 # Temporaries this packer writes: ``000.tar.tmp`` (writer) and ``.index.json.XXXX.tmp`` (fileio).
@@ -91,6 +89,34 @@ class PackError(Exception):
     """A usage problem reported as one line (exit status 2)."""
 
 
+@dataclass(frozen=True)
+class PackSettings:
+    """One packing run, built once from the command line (``settings_from_args``)."""
+
+    layout: Layout
+    input: sources.InputSpec  # what the layout's reader reads, this run's part included
+    out: Path
+    n_mels: int
+    samples_per_shard: int  # 0: no limit (then max_shard_mb is set)
+    max_shard_mb: float | None
+    max_reject_fraction: float
+    workers: int
+    resume: bool
+    overwrite: bool
+
+    def resume_record(self, split: str) -> dict:
+        """What determines the bytes of ``split`` besides its inputs' contents, recorded with its
+        shards (``.progress.jsonl``) and checked by ``--resume``: a resumed run must match it exactly,
+        so its keys and values stay those that earlier outputs hold."""
+        spec = self.input
+        return {"layout": self.layout.name,
+                "input": os.path.abspath(spec.location) if self.layout.local else spec.location,
+                "audio_field": spec.audio_field, "caption_fields": list(spec.caption_fields), "split": split,
+                "n_mels": self.n_mels, "samples_per_shard": self.samples_per_shard,
+                "max_shard_mb": self.max_shard_mb, "part": spec.part, "num_parts": spec.num_parts,
+                "format_version": shard_format.FORMAT_VERSION}
+
+
 # ----------------------------------------------------------------------------- worker side
 
 # The features (numpy, scipy, soundfile, soxr; never torch) are imported by the workers only
@@ -103,27 +129,35 @@ def init_worker(n_mels: int) -> None:
     mel_filters(n_mels)
 
 
-def encode(item, n_mels: int):
-    """A record -> ``{"__key__", "members", "seconds", "truncated"}``, or a reject (passed through,
-    or made here for audio that does not decode, is empty, silent or overflows, and for a sample the
-    shard format refuses)."""
+@dataclass(frozen=True)
+class Encoded:
+    """One clip as the workers send it back: the shard members' bytes and what the index counts."""
+
+    key: str
+    members: list[tuple[str, bytes]]
+    seconds: float
+    truncated: bool
+
+
+def encode(item: sources.Item | Reject, n_mels: int) -> Encoded | Reject:
+    """An Item's shard members, or a reject (passed through, or made here for audio that does not
+    decode, is empty, silent or overflows, and for a sample the shard format refuses)."""
     from shard_tools.features import AudioDecodeError, clip_features, decode_audio  # loaded by init_worker
 
-    if sources.is_reject(item):
+    if isinstance(item, Reject):
         return item
     try:  # only the 30-s window is decoded: a 2-hour file costs what 30 s cost
-        decoded = decode_audio(item["audio"], max_seconds=shard_format.CHUNK_LENGTH)
+        decoded = decode_audio(item.audio, max_seconds=shard_format.CHUNK_LENGTH)
         feats = clip_features(decoded.audio, n_mels, decoded.seconds)  # mel [n_mels, valid_frames] float16
-        meta = SampleMeta(item["captions"], item["source"], feats["seconds"], decoded.orig_sample_rate,
-                          feats["pad_value"], feats["truncated"], item["extra"])
-        members = shard_format.encode_sample(item["__key__"], feats["mel"], meta)
+        meta = SampleMeta(item.captions, item.source, feats["seconds"], decoded.orig_sample_rate,
+                          feats["pad_value"], feats["truncated"], item.extra)
+        members = shard_format.encode_sample(item.key, feats["mel"], meta)
     except (AudioDecodeError, shard_format.SampleError, OSError) as error:
-        return sources.reject(item["source"], item["split"], str(error))
-    return {"__key__": item["__key__"], "members": members, "seconds": feats["seconds"],
-            "truncated": feats["truncated"]}
+        return Reject(item.source, item.split, str(error))
+    return Encoded(item.key, members, feats["seconds"], feats["truncated"])
 
 
-def encode_chunk(items: list[dict], n_mels: int) -> list[dict]:
+def encode_chunk(items: list, n_mels: int) -> list[Encoded | Reject]:
     return [encode(item, n_mels) for item in items]
 
 
@@ -157,7 +191,7 @@ def worker_pool(workers: int, n_mels: int):
             os.environ["OMP_NUM_THREADS"] = omp_before
 
 
-def encoded(items: Iterable[dict], pool, workers: int, n_mels: int, chunksize: int) -> Iterator[dict]:
+def encoded(items: Iterable, pool, workers: int, n_mels: int, chunksize: int) -> Iterator[Encoded | Reject]:
     """``encode`` over ``items``, results in input order, at most 4 chunks per worker in flight."""
     if pool is None:
         yield from (encode(item, n_mels) for item in items)
@@ -221,24 +255,24 @@ def digest_range(digests: Iterable[str]) -> str:
     return hashlib.sha256("".join(digests).encode("ascii")).hexdigest()
 
 
-def check_resumable(directory: Path, settings: dict) -> dict | None:
+def check_resumable(directory: Path, record: dict) -> dict | None:
     """An earlier run's progress in ``directory`` (None without one); PackError when it was packed
-    with other settings, so that a mistyped option is refused instead of repacking (and removing)
-    every shard."""
+    with other settings (``record``: ``PackSettings.resume_record``), so that a mistyped option is
+    refused instead of repacking (and removing) every shard."""
     progress = writer.read_progress(directory)
-    if progress is not None and progress["settings"] != settings:
+    if progress is not None and progress["settings"] != record:
         earlier = progress["settings"] or {}
-        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
+        changed = sorted(k for k in record.keys() | earlier.keys() if record.get(k) != earlier.get(k))
         raise PackError(f"cannot resume {directory}: it was packed with other settings "
                         f"({', '.join(changed)} differ); pass --overwrite to pack it again")
     return progress
 
 
-def resume_state(directory: Path, settings: dict, split_input: sources.SplitInput
+def resume_state(directory: Path, record: dict, split_input: sources.SplitInput
                  ) -> tuple[list[dict], list[Reject], bool]:
     """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file: the
     leading shards whose bytes are intact and whose inputs are unchanged (module doc)."""
-    progress = check_resumable(directory, settings)
+    progress = check_resumable(directory, record)
     if progress is None:
         return [], [], False
     intact = writer.intact_prefix(directory, progress["shards"])
@@ -256,38 +290,39 @@ def resume_state(directory: Path, settings: dict, split_input: sources.SplitInpu
     return kept, [r for r in progress["rejects"] if r.input < first], False
 
 
-def pack_split(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool) -> SplitResult:
+def pack_split(split_input: sources.SplitInput, directory: Path, settings: PackSettings, pool) -> SplitResult:
     """Pack one split (of one part) into ``directory``, holding its lock; returns its totals."""
     directory.mkdir(parents=True, exist_ok=True)  # even a split of rejects only gets its index
     try:
         with hold_lock(directory / LOCK_FILE):
-            return _pack_split(split_input, directory, settings, args, pool)
+            return _pack_split(split_input, directory, settings, pool)
     except LockBusy as error:
         raise PackError(f"{directory} is being written by another packer ({error}); wait for it to finish") \
             from None
 
 
-def _pack_split(split_input: sources.SplitInput, directory: Path, settings: dict, args, pool) -> SplitResult:
-    prepare_directory(directory, args.resume, args.overwrite)
-    shards, rejects, complete = (resume_state(directory, settings, split_input) if args.resume
+def _pack_split(split_input: sources.SplitInput, directory: Path, settings: PackSettings, pool) -> SplitResult:
+    prepare_directory(directory, settings.resume, settings.overwrite)
+    record = settings.resume_record(split_input.name)
+    shards, rejects, complete = (resume_state(directory, record, split_input) if settings.resume
                                  else ([], [], False))
     packed_now = 0
     if not complete:
         (directory / INDEX_FILE).unlink(missing_ok=True)  # the split is incomplete until the end
-        log = writer.ProgressLog(directory, settings, shards, rejects)
-        packed_now = write_shards(split_input, directory, args, pool, log, shards, rejects)
+        log = writer.ProgressLog(directory, record, shards, rejects)
+        packed_now = write_shards(split_input, directory, settings, pool, log, shards, rejects)
     remove_stale_shards(directory, {s["name"] for s in shards})
     truncated = sum(s["truncated"] for s in shards)
     writer.write_rejects(directory / REJECTS_FILE, rejects)
     write_json(directory / INDEX_FILE, shard_format.index_dict(
-        split_input.name, args.n_mels, [writer.index_entry(s) for s in shards], truncated, len(rejects)))
+        split_input.name, settings.n_mels, [writer.index_entry(s) for s in shards], truncated, len(rejects)))
     return SplitResult(directory, sum(s["samples"] for s in shards), sum(s["seconds"] for s in shards), len(shards),
                        sum(s["bytes"] for s in shards), truncated, len(rejects), packed_now,
                        len(split_input.repeats))
 
 
-def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, log: writer.ProgressLog,
-                 shards: list[dict], rejects: list[Reject]) -> int:
+def write_shards(split_input: sources.SplitInput, directory: Path, settings: PackSettings, pool,
+                 log: writer.ProgressLog, shards: list[dict], rejects: list[Reject]) -> int:
     """Encode the inputs after the kept shards and write the rest; ``shards`` and ``rejects`` grow
     in place and go to the progress log after every shard, each shard with the digest of its
     inputs. Returns the clips encoded."""
@@ -314,21 +349,20 @@ def write_shards(split_input: sources.SplitInput, directory: Path, args, pool, l
             digests[position] = sources.item_digest(item)
             yield item
 
-    shard_writer = writer.ShardWriter(directory, args.samples_per_shard or None,
-                                      int(args.max_shard_mb * MB) if args.max_shard_mb else None,
+    shard_writer = writer.ShardWriter(directory, settings.samples_per_shard or None,
+                                      int(settings.max_shard_mb * MB) if settings.max_shard_mb else None,
                                       first_shard=len(shards), on_shard=on_shard)
     items = listed(itertools.islice(split_input.items(), start, None))
-    results = encoded(items, pool, args.workers, args.n_mels, chunk_size(split_input.total, args.workers))
+    results = encoded(items, pool, settings.workers, settings.n_mels, chunk_size(split_input.total, settings.workers))
     bar = tqdm(total=split_input.total, initial=start, unit="clip", desc=split_input.name or "pack",
                dynamic_ncols=True, mininterval=0.5)
     consumed, packed = start, 0
     try:
         for position, result in enumerate(results, start):
-            if sources.is_reject(result):
+            if isinstance(result, Reject):
                 rejects.append(dataclasses.replace(result, input=position))
             else:
-                shard_writer.add(result["__key__"], result["members"], result["seconds"], result["truncated"],
-                                 position)
+                shard_writer.add(result.key, result.members, result.seconds, result.truncated, position)
                 packed += 1
             consumed = position + 1
             bar.update()
@@ -372,20 +406,21 @@ def merge_parts(split_dir: Path, split: str, num_parts: int, n_mels: int) -> Pat
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; its input options, their help and the field defaults come from ``LAYOUTS``."""
     parser = argparse.ArgumentParser(prog="python -m shard_tools.pack", description=__doc__.split("\n\n")[0])
-    source = parser.add_argument_group("input (a DATASET folder or one of the options)")
-    source.add_argument("dataset", nargs="?", help="folder of split folders (train/, validation/, …) or a "
-                        "flat folder: audio with a .txt or .json caption beside each file")
-    source.add_argument("--manifest", metavar="FILE", help="JSONL or CSV manifest; audio paths relative to it")
-    source.add_argument("--from-shards", metavar="PATTERN", help="raw-audio WebDataset shards, e.g. "
-                        "'raw/{000..009}.tar' (several patterns separated by spaces)")
-    source.add_argument("--hf-dataset", metavar="NAME_OR_DIR", help="Hugging Face dataset name or local "
-                        "dataset directory (needs the optional 'datasets' package)")
-    source.add_argument("--audio-field", metavar="FIELD", help="manifest column / shard member extension / HF "
-                        "column of the audio (defaults: audio_file; the first audio member; audio)")
+    layouts = LAYOUTS.values()
+    source = parser.add_argument_group(f"input (exactly one of {', '.join(l.named for l in layouts)})")
+    for layout in layouts:
+        if layout.option:
+            source.add_argument(layout.option, dest=layout.name, metavar=layout.metavar, help=layout.help)
+        else:
+            source.add_argument(layout.name, nargs="?", metavar=layout.metavar, help=layout.help)
+    audio = "; ".join(f"{l.named}: {l.audio_help}" + (f" (default: {l.audio_field})" if l.audio_field else "")
+                      for l in layouts if l.audio_help)
+    source.add_argument("--audio-field", metavar="FIELD", help=f"where the audio is, by input: {audio}")
+    captions = "; ".join(f"{l.named}: {l.caption_field}" for l in layouts)
     source.add_argument("--caption-field", metavar="FIELDS", help="caption field: a dotted path (json.text), "
-                        "several joined by commas, a list field for several captions (defaults: text for "
-                        "folders and HF, caption_text for manifests, json.text for shards)")
+                        f"several joined by commas, a list field for several captions (defaults: {captions})")
     source.add_argument("--split", metavar="NAME", help="pack only this split (split folders, HF), or the "
                         "output split name of a single-split input (flat folder, manifest, shards)")
     out = parser.add_argument_group("output")
@@ -413,89 +448,6 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def input_layout(args) -> str:
-    chosen = [name for name, value in (("folder", args.dataset), ("manifest", args.manifest),
-                                       ("shards", args.from_shards), ("hf", args.hf_dataset)) if value]
-    if len(chosen) != 1:
-        raise PackError("give exactly one input: a DATASET folder, --manifest, --from-shards or --hf-dataset")
-    return chosen[0]
-
-
-@dataclass(frozen=True)
-class InputFields:
-    """Where the audio and the captions are in each input (the layout's defaults filled in)."""
-
-    audio: str | None
-    captions: list[str]
-
-
-def input_fields(args, layout: str) -> InputFields:
-    try:
-        captions = sources.parse_fields(args.caption_field or DEFAULT_CAPTION_FIELD[layout])
-    except ValueError as error:
-        raise PackError(f"--caption-field: {error}") from error
-    # a folder's audio is found by suffix: an --audio-field there changes nothing, so it is not recorded
-    audio = None if layout == "folder" else args.audio_field or DEFAULT_AUDIO_FIELD[layout]
-    return InputFields(audio, captions)
-
-
-def input_name(args) -> str:
-    """The input: the DATASET folder or manifest as an absolute path (``ds``, ``ds/`` and ``./ds``
-    are one input), the shard pattern or HF dataset as given."""
-    path = args.dataset or args.manifest
-    return os.path.abspath(path) if path else args.from_shards or args.hf_dataset
-
-
-def output_inside_dataset(args, layout: str) -> str | None:
-    """The resolved ``--out`` when it lies inside the DATASET folder (never read as an input), else None."""
-    if layout != "folder":
-        return None
-    root, out = os.path.realpath(args.dataset), os.path.realpath(args.out)
-    return out if out != root and sources.inside(out, root) else None
-
-
-def check_output_apart(args, layout: str, plan: Iterable[tuple[sources.SplitInput, Path]]) -> None:
-    """Refuse an output folder among the inputs: a raw shard read from a folder the run writes (it
-    would be overwritten or removed before it is read), or a folder inside the DATASET folder that
-    is not skipped as the ``--out`` folder (``--out`` the DATASET folder itself: read by the next run)."""
-    for split_input, directory in plan:
-        # a part also writes the merged index beside its part folders
-        written = {os.path.realpath(d) for d in (directory, directory.parent if args.num_parts > 1 else directory)}
-        for shard in split_input.shard_files:
-            # the link and its target: --overwrite removes a link to a shard as it would the shard
-            if {os.path.realpath(os.path.dirname(os.path.abspath(shard))),
-                    os.path.dirname(os.path.realpath(shard))} & written:
-                raise PackError(f"--out {args.out}: the input shard {shard} lies in {directory}, a folder this "
-                                "run writes (its shards would be overwritten before they are read); choose "
-                                "another --out")
-    if layout != "folder" or output_inside_dataset(args, layout):
-        return
-    root = os.path.realpath(args.dataset)
-    for _, directory in plan:
-        if sources.inside(directory, root):
-            raise PackError(f"--out {args.out}: {directory} would be written among the inputs of the dataset "
-                            f"folder {args.dataset} and read by the next run; choose an --out that is not the "
-                            "dataset folder (a folder of its own inside it is fine)")
-
-
-def open_inputs(args, layout: str, fields: InputFields) -> list[sources.SplitInput]:
-    common = {"part": args.part, "num_parts": args.num_parts, "split": args.split}
-    try:
-        if layout == "folder":
-            skip = output_inside_dataset(args, layout)
-            if skip and os.path.isdir(skip):
-                print(f"note: {args.out} is skipped when listing the inputs: it is the --out folder",
-                      file=sys.stderr)
-            return sources.folder_inputs(args.dataset, fields.captions, **common, skip=skip)
-        if layout == "manifest":
-            return sources.manifest_inputs(args.manifest, fields.audio, fields.captions, **common)
-        if layout == "shards":
-            return sources.shard_inputs(args.from_shards, fields.audio, fields.captions, **common)
-        return sources.hf_inputs(args.hf_dataset, fields.audio, fields.captions, **common)
-    except (OSError, ValueError, ImportError) as error:  # a missing folder, manifest or 'datasets' package
-        raise PackError(str(error)) from error
-
-
 def validate(args) -> None:
     if not 0 <= args.part < args.num_parts:
         raise PackError(f"--part {args.part} must be in 0..{args.num_parts - 1} (--num-parts {args.num_parts})")
@@ -511,13 +463,69 @@ def validate(args) -> None:
         raise PackError(f"--out {args.out} is a file, not a folder")
 
 
-def run_settings(args, layout: str, fields: InputFields, split_input: sources.SplitInput) -> dict:
-    """What determines a split's bytes besides its inputs' contents (checked shard by shard,
-    ``resume_state``): a resumed run must match it exactly."""
-    return {"layout": layout, "input": input_name(args), "audio_field": fields.audio,
-            "caption_fields": fields.captions, "split": split_input.name, "n_mels": args.n_mels,
-            "samples_per_shard": args.samples_per_shard, "max_shard_mb": args.max_shard_mb,
-            "part": args.part, "num_parts": args.num_parts, "format_version": shard_format.FORMAT_VERSION}
+def settings_from_args(args) -> PackSettings:
+    """The run's settings from the parsed command line, the layout's defaults filled in; PackError for
+    a usage error."""
+    validate(args)
+    chosen = [layout for layout in LAYOUTS.values() if getattr(args, layout.name)]
+    if len(chosen) != 1:
+        named = [layout.named for layout in LAYOUTS.values()]
+        raise PackError(f"give exactly one input: {', '.join(named[:-1])} or {named[-1]}")
+    layout, location = chosen[0], getattr(args, chosen[0].name)
+    try:
+        captions = tuple(sources.parse_fields(args.caption_field or layout.caption_field))
+    except ValueError as error:
+        raise PackError(f"--caption-field: {error}") from error
+    # a layout that finds the audio itself ignores --audio-field, so it is not recorded
+    audio = (args.audio_field or layout.audio_field) if layout.audio_help else None
+    spec = sources.InputSpec(location, captions, audio, args.part, args.num_parts, args.split,
+                             output_inside(layout, location, args.out))
+    return PackSettings(layout, spec, args.out, args.n_mels, args.samples_per_shard, args.max_shard_mb,
+                        args.max_reject_fraction, args.workers, args.resume, args.overwrite)
+
+
+def output_inside(layout: Layout, location: str, out: Path) -> str | None:
+    """The resolved ``--out`` when it lies inside a folder input whose files are all inputs (it is
+    never read as one), else None."""
+    if not layout.lists_folder:
+        return None
+    root, out = os.path.realpath(location), os.path.realpath(out)
+    return out if out != root and sources.inside(out, root) else None
+
+
+def check_output_apart(settings: PackSettings, plan: Iterable[tuple[sources.SplitInput, Path]]) -> None:
+    """Refuse an output folder among the inputs: a raw shard read from a folder the run writes (it
+    would be overwritten or removed before it is read), or a folder inside a folder input that is not
+    skipped as the ``--out`` folder (``--out`` the DATASET folder itself: read by the next run)."""
+    multipart = settings.input.num_parts > 1
+    for split_input, directory in plan:
+        # a part also writes the merged index beside its part folders
+        written = {os.path.realpath(d) for d in (directory, directory.parent if multipart else directory)}
+        for shard in split_input.shard_files:
+            # the link and its target: --overwrite removes a link to a shard as it would the shard
+            if {os.path.realpath(os.path.dirname(os.path.abspath(shard))),
+                    os.path.dirname(os.path.realpath(shard))} & written:
+                raise PackError(f"--out {settings.out}: the input shard {shard} lies in {directory}, a folder "
+                                "this run writes (its shards would be overwritten before they are read); "
+                                "choose another --out")
+    if not settings.layout.lists_folder or settings.input.skip:
+        return
+    root = os.path.realpath(settings.input.location)
+    for _, directory in plan:
+        if sources.inside(directory, root):
+            raise PackError(f"--out {settings.out}: {directory} would be written among the inputs of the dataset "
+                            f"folder {settings.input.location} and read by the next run; choose an --out that is "
+                            "not the dataset folder (a folder of its own inside it is fine)")
+
+
+def open_inputs(settings: PackSettings) -> list[sources.SplitInput]:
+    """The split inputs of the run's part, listed by its layout's reader."""
+    if settings.input.skip and os.path.isdir(settings.input.skip):
+        print(f"note: {settings.out} is skipped when listing the inputs: it is the --out folder", file=sys.stderr)
+    try:
+        return settings.layout.read(settings.input)
+    except (OSError, ValueError, ImportError) as error:  # a missing folder, manifest or 'datasets' package
+        raise PackError(str(error)) from error
 
 
 def summary_line(name: str, r: SplitResult, elapsed: float) -> str:
@@ -530,41 +538,40 @@ def summary_line(name: str, r: SplitResult, elapsed: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        validate(args)
-        layout = input_layout(args)
-        fields = input_fields(args, layout)
+        settings = settings_from_args(args)
     except PackError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = []
     start = time.perf_counter()
+    part, num_parts = settings.input.part, settings.input.num_parts
     try:
-        with worker_pool(args.workers, args.n_mels) as pool:  # workers start while the inputs are listed
-            split_inputs = open_inputs(args, layout, fields)
-            plan = [(split_input, split_directory(args.out, split_input.name, args.part, args.num_parts),
-                     run_settings(args, layout, fields, split_input)) for split_input in split_inputs]
-            check_output_apart(args, layout, [(split_input, directory) for split_input, directory, _ in plan])
+        with worker_pool(settings.workers, settings.n_mels) as pool:  # workers start while the inputs are listed
+            split_inputs = open_inputs(settings)
+            plan = [(split_input, split_directory(settings.out, split_input.name, part, num_parts))
+                    for split_input in split_inputs]
+            check_output_apart(settings, plan)
             for split_input in split_inputs:
                 for repeat in split_input.repeats:
                     print(f"note: {repeat.source}: {repeat.note} (not a rejected input)", file=sys.stderr)
-            if args.resume:  # every split's settings checked before any split is touched
-                for _, directory, settings in plan:
-                    check_resumable(directory, settings)
-            for split_input, directory, settings in plan:
+            if settings.resume:  # every split's settings checked before any split is touched
+                for split_input, directory in plan:
+                    check_resumable(directory, settings.resume_record(split_input.name))
+            for split_input, directory in plan:
                 t0 = time.perf_counter()
-                if args.num_parts > 1:  # the merged index is stale while any part is being packed
+                if num_parts > 1:  # the merged index is stale while any part is being packed
                     (directory.parent / INDEX_FILE).unlink(missing_ok=True)
-                result = pack_split(split_input, directory, settings, args, pool)
+                result = pack_split(split_input, directory, settings, pool)
                 results.append((result, time.perf_counter() - t0))
-                if args.num_parts > 1 and merge_parts(directory.parent, split_input.name, args.num_parts, args.n_mels):
-                    print(f"all {args.num_parts} parts of {directory.parent} are complete: wrote its index.json")
+                if num_parts > 1 and merge_parts(directory.parent, split_input.name, num_parts, settings.n_mels):
+                    print(f"all {num_parts} parts of {directory.parent} are complete: wrote its index.json")
     except PackError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # the output cannot be written: read-only, a file in the way, a full disk
-        print(f"error: cannot write {error.filename or args.out}: {error.strerror or error}", file=sys.stderr)
+        print(f"error: cannot write {error.filename or settings.out}: {error.strerror or error}", file=sys.stderr)
         return 2
-    return report(results, time.perf_counter() - start, args.max_reject_fraction)
+    return report(results, time.perf_counter() - start, settings.max_reject_fraction)
 
 
 def report(results: list, elapsed: float, max_reject_fraction: float) -> int:

@@ -35,7 +35,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,12 @@ class RetryPolicy:
     ``timeout``: seconds an http read waits for a byte; ``deadline``: seconds one shard may spend
     in its reads in all, None for no limit."""
 
-    retries: int = 6
-    backoff: float = 1.0
-    backoff_max: float = 30.0
-    timeout: float = HTTP_TIMEOUT
-    deadline: float | None = 1800.0
+    retries: int = field(default=6, metadata={"help": "most retries of one shard (0: the first fault fails)"})
+    backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry, doubled per retry"})
+    backoff_max: float = field(default=30.0, metadata={"help": "longest wait between retries, in seconds"})
+    timeout: float = field(default=HTTP_TIMEOUT, metadata={"help": "seconds an http read waits for a byte"})
+    deadline: float | None = field(default=1800.0, metadata={"help": "seconds one shard may spend reading in "
+                                                                     "all; null: none"})
 
     def __post_init__(self):
         problems = [f"{name}={getattr(self, name)!r}: {why}" for name, bad, why in (

@@ -1,11 +1,11 @@
-"""Input layouts for the packer: each turns a dataset into per-split streams of records and rejects.
+"""The packer's item model and its file-listing input layouts (folders and manifests); the layouts
+read from container formats are ``shard_tools.source_shards``, and ``shard_tools.layouts`` is the
+table of all of them.
 
-Every layout yields, in a deterministic order, two kinds of item:
+Every layout's reader takes an ``InputSpec`` and yields, per output split (a ``SplitInput``) and in
+a deterministic order, two kinds of input:
 
-- a record ``{"__key__", "source", "split", "audio", "captions", "extra"}``: ``audio`` is a file path
-  (str) or the encoded file's bytes, left undecoded so that decoding runs in the packer's workers;
-  ``captions`` is a non-empty list of stripped strings; ``extra`` the input's own JSON/manifest fields
-  other than the caption and audio fields;
+- an ``Item``: one clip's source, split, undecoded audio (a path or bytes), captions and other fields;
 - a ``shard_tools.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
   empty caption, a JSON without the caption field, an unreadable caption file, folder, shard or
   manifest row, a path that is not a regular file).
@@ -15,9 +15,7 @@ row that repeats an earlier one) loses no input: it is a ``Repeat``, kept apart 
 (``SplitInput.repeats``) so that the packer reports it without counting it as a rejected input.
 
 Decoding failures (corrupt, zero-length or silent audio) only show when the audio is decoded, so the
-packer's workers turn those records into rejects.
-
-Layouts (one ``SplitInput`` per output split):
+packer's workers turn those items into rejects.
 
 - folder: ``ROOT/<split>/**/clip.wav`` when ROOT holds no audio itself, else a flat folder (split "");
   the caption sits beside the audio in ``clip.json`` or ``clip.txt`` (whole file); with both, each
@@ -29,17 +27,11 @@ Layouts (one ``SplitInput`` per output split):
   a second path with no caption file is a repeat); the packer's own output folder (``skip``) is
   never read, nor, with a note, any folder of an earlier packer's output (``packed_output``);
 - manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
-  rows naming the same audio file (by resolved path) are merged into one record with all their
-  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat;
-- raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
-  the sample (``json.text``), named and read by the loader's own ``shard_tools.urls`` (one URL grammar,
-  one tar reader);
-- a Hugging Face dataset (optional ``datasets`` package), by Hub name or local directory.
+  rows naming the same audio file (by resolved path) are merged into one item with all their
+  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat.
 
-Folder, manifest and HF inputs are sorted by ``source``; raw shards keep their order (shards as the
-pattern expands, members as stored), which is just as deterministic and needs no buffering. A
-``--part I --num-parts N`` run takes the I-th contiguous slice of each split (of the shard list for
-raw shards), so parts are disjoint and together cover every input.
+Both are sorted by ``source``. A ``--part I --num-parts N`` run takes the I-th contiguous slice of
+each split, so parts are disjoint and together cover every input.
 
 Caption fields are dotted paths (``meta.caption``: a literal key with dots wins); several fields may
 be joined with commas (``caption_1,caption_2`` for Clotho's CSV). A field holding a list gives
@@ -58,7 +50,7 @@ import posixpath
 import re
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -76,6 +68,22 @@ class Repeat:
     source: str
     split: str
     note: str  # what it repeats
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a layout's reader reads: the input as given (a folder, manifest, shard pattern or dataset
+    name), where the audio (None: the reader finds it) and the captions are, the part of it
+    (``part_slice``), the one split to read or to name the output (None: every split, or ""), and a
+    folder never read, nor anything under it (the packer's output inside a folder input)."""
+
+    location: str
+    caption_fields: tuple[str, ...]
+    audio_field: str | None = None
+    part: int = 0
+    num_parts: int = 1
+    split: str | None = None
+    skip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,29 +177,33 @@ def captions_from(obj, fields: Sequence[str]) -> list[str]:
     return captions
 
 
-def record(source: str, split: str, audio, captions: list[str], extra: dict) -> dict:
-    return {"__key__": make_key(source), "source": source, "split": split, "audio": audio,
-            "captions": captions, "extra": extra}
+@dataclass(frozen=True)
+class Item:
+    """One input to pack. ``audio`` is a file path or the encoded file's bytes, left undecoded so that
+    decoding runs in the packer's workers; ``captions`` are stripped, non-empty strings (none only for
+    a clip that a folder reader has not yet matched with a caption file, see ``unique_files``);
+    ``extra`` holds the input's own fields other than the audio and caption fields; ``origin`` is where
+    it was read (its source, or a manifest row such as ``captions.csv:3``): what a repeat of it names."""
 
+    source: str
+    split: str
+    audio: str | bytes
+    captions: list[str]
+    extra: dict
+    origin: str
 
-def reject(source: str, split: str, reason: str) -> Reject:
-    return Reject(source, split, reason)
-
-
-def is_reject(item) -> bool:
-    return isinstance(item, Reject)
-
-
-def source_of(item) -> str:
-    return item["source"] if isinstance(item, dict) else item.source
+    @property
+    def key(self) -> str:
+        """The sample's key in the shards (``make_key``)."""
+        return make_key(self.source)
 
 
 def item_digest(item) -> str:
     """What an input is, contents included (a file's size and mtime, an in-memory file's bytes), so
     that ``--resume`` repacks from the first input that changed (a rejected file fixed since)."""
-    if is_reject(item):
+    if isinstance(item, Reject):
         return fingerprint([item.source, item.reason])
-    audio = item["audio"]
+    audio = item.audio
     if isinstance(audio, str):
         try:
             info = os.stat(audio)
@@ -200,20 +212,20 @@ def item_digest(item) -> str:
             audio = [audio, type(error).__name__]
     else:
         audio = hashlib.sha256(audio).hexdigest()
-    return fingerprint([item["source"], item["captions"], item["extra"], audio])
+    return fingerprint([item.source, item.captions, item.extra, audio])
 
 
-def unique_keys(items: Iterable[dict]) -> Iterator[dict]:
-    """Pass items through; a record whose key was already seen becomes a reject (the same source
+def unique_keys(items: Iterable) -> Iterator:
+    """Pass items through; an Item whose key was already seen becomes a reject (the same source
     twice, or a 40-bit hash collision), so keys are unique within the split."""
     seen: dict[str, str] = {}
     for item in items:
-        if isinstance(item, dict):
-            key = item["__key__"]
+        if isinstance(item, Item):
+            key = item.key
             if key in seen:
-                item = reject(item["source"], item["split"], f"duplicate key {key} (first from {seen[key]})")
+                item = Reject(item.source, item.split, f"duplicate key {key} (first from {seen[key]})")
             else:
-                seen[key] = item["source"]
+                seen[key] = item.source
         yield item
 
 
@@ -241,19 +253,18 @@ def inside(path: str | Path, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0, num_parts: int = 1,
-                  split: str | None = None, skip: str | Path | None = None) -> list[SplitInput]:
-    """Split folders (ROOT holds no audio itself) or a flat folder (output split ``split`` or "");
-    the folder ``skip`` (the packer's output, inside ROOT) and all under it are never read."""
-    root = Path(root)
+def folder_inputs(spec: InputSpec) -> list[SplitInput]:
+    """Split folders (ROOT holds no audio itself) or a flat folder (output split ``spec.split`` or "");
+    the folder ``spec.skip`` (the packer's output, inside ROOT) and all under it are never read."""
+    root, split = Path(spec.location), spec.split
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    skip = os.path.realpath(skip) if skip is not None else None
+    skip = os.path.realpath(spec.skip) if spec.skip is not None else None
     entries = sorted(os.listdir(root))
     flat = any(file_kind(os.path.splitext(e)[1]) == "audio" and not (root / e).is_dir() for e in entries)
     if flat:
-        return [listed(split or "", folder_items(root, root, split or "", caption_fields, skip=skip),
-                       part, num_parts)]
+        return [listed(split or "", folder_items(root, root, split or "", spec.caption_fields, skip=skip),
+                       spec.part, spec.num_parts)]
     names = [e for e in entries if (root / e).is_dir() and not e.startswith(".")
              and not (skip and inside(root / e, skip)) and not packed_split(root / e)]
     claimed = {os.path.realpath(root): DATASET_FOLDER}  # resolved folder -> the split folder that is it
@@ -263,13 +274,14 @@ def folder_inputs(root: str | Path, caption_fields: Sequence[str], part: int = 0
     if not names:
         raise FileNotFoundError(f"{root} holds no audio files and no split folder"
                                 + (f" named {split!r}" if split else ""))
-    return [listed(name, folder_items(root, root / name, name, caption_fields, claimed, skip), part, num_parts)
+    return [listed(name, folder_items(root, root / name, name, spec.caption_fields, claimed, skip),
+                   spec.part, spec.num_parts)
             for name in names]
 
 
 def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequence[str],
                  claimed: dict[str, str] | None = None, skip: str | None = None) -> list:
-    """Records, rejects and repeats for every audio and caption file under ``directory``, sorted by
+    """Items, rejects and repeats for every audio and caption file under ``directory``, sorted by
     source; a folder that cannot be listed is a reject of its own. Symlinked folders are followed,
     each folder read once by its resolved path: a symlink loop, or a second path to a folder already
     read (``claimed`` holds the dataset folder and every split folder), is a repeat naming the
@@ -281,7 +293,7 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
         return Path(path).relative_to(root).as_posix()
 
     def unreadable(error: OSError) -> None:
-        items.append(reject(f"{rel(error.filename)}/", split,
+        items.append(Reject(f"{rel(error.filename)}/", split,
                             f"cannot read folder ({type(error).__name__}: {error.strerror})"))
 
     def first_visit(path: Path) -> bool:
@@ -309,7 +321,7 @@ def folder_items(root: Path, directory: Path, split: str, caption_fields: Sequen
         rel_dir = rel(dirpath)
         for stem, group in groups.items():
             items += _group_items(Path(dirpath), rel_dir, stem, group, split, caption_fields)
-    return unique_files(sorted(items, key=source_of))
+    return unique_files(sorted(items, key=lambda item: item.source))
 
 
 def is_shard_index(path: Path) -> bool:
@@ -349,34 +361,46 @@ def packed_split(directory: Path) -> bool:
 
 
 def unique_files(items: list) -> list:
-    """``items`` with each audio file (by resolved path) packed once, as a manifest's rows are: a
-    second path to a clip (a symlink, two folders) adds its new captions to the first path's record,
-    and is a repeat when it adds none or has no caption file. Either way no input is lost, so neither
-    is a rejected input; a clip with no caption file on any path is."""
-    first: dict[str, dict] = {}
+    """``items`` with each audio file (by resolved path) packed once, as a manifest's rows are
+    (``merge_same_audio``); a path with no caption file beside it is a repeat when another path to
+    its clip has one, else a reject. Either way no input is lost, so neither is a rejected input; a
+    clip with no caption file on any path is."""
     captioned: dict[str, str] = {}  # resolved audio file -> the first path to it with captions
     for item in items:
-        if isinstance(item, dict) and item["captions"]:
-            captioned.setdefault(os.path.realpath(item["audio"]), item["source"])
+        if isinstance(item, Item) and item.captions:
+            captioned.setdefault(os.path.realpath(item.audio), item.source)
     out = []
     for item in items:
-        if isinstance(item, dict) and not item["captions"]:  # no caption file beside this path
-            earlier = captioned.get(os.path.realpath(item["audio"]))
-            stem = posixpath.splitext(posixpath.basename(item["source"]))[0]
-            item = (Repeat(item["source"], item["split"], f"same audio file as {earlier} (a symlink or a second "
-                                                          "path to it) with no caption beside it: packed once")
-                    if earlier else reject(item["source"], item["split"],
+        if isinstance(item, Item) and not item.captions:  # no caption file beside this path
+            earlier = captioned.get(os.path.realpath(item.audio))
+            stem = posixpath.splitext(posixpath.basename(item.source))[0]
+            item = (Repeat(item.source, item.split, f"same audio file as {earlier} (a symlink or a second "
+                                                    "path to it) with no caption beside it: packed once")
+                    if earlier else Reject(item.source, item.split,
                                            f"audio without caption (no {stem}.txt or {stem}.json beside it)"))
-        elif isinstance(item, dict):
-            earlier = first.setdefault(os.path.realpath(item["audio"]), item)
-            if earlier is not item:
-                added = new_captions(earlier["captions"], item["captions"])
-                # a new list: clips of one stem share their captions' list
-                earlier["captions"] = earlier["captions"] + added
+        out.append(item)
+    return merge_same_audio(out, lambda first: f"same audio file as {first.source} (a symlink or a second path "
+                                               "to it) with no new caption: packed once")
+
+
+def merge_same_audio(items: list, repeat_note: Callable[[Item], str]) -> list:
+    """``items`` with each audio file (by resolved path) packed once, at its first Item: a later Item
+    for that file adds its new captions to the first and is dropped; one that adds none becomes a
+    Repeat naming its origin, with ``repeat_note(first Item)``. Other items pass through in order."""
+    first: dict[str, int] = {}  # resolved audio file -> position of its first Item in ``out``
+    out = []
+    for item in items:
+        if isinstance(item, Item):
+            resolved = os.path.realpath(item.audio)
+            if resolved in first:
+                earlier = out[first[resolved]]
+                added = new_captions(earlier.captions, item.captions)
                 if added:
+                    out[first[resolved]] = replace(earlier, captions=earlier.captions + added)
                     continue
-                item = Repeat(item["source"], item["split"], f"same audio file as {earlier['source']} (a symlink "
-                                                             "or a second path to it) with no new caption: packed once")
+                item = Repeat(item.origin, item.split, repeat_note(earlier))
+            else:
+                first[resolved] = len(out)
         out.append(item)
     return out
 
@@ -401,28 +425,28 @@ def not_regular(path: Path) -> str | None:
 
 def _group_items(directory: Path, rel_dir: str, stem: str, group: dict, split: str,
                  caption_fields: Sequence[str]) -> list:
-    """The records or rejects of the audio files of one stem; every caption file beside them
+    """The Items or rejects of the audio files of one stem; every caption file beside them
     (``clip.json``, then ``clip.txt``) gives references, so none is ignored."""
     def rel(name: str) -> str:
         return name if rel_dir == "." else f"{rel_dir}/{name}"
 
     if not group["audio"]:
-        return [reject(rel(name), split, "caption without audio") for name in group["caption"]]
+        return [Reject(rel(name), split, "caption without audio") for name in group["caption"]]
     if not group["caption"]:  # a reject unless another path to the clip has captions (``unique_files``)
-        return [record(rel(name), split, str(directory / name), [], {}) for name in group["audio"]]
+        return [Item(rel(name), split, str(directory / name), [], {}, rel(name)) for name in group["audio"]]
     captions, extra = [], {}
     for name in sorted(group["caption"], key=lambda n: (CAPTION_SUFFIXES.index(os.path.splitext(n)[1].lower()), n)):
         try:
             more, more_extra = read_caption_file(directory / name, caption_fields)
         except CaptionError as error:
-            return [reject(rel(audio), split, f"{name}: {error}") for audio in group["audio"]]
+            return [Reject(rel(audio), split, f"{name}: {error}") for audio in group["audio"]]
         captions += new_captions(captions, more)
         extra = {**more_extra, **extra}  # the preferred file's fields win
     items = []
     for name in group["audio"]:
         problem = not_regular(directory / name)
-        items.append(reject(rel(name), split, f"audio file {problem}") if problem
-                     else record(rel(name), split, str(directory / name), captions, extra))
+        items.append(Reject(rel(name), split, f"audio file {problem}") if problem
+                     else Item(rel(name), split, str(directory / name), captions, extra, rel(name)))
     return items
 
 
@@ -461,11 +485,11 @@ def read_caption_file(path: Path, caption_fields: Sequence[str]) -> tuple[list[s
 
 # ----------------------------------------------------------------------------- manifest layout
 
-def manifest_inputs(manifest: str | Path, audio_field: str, caption_fields: Sequence[str], part: int = 0,
-                    num_parts: int = 1, split: str | None = None) -> list[SplitInput]:
-    """One split (``split`` or "") from a JSONL or CSV manifest."""
-    return [listed(split or "", manifest_items(Path(manifest), audio_field, caption_fields, split or ""),
-                   part, num_parts)]
+def manifest_inputs(spec: InputSpec) -> list[SplitInput]:
+    """One split (``spec.split`` or "") from a JSONL or CSV manifest."""
+    split = spec.split or ""
+    return [listed(split, manifest_items(Path(spec.location), spec.audio_field, spec.caption_fields, split),
+                   spec.part, spec.num_parts)]
 
 
 def manifest_rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
@@ -517,40 +541,31 @@ def _csv_rows(name: str, f) -> Iterator[tuple[str, dict | None, str]]:
 
 
 def manifest_items(path: Path, audio_field: str, caption_fields: Sequence[str], split: str) -> list:
-    """Records (the rows naming one audio file, by resolved path, merged), rejects and repeats,
+    """Items (the rows naming one audio file, by resolved path, merged), rejects and repeats,
     sorted by source."""
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     base = path.resolve().parent
-    merged: dict[str, tuple[str, dict]] = {}  # resolved audio file -> (its first row, its record)
-    others = []  # rejects and repeats
+    items = []
     for where, row, error in manifest_rows(path):
         problem = error or audio_path_problem(row.get(audio_field), f"audio field {audio_field!r}")
         if problem:
-            others.append(reject(where, split, problem))
+            items.append(Reject(where, split, problem))
             continue
         source = posixpath.normpath(row[audio_field].strip().replace(os.sep, "/"))
         try:
             captions = captions_from(row, caption_fields)
         except CaptionError as err:
-            others.append(reject(source, split, f"{where}: {err}"))
+            items.append(Reject(source, split, f"{where}: {err}"))
             continue
         file = Path(os.path.normpath(base / source))
         problem = not_regular(file)
-        if problem:
-            others.append(reject(source, split, f"{where}: audio file {problem} ({file})"))
-            continue
-        resolved = os.path.realpath(file)
-        if resolved not in merged:
-            merged[resolved] = (where, record(source, split, str(file), captions,
-                                              without(row, [audio_field, *caption_fields])))
-            continue
-        first, earlier = merged[resolved]
-        added = new_captions(earlier["captions"], captions)
-        if not added:
-            others.append(Repeat(where, split, f"repeats {first}: the same audio file with no new caption"))
-        earlier["captions"] += added
-    return sorted([*(r for _, r in merged.values()), *others], key=source_of)
+        items.append(Reject(source, split, f"{where}: audio file {problem} ({file})") if problem
+                     else Item(source, split, str(file), captions, without(row, [audio_field, *caption_fields]),
+                               where))
+    merged = merge_same_audio(items, lambda first: f"repeats {first.origin}: the same audio file with no new caption")
+    # an Item before the rejects of its own source, as the rows naming one file are one Item
+    return sorted(merged, key=lambda item: (item.source, not isinstance(item, Item)))
 
 
 def audio_path_problem(path, what: str) -> str | None:
@@ -561,133 +576,3 @@ def audio_path_problem(path, what: str) -> str | None:
     if not isinstance(path, str):
         return f"{what} is not a string (a {type(path).__name__})"
     return f"{what} holds a NUL byte" if "\0" in path else None
-
-
-# ----------------------------------------------------------------------------- raw-audio shards
-
-def shard_inputs(pattern: str, audio_field: str | None, caption_fields: Sequence[str], part: int = 0,
-                 num_parts: int = 1, split: str | None = None) -> list[SplitInput]:
-    """One split from raw-audio WebDataset shards named as the loader names shards (brace ranges
-    ``raw/{000..009}.tar`` or ``<000..009>``, globs, folders; several patterns separated by spaces);
-    part I takes the I-th contiguous slice of the shards."""
-    from shard_tools.urls import expand_urls, local_path
-
-    urls = expand_urls(pattern.split())
-    chosen = part_slice(urls, part, num_parts)
-    name = split or ""
-    files = tuple(path for path in map(local_path, urls) if path)  # every part's: none may be overwritten
-    return [SplitInput(name, None, lambda: unique_keys(shard_items(chosen, audio_field, caption_fields, name)),
-                       shard_files=files)]
-
-
-def shard_items(urls: Sequence[str], audio_field: str | None, caption_fields: Sequence[str],
-                split: str) -> Iterator:
-    """Records for the samples of each shard in order, read by the loader's tar reader; an
-    unreadable shard becomes a reject after the samples read before the fault."""
-    from shard_tools.urls import ShardReadError, iter_samples, open_url
-
-    for url in urls:
-        count = 0
-        try:
-            with open_url(url) as stream:
-                for sample in iter_samples(stream, url):
-                    count += 1
-                    yield shard_sample_item(sample, audio_field, caption_fields, split)
-        except ShardReadError as error:
-            yield reject(url, split, f"cannot read shard after {count} samples ({error})")
-
-
-def shard_sample_item(sample: dict, audio_field: str | None, caption_fields: Sequence[str], split: str) -> dict:
-    """A record or reject for one webdataset sample ``{"__key__", "__url__", ext: bytes}``."""
-    where = f"{sample['__url__']}#{sample['__key__']}"
-    exts = [e for e in sample if not e.startswith("__")]
-    audio_ext = audio_field or next((e for e in exts if f".{e}" in AUDIO_SUFFIXES), None)
-    if audio_ext not in sample:
-        wanted = f".{audio_field}" if audio_field else " or ".join(sorted(AUDIO_SUFFIXES))
-        return reject(where, split, f"sample has no audio member ({wanted})")
-    source = f"{where}.{audio_ext}"
-    try:
-        fields = decoded_members(sample, exclude=audio_ext)
-        captions = captions_from(fields, caption_fields)
-    except CaptionError as error:
-        return reject(source, split, str(error))
-    extra = without(fields.get("json", {}), [f[len("json."):] for f in caption_fields if f.startswith("json.")])
-    return record(source, split, sample[audio_ext], captions, extra if isinstance(extra, dict) else {})
-
-
-def decoded_members(sample: dict, exclude: str) -> dict:
-    """The sample's JSON members parsed and text members decoded, for caption lookup."""
-    fields = {}
-    for ext, data in sample.items():
-        if ext.startswith("__") or ext == exclude or not isinstance(data, bytes):
-            continue
-        last = ext.rsplit(".", 1)[-1]
-        try:
-            if last == "json":
-                fields[ext] = load_json(data)
-            elif last in ("txt", "text", "caption"):
-                fields[ext] = data.decode("utf-8-sig")
-        except ValueError as error:  # UnicodeDecodeError too
-            raise CaptionError(f"member .{ext} cannot be read ({error})") from error
-    return fields
-
-
-# ----------------------------------------------------------------------------- Hugging Face datasets
-
-def hf_inputs(name: str, audio_field: str, caption_fields: Sequence[str], part: int = 0, num_parts: int = 1,
-              split: str | None = None) -> list[SplitInput]:
-    """Every split (or only ``split``) of a Hub dataset or a local dataset directory; audio is
-    taken undecoded (``Audio(decode=False)``: the file's bytes or its path)."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("--hf-dataset needs the optional 'datasets' package: "
-                          "pip install 'whisper-caption-stream[hf]'") from error
-    local = Path(name)
-    if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
-        loaded = datasets.load_from_disk(str(local))
-    else:
-        loaded = datasets.load_dataset(name)
-    if not isinstance(loaded, datasets.DatasetDict):
-        splits = {split or "": loaded}
-    elif split is None:
-        splits = dict(loaded)
-    elif split in loaded:
-        splits = {split: loaded[split]}
-    else:
-        raise ValueError(f"{name} has no split {split!r} (splits: {', '.join(loaded)})")
-    inputs = []
-    for split_name in sorted(splits):
-        table = splits[split_name]
-        if audio_field not in table.column_names:
-            raise ValueError(f"{name} split {split_name!r} has no audio column {audio_field!r} "
-                             f"(columns: {', '.join(table.column_names)})")
-        table = table.cast_column(audio_field, datasets.Audio(decode=False))
-        rows = part_slice(range(len(table)), part, num_parts)
-        inputs.append(SplitInput(split_name, len(rows), _hf_items(table, rows, split_name, audio_field, caption_fields)))
-    return inputs
-
-
-def _hf_items(table, rows: range, split: str, audio_field: str, caption_fields: Sequence[str]):
-    def items() -> Iterator[dict]:
-        for i in rows:
-            yield hf_row_item(table[i], f"{split}/{i:08d}" if split else f"{i:08d}", split, audio_field,
-                              caption_fields)
-    return items
-
-
-def hf_row_item(row: dict, source: str, split: str, audio_field: str, caption_fields: Sequence[str]) -> dict:
-    audio = row.get(audio_field) or {}
-    data = audio.get("bytes") or audio.get("path")
-    if not data:
-        return reject(source, split, f"row has no audio in column {audio_field!r}")
-    problem = isinstance(data, str) and audio_path_problem(data, f"audio path in column {audio_field!r}")
-    if problem:
-        return reject(source, split, problem)
-    try:
-        captions = captions_from(row, caption_fields)
-    except CaptionError as error:
-        return reject(source, split, str(error))
-    extra = json.loads(json.dumps(without({k: v for k, v in row.items() if k != audio_field}, caption_fields),
-                                  default=str))
-    return record(source, split, data, captions, extra)

@@ -1,11 +1,14 @@
 """Run configuration: the YAML files, Hydra-grammar overrides, types, errors, interpolation, --config."""
 
+import dataclasses
 import shutil
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, parse_override, save_config
+from pipeline.config import CONFIG_DIR, ConfigError, load_config, parse_override, save_config
+from pipeline.data_settings import DataSettings, SpecAugment
+from shard_tools.retry import RetryPolicy
 
 SEED_COMMAND = [  # the seed guide's command line, verbatim
     "model_config.name=openai/whisper-small", "trainer_config.per_device_train_batch_size=16",
@@ -127,11 +130,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("trainer_config.seed=-1", "trainer_config.seed"),
     ("data_config.shuffle_buffer=0", "data_config.shuffle_buffer"),
     ("data_config.max_skip_fraction=2", "data_config.max_skip_fraction"),
-    ("data_config.retries=-1", "data_config.retries=-1"),
-    ("data_config.retry_backoff=99", "data_config.retry_backoff=99"),
-    ("data_config.shard_deadline=0", "data_config.shard_deadline=0"),
-    ("data_config.read_timeout=.inf", "data_config.read_timeout=inf"),
-    ("data_config.retry_backoff_max=.inf", "data_config.retry_backoff_max=inf"),
+    ("data_config.retry.retries=-1", "data_config.retry.retries=-1"),
+    ("data_config.retry.backoff=99", "data_config.retry.backoff=99"),
+    ("data_config.retry.deadline=0", "data_config.retry.deadline=0"),
+    ("data_config.retry.timeout=.inf", "data_config.retry.timeout=inf"),
+    ("data_config.retry.backoff_max=.inf", "data_config.retry.backoff_max=inf"),
     ("trainer_config.label_smoothing=1.0", "trainer_config.label_smoothing=1.0"),
     ("trainer_config.generation_num_beams=0", "trainer_config.generation_num_beams=0"),
     ("model_config.lora_r=-1", "model_config.lora_r=-1"),
@@ -161,29 +164,95 @@ def test_caption_prefix_and_normalisation_reach_the_loader_settings():
 
 
 def test_retry_keys_reach_the_loader_settings():
-    dc = load_config(overrides=["data_config.retries=2", "data_config.read_timeout=5",
-                                "data_config.shard_deadline=null"]).data_config
+    dc = load_config(overrides=["data_config.retry.retries=2", "data_config.retry.timeout=5",
+                                "++data_config.retry.deadline=null"]).data_config
     retry = dc.settings().retry
     assert (retry.retries, retry.timeout, retry.deadline, retry.backoff) == (2, 5.0, None, 1.0)
 
 
+def test_spec_augment_section_turns_on_with_its_own_keys():
+    assert load_config().data_config.settings().spec_augment is None
+    on = load_config(overrides=["data_config.spec_augment.enabled=true", "++data_config.spec_augment.time_masks=3"])
+    assert on.data_config.settings().spec_augment == SpecAugment(time_masks=3)
+    with pytest.raises(ConfigError, match=r"data_config.spec_augment.freq_width=-1: must be at least 0"):
+        load_config(overrides=["data_config.spec_augment.enabled=true", "data_config.spec_augment.freq_width=-1"])
+
+
+def test_data_config_keys_are_the_loader_settings_own_fields_with_their_defaults():
+    """A loader knob is one DataSettings field with its meaning: data_config has it under the same
+    name (a policy as a section of its fields), its default and its meaning."""
+    from pipeline.config import all_keys, keys_help
+
+    loader = [f for f in dataclasses.fields(DataSettings) if "help" in f.metadata]
+    assert {f.name for f in loader} >= {"shuffle_buffer", "on_error", "max_label_tokens", "spec_augment", "retry"}
+    keys, text = all_keys(), keys_help()
+    for f in loader:
+        assert f"data_config.{f.name}" in keys or any(k.startswith(f"data_config.{f.name}.") for k in keys), f.name
+        assert f"  {f.name}" in text and f.metadata["help"] in text, f.name
+    for f in dataclasses.fields(RetryPolicy):
+        assert f"data_config.retry.{f.name}" in keys and f.metadata["help"] in text
+    for f in dataclasses.fields(SpecAugment):
+        assert f"  spec_augment.{f.name} ({f.type} = {f.default}): {f.metadata['help']}" in text
+    assert load_config(CONFIG_DIR / "paths.yaml").data_config.settings() == DataSettings(retry=RetryPolicy())
+
+
+@pytest.mark.parametrize("old, new", [
+    ("data_config.retries", "data_config.retry.retries"), ("data_config.retry_backoff", "data_config.retry.backoff"),
+    ("data_config.retry_backoff_max", "data_config.retry.backoff_max"),
+    ("data_config.read_timeout", "data_config.retry.timeout"), ("data_config.shard_deadline", "data_config.retry.deadline"),
+    ("data_config.spec_time_masks", "data_config.spec_augment.time_masks"),
+    ("data_config.spec_time_width", "data_config.spec_augment.time_width"),
+    ("data_config.spec_freq_masks", "data_config.spec_augment.freq_masks"),
+    ("data_config.spec_freq_width", "data_config.spec_augment.freq_width"),
+    ("data_config.retry.backof", "data_config.retry.backoff"),
+])
+def test_a_renamed_or_misspelt_nested_key_names_its_spelling(old, new):
+    with pytest.raises(ConfigError, match=rf"^unknown config key '{old}' \(did you mean '{new}'\?\); valid keys") as info:
+        load_config(overrides=[f"++{old}=1"])
+    assert "\n" not in str(info.value)
+
+
+def test_a_section_is_set_key_by_key_and_its_keys_are_typed(tmp_path):
+    with pytest.raises(ConfigError, match=r"^'data_config.spec_augment' is a section: set its keys "
+                                          r"\(data_config.spec_augment.enabled, data_config.spec_augment.time_masks"):
+        load_config(overrides=["data_config.spec_augment=true"])  # the on/off key before the section
+    (tmp_path / "old.yaml").write_text("data_config:\n  retry: 3\n")
+    with pytest.raises(ConfigError, match="'data_config.retry' is a section"):
+        load_config(tmp_path / "old.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["data_config.retry.retries=many"])
+    assert "wrong type for 'data_config.retry.retries' (expected int" in str(info.value)
+    assert "valid keys of 'data_config.retry': retries: int, backoff: float, " in str(info.value)
+    with pytest.raises(ConfigError, match=r"valid keys of 'data_config.retry': backoff, backoff_max, deadline, "):
+        load_config(overrides=["data_config.retry.wait=1"])
+    (tmp_path / "nested.yaml").write_text("data_config:\n  retry:\n    backoff: 2.0\n  spec_augment: {enabled: true}\n")
+    dc = load_config(tmp_path / "nested.yaml", ["data_config.retry.backoff_max=4"]).data_config
+    assert dc.settings().retry == RetryPolicy(backoff=2.0, backoff_max=4.0)  # the other keys keep their defaults
+    assert dc.settings().spec_augment == SpecAugment()
+
+
 def test_yaml_files_agree_with_the_dataclass_defaults():
     """configs/*.yaml repeat some defaults for readers; each must equal its dataclass default."""
-    import dataclasses
+    from pipeline.config import SECTIONS
 
-    from pipeline.config import CONFIG_DIR, SECTIONS
+    def check(values: dict, schema, where: str) -> int:
+        checked = 0
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(schema)}
+        for key, value in values.items():
+            if dataclasses.is_dataclass(defaults[key]):  # a nested section: its own keys
+                checked += check(value, type(defaults[key]), f"{where}.{key}")
+            else:
+                assert value == defaults[key], f"{path.name}: {where}.{key}={value!r}, dataclass {defaults[key]!r}"
+                checked += 1
+        return checked
 
     checked = 0
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         for section, values in (yaml.safe_load(path.read_text()) or {}).items():
-            if section not in SECTIONS:
-                continue
-            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                        for f in dataclasses.fields(SECTIONS[section])}
-            for key, value in values.items():
-                assert value == defaults[key], f"{path.name}: {section}.{key}={value!r}, dataclass {defaults[key]!r}"
-                checked += 1
-    assert checked > 20
+            if section in SECTIONS:
+                checked += check(values, SECTIONS[section], section)
+    assert checked > 25
 
 
 def test_every_key_is_listed_with_type_default_and_meaning():
@@ -191,7 +260,8 @@ def test_every_key_is_listed_with_type_default_and_meaning():
 
     text = keys_help()
     for key in all_keys():
-        assert f"\n  {key.split('.')[1]} (" in text, key
+        assert f"\n  {key.split('.', 1)[1]} (" in text, key
+    assert "\n  retry.backoff (float = 1.0): seconds before the first retry" in text
     assert "  max_steps (int = 5000): optimizer steps to train; > 0 wins over num_train_epochs" in text
     assert "  val_shards (Optional[str] = null): " in text and "  eval_metrics (list[str] = [" in text
 
@@ -264,7 +334,7 @@ def test_bad_train_sources_are_one_line_each_naming_the_key():
 def test_the_readme_mix_example_loads(tmp_path):
     from pipeline.config import CONFIG_DIR
 
-    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    readme = (CONFIG_DIR.parent / "docs" / "training.md").read_text()
     example = readme.split("<!-- mix-example -->\n```yaml\n", 1)[1].split("```", 1)[0]
     shutil.copytree(CONFIG_DIR, tmp_path / "configs")
     (tmp_path / "recipes").mkdir()

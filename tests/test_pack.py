@@ -21,8 +21,11 @@ import soundfile
 import webdataset
 from transformers import WhisperFeatureExtractor
 
+from shard_tools import sources
 from shard_tools.features import N_FRAMES, pad_mel
+from shard_tools.layouts import LAYOUTS, Layout
 from shard_tools.pack import LOCK_FILE, main
+from shard_tools.shard_format import FORMAT_VERSION
 from tests.conftest import write_audio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,7 +408,7 @@ def test_resume_after_fixing_a_reject_packs_it_and_matches_a_fresh_run(tmp_path)
     args = ["--workers", "1", "--samples-per-shard", "2", "--max-reject-fraction", "1"]
     assert main([str(ds), "--out", str(out), *args]) == 0
     assert "clip01.flac" in (out / "rejects.jsonl").read_text()
-    (ds / "clip01.flac").write_bytes(good)  # fixed, as the README tells the user to
+    (ds / "clip01.flac").write_bytes(good)  # fixed, as docs/troubleshooting.md tells the user to
     assert main([str(ds), "--out", str(out), "--resume", *args]) == 0
     assert (out / "rejects.jsonl").read_text() == ""
     assert sorted(s["meta"]["source"] for s in read_split(out)) == [
@@ -590,3 +593,57 @@ def test_an_earlier_pack_output_inside_the_dataset_is_skipped(tmp_path, capsys, 
         assert not (tmp_path / dataset / "packed2" / "packed").exists()
     assert [s["meta"]["source"] for s in read_split(tmp_path / "cF" / "packed2")] == ["clip00.wav", "clip01.flac"]
     assert sorted(os.listdir(tmp_path / "ds" / "packed2")) == ["train"]
+
+
+# ---------------------------------------------------------------------------- the layout table and settings
+
+def test_a_layout_added_to_the_table_is_an_input_option_with_its_defaults(tmp_path, monkeypatch, capsys):
+    clip = write_audio(tmp_path / "a.wav", seconds=0.3)
+    specs = []
+
+    def read(spec: sources.InputSpec) -> list[sources.SplitInput]:
+        specs.append(spec)
+        item = sources.Item("a.wav", spec.split or "", str(clip), [f"said by {spec.location}"], {}, "a.wav")
+        return [sources.listed(spec.split or "", [item], spec.part, spec.num_parts)]
+
+    monkeypatch.setitem(LAYOUTS, "lines", Layout("lines", "--from-lines", "FILE", "one clip per line", read,
+                                                 "line", "clip", "its column"))
+    monkeypatch.setenv("COLUMNS", "1000")  # help lines unwrapped
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--from-lines FILE one clip per line" in help_text and "--from-lines: line" in help_text
+    assert "--from-lines: its column (default: clip)" in help_text
+    out = tmp_path / "out"
+    assert main(["--from-lines", "list.txt", "--out", str(out), "--workers", "1"]) == 0
+    assert specs == [sources.InputSpec("list.txt", ("line",), "clip")]
+    assert [s["meta"]["captions"] for s in read_split(out)] == [["said by list.txt"]]
+    settings = json.loads((out / ".progress.jsonl").read_text().splitlines()[0])["settings"]
+    assert settings["layout"] == "lines" and settings["input"] == "list.txt"
+    assert main(["--from-lines", "x", str(tmp_path), "--out", str(out)]) == 2
+    assert "exactly one input: DATASET, --manifest, --from-shards, --hf-dataset or --from-lines" in \
+        capsys.readouterr().err
+
+
+def test_the_resume_record_holds_what_earlier_outputs_hold(tmp_path):
+    """The settings line of ``.progress.jsonl``, as outputs packed before the settings were typed
+    hold it: a resume of them is checked against the same keys and values."""
+    make_clips(tmp_path / "ds", 1)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio_file": "ds/clip00.wav", "caption_text": "x"}) + "\n")
+    runs = {"folder": [str(tmp_path / "ds" / "."), "--caption-field", "text"],
+            "manifest": ["--manifest", str(manifest), "--split", "train", "--part", "1", "--num-parts", "2",
+                         "--max-shard-mb", "5", "--n-mels", "128"]}
+    expected = {
+        "folder": {"layout": "folder", "input": str(tmp_path / "ds"), "audio_field": None, "caption_fields": ["text"],
+                   "split": "", "n_mels": 80, "samples_per_shard": 1000, "max_shard_mb": None, "part": 0,
+                   "num_parts": 1, "format_version": FORMAT_VERSION},
+        "manifest": {"layout": "manifest", "input": str(manifest), "audio_field": "audio_file",
+                     "caption_fields": ["caption_text"], "split": "train", "n_mels": 128, "samples_per_shard": 1000,
+                     "max_shard_mb": 5.0, "part": 1, "num_parts": 2, "format_version": FORMAT_VERSION}}
+    for name, args in runs.items():
+        out = tmp_path / name
+        assert main([*args, "--out", str(out), "--workers", "1"]) == 0
+        progress = next(out.rglob(".progress.jsonl"))
+        assert json.loads(progress.read_text().splitlines()[0]) == {"settings": expected[name]}
+        assert main([*args, "--out", str(out), "--workers", "1", "--resume"]) == 0

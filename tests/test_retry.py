@@ -293,7 +293,7 @@ def test_fsspec_reads_retry_and_resume(tmp_path, tiny_processor, caplog):
 
 
 def test_the_loaders_policy_governs_index_reads_too(tmp_path, server, tiny_processor):
-    """``DataSettings.retry`` (data_config.retries, ...) reaches index.json and header scans, not only
+    """``DataSettings.retry`` (data_config.retry.retries, ...) reaches index.json and header scans, not only
     shard reads: with no retries allowed, a 503 on the index is the error, not a retried success."""
     write_mel_shards(tmp_path / "train", [4, 6])
     url = f"{server.url}/train/{{000..001}}.tar"

@@ -1,15 +1,14 @@
-"""Input layouts: what each yields for good and bad inputs, checked against hand-written expectations
-(hashlib for keys, plain tarfile for raw shards, webdataset's own key split)."""
+"""The item model and the folder and manifest layouts: what each yields for good and bad inputs,
+checked against hand-written expectations (hashlib for keys)."""
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 
 import pytest
 
 from shard_tools import sources
+from shard_tools.shard_format import Reject
 from tests.conftest import write_audio
 
 
@@ -17,8 +16,15 @@ def sha10(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def spec(location, captions, audio=None, **options) -> sources.InputSpec:
+    """An InputSpec as the packer builds it (a string location, the caption fields as a tuple)."""
+    if "skip" in options:
+        options["skip"] = str(options["skip"])
+    return sources.InputSpec(str(location), tuple(captions), audio, **options)
+
+
 def by_source(split_input):
-    return {sources.source_of(item): item for item in split_input.items()}
+    return {item.source: item for item in split_input.items()}
 
 
 def test_keys_follow_the_format():
@@ -39,20 +45,20 @@ def test_split_folders_with_txt_and_json_captions(tmp_path):
     (root / "my split" / "c.json").write_text(json.dumps({"text": ["one", " two ", ""], "meta": {"x": 1}}))
     (root / "dataset_info.json").write_text("{}")  # top-level metadata is not an input
     (root / "train" / "notes.md").write_text("ignored")
-    inputs = sources.folder_inputs(root, ["text"])
+    inputs = sources.folder_inputs(spec(root, ["text"]))
     assert [i.name for i in inputs] == ["my split", "train"]
     split_c, train = inputs
     assert train.total == 2
     items = list(train.items())
-    assert [i["source"] for i in items] == ["train/b.flac", "train/sub/a.b.wav"]  # sorted by source
+    assert [i.source for i in items] == ["train/b.flac", "train/sub/a.b.wav"]  # sorted by source
     b, ab = items
-    assert b["captions"] == ["a dog barks"] and b["extra"] == {} and b["split"] == "train"
-    assert b["audio"] == str(root / "train" / "b.flac")
-    assert ab["__key__"] == f"train_sub_a_b-{sha10('train/sub/a.b.wav')}"
-    assert ab["captions"] == ["rain falls"] and ab["extra"] == {"id": 7}
+    assert b.captions == ["a dog barks"] and b.extra == {} and b.split == "train"
+    assert b.audio == str(root / "train" / "b.flac")
+    assert ab.key == f"train_sub_a_b-{sha10('train/sub/a.b.wav')}"
+    assert ab.captions == ["rain falls"] and ab.extra == {"id": 7}
     (c,) = split_c.items()
-    assert c["captions"] == ["one", "two"] and c["extra"] == {"meta": {"x": 1}} and c["split"] == "my split"
-    assert [i.name for i in sources.folder_inputs(root, ["text"], split="train")] == ["train"]
+    assert c.captions == ["one", "two"] and c.extra == {"meta": {"x": 1}} and c.split == "my split"
+    assert [i.name for i in sources.folder_inputs(spec(root, ["text"], split="train"))] == ["train"]
 
 
 def test_flat_folder_dotted_and_several_caption_fields(tmp_path):
@@ -60,12 +66,12 @@ def test_flat_folder_dotted_and_several_caption_fields(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"json": {"text": "nested"}, "alt": ["a", "b"], "k": 1}))
     write_audio(tmp_path / "y.wav", seconds=0.2)
     (tmp_path / "y.json").write_text(json.dumps({"json.text": "literal dotted key", "alt": "c"}))
-    (flat,) = sources.folder_inputs(tmp_path, ["json.text", "alt"])
+    (flat,) = sources.folder_inputs(spec(tmp_path, ["json.text", "alt"]))
     assert flat.name == ""
     x, y = flat.items()
-    assert x["captions"] == ["nested", "a", "b"] and x["extra"] == {"json": {}, "k": 1}
-    assert y["captions"] == ["literal dotted key", "c"] and y["extra"] == {}
-    assert sources.folder_inputs(tmp_path, ["text"], split="mine")[0].name == "mine"
+    assert x.captions == ["nested", "a", "b"] and x.extra == {"json": {}, "k": 1}
+    assert y.captions == ["literal dotted key", "c"] and y.extra == {}
+    assert sources.folder_inputs(spec(tmp_path, ["text"], split="mine"))[0].name == "mine"
 
 
 def test_every_bad_folder_input_is_a_reject_with_its_reason(tmp_path):
@@ -85,8 +91,8 @@ def test_every_bad_folder_input_is_a_reject_with_its_reason(tmp_path):
     (tmp_path / "number.json").write_text(json.dumps({"text": 3}))
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF not really audio")  # found bad only when decoded
     (tmp_path / "corrupt.txt").write_text("decoded later")
-    items = by_source(sources.folder_inputs(tmp_path, ["text"])[0])
-    reasons = {source: item.reason if sources.is_reject(item) else None for source, item in items.items()}
+    items = by_source(sources.folder_inputs(spec(tmp_path, ["text"]))[0])
+    reasons = {source: item.reason if isinstance(item, Reject) else None for source, item in items.items()}
     assert reasons["good.wav"] is None and reasons["corrupt.wav"] is None
     assert reasons["nocap.wav"].startswith("audio without caption")
     assert reasons["orphan.txt"] == "caption without audio"
@@ -95,7 +101,7 @@ def test_every_bad_folder_input_is_a_reject_with_its_reason(tmp_path):
     assert reasons["nofield.wav"] == "nofield.json: no caption field 'text'"
     assert reasons["badjson.wav"].startswith("badjson.json: invalid JSON")
     assert "not a string" in reasons["number.wav"]
-    assert all(sources.is_reject(items[s]) == (reasons[s] is not None) for s in items)
+    assert all(isinstance(items[s], Reject) == (reasons[s] is not None) for s in items)
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
@@ -116,15 +122,15 @@ def test_manifest_csv_and_jsonl(tmp_path, kind):
         manifest.write_text("\n".join(lines) + "\n")
     else:
         manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
-    (split,) = sources.manifest_inputs(manifest, "audio_file", ["caption_text"], split="train")
+    (split,) = sources.manifest_inputs(spec(manifest, ["caption_text"], "audio_file", split="train"))
     items = list(split.items())
-    assert split.name == "train" and all((i.split if sources.is_reject(i) else i["split"]) == "train" for i in items)
-    good = [i for i in items if not sources.is_reject(i)]
-    bad = [i for i in items if sources.is_reject(i)]
-    assert [(i["source"], i["captions"], i["extra"]) for i in good] == [
+    assert split.name == "train" and all(i.split == "train" for i in items)
+    good = [i for i in items if not isinstance(i, Reject)]
+    bad = [i for i in items if isinstance(i, Reject)]
+    assert [(i.source, i.captions, i.extra) for i in good] == [
         ("../audio/a.wav", ["first", "second"], {"lang": "en"}),
         ("../audio/b.flac", ["bee"], {"lang": "en"})]
-    assert os.path.samefile(good[0]["audio"], tmp_path / "audio" / "a.wav")
+    assert os.path.samefile(good[0].audio, tmp_path / "audio" / "a.wav")
     first = 2 if kind == "csv" else 1  # the line of the first row
     expected = [("../audio/b.flac", f"captions.{kind}:{first + 4}: empty caption"),
                 ("../audio/missing.wav", f"captions.{kind}:{first + 3}: audio file not found "
@@ -133,73 +139,6 @@ def test_manifest_csv_and_jsonl(tmp_path, kind):
         expected.append(("captions.jsonl:6", "invalid JSON line (Expecting property name enclosed in double "
                                                 "quotes: line 1 column 2 (char 1))"))
     assert [(i.source, i.reason) for i in bad] == expected
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_raw_shards(tmp_path, per_shard=3):
-    """Two raw-audio shards in the emo_webds layout: KEY.flac + KEY.json ({"text": …, "emotion": …})."""
-    urls = []
-    for s in range(2):
-        url = tmp_path / "raw" / f"{s:03d}.tar"
-        url.parent.mkdir(exist_ok=True)
-        with tarfile.open(url, "w") as tar:
-            for i in range(per_shard):
-                key = f"v1.0/clip{s}_{i}"  # webdataset splits at the first dot of the base name only
-                audio = write_audio(tmp_path / "tmp.flac", seconds=0.2, seed=i).read_bytes()
-                add_member(tar, f"{key}.flac", audio)
-                add_member(tar, f"{key}.json", json.dumps({"text": f"caption {s} {i}", "emotion": "calm"}).encode())
-        urls.append(url)
-    return urls
-
-
-def test_raw_audio_shards(tmp_path):
-    urls = write_raw_shards(tmp_path)
-    with tarfile.open(urls[1], "a") as tar:  # a sample without audio, one without its caption field
-        add_member(tar, "noaudio.json", b'{"text": "x"}')
-        add_member(tar, "nocap.flac", (tmp_path / "tmp.flac").read_bytes())
-        add_member(tar, "nocap.json", b'{"label": 3}')
-    (tmp_path / "raw" / "002.tar").write_bytes(b"not a tar file at all" * 40)
-    pattern = str(tmp_path / "raw" / "{000..002}.tar")
-    (split,) = sources.shard_inputs(pattern, "flac", ["json.text"])
-    assert split.name == "" and split.total is None
-    items = list(split.items())
-    good = [i for i in items if not sources.is_reject(i)]
-    assert len(good) == 6
-    first = good[0]
-    assert first["source"] == f"{urls[0]}#v1.0/clip0_0.flac"
-    assert "." not in first["__key__"] and first["__key__"].endswith("_v1_0_clip0_0-" + sha10(first["source"]))
-    assert first["captions"] == ["caption 0 0"] and first["extra"] == {"emotion": "calm"}
-    with tarfile.open(urls[0]) as tar:
-        assert first["audio"] == tar.extractfile("v1.0/clip0_0.flac").read()
-    reasons = [i.reason for i in items if sources.is_reject(i)]
-    assert reasons[0].startswith("sample has no audio member") and reasons[1] == "no caption field 'json.text'"
-    assert reasons[2].startswith("cannot read shard after 0 samples")
-    # Default audio field: the first audio member; the parts split the shard list.
-    part0, part1 = (sources.shard_inputs(str(urls[0]) + " " + str(urls[1]), None, ["json.text"], part=p,
-                                         num_parts=2)[0] for p in range(2))
-    sources0 = [sources.source_of(i) for i in part0.items()]
-    sources1 = [sources.source_of(i) for i in part1.items()]
-    assert all(s.startswith(str(urls[0])) for s in sources0) and all(s.startswith(str(urls[1])) for s in sources1)
-
-
-def test_raw_shard_keys_differ_when_webdataset_keys_collide(tmp_path):
-    url = tmp_path / "dup.tar"
-    audio = write_audio(tmp_path / "a.wav", seconds=0.2).read_bytes()
-    with tarfile.open(url, "w") as tar:  # key "a" twice, apart: two samples with one source
-        for key, caption in (("a", b"first"), ("b", b"between"), ("a", b"again")):
-            add_member(tar, f"{key}.wav", audio)
-            add_member(tar, f"{key}.txt", caption)
-    (split,) = sources.shard_inputs(str(url), None, ["txt"])
-    first, between, second = split.items()
-    assert first["captions"] == ["first"] and between["captions"] == ["between"]
-    assert second.reason.startswith("duplicate key")
-    with pytest.raises(ValueError, match="more than once"):  # the loader's grammar: never read a shard twice
-        sources.shard_inputs(f"{url} {tmp_path}/./dup.tar", None, ["txt"])
 
 
 def test_parts_are_disjoint_and_cover():
@@ -215,9 +154,9 @@ def test_folder_parts_slice_each_split(tmp_path):
     for i in range(7):
         write_audio(tmp_path / "train" / f"{i}.wav", seconds=0.1)
         (tmp_path / "train" / f"{i}.txt").write_text(f"c{i}")
-    parts = [sources.folder_inputs(tmp_path, ["text"], part=p, num_parts=3)[0] for p in range(3)]
+    parts = [sources.folder_inputs(spec(tmp_path, ["text"], part=p, num_parts=3))[0] for p in range(3)]
     assert [p.total for p in parts] == [2, 2, 3]
-    assert sum(([i["source"] for i in p.items()] for p in parts), []) == [f"train/{i}.wav" for i in range(7)]
+    assert sum(([i.source for i in p.items()] for p in parts), []) == [f"train/{i}.wav" for i in range(7)]
 
 
 def test_lookup_and_without():
@@ -230,21 +169,6 @@ def test_lookup_and_without():
     assert sources.parse_fields("caption_1, caption_2") == ["caption_1", "caption_2"]
 
 
-def test_hf_dataset_from_a_local_directory(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    paths = [str(write_audio(tmp_path / f"{i}.wav", seconds=0.2, seed=i)) for i in range(3)]
-    table = datasets.Dataset.from_dict({"audio": paths, "caption": ["a", "b", ""], "n": [1, 2, 3]})
-    table = table.cast_column("audio", datasets.Audio())
-    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "hf"))
-    (split,) = sources.hf_inputs(str(tmp_path / "hf"), "audio", ["caption"])
-    items = list(split.items())
-    assert split.name == "train" and [sources.source_of(i) for i in items] == ["train/00000000", "train/00000001",
-                                                                       "train/00000002"]
-    assert items[0]["captions"] == ["a"] and items[0]["extra"] == {"n": 1}
-    assert isinstance(items[0]["audio"], (bytes, str))
-    assert items[2].reason == "empty caption"
-
-
 def test_every_caption_file_beside_a_clip_gives_references(tmp_path):
     write_audio(tmp_path / "cat.wav", seconds=0.2)
     (tmp_path / "cat.txt").write_text("a cat purrs\n")
@@ -252,9 +176,9 @@ def test_every_caption_file_beside_a_clip_gives_references(tmp_path):
     write_audio(tmp_path / "dog.wav", seconds=0.2)
     (tmp_path / "dog.json").write_text(json.dumps({"text": "a dog barks"}))
     (tmp_path / "dog.txt").write_text(" \n")  # a bad second caption file rejects the clip, naming it
-    items = by_source(sources.folder_inputs(tmp_path, ["text"])[0])
+    items = by_source(sources.folder_inputs(spec(tmp_path, ["text"]))[0])
     cat = items["cat.wav"]
-    assert cat["captions"] == ["a cat meows", "a cat purrs"] and cat["extra"] == {"id": 3}  # no repeat
+    assert cat.captions == ["a cat meows", "a cat purrs"] and cat.extra == {"id": 3}  # no repeat
     assert items["dog.wav"].reason == "dog.txt: empty caption"
     assert sorted(items) == ["cat.wav", "dog.wav"]
 
@@ -274,9 +198,9 @@ def test_symlinked_folders_are_followed_and_each_place_read_once(tmp_path):
     (root / "train" / "same.wav").symlink_to(root / "train" / "a.wav")  # with no new caption: a repeat
     (root / "train" / "same.txt").write_text("in the split")
     (root / "copy").symlink_to(root / "train")  # a split folder that is another split
-    copy, train = sources.folder_inputs(root, ["text"])
+    copy, train = sources.folder_inputs(spec(root, ["text"]))
     items = by_source(train)  # repeats lose no input: they are not inputs, not even rejects
-    assert {s: i["captions"] for s, i in items.items()} == {
+    assert {s: i.captions for s, i in items.items()} == {
         "train/a.wav": ["in the split", "same clip"], "train/again/b.wav": ["behind a link"]}
     assert train.total == 2
     assert {r.source: r.note for r in train.repeats} == {
@@ -297,13 +221,13 @@ def test_the_skipped_folder_is_never_read(tmp_path):
         (out / "train").mkdir(parents=True)
         (out / "train" / "index.json").write_text("{}")
     (tmp_path / "train" / "to_out").symlink_to(tmp_path / "train" / "deep")  # inside it by another path
-    (train,) = sources.folder_inputs(tmp_path, ["text"], skip=tmp_path / "packed")  # not a split
-    assert [sources.source_of(i) for i in train.items()] == ["train/a.wav", "train/deep/train/index.json"]
+    (train,) = sources.folder_inputs(spec(tmp_path, ["text"], skip=tmp_path / "packed"))  # not a split
+    assert [i.source for i in train.items()] == ["train/a.wav", "train/deep/train/index.json"]
     assert [r.source for r in train.repeats] == ["train/to_out/"]
-    packed, train = sources.folder_inputs(tmp_path, ["text"], skip=tmp_path / "train" / "deep")
-    assert [sources.source_of(i) for i in train.items()] == ["train/a.wav"] and train.repeats == ()
-    (flat,) = sources.folder_inputs(tmp_path / "train", ["text"], skip=tmp_path / "train" / "deep")
-    assert [i["source"] for i in flat.items()] == ["a.wav"] and flat.repeats == ()
+    packed, train = sources.folder_inputs(spec(tmp_path, ["text"], skip=tmp_path / "train" / "deep"))
+    assert [i.source for i in train.items()] == ["train/a.wav"] and train.repeats == ()
+    (flat,) = sources.folder_inputs(spec(tmp_path / "train", ["text"], skip=tmp_path / "train" / "deep"))
+    assert [i.source for i in flat.items()] == ["a.wav"] and flat.repeats == ()
 
 
 def test_manifest_repeated_rows_merge_new_captions_and_report_repeats(tmp_path):
@@ -312,8 +236,8 @@ def test_manifest_repeated_rows_merge_new_captions_and_report_repeats(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("audio_file,caption_text\naudio/a.wav,a hum\naudio/a.wav,a hum\n"
                         "./audio/a.wav,a low hum\nlink.wav,a hum\n")
-    (split_input,) = sources.manifest_inputs(manifest, "audio_file", ["caption_text"])
-    assert [(i["source"], i["captions"]) for i in split_input.items()] == [
+    (split_input,) = sources.manifest_inputs(spec(manifest, ["caption_text"], "audio_file"))
+    assert [(i.source, i.captions) for i in split_input.items()] == [
         ("audio/a.wav", ["a hum", "a low hum"])]  # one file by any path, each caption once
     assert [(r.source, r.note) for r in split_input.repeats] == [
         ("m.csv:3", "repeats m.csv:2: the same audio file with no new caption"),
@@ -343,15 +267,9 @@ def test_manifest_rows_that_name_no_file_are_rejects_naming_the_row(tmp_path, ki
                     ("m.jsonl:5", "audio field 'audio_file' is not a string (a list)"),
                     ("m.jsonl:6", "row has no audio field 'audio_file'")]
         captions = ["fine"]
-    items = list(sources.manifest_inputs(manifest, "audio_file", ["caption_text"])[0].items())
-    assert [(i["source"], i["captions"]) for i in items if not sources.is_reject(i)] == [("a.wav", captions)]
-    assert [(i.source, i.reason) for i in items if sources.is_reject(i)] == expected
-
-
-def test_hf_row_with_a_nul_byte_in_its_audio_path_is_a_reject():
-    row = {"audio": {"bytes": None, "path": "clips/a\0.wav"}, "text": "x"}
-    item = sources.hf_row_item(row, "train/00000000", "train", "audio", ["text"])
-    assert item.reason == "audio path in column 'audio' holds a NUL byte"
+    items = list(sources.manifest_inputs(spec(manifest, ["caption_text"], "audio_file"))[0].items())
+    assert [(i.source, i.captions) for i in items if not isinstance(i, Reject)] == [("a.wav", captions)]
+    assert [(i.source, i.reason) for i in items if isinstance(i, Reject)] == expected
 
 
 def test_folders_of_packed_shards_are_skipped_with_a_note(tmp_path, capsys):
@@ -363,8 +281,8 @@ def test_folders_of_packed_shards_are_skipped_with_a_note(tmp_path, capsys):
         (folder / "index.json").write_text(index)
     (tmp_path / "train" / "other").mkdir()
     (tmp_path / "train" / "other" / "index.json").write_text("{}")  # not an index: a caption without audio
-    (train,) = sources.folder_inputs(tmp_path, ["text"])
-    assert [sources.source_of(i) for i in train.items()] == ["train/a.wav", "train/other/index.json"]
+    (train,) = sources.folder_inputs(spec(tmp_path, ["text"]))
+    assert [i.source for i in train.items()] == ["train/a.wav", "train/other/index.json"]
     assert capsys.readouterr().err.splitlines() == [
         f"note: {tmp_path / p} is skipped: it holds packed shards (index.json), not inputs"
         for p in ("old", "train/deep", "train/x")]
@@ -376,11 +294,25 @@ def test_a_second_path_to_a_clip_without_a_caption_file_is_a_repeat(tmp_path):
     (tmp_path / "train" / "a_link.wav").symlink_to(tmp_path / "train" / "b.wav")  # sorted before its target
     write_audio(tmp_path / "train" / "lone.wav", seconds=0.1)
     (tmp_path / "train" / "lone_link.wav").symlink_to(tmp_path / "train" / "lone.wav")  # no caption on any path
-    (train,) = sources.folder_inputs(tmp_path, ["text"])
+    (train,) = sources.folder_inputs(spec(tmp_path, ["text"]))
     items = by_source(train)
-    assert items["train/b.wav"]["captions"] == ["b"]
-    assert {s: i.reason for s, i in items.items() if sources.is_reject(i)} == {
+    assert items["train/b.wav"].captions == ["b"]
+    assert {s: i.reason for s, i in items.items() if isinstance(i, Reject)} == {
         "train/lone.wav": "audio without caption (no lone.txt or lone.json beside it)",
         "train/lone_link.wav": "audio without caption (no lone_link.txt or lone_link.json beside it)"}
     assert train.repeats == (sources.Repeat("train/a_link.wav", "train", "same audio file as train/b.wav (a symlink "
                                             "or a second path to it) with no caption beside it: packed once"),)
+
+
+def test_merge_same_audio_keeps_each_file_once_at_its_first_item(tmp_path):
+    clip = write_audio(tmp_path / "a.wav", seconds=0.1)
+    (tmp_path / "link.wav").symlink_to(clip)
+
+    def item(source, captions, origin):
+        return sources.Item(source, "", str(tmp_path / source), captions, {}, origin)
+
+    bad = Reject("b.wav", "", "no caption")
+    items = [item("a.wav", ["one"], "m:1"), bad, item("link.wav", ["one", "two"], "m:2"), item("a.wav", ["two"], "m:3")]
+    merged = sources.merge_same_audio(items, lambda first: f"repeats {first.origin}")
+    assert merged == [item("a.wav", ["one", "two"], "m:1"), bad, sources.Repeat("m:3", "", "repeats m:1")]
+    assert items[0].captions == ["one"]  # the inputs are not changed
