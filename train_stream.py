@@ -574,7 +574,7 @@ def checkpoint_part(file: Path, load):
 def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> tuple[int, int | None]:
     """Restore model, optimizer, scaler, RNG and stream position; returns the step and the longest
     caption trained on so far (None: not known, a checkpoint older than that record). On another number
-    of processes the stream re-plans the rest of the epoch (``pipeline.stream``, elastic resume); a
+    of processes the stream re-plans the rest of the epoch (docs/streaming.md, 'Elastic resume'); a
     rank the checkpoint has no RNG state for keeps its freshly seeded generators. A file that cannot
     be read is a ``TrainingError`` naming it and the problem."""
     state = checkpoint_part(path / "trainer_state.json", lambda f: json.loads(f.read_text()))

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--train-steps", type=int, default=40)
     args = parser.parse_args()
-    from tests.conftest import write_mel_shards
+    from shard_tools.synth import write_mel_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

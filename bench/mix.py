@@ -4,7 +4,7 @@ progress (``StreamLoader.progress``, logged every ``logging_steps``) at large ep
 
     python bench/mix.py [--samples 3000] [--frames 300] [--workers 2] [--repeats 3] [--baseline 459be6b]
 
-Throughput: synthetic shards (``tests/_stream_bench.py``), one training epoch per row in a fresh
+Throughput: synthetic shards (``shard_tools.synth.write_uniform_shards``), one training epoch per row in a fresh
 process, rows alternating (REV's single source if ``--baseline``, this tree's single source, this
 tree's three sources of a third of the shards each at weights 1:2:3); wall-clock samples/s, and
 CPU time per sample (main process and workers), steadier on a shared machine. Progress: no data is read;
@@ -61,7 +61,8 @@ def cpu_s() -> float:
 def progress_ms(samples: int) -> float:
     """Median ms of ``StreamLoader.progress`` for a three-source mix of ``samples`` (no data read)."""
     from pipeline.data_settings import DataSettings
-    from pipeline.stream import Mix, ShardStream, StreamLoader
+    from pipeline.plan import Mix
+    from pipeline.stream import ShardStream, StreamLoader
     from shard_tools.urls import Shard
 
     per_shard, settings = 1000, DataSettings(batch_size=16, num_workers=4)
@@ -98,10 +99,10 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from bench.baseline import checkout
-    from tests._stream_bench import write_shards
+    from shard_tools.synth import write_uniform_shards
 
     data = Path(tempfile.mkdtemp(prefix="bench_mix_"))
-    write_shards(data, args.samples, args.frames)
+    write_uniform_shards(data, args.samples, args.frames)
     codes = ([(f"one source ({args.baseline})", "one source", checkout(args.baseline))] if args.baseline else []) + [
         (kind, kind, ROOT) for kind in KINDS]
     rows = []

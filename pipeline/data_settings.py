@@ -43,7 +43,7 @@ class SpecAugment:
 
 @dataclass(frozen=True)
 class Source:
-    """One training source of a mixed stream (pipeline.stream module doc, item 0): its shards (any
+    """One training source of a mixed stream (docs/streaming.md, 'Sources and mixing'): its shards (any
     form ``expand_urls`` takes), its weight (share of every epoch, relative to the others') and the
     caption prefix its samples are trained with ("": none)."""
 
@@ -79,7 +79,7 @@ def source_prefixes(sources: list[Source]) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """How one rank reads and batches a split (pipeline.stream module doc for the plan). The fields
+    """How one rank reads and batches a split (docs/streaming.md for the plan). The fields
     made with ``key`` are ``data_config`` keys; the others are the run's (trainer_config, the loop)."""
 
     batch_size: int = 16

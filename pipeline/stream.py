@@ -1,106 +1,15 @@
-"""Shard streaming for training and inference: every rank and worker exactly once, deterministically
-and resumably.
-
-The epoch plan (all of it a pure function of ``(seed, epoch)``, the shard sample counts and the
-sources' weights):
-
-1. **Sources and the epoch's sequence.** A stream reads one or more sources (``Source``: a name,
-   shards, a weight). Each source has its own endless sequence: its own epochs back to back, each
-   its shards in an order permuted (training) with ``numpy.random.default_rng((seed, own epoch, 0,
-   source))`` (never Python's ``hash``; source 0 drops the last part, as streams did before they
-   had sources, so their saved positions still resume) or listed (evaluation). An epoch of the
-   stream has N positions, N being the samples of all sources together; source ``s`` has ``m_s``
-   of them, its weight's share of N (largest remainder; a weight too small for one position is
-   refused), and which positions are whose is a seeded shuffle of those counts (``(seed, epoch,
-   2)``, the same for any number of ranks or workers). The position that is source ``s``'s
-   ``j``-th in epoch ``E`` is sample ``E * m_s + j`` of ``s``'s sequence. So every source is read
-   exactly once per its *own* epoch (its sequence is taken in order, each stream position once);
-   a source weighted above its size cycles several times per stream epoch, one below less than
-   once; within any stretch of the epoch the sources come in proportion to their weights
-   (hypergeometric noise around them, less than independent draws would give); and where each
-   source stands is arithmetic on the stream's position, so everything below (ranks, workers,
-   shuffle, resume, elastic resume) cuts and orders the N positions of an epoch without knowing
-   whose they are. Reading a range of positions reads each source's share of it as one run of its
-   sequence (shards entered mid-shard, as for one source; a reader holds one open shard per
-   source), and each sample names its source under ``SOURCE_KEY`` for the collator (its prefix).
-   One source: N is its size, its epochs are the stream's. A stream epoch is what
-   ``num_train_epochs`` counts; ``max_steps`` training (item 7) runs them back to back. Unlike
-   weighted mixes that draw each sample's source at random, and whose resume then needs the
-   sampler's state (LitData #694), nothing here is drawn at run time.
-2. **Ranks.** The sequence is cut into ``world_size`` contiguous near-equal ranges. Every rank has
-   ``L = ceil(N / world_size)`` slots; a rank with one sample fewer gets a marked padding sample, so
-   every rank yields exactly ``ceil(L / batch_size)`` batches of the same sizes (no DDP hang, and
-   no sample dropped or doubled whatever the shard count: fewer shards than ranks × workers just
-   means ranges that start and end inside shards).
-3. **Workers.** A rank's batches are split into contiguous ranges, one per dataloader worker
-   (the first ``B % W`` workers get one more). A worker reads only the shards overlapping its
-   range and seeks over the members before its start (nothing read, nothing decoded). Batches are
-   collated inside the worker, so the ``DataLoader`` runs with ``batch_size=None``; with
-   ``in_order`` it hands out worker batches round-robin, dropping workers that are done. That
-   order is canonical: worker ``w``'s ``j``-th batch comes at (lap ``j``, position ``w``).
-   Batches cross the process boundary cut after their longest clip, and stay so up to the device
-   (``pipeline.device``: received from the workers by a background thread, pinned by the
-   ``DataLoader``'s pin-memory thread, copied one batch ahead on a side CUDA stream; ``_Crossing``
-   for what crosses the process boundary how), where the step pads them to 3000 frames: a padded float16 batch of 16 is
-   7.7 MB, and the worker queue alone moved only 500-750 such samples/s here, against ~4,000/s for
-   500-frame batches; padding in the main process held every step up by milliseconds.
-4. **Shuffle.** A worker's sample stream is shuffled in blocks of ``shuffle_buffer`` samples,
-   each permuted by a generator seeded from ``(seed, epoch, rank, worker, block)``. Memory is one
-   block of raw samples; unlike a webdataset-style reservoir, the state after k samples is known
-   by arithmetic, which is what makes resume exact and cheap. A block read straight through would
-   hold one or two shards, and shards are packed in source-path order (often one class or source
-   per shard), so training reads the worker's range through ``interleave`` cursors instead: the
-   range is cut into that many near-equal sub-ranges read round-robin, and each block mixes
-   samples from as many places in the range. Cursor positions after k samples are again
-   arithmetic (the same round-robin as the workers). Local shards cost nothing extra (skips are
-   seeks); over http a cursor that starts inside a shard reads the bytes before it, so
-   ``interleave=1`` reads each shard once, straight through.
-5. **Resume.** ``state_dict`` counts the batches ``StreamLoader`` actually *handed to the caller*
-   (prefetched batches do not count). After k batches, the round-robin above says how many
-   batches each worker had delivered and whose turn is next (``resume_position``); physical worker
-   ``p`` then plays logical worker ``(next + p) mod W`` starting at that worker's count, so the
-   fresh ``DataLoader`` (which always starts with worker 0) continues the exact sequence. A worker
-   skips whole shuffle blocks by arithmetic and re-reads only the block it stops in.
-   The position reaches workers through a shared-memory tensor read at the start of each
-   iteration, so it works with ``persistent_workers`` too.
-   **Elastic resume.** A position saved under another layout (world size, workers, batch size,
-   shuffle buffer, interleave) cannot be continued batch for batch, but what it delivered can be
-   recomputed: everything above is arithmetic on global positions (which sample each position of
-   an epoch is depends on ``(seed, epoch)`` alone), so replaying the saved layout's plan for ``batches``
-   batches per rank gives the set of positions consumed (whole shuffle blocks per worker as
-   cursor prefixes, plus the seeded permutation prefix of the block it stopped in). The rest of
-   the epoch, kept as sorted runs of global positions (``sequence`` in the state), becomes that
-   epoch's sequence: cut over the new ranks and workers exactly as a whole epoch would be, so
-   each remaining sample comes once and every rank has the same batch count. The next epoch is a
-   whole one under the new layout. Resuming the same layout keeps the bit-exact continuation.
-6. **Faults.** A truncated tar, a corrupt member (bad npy or JSON, missing member), an
-   unreachable URL or a sha256 mismatch is reported with URL and key; with ``on_error="skip"`` the
-   lost samples become marked padding samples (batch counts stay equal on every rank) counted in
-   ``loader.skipped``, and more than ``max_skip_fraction`` of a rank's samples skipped in one epoch
-   raises ``StreamError``; ``on_error="raise"`` raises at once. ``np.load(allow_pickle=False)``
-   only: shard content is never unpickled.
-7. **Infinite mode** runs epoch after epoch (epoch number increasing, each with its own seeded
-   plan) for ``max_steps`` training; ``state_dict`` holds the epoch too.
-8. **Distributed.** Rank and world size come from ``torch.distributed`` when it is initialised
-   (the loader is never given to ``accelerator.prepare``). Shard counts are resolved on rank 0 and
-   broadcast, so every rank builds the same plan even if a shard is unreachable from one of them.
-
-Memory per process: the plan is O(number of shards) integers (a mix of sources adds two bytes per
-position of the epoch: whose it is); samples stream from the tar reader through one shuffle block.
-A position resumes exactly (batch for batch) under the same layout and elastically under another;
-the seed and the data (shard sample counts, and a mix's sources and their shares) must be the same,
-which ``load_state_dict`` checks. An elastic resume costs one boolean per sample of the epoch, once.
+"""Shard streaming for training and inference: the per-rank loader that reads what the epoch plan
+(``pipeline.plan``) says, every sample once over ranks and workers. Here: the shard reader and its fault
+policy (``ShardStream``), the ``DataLoader`` wrapper with exact and elastic resume (``StreamLoader``)
+and source resolution across ranks (``make_loader``). docs/streaming.md describes the plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -112,6 +21,8 @@ from pipeline.data_settings import DEFAULT_SOURCE, SOURCE_KEY, DataSettings, Sou
 from pipeline.device import in_background, to_device_ahead
 from shard_tools.fileio import file_sha256
 from pipeline.overlap import overlaps
+from pipeline.plan import (EpochPicks, Layout, Mix, RankPlan, Remainder, block_order, cursor_count, delivered_mask,
+                           plan_epoch, remaining_sequence, resume_position, seen_per_source, shard_order, worker_split)
 from shard_tools.retry import RetryPolicy
 from shard_tools.shard_format import decode_sample
 from shard_tools.tar import ShardReadError, iter_samples
@@ -120,7 +31,7 @@ from pipeline.workers import exit_flag, worker_init
 
 STATE_VERSION = 3  # 3 added the sources (mixing); 2 the data digest and the epoch's sequence (elastic resume)
 DATA_KEYS = ("seed", "num_samples", "train", "data_digest")  # must match to resume at all
-LAYOUT_KEYS = ("world_size", "workers", "batch_size", "shuffle_buffer", "interleave")  # else elastic
+LAYOUT_KEYS = tuple(f.name for f in dataclasses.fields(Layout))  # must match to resume exactly, else elastic
 
 
 class StreamError(RuntimeError):
@@ -131,217 +42,11 @@ class StreamWarning(UserWarning):
     """A skipped shard or sample (URL, key and reason in the message)."""
 
 
-def _rng(*parts: int) -> np.random.Generator:
-    return np.random.default_rng([int(p) for p in parts])
-
-
-# ------------------------------------------------------------------------------------------ plan
-
-_STRIDE = 4096  # epoch positions between the per-source pick counts a stream keeps (Mix.picked_before)
-
-
-@dataclass(frozen=True)
-class Mix:
-    """The sources of a stream and their share of each of its epochs (module doc, item 1)."""
-
-    names: tuple[str, ...]
-    counts: tuple[tuple[int, ...], ...]  # per source: its shards' sample counts, in listed order
-    quotas: tuple[int, ...]  # per source: its positions in every epoch of the stream (m_s)
-
-    @classmethod
-    def weighted(cls, names: list[str], counts: list[list[int]], weights: list[float]) -> Mix:
-        """Quotas by largest remainder of the weights' shares of all the sources' samples; ValueError
-        naming a source that has no samples or whose weight leaves it no position."""
-        sizes = [sum(c) for c in counts]
-        empty = [n for n, size in zip(names, sizes) if size == 0]
-        if empty:
-            raise ValueError(f"source(s) {empty} have no samples")
-        total, weight = sum(sizes), sum(weights)
-        exact = [total * w / weight for w in weights]
-        quotas = [int(q) for q in exact]
-        by_remainder = sorted(range(len(names)), key=lambda i: (quotas[i] - exact[i], i))
-        for i in by_remainder[:total - sum(quotas)]:
-            quotas[i] += 1
-        starved = [n for n, q in zip(names, quotas) if q == 0]
-        if starved:
-            raise ValueError(f"source(s) {starved}: weight too small for a single sample in an epoch of {total}")
-        return cls(tuple(names), tuple(tuple(map(int, c)) for c in counts), tuple(quotas))
-
-    @property
-    def sizes(self) -> list[int]:
-        return [sum(c) for c in self.counts]
-
-    @property
-    def total(self) -> int:
-        return sum(self.quotas)
-
-    def picks(self, seed: int, epoch: int) -> np.ndarray | None:
-        """``[N]`` int16: the source of each position of ``epoch``; None for one source."""
-        if len(self.quotas) == 1:
-            return None
-        sources = np.repeat(np.arange(len(self.quotas), dtype=np.int16), self.quotas)
-        return sources[_rng(seed, epoch, 2).permutation(len(sources))]
-
-    def marks(self, picks: np.ndarray) -> np.ndarray:
-        """``[N // _STRIDE + 1, sources]``: per source, its picks before every ``_STRIDE``-th position."""
-        out = np.zeros((len(picks) // _STRIDE + 1, len(self.quotas)), dtype=np.int64)
-        for source in range(len(self.quotas)):
-            out[1:, source] = np.cumsum(picks == source)[_STRIDE - 1::_STRIDE][:len(out) - 1]
-        return out
-
-    def picked_before(self, picks: np.ndarray, marks: np.ndarray, position: int) -> np.ndarray:
-        """``[sources]``: each source's positions among the epoch's first ``position``."""
-        block = position // _STRIDE
-        return marks[block] + np.bincount(picks[block * _STRIDE:position], minlength=len(self.quotas))
-
-    def digest(self) -> str:
-        """The data's identity for resuming: per-shard sample counts in listed order (one source: as
-        before sources existed), with a mix's names and quotas."""
-        data = list(self.counts[0]) if len(self.counts) == 1 else [self.names, self.counts, self.quotas]
-        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=64)
-def _shard_plan(counts: tuple[int, ...], seed: int, epoch: int, source: int, train: bool
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, offsets)`` of one source's own ``epoch``: its shard indices in reading order and
-    ``[shards + 1]`` the position in that epoch where each starts."""
-    counts_array = np.asarray(counts, dtype=np.int64)
-    parts = (seed, epoch, 0) if source == 0 else (seed, epoch, 0, source)
-    order = _rng(*parts).permutation(len(counts)) if train else np.arange(len(counts))
-    return order, np.concatenate([[0], np.cumsum(counts_array[order])])
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    """One rank's view of one epoch."""
-
-    start: int  # global position of this rank's first sample
-    real: int  # real samples of this rank (slots after them are padding)
-    slots: int  # samples per rank, padding included: ceil(N / world_size)
-    num_batches: int  # ceil(slots / batch_size), the same on every rank
-    sequence: np.ndarray | None = None  # [runs, 2] global [lo, hi) the epoch is made of; None: all of it
-    total: int = 0  # N: samples in the sequence
-
-    def to_global(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        """Sequence positions ``[lo, hi)`` as ranges of global positions (of the epoch's N)."""
-        if self.sequence is None:
-            yield lo, hi
-            return
-        starts = _run_starts(self.sequence)
-        i = int(np.searchsorted(starts, lo, side="right")) - 1
-        while lo < hi:
-            take = min(hi, int(starts[i + 1])) - lo
-            first = int(self.sequence[i, 0]) + lo - int(starts[i])
-            yield first, first + take
-            lo, i = lo + take, i + 1
-
-
-def _run_starts(sequence: np.ndarray) -> np.ndarray:
-    """``[runs + 1]`` sequence position where each run of ``sequence [runs, 2]`` starts, then the length."""
-    return np.concatenate([[0], np.cumsum(sequence[:, 1] - sequence[:, 0])])
-
-
-def plan_epoch(size: int, rank: int, world_size: int, batch_size: int, sequence: np.ndarray | None = None
-               ) -> RankPlan:
-    """Rank ``rank``'s part of an epoch of ``size`` positions (or of ``sequence``, a part of them)."""
-    total = size if sequence is None else int(_run_starts(sequence)[-1])
-    start, end = rank * total // world_size, (rank + 1) * total // world_size
-    slots = -(-total // world_size)
-    return RankPlan(start, end - start, slots, -(-slots // batch_size), sequence, total)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How an epoch is cut and ordered (module doc, items 2-4); a saved position continues batch for
-    batch only under the same layout."""
-
-    world_size: int
-    workers: int  # logical workers: num_workers, or 1 when the main process reads (num_workers=0)
-    batch_size: int
-    shuffle_buffer: int
-    interleave: int
-
-
-def _interleaved_offsets(items: np.ndarray, total: int, cursors: int) -> np.ndarray:
-    """Slot offsets (from the worker's first slot) of interleaved items ``items`` (``_interleaved``)."""
-    base, extra = divmod(total, cursors)
-    early = items < base * cursors
-    cursor = np.where(early, items % cursors, items - base * cursors)
-    depth = np.where(early, items // cursors, base)
-    return cursor * base + np.minimum(cursor, extra) + depth
-
-
-def delivered_mask(positions: int, seed: int, epoch: int, train: bool, layout: Layout, delivered: int,
-                   sequence: np.ndarray | None = None) -> np.ndarray:
-    """``[N]`` bool over the epoch's sequence (of ``positions``, or ``sequence``): the samples every
-    rank of ``layout`` had handed out after ``delivered`` batches (the same arithmetic as
-    ``ShardStream.worker_batches``, no data read)."""
-    mask = None
-    for rank in range(layout.world_size):
-        plan = plan_epoch(positions, rank, layout.world_size, layout.batch_size, sequence)
-        mask = np.zeros(plan.total, dtype=bool) if mask is None else mask
-        _, done = resume_position(plan.num_batches, layout.workers, min(delivered, plan.num_batches))
-        for worker in range(layout.workers):
-            first, count = worker_split(plan.num_batches, layout.workers, worker)
-            lo, hi = first * layout.batch_size, min((first + count) * layout.batch_size, plan.slots)
-            taken = min(done[worker] * layout.batch_size, hi - lo)
-            if taken <= 0:
-                continue
-            if not train:
-                offsets = np.arange(taken)
-            else:  # whole shuffle blocks, then the first ``drop`` of the block's seeded permutation
-                total, size = hi - lo, layout.shuffle_buffer
-                block, drop = divmod(taken, size)
-                order = _rng(seed, epoch, 1, rank, worker, block).permutation(min(size, total - block * size))
-                items = np.concatenate([np.arange(block * size), block * size + order[:drop]])
-                offsets = _interleaved_offsets(items, total, max(1, min(layout.interleave, total)))
-            slots = lo + offsets
-            mask[plan.start + slots[slots < plan.real]] = True
-    return mask
-
-
-def undelivered(mask: np.ndarray, sequence: np.ndarray | None) -> np.ndarray:
-    """Global positions of the sequence positions ``mask`` leaves out, in order."""
-    left = np.flatnonzero(~mask)
-    if sequence is not None and len(left):  # sequence positions -> global positions
-        starts = _run_starts(sequence)
-        run = np.searchsorted(starts, left, side="right") - 1
-        left = sequence[run, 0] + left - starts[run]
-    return left
-
-
-def remaining_sequence(mask: np.ndarray, sequence: np.ndarray | None) -> np.ndarray:
-    """``[runs, 2]`` global ``[lo, hi)`` ranges of the positions ``mask`` leaves out, in order."""
-    left = undelivered(mask, sequence)
-    breaks = np.flatnonzero(np.diff(left) != 1) + 1
-    return np.array([[int(r[0]), int(r[-1]) + 1] for r in np.split(left, breaks) if len(r)],
-                    dtype=np.int64).reshape(-1, 2)
-
-
-def worker_split(num_batches: int, num_workers: int, worker: int) -> tuple[int, int]:
-    """``(first batch, batch count)`` of logical ``worker``: contiguous, the first
-    ``num_batches % num_workers`` workers one batch more (non-increasing counts)."""
-    base, extra = divmod(num_batches, num_workers)
-    return worker * base + min(worker, extra), base + (worker < extra)
-
-
-def resume_position(num_batches: int, num_workers: int, delivered: int) -> tuple[int, list[int]]:
-    """After ``delivered`` batches of the round-robin order: ``(logical worker whose turn is next,
-    batches each logical worker has delivered)``."""
-    base, extra = divmod(num_batches, num_workers)
-    if delivered < base * num_workers:
-        lap, turn = divmod(delivered, num_workers)
-    else:
-        lap, turn = base, delivered - base * num_workers
-    return turn, [lap + (w < turn) for w in range(num_workers)]
-
-
 # --------------------------------------------------------------------------------------- dataset
 
 
 class ShardStream(IterableDataset):
-    """The per-rank iterable of collated batches for one epoch (see the module doc). Iterated by a
+    """The per-rank iterable of collated batches for one epoch (docs/streaming.md). Iterated by a
     ``DataLoader(batch_size=None)``. Batches are in ``Collator.compact`` form (features cut after
     the longest clip, ``pad_values``) and carry ``"_skipped"`` (samples replaced by padding in them),
     which ``StreamLoader`` removes. ``set_position(epoch, batches)`` chooses where the next
@@ -359,7 +64,7 @@ class ShardStream(IterableDataset):
         if [c for counts in mix.counts for c in counts] != self.counts:
             raise ValueError("the mix's shard counts are not those of the shards")
         self._first_shard = np.cumsum([0, *map(len, self.mix.counts)])[:-1]  # per source, in self.shards
-        self._picks: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, its picks, their marks)
+        self._picks: EpochPicks | None = None  # of the epoch being read
         self.batch_size, self.train, self.seed = settings.batch_size, settings.train, settings.seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.interleave = settings.shuffle_buffer, settings.interleave
@@ -368,7 +73,7 @@ class ShardStream(IterableDataset):
         self._extra = 0  # samples found beyond a shard's index count since the last batch
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches delivered]
         self._verified: set[str] = set()
-        self.sequence: tuple[int, np.ndarray] | None = None  # (epoch, its remaining runs) after an elastic resume
+        self.sequence: Remainder | None = None  # the rest of an epoch after an elastic resume
         first = self.plan(0)  # a whole epoch's batch and sample counts per rank do not depend on the epoch
         self.num_samples, self.num_batches, self.rank_samples = self.mix.total, first.num_batches, first.real
 
@@ -377,26 +82,22 @@ class ShardStream(IterableDataset):
 
     def sequence_of(self, epoch: int) -> np.ndarray | None:
         """The part of ``epoch`` left to read after an elastic resume; None: all of it."""
-        return self.sequence[1] if self.sequence and self.sequence[0] == epoch else None
+        return self.sequence.runs if self.sequence and self.sequence.epoch == epoch else None
 
-    def epoch_picks(self, epoch: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """``Mix.picks`` of ``epoch`` and their marks, kept for the epoch being read; None: one source."""
+    def epoch_picks(self, epoch: int) -> EpochPicks | None:
+        """``Mix.picks`` of ``epoch``, kept for the epoch being read; None: one source."""
         if len(self.mix.quotas) == 1:
             return None
-        if self._picks is None or self._picks[0] != epoch:
-            picks = self.mix.picks(self.seed, epoch)
-            self._picks = (epoch, picks, self.mix.marks(picks))
-        return self._picks[1:]
+        if self._picks is None or self._picks.epoch != epoch:
+            self._picks = self.mix.picks(self.seed, epoch)
+        return self._picks
 
     def seen(self, epoch: int, layout: Layout, delivered: int) -> list[int]:
         """Samples of each source handed out by all ranks of ``layout`` since the first epoch, when
         each has handed out ``delivered`` batches of ``epoch``: the earlier epochs' quotas and the
-        epoch's positions delivered (module doc, item 1), padding not counted."""
-        sequence = self.sequence_of(epoch)
-        mask = delivered_mask(self.mix.total, self.seed, epoch, self.train, layout, delivered, sequence)
-        left, picks = undelivered(mask, sequence), self.epoch_picks(epoch)
-        left_per_source = [len(left)] if picks is None else np.bincount(picks[0][left], minlength=len(self.mix.quotas))
-        return [(epoch + 1) * quota - int(n) for quota, n in zip(self.mix.quotas, left_per_source)]
+        epoch's positions delivered, padding not counted (``seen_per_source``)."""
+        return seen_per_source(self.mix, self.seed, epoch, self.train, layout, delivered, self.sequence_of(epoch),
+                               self.epoch_picks(epoch))
 
     def batches_in(self, epoch: int) -> int:
         """This rank's batches in ``epoch``: a whole epoch's, or fewer for the rest of an epoch
@@ -420,8 +121,7 @@ class ShardStream(IterableDataset):
             return
         turn, done = resume_position(plan.num_batches, workers, delivered)
         logical = (turn + physical) % workers
-        first, count = worker_split(plan.num_batches, workers, logical)
-        lo, hi = first * self.batch_size, min((first + count) * self.batch_size, plan.slots)
+        lo, hi = plan.worker_slots(self.batch_size, workers, logical)
         start = lo + done[logical] * self.batch_size
         n_mels, batch = self.n_mels, []
         for item in self._ordered(plan, epoch, logical, lo, hi, start):
@@ -454,7 +154,7 @@ class ShardStream(IterableDataset):
         stream = self._interleaved(plan, epoch, lo, total, block * size)
         for first in range(block * size, total, size):
             items = [next(stream) for _ in range(min(size, total - first))]
-            order = _rng(self.seed, epoch, 1, self.rank, worker, block).permutation(len(items))
+            order = block_order(self.seed, epoch, self.rank, worker, block, len(items))
             for j in order[drop:]:
                 yield items[j]
                 items[j] = None  # release the sample as soon as it is handed on
@@ -463,7 +163,7 @@ class ShardStream(IterableDataset):
     def _interleaved(self, plan: RankPlan, epoch: int, lo: int, total: int, start: int) -> Iterator[dict]:
         """Items ``start ..`` of slots ``[lo, lo + total)`` read through ``interleave`` cursors on
         near-equal sub-ranges, round-robin (item i comes from cursor i mod K while all are live)."""
-        cursors = max(1, min(self.interleave, total))
+        cursors = cursor_count(self.interleave, total)
         turn, done = resume_position(total, cursors, start)
         readers = []
         for c in range(cursors):
@@ -484,14 +184,13 @@ class ShardStream(IterableDataset):
 
     def _read_range(self, epoch: int, lo: int, hi: int) -> Iterator[dict]:
         """Global positions ``[lo, hi)`` of ``epoch``: each source's share of them read as one run of
-        its own sequence, handed out in the order the epoch's picks give (module doc, item 1)."""
+        its own sequence, handed out in the order the epoch's picks give."""
         picks = self.epoch_picks(epoch)
         if picks is None:
             yield from self._read_source(0, epoch * self.mix.quotas[0] + lo, hi - lo)
             return
-        picks, marks = picks
-        window = picks[lo:hi]
-        before = self.mix.picked_before(picks, marks, lo)
+        window = picks.sources[lo:hi]
+        before = picks.before(lo)
         taken = np.bincount(window, minlength=len(self.mix.quotas))
         readers = [self._read_source(s, epoch * quota + int(before[s]), int(taken[s]))
                    for s, quota in enumerate(self.mix.quotas)]
@@ -507,8 +206,8 @@ class ShardStream(IterableDataset):
         while count > 0:
             own_epoch, first = divmod(lo, size)
             take = min(count, size - first)
-            order, offsets = _shard_plan(self.mix.counts[source], self.seed, own_epoch, source, self.train)
-            for item in self._read_shards(order + first_shard, offsets, first, first + take):
+            shards = shard_order(self.mix.counts[source], self.seed, own_epoch, source, self.train)
+            for item in self._read_shards(shards.order + first_shard, shards.offsets, first, first + take):
                 item[SOURCE_KEY] = name
                 yield item
             lo, count = lo + take, count - take
@@ -611,7 +310,7 @@ class _Crossing:
 
 
 class StreamLoader:
-    """Batches of one rank, epoch after epoch, with an exact resumable position (module doc).
+    """Batches of one rank, epoch after epoch, with an exact resumable position (docs/streaming.md).
 
     Iterating yields the remaining batches of the current epoch (``infinite``: then the next epochs,
     forever); finishing an epoch moves to the next one, so iterating again or ``set_epoch(e + 1)``
@@ -694,9 +393,10 @@ class StreamLoader:
 
     def state_dict(self) -> dict:
         """JSON-able position: the same on every rank except the skip counts. Where every source
-        stands follows from it (module doc, item 1); ``sources`` says so for people and the banner."""
+        stands follows from it (docs/streaming.md, 'Sources and mixing'); ``sources`` says so for people
+        and the banner."""
         ds = self.dataset
-        sequence = ds.sequence[1].tolist() if ds.sequence and ds.sequence[0] == self.epoch else None
+        sequence = ds.sequence.runs.tolist() if ds.sequence and ds.sequence.epoch == self.epoch else None
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": ds.seed,
                 "num_samples": ds.num_samples, "train": ds.train, "data_digest": ds.mix.digest(),
                 "num_workers": self.num_workers, **dataclasses.asdict(self.layout), "sequence": sequence,
@@ -704,8 +404,9 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` was taken: batch for batch under the same layout, elastically
-        (module doc, item 5) under another. ``StreamError`` if the seed or the data differ. The rank
-        is not checked: rank 0's state is valid on every rank (all ranks deliver the same batch counts)."""
+        (docs/streaming.md, 'Elastic resume') under another. ``StreamError`` if the seed or the data
+        differ. The rank is not checked: rank 0's state is valid on every rank (all ranks deliver the
+        same batch counts)."""
         if state.get("version") not in range(1, STATE_VERSION + 1):
             raise StreamError(f"loader state version {state.get('version')!r}, this code reads 1 to {STATE_VERSION}")
         ds, before = self.dataset, self.dataset.sequence
@@ -736,7 +437,7 @@ class StreamLoader:
                           f"layout (each once); later epochs follow the new layout", StreamWarning)
             if not len(sequence):  # the epoch was complete
                 epoch, sequence, self.epoch_skipped = epoch + 1, None, 0
-        self.dataset.sequence = (epoch, sequence) if sequence is not None else None
+        self.dataset.sequence = Remainder(epoch, sequence) if sequence is not None else None
         if self.dataset.sequence is not before and self._loader_kwargs["persistent_workers"]:
             self._loader = DataLoader(self.dataset, **self._loader_kwargs)  # running workers hold the old copy
         self.epoch, self.batches = epoch, batches
@@ -823,8 +524,8 @@ def _resolve_sources(sources: list[Source], rank: int, world_size: int, policy: 
 def make_loader(urls, tokenizer, settings: DataSettings | None = None, *, rank: int | None = None,
                 world_size: int | None = None, device=None, **changes) -> StreamLoader:
     """The per-rank loader for ``urls`` (see ``expand_urls``), or for a list of ``Source`` mixed by
-    weight (module doc, item 1; their prefixes become ``settings.prefixes``), with ``settings``;
-    keyword ``changes`` replace fields of ``settings`` (or of the defaults):
+    weight (docs/streaming.md, 'Sources and mixing'; their prefixes become ``settings.prefixes``), with
+    ``settings``; keyword ``changes`` replace fields of ``settings`` (or of the defaults):
     ``make_loader(urls, tok, batch_size=8)``.
     Batches are ``Collator.compact`` ones, their tensors on ``device`` (``pipeline.device``; None:
     left on the host) for ``expand_features``.

@@ -13,18 +13,27 @@ sample rates and channel counts, as real corpora do, in the layout the packer re
 
 ``python -m shard_tools.synth ROOT --train 480 --validation 64`` writes one; the same generator with
 ``--min-seconds 1 --max-seconds 30`` makes the benchmark corpus.
+
+``write_mel_shards`` and ``write_uniform_shards`` skip the packer: shards of random float16 log-mels
+written with plain ``tarfile`` as docs/FORMAT.md specifies, for the loader's tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import scipy.signal
 import soundfile
 from tqdm import tqdm
+
+from shard_tools.fileio import write_json
+from shard_tools.shard_format import INDEX_FILE, Index, IndexEntry
 
 KINDS = ("tone", "rising chirp", "noise", "click train")
 PITCHES = {"low": (150.0, 400.0), "high": (1500.0, 3500.0)}  # Hz ranges a clip's pitch is drawn from
@@ -113,6 +122,72 @@ def make_corpus(root: str | Path, train: int = 480, validation: int = 64, seed: 
         validation_seed = seed + VALIDATION_SEED_OFFSET if validation_seed is None else validation_seed
         write_split(root / "validation", validation, validation_seed, min_seconds, max_seconds, style=style)
     return root
+
+
+# ------------------------------------------------------------------------- shards, without the packer
+
+
+def mel_sample_bytes(key: str, frames: int, captions: list[str], n_mels: int = 80, seed: int = 0,
+                     pad_value: float = -0.5) -> dict[str, bytes]:
+    """The two members of one sample: a float16 ``[n_mels, frames]`` mel and its JSON."""
+    rng = np.random.default_rng(seed)
+    mel = rng.uniform(-1, 1, size=(n_mels, frames)).astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, mel, allow_pickle=False)
+    meta = {"captions": captions, "source": f"{key}.wav", "seconds": frames / 100, "orig_sample_rate": 16000,
+            "pad_value": pad_value, "truncated": False, "extra": {}}
+    return {f"{key}.mel.npy": buf.getvalue(), f"{key}.json": json.dumps(meta).encode()}
+
+
+def _write_tar(path: Path, members: dict[str, bytes], samples: int, seconds: float) -> IndexEntry:
+    """A tar of ``members`` in order; its index.json entry."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            tar.addfile(info, io.BytesIO(data))
+    data = path.read_bytes()
+    return IndexEntry(path.name, samples, seconds, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _write_index(directory: Path, entries: list[IndexEntry], n_mels: int) -> None:
+    write_json(directory / INDEX_FILE, Index(directory.name, n_mels, entries).to_dict())
+
+
+def write_mel_shards(directory: Path, sizes: list[int], n_mels: int = 80, captions_per_clip: int = 1,
+                     prefix: str = "s", index: bool = True, caption=None) -> list[str]:
+    """Shards ``000.tar …`` with ``sizes[i]`` samples each, keys ``{prefix}{shard}_{i}``, and index.json.
+
+    Frames vary per sample (5–40) so padding is exercised; captions are ``"caption {key} {j}"``, or
+    ``caption(key, j)``. Returns the shard paths.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, entries = [], []
+    counter = 0
+    for s, size in enumerate(sizes):
+        path, members = directory / f"{s:03d}.tar", {}
+        for i in range(size):
+            key = f"{prefix}{s:03d}_{i:04d}"
+            caps = [caption(key, j) if caption else f"caption {key} {j}" for j in range(captions_per_clip)]
+            members.update(mel_sample_bytes(key, 5 + counter % 36, caps, n_mels, seed=counter))
+            counter += 1
+        entries.append(_write_tar(path, members, size, float(size)))
+        paths.append(str(path))
+    if index:
+        _write_index(directory, entries, n_mels)
+    return paths
+
+
+def write_uniform_shards(folder: Path, samples: int, frames: int, per_shard: int = 250) -> None:
+    """``samples`` clips of ``frames`` frames each (keys ``clip{i:06d}``), ``per_shard`` to a shard,
+    and index.json: the loader benchmarks' data."""
+    entries = []
+    for s in range(-(-samples // per_shard)):
+        members, clips = {}, range(s * per_shard, min(samples, (s + 1) * per_shard))
+        for i in clips:
+            members.update(mel_sample_bytes(f"clip{i:06d}", frames, [f"a sound number {i}"], seed=i))
+        entries.append(_write_tar(folder / f"{s:03d}.tar", members, len(clips), len(clips) * frames / 100))
+    _write_index(folder, entries, 80)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,17 +2,13 @@
 
     python tests/_stream_bench.py [--samples 2000] [--frames 500] [--batch-size 16] [--workers 0 2]
 
-Writes shards of float16 ``[80, frames]`` mels (the documented format, via tests/conftest.py's
-``mel_sample_bytes``) to a temporary folder, then times one training epoch per worker count: first
-batch latency (worker start-up included) and steady samples/s over the whole epoch.
+Writes shards of float16 ``[80, frames]`` mels (the documented format, via
+``shard_tools.synth.write_uniform_shards``) to a temporary folder, then times one training epoch per
+worker count: first batch latency (worker start-up included) and steady samples/s over the whole epoch.
 """
 
 import argparse
-import hashlib
-import io
-import json
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -21,25 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.model import load_processor  # noqa: E402
 from pipeline.stream import make_loader  # noqa: E402
-from tests.conftest import mel_sample_bytes  # noqa: E402
-
-
-def write_shards(folder: Path, samples: int, frames: int, per_shard: int = 250) -> None:
-    entries = []
-    for s in range(-(-samples // per_shard)):
-        path = folder / f"{s:03d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(s * per_shard, min(samples, (s + 1) * per_shard)):
-                key = f"clip{i:06d}"
-                for name, data in mel_sample_bytes(key, frames, [f"a sound number {i}"], seed=i).items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        count = min(samples, (s + 1) * per_shard) - s * per_shard
-        entries.append({"name": path.name, "samples": count, "seconds": count * frames / 100,
-                        "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    (folder / "index.json").write_text(json.dumps({"format": "whisper-caption-stream", "version": 1,
-                                                   "features": {"n_mels": 80}, "shards": entries}))
+from shard_tools.synth import write_uniform_shards  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_processor("tiny").tokenizer
     with tempfile.TemporaryDirectory() as tmp:
-        write_shards(Path(tmp), args.samples, args.frames)
+        write_uniform_shards(Path(tmp), args.samples, args.frames)
         for workers in args.workers:
             loader = make_loader(tmp, tokenizer, batch_size=args.batch_size, num_workers=workers)
             start = time.perf_counter()

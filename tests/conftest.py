@@ -1,24 +1,22 @@
 """Shared test data, made inside the tests: synthetic audio and small shards in the documented format.
 
-``write_mel_shards`` writes shards directly (plain ``tarfile``, as docs/FORMAT.md specifies) so that
-the streaming, training and inference tests do not depend on the packer; ``tests/test_pack.py``
-checks that the packer writes this same format.
+``write_mel_shards`` (``shard_tools.synth``, shared with bench/) writes shards directly (plain
+``tarfile``, as docs/FORMAT.md specifies) so that the streaming, training and inference tests do not
+depend on the packer; ``tests/test_pack.py`` checks that the packer writes this same format.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+
+from shard_tools.synth import mel_sample_bytes, write_mel_shards  # noqa: F401 (imported by the tests from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub from a test
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,58 +40,6 @@ def write_audio(path: Path, seconds: float = 1.0, sr: int = 16000, freq: float =
     subtype = {"OGG": "VORBIS", "MP3": "MPEG_LAYER_III"}.get(fmt)
     soundfile.write(str(path), tone(seconds, sr, freq, channels, seed), sr, format=fmt, subtype=subtype)
     return path
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
-def mel_sample_bytes(key: str, frames: int, captions: list[str], n_mels: int = 80, seed: int = 0,
-                     pad_value: float = -0.5) -> dict[str, bytes]:
-    """The two members of one sample: a float16 ``[n_mels, frames]`` mel and its JSON."""
-    rng = np.random.default_rng(seed)
-    mel = rng.uniform(-1, 1, size=(n_mels, frames)).astype(np.float16)
-    buf = io.BytesIO()
-    np.save(buf, mel, allow_pickle=False)
-    meta = {"captions": captions, "source": f"{key}.wav", "seconds": frames / 100, "orig_sample_rate": 16000,
-            "pad_value": pad_value, "truncated": False, "extra": {}}
-    return {f"{key}.mel.npy": buf.getvalue(), f"{key}.json": json.dumps(meta).encode()}
-
-
-def write_mel_shards(directory: Path, sizes: list[int], n_mels: int = 80, captions_per_clip: int = 1,
-                     prefix: str = "s", index: bool = True, caption=None) -> list[str]:
-    """Shards ``000.tar …`` with ``sizes[i]`` samples each, keys ``{prefix}{shard}_{i}``, and index.json.
-
-    Frames vary per sample (5–40) so padding is exercised; captions are ``"caption {key} {j}"``, or
-    ``caption(key, j)``. Returns the shard paths.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    paths, entries = [], []
-    counter = 0
-    for s, size in enumerate(sizes):
-        path = directory / f"{s:03d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(size):
-                key = f"{prefix}{s:03d}_{i:04d}"
-                caps = [caption(key, j) if caption else f"caption {key} {j}" for j in range(captions_per_clip)]
-                for name, data in mel_sample_bytes(key, 5 + counter % 36, caps, n_mels, seed=counter).items():
-                    _add(tar, name, data)
-                counter += 1
-        data = path.read_bytes()
-        entries.append({"name": path.name, "samples": size, "seconds": float(size), "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
-        paths.append(str(path))
-    if index:
-        total = {"shards": len(sizes), "samples": sum(sizes), "seconds": float(sum(sizes)),
-                 "bytes": sum(e["bytes"] for e in entries), "truncated": 0, "rejected": 0}
-        (directory / "index.json").write_text(json.dumps({
-            "format": "whisper-caption-stream", "version": 1, "split": directory.name,
-            "features": {"kind": "whisper-log-mel", "n_mels": n_mels, "sample_rate": 16000, "n_fft": 400,
-                         "hop_length": 160, "dtype": "float16"},
-            "shards": entries, "totals": total}, indent=1))
-    return paths
 
 
 # Audio the project did not write: espeak-ng speech (22,050 Hz mono) re-encoded by sox and ffmpeg, as

@@ -26,7 +26,7 @@ import pytest
 from pipeline.data_settings import SOURCE_KEY, Source
 from shard_tools.fileio import write_json
 from shard_tools.shard_format import Index
-from pipeline.stream import Mix, StreamError, StreamWarning, make_loader, resume_position, worker_split
+from pipeline.stream import StreamError, StreamWarning, make_loader
 from shard_tools.writer import ShardWriter, index_entry
 from tests._stream_run import fingerprint
 from tests.conftest import mel_sample_bytes, write_mel_shards
@@ -89,18 +89,6 @@ def test_real_dataloader_workers_follow_the_plan(tmp_path, tiny_processor, world
     got = [b["keys"] for b in real]
     planned = [b["keys"] for b in simulate(real.dataset, 0, max(workers, 1))]
     assert got == planned and len(got) == len(real)
-
-
-def test_resume_position_matches_a_round_robin_simulation():
-    for batches in range(0, 23):
-        for workers in range(1, 6):
-            counts = [worker_split(batches, workers, w)[1] for w in range(workers)]
-            assert sum(counts) == batches and counts == sorted(counts, reverse=True)
-            order = [w for j in range(max(counts)) for w in range(workers) if j < counts[w]]
-            for delivered in range(batches):
-                turn, done = resume_position(batches, workers, delivered)
-                assert turn == order[delivered]
-                assert done == [order[:delivered].count(w) for w in range(workers)]
 
 
 def test_interleave_mixes_shards_within_a_batch(tmp_path, tiny_processor):
@@ -582,7 +570,7 @@ def shard_runs(keys: list[str]) -> list[str]:
 def test_each_epoch_visits_the_shards_and_interleaves_the_sources_in_its_own_order(tmp_path, tiny_processor):
     """Read straight through (shuffle blocks of one sample, one cursor), an epoch's key order is its
     plan: the shards each source visits, and which source each position is. Both are drawn per
-    epoch (module doc, item 1): every epoch differs, for the first source and the others."""
+    epoch (docs/streaming.md, 'Sources and mixing'): every epoch differs, for the first source and the others."""
     sources, _ = mixed(tmp_path, {"a": [2] * 6, "b": [2] * 6}, {"a": 1, "b": 1})
     straight = {"shuffle_buffer": 1, "interleave": 1, "seed": 4}
     one = loader(sources[0].shards, tiny_processor, **straight)
@@ -598,15 +586,6 @@ def test_each_epoch_visits_the_shards_and_interleaves_the_sources_in_its_own_ord
         assert len({tuple(v) for v in own}) == 4, name
     whose = [tuple(source_of(k) for k in keys) for keys in mixed_epochs]
     assert all(w.count("a") == 12 for w in whose) and len(set(whose)) == 4
-
-
-def test_quotas_are_the_weights_share_by_largest_remainder():
-    mix = Mix.weighted(["a", "b", "c"], [[10, 3], [7], [1]], [1, 1, 1])
-    assert mix.quotas == (7, 7, 7) and mix.total == 21
-    assert Mix.weighted(["a", "b"], [[5], [5]], [2, 1]).quotas == (7, 3)
-    assert Mix.weighted(["a", "b", "c"], [[4], [3], [3]], [1, 1, 1]).quotas == (4, 3, 3)
-    with pytest.raises(ValueError, match=r"\['b'\]: weight too small"):
-        Mix.weighted(["a", "b"], [[50], [10]], [1000, 1])
 
 
 def test_a_mix_resumes_in_a_fresh_process_exactly(tmp_path, tiny_processor):
