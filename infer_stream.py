@@ -10,7 +10,8 @@ Why it is built this way:
 - ``--audio`` decodes and featurises files in DataLoader workers with ``shard_tools.features`` — the
   packer's own code — so a file captioned directly gets the caption its packed shard would.
 - Both hand over compact batches (cut after the longest clip, plus ``pad_values``), copied to the
-  device one batch ahead (``pipeline.device``) and padded to 3000 frames there (``expand_features``).
+  device one batch ahead (``pipeline.device``) and padded there (``expand_features``) to the audio
+  window: recorded with the model (``--audio-window``), 30 s unless it was trained with another.
 - Each rank appends its rows to its own part file, flushed per batch; the main process merges the
   parts into the output (atomically, each key once). A killed run leaves its part files behind and
   ``--resume`` counts their keys as done, so nothing is generated twice.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -57,6 +59,7 @@ from pathlib import Path
 
 from pipeline import metrics
 from pipeline.config import CAPTION_LENGTH_KEY, DECODE_METHODS, caption_length_default
+from pipeline.window import AudioWindow
 
 STDOUT = "-"  # --output: the rows to standard output
 
@@ -97,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decoder", choices=DECODE_METHODS, default=DECODE_METHODS[0],
                         help="static: static KV cache (CUDA graph on a GPU); hf: transformers' generate, "
                              "the reference")
+    parser.add_argument("--audio-window", "--audio_window", dest="audio_window",
+                        help="what the encoder sees: full (Whisper's 30 s), fit (each batch's longest clip rounded "
+                             "up to the model's window step) or seconds (a fixed window, longer clips cut). "
+                             "Default: the window recorded with the model by train_stream.py; else full")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (the default on a GPU)")
     precision.add_argument("--fp32", action="store_true", help="run the model in float32 on a GPU too")
@@ -115,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  ("--num-dataloader-workers", args.num_dataloader_workers, 0)):
         if value is not None and value < least:
             parser.error(f"{option} {value}: must be at least {least}")
+    if args.audio_window is not None:
+        try:
+            AudioWindow.parse(args.audio_window)
+        except ValueError as error:
+            parser.error(f"--{error}".replace("_", "-", 1))
     if args.resume and args.output == STDOUT:
         parser.error(f"--resume needs a file --output (not '{STDOUT}'): the rows done are read back from it")
     return args
@@ -139,7 +151,7 @@ from shard_tools.features import AudioDecodeError, clip_features, decode_audio, 
 from shard_tools.fileio import LockBusy, NotRegularFile, check_replaceable, hold_lock, write_atomic
 from pipeline.launch import LaunchError, make_accelerator
 from pipeline.model import (LANGUAGE, TASK, ModelLoadError, generate_captions, load_model, load_processor,
-                            recorded_caption_tokens, recorded_prefixes)
+                            recorded_caption_tokens, recorded_prefixes, recorded_window)
 from pipeline.predictions import (RunSettings, merge_outputs, model_identity, open_part, part_files, read_record,
                                   read_rows, resumable_rows, resume_problem, rows_text, settings_file,
                                   write_record)
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                   else f"the caption prefix recorded with {args.model_name}")
         args.prefix = caption_prefix(args, recorded_prefixes(model))  # resolved once: what every batch forces
         check_prompt(model, processor, args, option)
+        args.window = audio_window(model, args)
         if args.max_new_tokens is None:
             args.max_new_tokens, args.caption_length_from = default_caption_length(model, args.model_name)
         else:
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     model = model.to(accelerator.device, dtype=dtype).eval()
     settings = RunSettings(model=model_identity(args.model_name), prefix=args.prefix,
                            max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, decoder=args.decoder,
-                           dtype=str(dtype).removeprefix("torch."))
+                           dtype=str(dtype).removeprefix("torch."), audio_window=str(args.window))
 
     output = Path(args.output)
     with contextlib.ExitStack() as lock:
@@ -237,6 +250,15 @@ def caption_prefix(args, recorded: list[tuple[str, str]]) -> str:
     return recorded[0][1] if recorded else ""
 
 
+def audio_window(model, args) -> AudioWindow:
+    """``--audio-window`` (a fit window in the recorded steps), else the window recorded with the model."""
+    try:
+        recorded = recorded_window(model)
+    except ValueError as error:
+        raise ConfigError(f"{args.model_name}: generation_config.json {error}") from None
+    return AudioWindow.parse(args.audio_window, recorded.step_seconds) if args.audio_window else recorded
+
+
 def default_caption_length(model, model_name: str) -> tuple[int, str]:
     """``(tokens, where from)`` when ``--max-new-tokens`` is not given: the longest caption ``model``
     was trained on, end token included (recorded by training), else ``CAPTION_LENGTH_KEY`` of the
@@ -301,7 +323,7 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
         print(f"captioning on {accelerator.num_processes} process(es), device {accelerator.device}, "
               f"{settings.dtype}, decoder {args.decoder}, "
               f"{'greedy' if args.num_beams == 1 else f'{args.num_beams} beams'}, at most {args.max_new_tokens} "
-              f"tokens per caption ({args.caption_length_from})"
+              f"tokens per caption ({args.caption_length_from}), audio window {args.window}"
               + (f"; caption prefix {args.prefix!r}" if args.prefix.strip() else "")
               + (f"; {len(done)} keys already done" if args.resume else ""), file=info, flush=True)
 
@@ -309,11 +331,11 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
     timer = StageTimer(model, accelerator.device)
     with (contextlib.nullcontext(io.StringIO()) if args.output == STDOUT
           else open_part(output, accelerator.process_index)) as out:
-        generated, errors = run_generation(model, processor, batches, done, out, args, accelerator, expected,
-                                           dtype, timer)
+        done_now = run_generation(model, processor, batches, done, out, args, accelerator, expected, dtype, timer)
         texts = gather(accelerator, out.getvalue() if args.output == STDOUT else "")
-    generated = sum(gather(accelerator, generated))
-    skipped = sum(gather(accelerator, errors + stream_skipped()))
+    generated = sum(gather(accelerator, done_now.clips))
+    skipped = sum(gather(accelerator, done_now.errors + stream_skipped()))
+    cut = sum(gather(accelerator, done_now.cut))
     elapsed = time.perf_counter() - start
     timer.close()
     if accelerator.is_main_process:
@@ -325,6 +347,8 @@ def caption(model, processor, batches, expected: int, stream_skipped, output: Pa
             rows = merge_outputs(output, settings, args.resume)
         if skipped:
             print(f"{skipped} inputs skipped (errors reported above)", file=sys.stderr)
+        if cut:
+            print(f"{cut} clips longer than the {args.window} audio window were cut to it", file=sys.stderr)
         if args.print:
             print(rows, file=info)
         report_scores(rows, args, info)
@@ -451,7 +475,8 @@ def collate_audio(samples: list[dict]) -> dict:
     return {"input_features": torch.from_numpy(features.astype(np.float16, copy=False)),  # [B, n_mels, max_frames]
             "pad_values": torch.tensor([s["pad_value"] for s in good], dtype=torch.float32),  # [B]
             "keys": [s["__key__"] for s in good], "captions": [[] for _ in good],
-            "is_pad": torch.zeros(len(good), dtype=torch.bool), "errors": [s["error"] for s in samples if "error" in s]}
+            "is_pad": torch.zeros(len(good), dtype=torch.bool), "errors": [s["error"] for s in samples if "error" in s],
+            "frames": torch.tensor([s["mel"].shape[1] for s in good], dtype=torch.int64)}  # [B]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,11 +526,19 @@ class StageTimer:
                 f"data and output {share(elapsed - self.generate)} (this process)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """What one rank's ``run_generation`` did."""
+
+    clips: int  # captioned
+    errors: int  # inputs reported as errors
+    cut: int  # clips longer than a fixed audio window, cut to it
+
+
 def run_generation(model, processor, batches, done: set, out, args, accelerator, expected: int, dtype,
-                   timer: StageTimer) -> tuple[int, int]:
-    """Caption every real, not-yet-done clip; write its row to ``out`` (this rank's part file).
-    Returns ``(clips captioned, inputs reported as errors)``."""
-    count = errors = 0
+                   timer: StageTimer) -> Generated:
+    """Caption every real, not-yet-done clip; write its row to ``out`` (this rank's part file)."""
+    count = errors = cut = 0
     prefix = prompt_ids(processor.tokenizer, args.prefix)
     n_mels = model.config.num_mel_bins
     bar = tqdm(total=expected, unit="clip", desc="captioning", disable=not accelerator.is_local_main_process)
@@ -521,9 +554,11 @@ def run_generation(model, processor, batches, done: set, out, args, accelerator,
                 continue
             if batch["input_features"].shape[1] != n_mels:
                 raise MelMismatch(mel_mismatch(batch["input_features"].shape[1], n_mels, args))
-            features = expand_features(batch, device=accelerator.device, dtype=dtype)  # [B, n_mels, 3000]
+            window = args.window.frames(batch["input_features"].shape[-1])
+            cut += sum(int(batch["frames"][i]) > window for i in keep)
+            features = expand_features(batch, window, device=accelerator.device, dtype=dtype)  # [B, n_mels, window]
             if len(keep) < len(batch["keys"]):  # clips done before a --resume, rank padding
-                features = features[keep]  # [b, n_mels, 3000]
+                features = features[keep]  # [b, n_mels, window]
             with timer.generating():
                 tokens = generate_captions(model, features, args.num_beams, args.max_new_tokens,
                                            prefix_ids=prefix, method=args.decoder)  # [b, T]
@@ -536,7 +571,7 @@ def run_generation(model, processor, batches, done: set, out, args, accelerator,
             count += len(keep)
             bar.update(len(keep))
     bar.close()
-    return count, errors
+    return Generated(count, errors, cut)
 
 
 # ----------------------------------------------------------------------------------------------

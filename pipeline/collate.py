@@ -187,6 +187,7 @@ class Collator:
         keys = [s["__key__"] for s in real]
         sources = [s.get(SOURCE_KEY, DEFAULT_SOURCE) for s in samples]
         features, pad_values = self._features(samples, is_pad, epoch)  # [B, n_mels, max_frames], [B]
+        frames = [0 if pad else _mel(s).shape[1] for s, pad in zip(samples, is_pad)]  # each clip's valid frames
         real_sources = [source for source, pad in zip(sources, is_pad) if not pad]
         labels, decoder_input_ids, longest = self._labels(metas, keys, real_sources, is_pad, epoch)  # [B, T] int64 each
         real_iter = iter(zip(keys, metas))
@@ -200,6 +201,7 @@ class Collator:
             "captions": [list(meta.get("captions", [])) for _, meta in rows],
             "sources": sources,
             "is_pad": torch.tensor(is_pad, dtype=torch.bool),  # [B]
+            "frames": torch.tensor(frames, dtype=torch.int64),  # [B]: a window shorter than a clip cuts it
             "meta": [meta for _, meta in rows],
             "longest_caption_tokens": longest,
         }
@@ -287,9 +289,10 @@ class Collator:
 def expand_features(batch: dict, n_frames: int = N_FRAMES, device=None,
                     dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The full features ``[B, n_mels, n_frames]`` of a ``Collator.compact`` batch, each clip
-    continued with its own pad value (``batch`` is left as it is), built on ``device`` (default:
-    where the batch is; on a GPU this costs microseconds) in ``dtype``."""
-    compact = batch["input_features"].to(device, non_blocking=True)  # [B, n_mels, max_frames]
+    continued with its own pad value, or cut after ``n_frames`` (an encoder window shorter than the
+    batch's longest clip; ``batch`` is left as it is), built on ``device`` (default: where the batch
+    is; on a GPU this costs microseconds) in ``dtype``."""
+    compact = batch["input_features"][..., :n_frames].to(device, non_blocking=True)  # [B, n_mels, max_frames]
     # rounded to the features' float16, as a stored clip's own frames are: the same batch whatever dtype
     pad_values = batch["pad_values"].to(compact.device, compact.dtype, non_blocking=True)  # [B]
     count, n_mels, width = compact.shape

@@ -142,7 +142,9 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
     capped by the decoder's positions).
     ``method``: ``static`` (``pipeline.decode``) or ``hf`` (``model.generate``, the reference it equals).
     The HF call carries its own generation config and the encoder's attention mask (every frame is
-    real: features are padded as Whisper's 30-s window), so ``generate`` has nothing to warn about."""
+    real: features are padded as Whisper's 30-s window), so ``generate`` has nothing to warn about;
+    a shorter window goes to it as the encoder's output, since ``generate`` pads features to 30 s
+    with zeros."""
     import torch
 
     from pipeline import decode
@@ -167,6 +169,9 @@ def generate_captions(model, features, num_beams: int = 1, max_new_tokens: int |
         # the prompt Whisper would build, then the prefix; generate starts its caption (and the
         # begin suppression) after them and strips them from its output
         extra["decoder_input_ids"] = torch.tensor(prompt, device=features.device).expand(features.shape[0], -1)
+    if features.shape[-1] < model.config.max_source_positions * FRAMES_PER_POSITION:
+        extra["encoder_outputs"] = model.get_encoder()(features)
+        return model.generate(generation_config=gen, language=LANGUAGE, task=TASK, **extra)
     return model.generate(input_features=features, attention_mask=mask, generation_config=gen,
                           language=LANGUAGE, task=TASK, **extra)
 

@@ -31,6 +31,7 @@ class RunSettings:
     num_beams: int
     decoder: str
     dtype: str
+    audio_window: str = "full"  # records from before encoder windows were all full
 
 
 @dataclasses.dataclass(frozen=True)

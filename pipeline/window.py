@@ -40,6 +40,11 @@ class AudioWindow:
             raise ValueError(f"audio_window={value!r}: must be {allowed}")
         return cls("fixed", seconds, float(step_seconds))
 
+    def __str__(self) -> str:
+        if self.mode == "fit":
+            return f"fit ({self.step_seconds:g}-s steps)"
+        return f"{self.seconds:g} s" if self.mode == "fixed" else self.mode
+
     def record(self) -> str | float:
         """The value ``parse`` reads back: what a model's generation config records."""
         return self.seconds if self.mode == "fixed" else self.mode

@@ -38,12 +38,14 @@ def write_sensitive_tiny(directory: Path, std: float = 0.2, seed: int = 1) -> Pa
 
 
 def reference_captions(model_dir: Path, features: torch.Tensor, **generate_kwargs) -> list[str]:
-    """``features [N, n_mels, 3000]`` captioned by ``WhisperForConditionalGeneration.generate``."""
+    """``features [N, n_mels, frames]`` captioned by ``WhisperForConditionalGeneration.generate``; a
+    window shorter than 30 s goes in as the encoder's output (``generate`` pads features to 30 s)."""
     processor = load_processor(str(model_dir))
     model = load_model(str(model_dir), processor).eval()
     with torch.inference_mode():
-        tokens = model.generate(input_features=features.float(), language=LANGUAGE, task=TASK, do_sample=False,
-                                **generate_kwargs)
+        inputs = ({"input_features": features.float()} if features.shape[-1] == 3000
+                  else {"encoder_outputs": model.get_encoder()(features.float())})
+        tokens = model.generate(**inputs, language=LANGUAGE, task=TASK, do_sample=False, **generate_kwargs)
     return [c.strip() for c in processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 

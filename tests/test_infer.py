@@ -499,3 +499,50 @@ def test_a_generation_config_the_static_decoder_cannot_follow_is_one_line(model_
     err = capsys.readouterr().err
     assert "generation_config.repetition_penalty=1.3 is not implemented by the static decoder" in err, err
     assert one_error(err) and not (tmp_path / "preds.jsonl").exists()
+
+
+def test_the_window_recorded_with_a_model_is_followed_and_audio_window_overrides_it(model_dir, shards, expected,
+                                                                                    tmp_path, capsys, monkeypatch):
+    from pipeline.model import FittedWhisperEncoder
+    from pipeline.window import AudioWindow
+
+    widths, forward = [], FittedWhisperEncoder.forward
+
+    def seen(self, input_features, *args, **kwargs):
+        widths.append(input_features.shape[-1])
+        return forward(self, input_features, *args, **kwargs)
+
+    monkeypatch.setattr(FittedWhisperEncoder, "forward", seen)
+
+    fit_dir = tmp_path / "fit-model"
+    processor = load_processor(str(model_dir))
+    save_model(load_model(str(model_dir), processor), processor, fit_dir, window=AudioWindow.parse("fit", 0.1))
+    keys, features, _ = read_shards(shards)
+    frames = {k: f.shape[-1] - int((f.flip(-1) == f[:, -1:]).all(0).int().cumprod(0).sum()) for k, f in
+              zip(keys, features)}  # valid frames: before the trailing columns of the clip's pad value
+    window = {k: -(-n // 10) * 10 for k, n in frames.items()}
+    want = {k: reference_captions(fit_dir, f[None, :, :window[k]], max_new_tokens=MAX_NEW)[0]
+            for k, f in zip(keys, features)}
+    widths.clear()
+    out = tmp_path / "fit.jsonl"
+    assert run("--model-name", fit_dir, "--shards", Path(shards[0]).parent, "--batch-size", 1,
+               "--num-dataloader-workers", 0, "--max-new-tokens", MAX_NEW, "--output", out) == 0
+    assert {r["key"]: r["pred_caption"] for r in read_jsonl(out)} == want
+    assert sorted(widths) == sorted(window.values()) and max(widths) < 3000  # each clip in its own window
+    assert "audio window fit (0.1-s steps)" in capsys.readouterr().out
+    assert json.loads(Path(f"{out}.settings.json").read_text())["settings"]["audio_window"] == "fit (0.1-s steps)"
+    full = tmp_path / "full.jsonl"
+    assert run("--model-name", fit_dir, "--shards", Path(shards[0]).parent, "--batch-size", 4, "--audio-window",
+               "full", "--num-dataloader-workers", 0, "--max-new-tokens", MAX_NEW, "--output", full) == 0
+    assert_rows_match(read_jsonl(full), expected)
+    cut = tmp_path / "cut.jsonl"
+    assert run("--model-name", fit_dir, "--shards", Path(shards[0]).parent, "--audio-window", "0.1",
+               "--num-dataloader-workers", 0, "--max-new-tokens", MAX_NEW, "--output", cut) == 0
+    longer = sum(n > 10 for n in frames.values())  # 5-11 frames: one clip
+    assert longer and f"{longer} clips longer than the 0.1 s audio window were cut to it" in capsys.readouterr().err
+
+
+def test_an_audio_window_outside_whispers_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        infer_stream.parse_args(["--model-name", "tiny", "--shards", "x", "--audio-window", "45"])
+    assert "--audio-window='45': must be 'full', 'fit' or seconds in (0, 30]" in capsys.readouterr().err

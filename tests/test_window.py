@@ -92,3 +92,16 @@ def test_a_saved_model_records_its_window_and_loads_with_a_fitted_encoder(tmp_pa
     assert type(encoder_of(fit)) is FittedWhisperEncoder
     config = (tmp_path / "fit" / "config.json").read_text()
     assert '"WhisperForConditionalGeneration"' in config and "Fitted" not in config  # a standard Whisper folder
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_both_decoders_caption_a_fitted_window_alike(tiny_pair, beams):
+    from pipeline.model import generate_captions
+
+    _, fitted = tiny_pair
+    features = torch.randn(3, 80, 500, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        static = generate_captions(fitted, features, beams, 6, method="static")
+        hf = generate_captions(fitted, features, beams, 6, method="hf")
+    pad = fitted.generation_config.pad_token_id
+    assert [[t for t in row if t != pad] for row in static.tolist()] == [[t for t in row if t != pad] for row in hf.tolist()]
