@@ -145,7 +145,7 @@ from pipeline.decode import GRAPHS
 from shard_tools.fileio import LockBusy, hold_lock, write_json
 from pipeline.metrics import score
 from pipeline.model import CAPTION_TOKENS_KEY, ModelLoadError, generate_captions, load_model, load_processor, save_model
-from pipeline.run_folder import RUN_INFO, SetAside, checkpoint_run_id, claim_run, rotate_checkpoints, set_aside
+from pipeline.runs import RUN_INFO, SetAside, checkpoint_run_id, claim_run, rotate_checkpoints, set_aside
 from pipeline.stream import StreamError, make_loader
 from pipeline.train_logs import MetricsLog, SampleKeysLog, TrainingError, write_error
 
@@ -447,7 +447,7 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
 
 
 # ------------------------------------------------------------------------------------ 8. checkpoints
-# (which run owns the output folder, and which checkpoint a start resumes: pipeline.run_folder)
+# (which run owns the output folder, and which checkpoint a start resumes: pipeline.runs)
 
 def rng_state() -> dict:
     """This process's random generators, as tensors and numbers (``torch.load(weights_only=True)`` safe)."""
