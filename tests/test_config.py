@@ -278,7 +278,7 @@ def test_the_readme_mix_example_loads(tmp_path):
 
 
 def test_caption_length_is_read_from_the_config_saved_beside_a_model(tmp_path):
-    from pipeline.config import caption_length, caption_length_default
+    from pipeline.runs import caption_length, caption_length_default
 
     assert caption_length(tmp_path) == (caption_length_default(), "the default trainer_config.generation_max_new_tokens")
     assert caption_length("tiny")[0] == load_config().trainer_config.generation_max_new_tokens
