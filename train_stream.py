@@ -61,34 +61,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers.models.whisper.modeling_whisper import (WhisperDecoder, WhisperDecoderLayer, WhisperEncoder,
-                                                          WhisperEncoderLayer)
-
-from pipeline import launch
-from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_final, start_run, write_failure
-from pipeline.collate import Collator, expand_features
 from pipeline.config import ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
-from pipeline.data_settings import DEFAULT_SOURCE
-from pipeline.decode import GRAPHS
 from pipeline.hub import HubError, check_push
-from pipeline.metrics import score
-from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor
-from pipeline.optim import make_optimizer, next_lr, set_lr
-from pipeline.runs import CONFIG, METRICS, Claim, RunInfo, TrainerState, eval_file
-from pipeline.stream import StreamError, make_loader
-from pipeline.train_logs import MetricsLog, SampleKeysLog, TrainingError, write_error
-from shard_tools.fileio import write_json
-
-log = logging.getLogger("train_stream")
-STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped")  # the per-step all-reduce
-# what a step sends to the host: the reduced STATS, this rank's bad-loss flag, the gradient norm, the lr
-HOST_VALUES = (*STATS, "local_bad", "grad_norm", "lr")
 
 
 # -------------------------------------------------------------------------------- 1. command line
@@ -141,7 +115,38 @@ def config_or_report(argv: list[str] | None) -> RunConfig | None:
         return None
 
 
-# ---------------------------------------------------------------------- 2. build: accelerator, model, data
+if __name__ == "__main__":  # --help and a mistake on the command line answer before the heavy imports below
+    CLI_CONFIG = config_or_report(sys.argv[1:]) or sys.exit(2)
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers.models.whisper.modeling_whisper import (WhisperDecoder, WhisperDecoderLayer, WhisperEncoder,
+                                                          WhisperEncoderLayer)
+
+from pipeline import launch
+from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_final, start_run, write_failure
+from pipeline.collate import Collator, expand_features
+from pipeline.data_settings import DEFAULT_SOURCE
+from pipeline.decode import GRAPHS
+from pipeline.metrics import score
+from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor
+from pipeline.optim import make_optimizer, next_lr, set_lr
+from pipeline.runs import CONFIG, METRICS, Claim, RunInfo, TrainerState, eval_file
+from pipeline.stream import StreamError, make_loader
+from pipeline.train_logs import MetricsLog, SampleKeysLog, TrainingError, write_error
+from shard_tools.fileio import write_json
+
+log = logging.getLogger("train_stream")
+STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped")  # the per-step all-reduce
+# what a step sends to the host: the reduced STATS, this rank's bad-loss flag, the gradient norm, the lr
+HOST_VALUES = (*STATS, "local_bad", "grad_norm", "lr")
+
+
+# ------------------------------------------------------------- 2. build: accelerator, model, data, optimizer
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     tc = cfg.trainer_config
@@ -780,9 +785,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, claim: Cl
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done (or stopped by a signal after saving), 1 the run failed, 2 bad config or model."""
-    cfg = config_or_report(argv)
+def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
+    """Exit codes: 0 done (or stopped by a signal after saving), 1 the run failed, 2 bad config or model.
+    ``cfg``: the config already built from the command line (``argv`` is then not read)."""
+    cfg = cfg or config_or_report(argv)
     if cfg is None:
         return 2
     try:
@@ -801,4 +807,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(cfg=CLI_CONFIG))

@@ -954,12 +954,14 @@ def test_data_wait_is_a_share_and_sources_seen_count_the_trained_steps(tmp_path,
     assert max(lines, key=lambda m: m["data_wait"])["step"] == 2  # it waited 0.5 s for its batch
 
 
-def test_help_lists_the_config_keys_and_a_typo_names_the_nearest():
-    help_run = subprocess.run([sys.executable, "train_stream.py", "--help"], cwd=ROOT, env=child_env(),
-                              capture_output=True, text=True, timeout=120)
+def test_help_lists_the_config_keys_and_a_typo_names_the_nearest_without_loading_torch():
+    help_run = subprocess.run([sys.executable, "-X", "importtime", "train_stream.py", "--help"], cwd=ROOT,
+                              env=child_env(), capture_output=True, text=True, timeout=120)
     assert help_run.returncode == 0
     assert "trainer_config:\n" in help_run.stdout and "  max_steps (int = 5000): optimizer steps" in help_run.stdout
     assert "  logging_dir (str = ${trainer_config.output_dir}/tensorboard): " in help_run.stdout
+    imported = {line.split("|")[-1].strip() for line in help_run.stderr.splitlines()}
+    assert not imported & {"torch", "transformers", "accelerate"}  # so --help answers at once
     typo = subprocess.run([sys.executable, "train_stream.py", "--shards", "x", "trainer_config.max_step=5"], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and "did you mean 'trainer_config.max_steps'?" in typo.stderr
