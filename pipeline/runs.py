@@ -11,7 +11,8 @@ checkpoint holds are written and read by ``pipeline.checkpoint``.
       checkpoint-STEP/          trainer_state.json (TrainerState), model.safetensors, optimizer.pt,
                                 [scaler.pt], rng_state_RANK.pt, loader_state_RANK.json, config.yaml
       final/                    save_pretrained model, tokenizer, feature extractor, config.yaml
-      metrics.jsonl, eval/step-STEP.json, sample_keys/rank-RANK.jsonl, previous-runs/LABEL-TIME/
+      metrics.jsonl, eval/step-STEP.json, sample_keys/rank-RANK.jsonl, tensorboard/ (the default
+      logging_dir), previous-runs/LABEL-TIME/ (another run's files, or an abandoned line's checkpoints)
     .tmp-NAME folders are a save or a removal under way: never taken for a checkpoint.
 """
 
