@@ -58,7 +58,8 @@ import time
 from pathlib import Path
 
 from pipeline import metrics
-from pipeline.config import CAPTION_LENGTH_KEY, DECODE_METHODS, caption_length_default
+from pipeline.config import DECODE_METHODS
+from pipeline.runs import CAPTION_LENGTH_KEY, caption_length_default
 from pipeline.window import AudioWindow
 
 STDOUT = "-"  # --output: the rows to standard output
@@ -144,7 +145,8 @@ from tqdm.auto import tqdm
 
 from pipeline import decode
 from pipeline.collate import expand_features, prompt_ids
-from pipeline.config import ConfigError, caption_length
+from pipeline.config import ConfigError
+from pipeline.runs import caption_length
 from pipeline.data_settings import DataSettings
 from pipeline.device import in_background, to_device_ahead
 from shard_tools.features import AudioDecodeError, clip_features, decode_audio, pad_mel
@@ -262,7 +264,7 @@ def audio_window(model, args) -> AudioWindow:
 def default_caption_length(model, model_name: str) -> tuple[int, str]:
     """``(tokens, where from)`` when ``--max-new-tokens`` is not given: the longest caption ``model``
     was trained on, end token included (recorded by training), else ``CAPTION_LENGTH_KEY`` of the
-    ``config.yaml`` beside it, else that key's default (``pipeline.config.caption_length``).
+    ``config.yaml`` beside it, else that key's default (``pipeline.runs.caption_length``).
 
     The recorded length is not capped by ``CAPTION_LENGTH_KEY``: that setting is how long training's
     own evaluation lets captions run, fixed before any data was seen, and the saved ``config.yaml``

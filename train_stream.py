@@ -3,9 +3,10 @@
     accelerate launch train_stream.py --shards 'data/train/<000..099>.tar' [--val-shards URLS] \
         [--config configs/main.yaml] [key=value | +key=value | ++key=value ...]
 
-Read it top to bottom, like nanoGPT's train.py: 1 command line and config, 2 accelerator, 3 model,
-4 data, 5 optimizer and schedule, 6 loss and step, 7 evaluation, 8 checkpoints, 9 logging, 10 the loop,
-11 the end and main.
+Read it top to bottom, like nanoGPT's train.py: 1 command line, 2 build (accelerator, model, data,
+optimizer), 3 loss and step, 4 evaluation, 5 logging, 6 the loop, 7 the run and main. The run folder
+(names, who owns it, checkpoints, ``final/``) is ``pipeline.runs`` and ``pipeline.checkpoint``; the
+optimizer and schedule ``pipeline.optim``; the log files ``pipeline.train_logs``.
 
 Decisions, and why:
 - Loss: per micro-batch, the token mean of cross-entropy over labels != -100, which is exactly the loss
@@ -43,37 +44,28 @@ Decisions, and why:
   skipped for a non-finite loss included, as the stream position does, so a resumed run records what
   a straight one does. A run resumed from a checkpoint older than the record records none: it would
   be the maximum over part of the data.
-- Checkpoints are written by our own code (safetensors model, optimizer, RNG per rank, the loader's
-  stream position per rank, step, config) into a temporary folder that is renamed when complete. They
-  assume a file system shared by all ranks (one node, or a shared mount across nodes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import fnmatch
 import itertools
-import json
 import logging
 import math
-import os
-import random
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import CAPTION_LENGTH_KEY, ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
+from pipeline.config import ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
 from pipeline.hub import HubError, check_push
 
 
-# ------------------------------------------------------------------------ 1. command line and config
-# Parsed before torch, transformers and accelerate are imported (below), so that --help and a
-# mistake on the command line answer at once.
+# -------------------------------------------------------------------------------- 1. command line
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
@@ -123,37 +115,38 @@ def config_or_report(argv: list[str] | None) -> RunConfig | None:
         return None
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # --help and a mistake on the command line answer before the heavy imports below
     CLI_CONFIG = config_or_report(sys.argv[1:]) or sys.exit(2)
 
-import numpy as np
-import safetensors.torch
-from safetensors import SafetensorError
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.models.whisper.modeling_whisper import (WhisperDecoder, WhisperDecoderLayer, WhisperEncoder,
                                                           WhisperEncoderLayer)
 
 from pipeline import launch
+from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_final, start_run, write_failure
 from pipeline.collate import Collator, expand_features
 from pipeline.data_settings import DEFAULT_SOURCE
 from pipeline.decode import GRAPHS
-from shard_tools.fileio import LockBusy, hold_lock, write_json
 from pipeline.metrics import score
-from pipeline.model import CAPTION_TOKENS_KEY, ModelLoadError, generate_captions, load_model, load_processor, save_model
-from pipeline.run_folder import RUN_INFO, SetAside, checkpoint_run_id, claim_run, rotate_checkpoints, set_aside
+from pipeline.model import ModelLoadError, generate_captions, load_model, load_processor
+from pipeline.optim import make_optimizer, next_lr, set_lr
+from pipeline.runs import CONFIG, METRICS, Claim, RunInfo, TrainerState, eval_file
 from pipeline.stream import StreamError, make_loader
 from pipeline.train_logs import MetricsLog, SampleKeysLog, TrainingError, write_error
+from shard_tools.fileio import write_json
 
 log = logging.getLogger("train_stream")
 STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped")  # the per-step all-reduce
+# what a step sends to the host: the reduced STATS, this rank's bad-loss flag, the gradient norm, the lr
+HOST_VALUES = (*STATS, "local_bad", "grad_norm", "lr")
 
 
-# ------------------------------------------------------------------------------------ 2. accelerator
+# ------------------------------------------------------------- 2. build: accelerator, model, data, optimizer
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     tc = cfg.trainer_config
@@ -178,8 +171,6 @@ def device_batch_size(batch_size: int, split_batches: bool, world_size: int, key
                           f"by the number of processes ({world_size})")
     return batch_size // world_size
 
-
-# ------------------------------------------------------------------------------------------ 3. model
 
 def build_model(cfg: RunConfig):
     """The processor and the model to train: with ``lora_r``, a peft ``PeftModel`` around it."""
@@ -249,8 +240,6 @@ def add_lora(model, mc):
                           f"{str(error).splitlines()[0]}") from None
 
 
-# ------------------------------------------------------------------------------------------- 4. data
-
 def build_loader(cfg: RunConfig, tokenizer, accelerator: Accelerator, train: bool):
     dc, tc = cfg.data_config, cfg.trainer_config
     key = "per_device_train_batch_size" if train else "per_device_eval_batch_size"
@@ -274,42 +263,47 @@ def total_steps(tc, batches_per_epoch: int) -> int:
     return max(1, math.ceil(tc.num_train_epochs * batches_per_epoch / tc.gradient_accumulation_steps))
 
 
-# ---------------------------------------------------------------------------- 5. optimizer, schedule
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear, conv, embeddings); none on biases and LayerNorm (1-D)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def lr_at(step: int, tc, max_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then linear/cosine/constant."""
-    peak, warmup = tc.learning_rate, tc.warmup_steps
-    if step < warmup:
-        return peak * (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    if tc.lr_scheduler_type == "cosine":
-        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if tc.lr_scheduler_type == "linear":
-        return peak * (1.0 - progress)
-    return peak
+def check_mel_bins(cfg: RunConfig, takes: int, n_mels: int | None, val: bool = False) -> None:
+    """A ``ConfigError`` naming the training (``val``: validation) shards if their ``n_mels`` is not
+    the model's ``takes``: known from index.json at start-up, else (None there) from each batch before
+    its forward (the stream holds a shard's samples to its first's)."""
+    if n_mels not in (None, takes):
+        dc = cfg.data_config
+        urls = dc.val_shards if val else " + ".join(str(s.shards) for s in dc.sources())
+        raise ConfigError(f"{urls}: the shards hold {n_mels}-bin log-mels, model {cfg.model_config.name} takes "
+                          f"{takes} (num_mel_bins): pack them with --n-mels {takes} or use a {n_mels}-bin model")
 
 
-def next_lr(step: int, in_flight: torch.Tensor | None, tc, max_steps: int, device) -> torch.Tensor:
-    """The learning rate of the step launched now, a device scalar: ``lr_at`` of its position, which
-    is ``step`` (the steps applied), plus one if a step is in flight and its skip flag
-    ``in_flight`` (on the device, not read here) is false."""
-    lr = torch.full((), lr_at(step, tc, max_steps), dtype=torch.float32, device=device)
-    return lr if in_flight is None else torch.where(in_flight, lr, lr_at(step + 1, tc, max_steps))
+@dataclasses.dataclass
+class Parts:
+    """What a run trains: ``prepare_run``'s model and optimizer (through ``accelerator.prepare``),
+    its processor, and the loaders (each rank's share; ``val_loader`` None without validation shards)."""
+
+    processor: Any
+    model: Any
+    optimizer: Any
+    loader: Any
+    val_loader: Any | None
 
 
-def set_lr(optimizer, lr: float | torch.Tensor) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def prepare_run(cfg: RunConfig, accelerator: Accelerator) -> Parts:
+    """Model, processor, loaders, optimizer."""
+    tc = cfg.trainer_config
+    set_seed(tc.seed)
+    processor, model = build_model(cfg)
+    set_seed(tc.seed, device_specific=True)  # dropout and SpecAugment draws differ between ranks
+    loader = build_loader(cfg, processor.tokenizer, accelerator, train=True)
+    val_loader = (build_loader(cfg, processor.tokenizer, accelerator, train=False)
+                  if cfg.data_config.val_shards else None)
+    for one, val in ((loader, False), (val_loader, True)):
+        check_mel_bins(cfg, model.config.num_mel_bins, one.dataset.n_mels if one else None, val)
+    if cfg.model_config.torch_compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, tc))
+    return Parts(processor, model, optimizer, loader, val_loader)
 
 
-# ------------------------------------------------------------------------------- 6. loss and a step
+# ----------------------------------------------------------------------------- 3. loss and step
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,13 +351,6 @@ def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor
     stats[STATS.index("samples")] += len(batch["is_pad"]) - int(batch["is_pad"].sum())  # on the host: no sync
 
 
-def make_optimizer(model, tc) -> torch.optim.Optimizer:
-    """Fused AdamW: one kernel for all parameters, and a ``found_inf`` flag that skips a step on the
-    device (``optimizer_step``)."""
-    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
-                             betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, fused=True)
-
-
 def optimizer_step(model, optimizer, accelerator: Accelerator, stats: torch.Tensor, lr: float | torch.Tensor,
                    max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clip (fp16: after unscaling); all-reduce ``stats`` (``STATS``) with this rank's flag for a
@@ -388,7 +375,7 @@ def optimizer_step(model, optimizer, accelerator: Accelerator, stats: torch.Tens
     return reduced, skip, norm
 
 
-# ------------------------------------------------------------------------------------- 7. evaluation
+# --------------------------------------------------------------------------------- 4. evaluation
 
 def generate_prompted(model, features: torch.Tensor, sources: list[str], collator: Collator,
                       **options) -> list[list[int]]:
@@ -446,170 +433,7 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
     return metrics, rows
 
 
-# ------------------------------------------------------------------------------------ 8. checkpoints
-# (which run owns the output folder, and which checkpoint a start resumes: pipeline.run_folder)
-
-def rng_state() -> dict:
-    """This process's random generators, as tensors and numbers (``torch.load(weights_only=True)`` safe)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy": [int(pos), int(has_gauss), float(cached)], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def start_run(output_dir: Path, tc, accelerator: Accelerator, lock: contextlib.ExitStack
-              ) -> tuple[str, Path | None, SetAside | None]:
-    """The run's id and checkpoint (or None), decided by the main process, which locks ``output_dir``
-    until ``lock`` closes, and sent to every rank, so all ranks raise the same error or go on together;
-    the files to set aside (the main process's to move, None on the others)."""
-    decision, aside = [None], None
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock.enter_context(hold_lock(output_dir / ".lock"))
-            run_id, checkpoint, aside = claim_run(output_dir, tc)
-            decision = [("ok", run_id, str(checkpoint) if checkpoint else None)]
-        except LockBusy as error:  # a second run would interleave its checkpoints and logs with the first's
-            decision = [("error", f"{output_dir} is in use by another training run ({error}): wait for it to "
-                                  f"end, or set another trainer_config.output_dir", None)]
-        except ConfigError as error:
-            decision = [("error", str(error), None)]
-        except OSError as error:  # sent on, so the other ranks stop too instead of waiting forever
-            decision = [("error", f"{output_dir}: cannot prepare the run folder ({error})", None)]
-    decision = broadcast_object_list(decision) if accelerator.num_processes > 1 else decision
-    status, value, checkpoint = decision[0]
-    if status == "error":
-        raise ConfigError(value)
-    return value, (Path(checkpoint) if checkpoint else None), aside
-
-
-def write_failure(action) -> str | None:
-    """``action()``; why a write in it failed (an ``OSError``, or safetensors' for one), else None."""
-    try:
-        action()
-    except (OSError, SafetensorError) as error:
-        return getattr(error, "strerror", None) or str(error)
-    return None
-
-
-def save_tensors(obj, path: Path) -> None:
-    """``torch.save`` through a Python file, so that a failed write raises its ``OSError`` (torch's own
-    file writer, and its zip writer after a Python write, raise a RuntimeError without the cause)."""
-    with open(path, "wb") as file:
-        try:
-            torch.save(obj, file)
-        except RuntimeError as error:
-            if isinstance(error.__context__, OSError):
-                raise error.__context__ from None
-            raise
-
-
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, loader, accelerator: Accelerator,
-                    cfg: RunConfig, run_id: str, caption_tokens: int | None) -> Path:
-    """``output_dir/checkpoint-STEP``: written into a temporary folder by all ranks, then renamed;
-    ``caption_tokens``: the longest caption trained on so far, over all ranks (None: not known)."""
-    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
-    rank = accelerator.process_index
-
-    def shared_part() -> None:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a save that was killed
-        tmp.mkdir(parents=True)
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        safetensors.torch.save_model(unwrapped, str(tmp / "model.safetensors"))
-        save_tensors(optimizer.state_dict(), tmp / "optimizer.pt")
-        if accelerator.scaler is not None:
-            save_tensors(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes,
-                                                "run_id": run_id, CAPTION_TOKENS_KEY: caption_tokens})
-        save_config(cfg, tmp / "config.yaml")
-
-    def rank_part() -> None:
-        save_tensors(rng_state(), tmp / f"rng_state_{rank}.pt")
-        write_json(tmp / f"loader_state_{rank}.json", loader.state_dict())
-
-    failed = write_failure(shared_part) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    failed = failed or write_failure(rank_part)
-    # every rank learns of any rank's failure, so all stop together (the main process's, if any, first)
-    failed = next(filter(None, gather_object([failed]) if accelerator.num_processes > 1 else [failed]), None)
-    if failed:
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)  # the partial checkpoint would hold the full disk's space
-        raise write_error(output_dir, f"checkpoint-{step}", failed)
-    if accelerator.is_main_process:
-        other = checkpoint_run_id(final) if final.exists() else run_id
-        if other not in (run_id, None):
-            log.warning("%s belongs to run %s: moved to %s", final, other, set_aside(output_dir, [final.name], other))
-        elif final.exists():
-            shutil.rmtree(final)  # this run's own, from before a resume, or unreadable
-        os.replace(tmp, final)
-        rotate_checkpoints(output_dir, cfg.trainer_config.save_total_limit, run_id, final)
-        log.info("saved %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def checkpoint_part(file: Path, load):
-    """``load(file)``; whatever a damaged or missing file makes the reader raise is reported as a
-    ``TrainingError`` naming the file (the readers raise many types: OSError, JSON, safetensors,
-    torch unpickling errors)."""
-    try:
-        return load(file)
-    except Exception as error:
-        raise TrainingError(f"checkpoint file {file} cannot be loaded ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else ''}); resume from another "
-                            f"checkpoint") from error
-
-
-def load_checkpoint(path: Path, model, optimizer, loader, accelerator: Accelerator) -> tuple[int, int | None]:
-    """Restore model, optimizer, scaler, RNG and stream position; returns the step and the longest
-    caption trained on so far (None: not known, a checkpoint older than that record). On another number
-    of processes the stream re-plans the rest of the epoch (docs/streaming.md, 'Elastic resume'); a
-    rank the checkpoint has no RNG state for keeps its freshly seeded generators. A file that cannot
-    be read is a ``TrainingError`` naming it and the problem."""
-    state = checkpoint_part(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    # read onto the CPU, copied into the parameters wherever they live ("cpu:0", the name accelerate
-    # gives the CPU in multi-process runs, is not a device safetensors accepts)
-    checkpoint_part(path / "model.safetensors", lambda f: safetensors.torch.load_model(unwrapped, f, device="cpu"))
-    optimizer.load_state_dict(checkpoint_part(path / "optimizer.pt",
-                                              lambda f: torch.load(f, map_location="cpu", weights_only=True)))
-    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(checkpoint_part(path / "scaler.pt",
-                                                           lambda f: torch.load(f, weights_only=True)))
-    rank = accelerator.process_index
-    rng = path / f"rng_state_{rank}.pt"
-    if rng.is_file():
-        set_rng_state(checkpoint_part(rng, lambda f: torch.load(f, weights_only=True)))
-    own = path / f"loader_state_{rank}.json"
-    loader.load_state_dict(checkpoint_part(own if own.is_file() else path / "loader_state_0.json",
-                                           lambda f: json.loads(f.read_text())))
-    log.info("resumed from %s at step %d%s", path, state["step"],
-             f" (saved by {state['world_size']} processes, now {accelerator.num_processes})"
-             if state["world_size"] != accelerator.num_processes else "")
-    caption_tokens = state.get(CAPTION_TOKENS_KEY)
-    if CAPTION_TOKENS_KEY not in state:
-        log.warning("%s predates the record of the longest training caption: the final model will record none, "
-                    "and inference will default to %s", path, CAPTION_LENGTH_KEY)
-    elif caption_tokens is not None and (isinstance(caption_tokens, bool) or not isinstance(caption_tokens, int)
-                                         or caption_tokens < 0):
-        raise TrainingError(f"{path / 'trainer_state.json'}: {CAPTION_TOKENS_KEY}={caption_tokens!r}: must be an "
-                            f"integer >= 0 or null; resume from another checkpoint")
-    return state["step"], caption_tokens
-
-
-# ---------------------------------------------------------------------------------------- 9. logging
-# (the run's log files: pipeline.train_logs)
+# ------------------------------------------------------------------------------------ 5. logging
 
 class Window:
     """Sums of the reduced per-step statistics since the last log line, over the time from its first
@@ -671,7 +495,7 @@ def source_metrics(loader, epoch: int, batches: int) -> dict:
             for what, value in (("seen", n), ("epochs", n / size))}
 
 
-# ------------------------------------------------------------------------------------- 10. the loop
+# ----------------------------------------------------------------------------------- 6. the loop
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -731,13 +555,20 @@ def check_bad_step(local_bad: bool, loss_bad: bool, keys: list[str], step: int, 
 class Launched:
     """An optimizer step queued on the device, its statistics on their way to the host."""
 
-    values: torch.Tensor  # [len(STATS) + 3]: the reduced STATS, this rank's bad flag, the gradient norm, the lr
+    values: torch.Tensor  # [len(HOST_VALUES)]: named by HOST_VALUES
     copied: torch.cuda.Event | None  # done when ``values`` holds them (None: already there)
     skip: torch.Tensor  # on the device: whether the optimizer skipped it
-    keys: list[str]
-    epoch: int
+    keys: list[str]  # the real (not padding) keys of its micro-batches on this rank
+    epoch: int  # the epoch of its first micro-batch
     launched_at: float  # perf_counter when its first micro-batch was asked for
-    position: tuple[int, int]  # the loader's (epoch, batches) after its micro-batches
+    loader_epoch: int  # the loader's position after its micro-batches: epoch,
+    loader_batches: int  # and batches handed out in it
+
+    def read(self) -> dict[str, float]:
+        """Its ``HOST_VALUES`` by name, waiting for the device if it is still at it."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return dict(zip(HOST_VALUES, self.values.tolist()))
 
 
 def to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -750,30 +581,42 @@ def to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None
     return host, copied
 
 
+@dataclasses.dataclass
+class Logs:
+    """The run's log files (``pipeline.train_logs``)."""
+
+    metrics: MetricsLog
+    samples: SampleKeysLog
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+
+
 class Trainer:
-    """The loop's state between steps: what it trains, where it logs, and when it last saved."""
+    """The loop's state between steps: what it trains (``parts``), from where (``start``: the step,
+    run and longest caption a checkpoint resumes, or step 0), where it logs, and when it last saved."""
 
-    def __init__(self, cfg: RunConfig, accelerator: Accelerator, model, optimizer, processor, loader,
-                 val_loader, output_dir: Path, max_steps: int, stop: StopRequest, run_id: str,
-                 sample_log: SampleKeysLog, caption_tokens: int | None):
-        self.cfg, self.tc, self.accelerator = cfg, cfg.trainer_config, accelerator
-        self.model, self.optimizer, self.processor = model, optimizer, processor
-        self.loader, self.val_loader, self.output_dir = loader, val_loader, output_dir
-        self.max_steps, self.stop, self.run_id, self.sample_log = max_steps, stop, run_id, sample_log
-        self.val_start = val_loader.state_dict() if val_loader is not None else None
-        self.step = self.saved_step = self.evaluated_step = -1
-        self.caption_tokens = caption_tokens  # this rank's longest training caption so far (None: not known)
-        self.mel_bins = accelerator.unwrap_model(model, keep_torch_compile=False).config.num_mel_bins
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, parts: Parts, start: TrainerState,
+                 stop: StopRequest):
+        self.cfg, self.tc, self.accelerator, self.parts, self.stop = cfg, cfg.trainer_config, accelerator, parts, stop
+        self.output_dir, self.run_id = Path(self.tc.output_dir), start.run_id
+        self.max_steps = total_steps(self.tc, len(parts.loader))
+        self.val_start = parts.val_loader.state_dict() if parts.val_loader is not None else None
+        self.start_step = self.step = self.saved_step = start.step
+        self.evaluated_step = -1
+        self.caption_tokens = start.caption_tokens  # this rank's longest training caption so far (None: not known)
+        self.mel_bins = accelerator.unwrap_model(parts.model, keep_torch_compile=False).config.num_mel_bins
+        self.logs: Logs | None = None
 
-    def run(self, start_step: int, metrics_log: MetricsLog) -> bool:
-        """Train from ``start_step`` to ``max_steps``; True if stopped early by a signal. At most one
+    def run(self, logs: Logs) -> bool:
+        """Train from the start step to ``max_steps``; True if stopped early by a signal. At most one
         step is in flight: its statistics are read after the next step is launched, so the host
         never waits for the device between steps, or at once when an evaluation, a checkpoint, the
         end or a stop comes after it (module doc)."""
-        self.step = self.saved_step = self.start_step = start_step
-        self.metrics_log, self.bad_in_a_row = metrics_log, 0
+        self.logs, self.bad_in_a_row = logs, 0
         self.window = Window(self.accelerator.num_processes * self.tc.gradient_accumulation_steps)
-        batches, flight = iter(self.loader), None
+        batches, flight = iter(self.parts.loader), None
         while self.step + (flight is not None) < self.max_steps:
             in_flight = None if flight is None else flight.skip
             launched = self.launch(batches, next_lr(self.step, in_flight, self.tc, self.max_steps,
@@ -792,47 +635,46 @@ class Trainer:
         """Whether optimizer step ``step`` is followed by work that needs its weights (or is the last)."""
         tc = self.tc
         return (step >= self.max_steps or step % tc.save_steps == 0
-                or (self.val_loader is not None and step % tc.eval_steps == 0))
+                or (self.parts.val_loader is not None and step % tc.eval_steps == 0))
 
     def launch(self, batches, lr: torch.Tensor) -> Launched:
         """One optimizer step, queued on the device; skipped there if any rank's loss or gradient
         norm is not finite."""
-        launched_at = time.perf_counter()
+        launched_at, loader = time.perf_counter(), self.parts.loader
         stats, keys, epoch = self.accumulate(batches)
         stats[STATS.index("stop")] = float(self.stop.signum is not None)
-        stats[STATS.index("skipped")] = float(self.loader.skipped)
-        reduced, skip, norm = optimizer_step(self.model, self.optimizer, self.accelerator, stats, lr,
+        stats[STATS.index("skipped")] = float(loader.skipped)
+        reduced, skip, norm = optimizer_step(self.parts.model, self.parts.optimizer, self.accelerator, stats, lr,
                                              self.tc.max_grad_norm)
-        values = torch.cat([reduced, stats[STATS.index("bad")].view(1), norm.double().view(1), lr.double().view(1)])
-        return Launched(*to_host(values), skip, keys, epoch, launched_at, (self.loader.epoch, self.loader.batches))
+        values, copied = to_host(torch.cat([reduced, stats[STATS.index("bad")].view(1), norm.double().view(1),
+                                            lr.double().view(1)]))
+        return Launched(values=values, copied=copied, skip=skip, keys=keys, epoch=epoch, launched_at=launched_at,
+                        loader_epoch=loader.epoch, loader_batches=loader.batches)
 
     def settle(self, launched: Launched) -> bool:
         """Read a launched step's statistics (waiting for the device if it is still at it): count it
         or report it skipped; log, evaluate and save after it as due. Returns its stop flag."""
-        tc, accelerator = self.tc, self.accelerator
-        if launched.copied is not None:
-            launched.copied.synchronize()
-        *reduced, local_bad, norm, lr = launched.values.tolist()
-        values = dict(zip(STATS, reduced))
+        tc, accelerator, logs = self.tc, self.accelerator, self.logs
+        values = launched.read()
         if values["bad"] or values["bad_grad"]:
-            self.sample_log.write(self.step + 1, launched.epoch, launched.keys, skipped=True)
-            self.bad_in_a_row = check_bad_step(local_bad > 0, values["bad"] > 0, launched.keys, self.step,
+            logs.samples.write(self.step + 1, launched.epoch, launched.keys, skipped=True)
+            self.bad_in_a_row = check_bad_step(values["local_bad"] > 0, values["bad"] > 0, launched.keys, self.step,
                                                self.bad_in_a_row, tc.max_bad_steps, accelerator)
             return bool(values["stop"])
         self.bad_in_a_row = 0
         self.step += 1
-        self.sample_log.write(self.step, launched.epoch, launched.keys)
-        self.metrics_log.bar.update(1)
-        self.window.add(values, norm, launched.launched_at)
+        logs.samples.write(self.step, launched.epoch, launched.keys)
+        logs.metrics.bar.update(1)
+        self.window.add(values, values["grad_norm"], launched.launched_at)
         if self.step % tc.logging_steps == 0 or self.step in (self.start_step + 1, self.max_steps):
-            metrics = self.window.metrics(lr, accelerator.num_processes, values["skipped"])
-            if self.metrics_log.main:  # arithmetic on the loader's position, the same on every rank
-                metrics |= source_metrics(self.loader, *launched.position)
-            self.metrics_log.log_metrics(self.step, metrics, "train")
+            metrics = self.window.metrics(values["lr"], accelerator.num_processes, values["skipped"])
+            if logs.metrics.main:  # arithmetic on the loader's position, the same on every rank
+                metrics |= source_metrics(self.parts.loader, launched.loader_epoch, launched.loader_batches)
+            logs.metrics.log_metrics(self.step, metrics, "train")
             self.window = Window(self.window.micro)
         paused = time.perf_counter()
-        if self.val_loader is not None and self.step % tc.eval_steps == 0:
-            self.evaluate(self.metrics_log)
+        if self.parts.val_loader is not None and self.step % tc.eval_steps == 0:
+            self.evaluate()
         if self.step % tc.save_steps == 0:
             self.save()
         self.window.pauses.append((paused, time.perf_counter() - paused))
@@ -849,30 +691,32 @@ class Trainer:
             batch = next(batches)
             stats[STATS.index("wait_s")] += time.perf_counter() - waited
             check_mel_bins(self.cfg, self.mel_bins, batch["input_features"].shape[1])
-            epoch = self.loader.epoch if epoch is None else epoch
-            train_step(self.model, batch, self.accelerator, stats, self.tc.label_smoothing)
+            epoch = self.parts.loader.epoch if epoch is None else epoch
+            train_step(self.parts.model, batch, self.accelerator, stats, self.tc.label_smoothing)
             if self.caption_tokens is not None:
                 self.caption_tokens = max(self.caption_tokens, batch["longest_caption_tokens"])
             keys += [key for key, pad in zip(batch["keys"], batch["is_pad"].tolist()) if not pad]
         return stats, keys, epoch
 
-    def evaluate(self, metrics_log: MetricsLog) -> None:
+    def evaluate(self) -> None:
         if self.evaluated_step == self.step:
             return
-        metrics, rows = evaluate(self.model, self.val_loader, self.val_start, self.accelerator,
-                                 self.processor.tokenizer, self.tc, lambda batch: check_mel_bins(
+        metrics, rows = evaluate(self.parts.model, self.parts.val_loader, self.val_start, self.accelerator,
+                                 self.parts.processor.tokenizer, self.tc, lambda batch: check_mel_bins(
                                      self.cfg, self.mel_bins, batch["input_features"].shape[1], val=True))
-        path = self.output_dir / "eval" / f"step-{self.step}.json"
+        path = eval_file(self.output_dir, self.step)
         if self.accelerator.is_main_process and (failed := write_failure(
                 lambda: (path.parent.mkdir(exist_ok=True), write_json(path, rows)))):
             raise write_error(path, "the evaluation's captions", failed)
-        metrics_log.log_metrics(self.step, metrics, "eval")
+        self.logs.metrics.log_metrics(self.step, metrics, "eval")
         self.evaluated_step = self.step
 
     def save(self) -> None:
         if self.saved_step != self.step:
-            save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.loader,
-                            self.accelerator, self.cfg, self.run_id, self.longest_caption())
+            state = TrainerState(step=self.step, world_size=self.accelerator.num_processes, run_id=self.run_id,
+                                 caption_tokens=self.longest_caption())
+            save_checkpoint(self.output_dir, state, self.parts.model, self.parts.optimizer, self.parts.loader,
+                            self.accelerator, self.cfg)
             self.saved_step = self.step
 
     def longest_caption(self) -> int | None:
@@ -886,29 +730,7 @@ class Trainer:
         return None if min(every) < 0 else max(every)
 
 
-# --------------------------------------------------------------------------------- 11. end and main
-
-def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, output_dir: Path,
-               caption_tokens: int | None) -> Path:
-    """``output_dir/final``: ``save_pretrained`` model (LoRA adapters merged into a copy: a plain
-    Whisper folder), tokenizer and feature extractor, the caption prefixes and ``caption_tokens``
-    (the longest caption trained on, over all ranks), plus the config."""
-    final, tmp = output_dir / "final", output_dir / ".tmp-final"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        if cfg.model_config.lora_r:
-            unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-        save_model(unwrapped, processor, tmp, prefixes=cfg.data_config.prefixes(), caption_tokens=caption_tokens)
-        save_config(cfg, tmp / "config.yaml")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        log.info("final model saved to %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
+# ---------------------------------------------------------------------------- 7. the run and main
 
 def push_to_hub(folder: Path, repo_id: str, step: int) -> None:
     """Upload ``folder``; a failure is one ``TrainingError`` line saying the model is safe and how to
@@ -926,72 +748,38 @@ def push_to_hub(folder: Path, repo_id: str, step: int) -> None:
     log.info("pushed %s to the Hub as %s", folder, repo_id)
 
 
-def check_mel_bins(cfg: RunConfig, takes: int, n_mels: int | None, val: bool = False) -> None:
-    """A ``ConfigError`` naming the training (``val``: validation) shards if their ``n_mels`` is not
-    the model's ``takes``: known from index.json at start-up, else (None there) from each batch before
-    its forward (the stream holds a shard's samples to its first's)."""
-    if n_mels not in (None, takes):
-        dc = cfg.data_config
-        urls = dc.val_shards if val else " + ".join(str(s.shards) for s in dc.sources())
-        raise ConfigError(f"{urls}: the shards hold {n_mels}-bin log-mels, model {cfg.model_config.name} takes "
-                          f"{takes} (num_mel_bins): pack them with --n-mels {takes} or use a {n_mels}-bin model")
-
-
-def prepare_run(cfg: RunConfig, accelerator: Accelerator):
-    """Model, processor, loaders, optimizer (model and optimizer through ``accelerator.prepare``)."""
-    tc = cfg.trainer_config
-    set_seed(tc.seed)
-    processor, model = build_model(cfg)
-    set_seed(tc.seed, device_specific=True)  # dropout and SpecAugment draws differ between ranks
-    loader = build_loader(cfg, processor.tokenizer, accelerator, train=True)
-    val_loader = (build_loader(cfg, processor.tokenizer, accelerator, train=False)
-                  if cfg.data_config.val_shards else None)
-    for one, val in ((loader, False), (val_loader, True)):
-        check_mel_bins(cfg, model.config.num_mel_bins, one.dataset.n_mels if one else None, val)
-    if cfg.model_config.torch_compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, tc))
-    return processor, model, optimizer, loader, val_loader
-
-
 def run(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest) -> int:
-    output_dir = Path(cfg.trainer_config.output_dir)
     with contextlib.ExitStack() as lock:
-        run_id, checkpoint, aside = start_run(output_dir, cfg.trainer_config, accelerator, lock)
-        return train(cfg, accelerator, stop, output_dir, run_id, checkpoint, aside)
+        claim = start_run(Path(cfg.trainer_config.output_dir), cfg.trainer_config, accelerator, lock)
+        return train(cfg, accelerator, stop, claim)
 
 
-def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, output_dir: Path, run_id: str,
-          checkpoint: Path | None, aside: SetAside | None) -> int:
-    tc = cfg.trainer_config
-    processor, model, optimizer, loader, val_loader = prepare_run(cfg, accelerator)
-    max_steps = total_steps(tc, len(loader))
-    start_step, caption_tokens = (load_checkpoint(checkpoint, model, optimizer, loader, accelerator) if checkpoint
-                                  else (0, 0))
-    if aside is not None:  # every check passed: now the folder may change
-        aside.apply(output_dir)
+def train(cfg: RunConfig, accelerator: Accelerator, stop: StopRequest, claim: Claim) -> int:
+    tc, output_dir = cfg.trainer_config, Path(cfg.trainer_config.output_dir)
+    parts = prepare_run(cfg, accelerator)
+    start = (load_checkpoint(claim.checkpoint, parts.model, parts.optimizer, parts.loader, accelerator)
+             if claim.checkpoint else TrainerState(step=0, world_size=accelerator.num_processes, caption_tokens=0))
+    trainer = Trainer(cfg, accelerator, parts, dataclasses.replace(start, run_id=claim.run_id), stop)
+    if claim.aside is not None:  # every check passed: now the folder may change
+        claim.aside.apply(output_dir)
     if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
-        info = banner(cfg, accelerator, model, loader, max_steps, start_step)
-        write_json(output_dir / RUN_INFO, {"run_id": run_id, "resumed_from": str(checkpoint.resolve()) if checkpoint else None,
-                                           **info})
+        save_config(cfg, output_dir / CONFIG)
+        info = banner(cfg, accelerator, parts.model, parts.loader, trainer.max_steps, start.step)
+        RunInfo(claim.run_id, str(claim.checkpoint.resolve()) if claim.checkpoint else None).write(output_dir, info)
     accelerator.wait_for_everyone()
-    sample_log = SampleKeysLog(output_dir, accelerator, start_step, tc.log_sample_keys)
-    trainer = Trainer(cfg, accelerator, model, optimizer, processor, loader, val_loader, output_dir, max_steps, stop,
-                      run_id, sample_log, caption_tokens)
-    metrics_log = MetricsLog(output_dir, Path(tc.logging_dir), accelerator, max_steps, start_step)
+    samples = SampleKeysLog(output_dir, accelerator, start.step, tc.log_sample_keys)
+    logs = Logs(MetricsLog(output_dir, Path(tc.logging_dir), accelerator, trainer.max_steps, start.step), samples)
     try:
-        if trainer.run(start_step, metrics_log):
+        if trainer.run(logs):
             log.info("stopped at step %d; continue with trainer_config.resume_from_checkpoint=latest", trainer.step)
             return 0
-        if val_loader is not None:
-            trainer.evaluate(metrics_log)
+        if parts.val_loader is not None:
+            trainer.evaluate()
         trainer.save()
     finally:
-        metrics_log.close()
-        sample_log.close()
-    final = save_final(model, processor, cfg, accelerator, output_dir, trainer.longest_caption())
-    log.info("metrics in %s; TensorBoard: tensorboard --logdir %s", output_dir / "metrics.jsonl", tc.logging_dir)
+        logs.close()
+    final = save_final(parts.model, parts.processor, cfg, accelerator, output_dir, trainer.longest_caption())
+    log.info("metrics in %s; TensorBoard: tensorboard --logdir %s", output_dir / METRICS, tc.logging_dir)
     if tc.push_to_hub and accelerator.is_main_process:
         push_to_hub(final, tc.hub_model_id, trainer.step)
     return 0

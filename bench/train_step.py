@@ -64,6 +64,7 @@ def build_run(shards: str, batch_size: int, workers: int, bf16: bool, model_dims
 
     import train_stream as ts
     from pipeline.model import load_processor
+    from pipeline.optim import make_optimizer
 
     cfg = ts.build_config(["--shards", shards, f"trainer_config.per_device_train_batch_size={batch_size}",
                            f"trainer_config.dataloader_num_workers={workers}", f"trainer_config.bf16={bf16}"])
@@ -78,7 +79,7 @@ def build_run(shards: str, batch_size: int, workers: int, bf16: bool, model_dims
     model.train()
     set_seed(tc.seed, device_specific=True)
     loader = ts.build_loader(cfg, processor.tokenizer, accelerator, train=True)
-    model, optimizer = accelerator.prepare(model, ts.make_optimizer(model, tc))
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, tc))
     return cfg, accelerator, model, optimizer, loader
 
 
@@ -103,6 +104,7 @@ def timed_steps(batches, cfg, accelerator, model, optimizer, warmup: int, steps:
     import torch
 
     import train_stream as ts
+    from pipeline.optim import lr_at
 
     tc = cfg.trainer_config
     wait, samples, decoder_tokens, flight, values = 0.0, 0, 0, None, {}
@@ -115,7 +117,7 @@ def timed_steps(batches, cfg, accelerator, model, optimizer, warmup: int, steps:
         batch = next(batches)
         waited = time.perf_counter() - waited
         ts.train_step(model, batch, accelerator, stats)
-        reduced, _, norm = ts.optimizer_step(model, optimizer, accelerator, stats, ts.lr_at(step, tc, tc.max_steps),
+        reduced, _, norm = ts.optimizer_step(model, optimizer, accelerator, stats, lr_at(step, tc, tc.max_steps),
                                              tc.max_grad_norm)
         launched = ts.to_host(torch.cat([reduced, norm.double().view(1)]))
         if flight is not None:

@@ -46,8 +46,6 @@ DEFAULT_MAIN = CONFIG_DIR / "main.yaml"
 SCHEDULERS = ("linear", "cosine", "constant")
 # generate_captions' decoders: pipeline.decode's static-cache path, and HF generate (the reference)
 DECODE_METHODS = ("static", "hf")
-# the caption length a trained model was evaluated with: infer_stream.py's default --max-new-tokens
-CAPTION_LENGTH_KEY = "trainer_config.generation_max_new_tokens"
 # model_config's probabilities and their ranges: a dropout of 1 would zero every activation it drops
 PROBABILITIES = {"dropout": "[0, 1)", "lora_dropout": "[0, 1)", "mask_time_prob": "[0, 1]",
                  "mask_feature_prob": "[0, 1]"}
@@ -551,25 +549,6 @@ def validate(cfg: RunConfig) -> None:
         problems.append("trainer_config.push_to_hub=true needs trainer_config.hub_model_id")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def caption_length_default() -> int:
-    """``CAPTION_LENGTH_KEY``'s default."""
-    section, name = CAPTION_LENGTH_KEY.split(".")
-    return _section_fields(section)[name].default
-
-
-def caption_length(model_dir: str | os.PathLike) -> tuple[int, str]:
-    """``(tokens, where from)``: ``CAPTION_LENGTH_KEY`` of the ``config.yaml`` that train_stream.py
-    saves beside a model it trained, else the key's default (the built-in model, a Hub id)."""
-    path = Path(model_dir) / "config.yaml"
-    if not path.is_file():
-        return caption_length_default(), f"the default {CAPTION_LENGTH_KEY}"
-    section, name = CAPTION_LENGTH_KEY.split(".")
-    value = (_read_yaml(path).get(section) or {}).get(name, caption_length_default())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{path}: {CAPTION_LENGTH_KEY}={value!r}: must be an integer >= 1")
-    return value, f"{CAPTION_LENGTH_KEY} of {path}"
 
 
 def to_yaml(cfg: RunConfig) -> str:

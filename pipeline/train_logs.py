@@ -13,6 +13,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from pipeline.runs import METRICS, SAMPLE_KEYS
 from shard_tools.fileio import write_atomic
 
 log = logging.getLogger("train_stream")
@@ -43,7 +44,7 @@ class MetricsLog:
 
             self.attempt(lambda: logging_dir.mkdir(parents=True, exist_ok=True), logging_dir)
             self.files[logging_dir] = self.attempt(lambda: EventsWriter(str(logging_dir / "events")), logging_dir)
-            jsonl = output_dir / "metrics.jsonl"
+            jsonl = output_dir / METRICS
             self.files[jsonl] = self.attempt(lambda: open(jsonl, "a"), jsonl)
 
     def attempt(self, action, path: Path):
@@ -91,7 +92,7 @@ class SampleKeysLog:
     steps after its last checkpoint, done again now) are removed first, so each step appears once."""
 
     def __init__(self, output_dir: Path, accelerator: Accelerator, start_step: int, enabled: bool):
-        folder, self.file = output_dir / "sample_keys", None
+        folder, self.file = output_dir / SAMPLE_KEYS, None
         self.path = folder / f"rank-{accelerator.process_index}.jsonl"
         if accelerator.is_main_process and folder.is_dir():
             for path in folder.glob("rank-*.jsonl"):

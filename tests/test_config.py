@@ -348,17 +348,6 @@ def test_the_readme_mix_example_loads(tmp_path):
     assert cfg.model_config.name == "openai/whisper-small" and cfg.trainer_config.bf16
 
 
-def test_caption_length_is_read_from_the_config_saved_beside_a_model(tmp_path):
-    from pipeline.config import caption_length, caption_length_default
-
-    assert caption_length(tmp_path) == (caption_length_default(), "the default trainer_config.generation_max_new_tokens")
-    assert caption_length("tiny")[0] == load_config().trainer_config.generation_max_new_tokens
-    save_config(load_config(overrides=["trainer_config.generation_max_new_tokens=7"]), tmp_path / "config.yaml")
-    assert caption_length(tmp_path) == (7, f"trainer_config.generation_max_new_tokens of {tmp_path / 'config.yaml'}")
-    (tmp_path / "config.yaml").write_text("trainer_config:\n  generation_max_new_tokens: many\n")
-    with pytest.raises(ConfigError, match=r"config.yaml: trainer_config.generation_max_new_tokens='many': must be"):
-        caption_length(tmp_path)
-
 
 def test_values_at_the_edges_of_their_ranges_are_accepted():
     cfg = load_config(overrides=["model_config.dropout=0.99", "model_config.mask_time_prob=1",

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from pipeline.collate import expand_features
 from pipeline.config import ConfigError, load_config
 from pipeline.collate import prompt_ids
 from pipeline.model import LANGUAGE, TASK, generate_captions, load_model, load_processor, recorded_caption_tokens, recorded_prefixes
-from pipeline import train_logs
+from pipeline import optim, train_logs
 from pipeline.stream import make_loader
 from tests.conftest import write_mel_shards
 
@@ -262,13 +261,13 @@ def test_accumulated_micro_batches_step_on_the_mean_of_their_gradients(tmp_path,
 
 def test_lr_schedule_warms_up_then_decays():
     tc = load_config(overrides=["trainer_config.warmup_steps=4", "++trainer_config.learning_rate=1.0"]).trainer_config
-    assert [train_stream.lr_at(s, tc, 14) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
-    assert train_stream.lr_at(4, tc, 14) == 1.0 and train_stream.lr_at(9, tc, 14) == 0.5
-    assert train_stream.lr_at(14, tc, 14) == 0.0
+    assert [optim.lr_at(s, tc, 14) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert optim.lr_at(4, tc, 14) == 1.0 and optim.lr_at(9, tc, 14) == 0.5
+    assert optim.lr_at(14, tc, 14) == 0.0
     tc.lr_scheduler_type = "cosine"
-    assert math.isclose(train_stream.lr_at(9, tc, 14), 0.5) and train_stream.lr_at(14, tc, 14) == 0.0
+    assert math.isclose(optim.lr_at(9, tc, 14), 0.5) and optim.lr_at(14, tc, 14) == 0.0
     tc.lr_scheduler_type = "constant"
-    assert train_stream.lr_at(13, tc, 14) == 1.0
+    assert optim.lr_at(13, tc, 14) == 1.0
 
 
 def test_model_options_apply(tiny_processor, shards):
@@ -280,7 +279,7 @@ def test_model_options_apply(tiny_processor, shards):
     assert model.model.encoder.layers[0].dropout == 0.25 and model.model.decoder.dropout == 0.25
     assert model.config.apply_spec_augment and model.config.mask_time_prob == 0.3
     assert model.is_activation_checkpointing
-    groups = train_stream.param_groups(model, 0.01)
+    groups = optim.param_groups(model, 0.01)
     assert groups[1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[1]["params"])
     assert not any(p is q for p in model.model.encoder.parameters() for g in groups for q in g["params"])
     batch = next(iter(make_loader(shards[1], tiny_processor.tokenizer, batch_size=2, train=False)))
@@ -336,7 +335,7 @@ def test_freeze_patterns_keep_weights_out_of_the_optimizer_and_unchanged(tmp_pat
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen - fixed == {n for n, _ in model.named_parameters() if n.startswith(("model.encoder.conv",
                                                                                      "model.encoder.layers.0."))}
-    optimized = {id(p) for g in train_stream.param_groups(model, 0.01) for p in g["params"]}
+    optimized = {id(p) for g in optim.param_groups(model, 0.01) for p in g["params"]}
     assert not any(id(p) in optimized for n, p in model.named_parameters() if n in frozen)
 
     out = tmp_path / "o"
@@ -628,13 +627,13 @@ def check_skipped_steps(out: Path, steps: list[dict], max_steps: int, tc) -> Non
     position = [s["step"] - (not s["skipped"]) for s in steps]  # optimizer steps before each call
     assert [s["step"] for s in steps if not s["skipped"]] == list(range(1, max_steps + 1))
     for s, at in zip(steps, position):
-        assert math.isclose(s["lr"], train_stream.lr_at(at, tc, max_steps), rel_tol=1e-6), (steps, at)
+        assert math.isclose(s["lr"], optim.lr_at(at, tc, max_steps), rel_tol=1e-6), (steps, at)
     audit = [json.loads(line) for line in open(out / "sample_keys" / "rank-0.jsonl")]
     assert [(row["step"], row.get("skipped", False)) for row in audit] == [(at + 1, s["skipped"])
                                                                            for s, at in zip(steps, position)]
     metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert sorted(metrics) == list(range(1, max_steps + 1))
-    assert all(math.isclose(m["lr"], train_stream.lr_at(step - 1, tc, max_steps), rel_tol=1e-6)
+    assert all(math.isclose(m["lr"], optim.lr_at(step - 1, tc, max_steps), rel_tol=1e-6)
                for step, m in metrics.items())
     checkpoint = out / f"checkpoint-{max_steps}"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == max_steps
@@ -727,7 +726,7 @@ def test_a_step_flagged_on_the_device_is_skipped_without_a_host_read():
     model = torch.nn.Linear(4, 3)
     reference = copy.deepcopy(model)
     model, optimizer = accelerator.prepare(model, train_stream.make_optimizer(model, tc))
-    plain = torch.optim.AdamW(train_stream.param_groups(reference, tc.weight_decay), lr=1e-2,
+    plain = torch.optim.AdamW(optim.param_groups(reference, tc.weight_decay), lr=1e-2,
                               betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
     x = torch.randn(5, 4)
     for bad in (None, "loss", None, "grad", None):
@@ -768,24 +767,6 @@ def test_padding_rows_are_not_counted_as_samples(shards, tiny_processor):
     train_stream.train_step(load_model("tiny", tiny_processor), batch, Accelerator(cpu=True), stats)
     real_tokens = int((batch["labels"][[0, 2]] != -100).sum())
     assert stats[train_stream.STATS.index("samples")] == 2 and stats[train_stream.STATS.index("tokens")] == real_tokens
-
-
-def test_each_rank_resumes_its_own_loader_state_and_a_new_rank_rank_0s(tmp_path):
-    """The loader states of a 2-process checkpoint differ in their skip counts: rank 1 must read its own."""
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    safetensors.torch.save_model(model, str(tmp_path / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 2, "caption_tokens_longest": 5}))
-    for rank in (0, 1):
-        (tmp_path / f"loader_state_{rank}.json").write_text(json.dumps({"skipped": rank}))
-    for rank, expected in ((0, 0), (1, 1), (2, 0)):
-        read = []
-        accelerator = types.SimpleNamespace(unwrap_model=lambda m, keep_torch_compile: m, scaler=None,
-                                            process_index=rank, num_processes=3)
-        loader = types.SimpleNamespace(load_state_dict=read.append)
-        assert train_stream.load_checkpoint(tmp_path, model, optimizer, loader, accelerator) == (3, 5)
-        assert read == [{"skipped": expected}], rank
 
 
 def test_a_refused_start_leaves_the_output_dir_as_it_was(tmp_path, caplog):

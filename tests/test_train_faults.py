@@ -1,6 +1,6 @@
 """Faults of train_stream.py kept apart from tests/test_train.py (another change edits that file):
-a damaged checkpoint file is named with its problem, not a traceback; an error in the main process
-ends the run and its loader workers."""
+an error in the main process ends the run and its loader workers; a full disk under a checkpoint or
+the logs is one line."""
 
 import errno
 import io
@@ -17,24 +17,11 @@ import pytest
 import torch
 
 import train_stream
-from pipeline import train_logs
+from pipeline import checkpoint, train_logs
 from tests.conftest import write_mel_shards
 from tests.test_train import ROOT, child_env, one_thread_and_fresh_accelerate, run_args  # noqa: F401 (a fixture)
 
 NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_a_damaged_checkpoint_file_is_named(tmp_path):
-    good = tmp_path / "optimizer.pt"
-    torch.save({"state": {}, "param_groups": []}, good)
-    assert train_stream.checkpoint_part(good, lambda f: torch.load(f, weights_only=True))["state"] == {}
-    good.write_bytes(good.read_bytes()[:40])  # cut short, as a full disk leaves it
-    with pytest.raises(train_stream.TrainingError, match=f"checkpoint file {good} cannot be loaded"):
-        train_stream.checkpoint_part(good, lambda f: torch.load(f, weights_only=True))
-    state = tmp_path / "trainer_state.json"
-    state.write_text('{"step": 3,')
-    with pytest.raises(train_stream.TrainingError, match="trainer_state.json cannot be loaded .JSONDecodeError"):
-        train_stream.checkpoint_part(state, lambda f: json.loads(f.read_text()))
 
 
 def tagged_processes(tag: str) -> list[int]:
@@ -88,7 +75,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_one_bef
     write_mel_shards(tmp_path / "train", [8])
     out = tmp_path / "o"
     real_open = open
-    monkeypatch.setattr(train_stream, "open", lambda path, *args, **kwargs: FullDisk()
+    monkeypatch.setattr(checkpoint, "open", lambda path, *args, **kwargs: FullDisk()
                         if str(path).endswith(".tmp-checkpoint-2/optimizer.pt") else real_open(path, *args, **kwargs),
                         raising=False)
     caplog.clear()
