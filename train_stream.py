@@ -138,10 +138,11 @@ from pipeline.optim import make_optimizer, next_lr, set_lr
 from pipeline.runs import CONFIG, METRICS, Claim, RunInfo, TrainerState, eval_file
 from pipeline.stream import StreamError, make_loader
 from pipeline.train_logs import MetricsLog, SampleKeysLog, TrainingError, write_error
+from pipeline.window import AudioWindow
 from shard_tools.fileio import write_json
 
 log = logging.getLogger("train_stream")
-STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped")  # the per-step all-reduce
+STATS = ("loss", "samples", "tokens", "wait_s", "bad", "bad_grad", "stop", "skipped", "cut")  # the per-step all-reduce
 # what a step sends to the host: the reduced STATS, this rank's bad-loss flag, the gradient norm, the lr
 HOST_VALUES = (*STATS, "local_bad", "grad_norm", "lr")
 
@@ -318,11 +319,18 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor,
     return total, (labels != -100).sum()
 
 
-def forward_logits(model, batch: dict, device, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_features(batch: dict, window: AudioWindow, device) -> torch.Tensor:
+    """A compact batch's features in the encoder ``window`` on ``device``: ``[B, n_mels, frames]``."""
+    frames = window.frames(batch["input_features"].shape[-1])
+    return expand_features(batch, frames, device=device, dtype=torch.float32)
+
+
+def forward_logits(model, batch: dict, device, features: torch.Tensor | None = None,
+                   window: AudioWindow = AudioWindow()) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced logits ``[B, T, V]`` and labels ``[B, T]`` (padding samples all -100) for a
-    compact batch; ``features``: its ``expand_features`` on ``device``, if already made."""
+    compact batch; ``features``: its ``batch_features`` on ``device``, if already made."""
     if features is None:
-        features = expand_features(batch, device=device, dtype=torch.float32)  # [B, n_mels, 3000]
+        features = batch_features(batch, window, device)  # [B, n_mels, frames]
     labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
     labels = labels.masked_fill(batch["is_pad"].to(device, non_blocking=True)[:, None], -100)
     # the collator's, not the labels shifted right: those have the forced caption prefix as -100
@@ -331,24 +339,27 @@ def forward_logits(model, batch: dict, device, features: torch.Tensor | None = N
     return logits, labels
 
 
-def compute_loss(model, batch: dict, device, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_loss(model, batch: dict, device, label_smoothing: float = 0.0,
+                 window: AudioWindow = AudioWindow()) -> tuple[torch.Tensor, torch.Tensor]:
     """The micro-batch loss (token mean, = HF's ``model(..., labels=labels).loss`` without
     ``label_smoothing``) and its token count."""
-    logits, labels = forward_logits(model, batch, device)
+    logits, labels = forward_logits(model, batch, device, window=window)
     total, tokens = caption_loss(logits, labels, label_smoothing)
     return total / tokens.clamp(min=1), tokens
 
 
-def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor, label_smoothing: float = 0.0) -> None:
+def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor, label_smoothing: float = 0.0,
+               window: AudioWindow = AudioWindow()) -> None:
     """Forward and backward of one micro-batch inside ``accelerator.accumulate``; adds to ``stats``."""
     with accelerator.accumulate(model):
-        loss, tokens = compute_loss(model, batch, accelerator.device, label_smoothing=label_smoothing)
+        loss, tokens = compute_loss(model, batch, accelerator.device, label_smoothing=label_smoothing, window=window)
         accelerator.backward(loss)
     loss = loss.detach().double()
     stats[STATS.index("loss")] += loss
     stats[STATS.index("bad")] += (~torch.isfinite(loss)).double()
     stats[STATS.index("tokens")] += tokens
     stats[STATS.index("samples")] += len(batch["is_pad"]) - int(batch["is_pad"].sum())  # on the host: no sync
+    stats[STATS.index("cut")] += int((batch["frames"] > window.frames(batch["input_features"].shape[-1])).sum())
 
 
 def optimizer_step(model, optimizer, accelerator: Accelerator, stats: torch.Tensor, lr: float | torch.Tensor,
@@ -394,7 +405,7 @@ def generate_prompted(model, features: torch.Tensor, sources: list[str], collato
 
 @torch.no_grad()
 def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokenizer, tc,
-             check_batch) -> tuple[dict, list]:
+             check_batch, window: AudioWindow = AudioWindow()) -> tuple[dict, list]:
     """Validation loss (token mean over all ranks, no label smoothing) and captions (greedy, or
     ``generation_num_beams`` beams; each row prompted with its source's prefix) on at most
     ``eval_max_batches`` batches per rank, gathered across ranks, padding samples left out, scored
@@ -411,7 +422,7 @@ def evaluate(model, loader, start_state: dict, accelerator: Accelerator, tokeniz
                       disable=not accelerator.is_main_process, dynamic_ncols=True):
         check_batch(batch)
         with accelerator.autocast():
-            features = expand_features(batch, device=accelerator.device, dtype=torch.float32)  # [B, n_mels, 3000]
+            features = batch_features(batch, window, accelerator.device)  # [B, n_mels, frames]
             logits, labels = forward_logits(unwrapped, batch, accelerator.device, features)
             total, tokens = caption_loss(logits, labels)
             ids = generate_prompted(unwrapped, features, batch["sources"], loader.dataset.collator,
@@ -456,7 +467,8 @@ class Window:
         return {"loss": self.sums["loss"] / (self.steps * self.micro), "lr": lr,
                 "grad_norm": self.grad_norm / self.steps, "samples_per_s": self.sums["samples"] / elapsed,
                 "tokens_per_s": self.sums["tokens"] / elapsed,
-                "data_wait": self.sums["wait_s"] / world_size / elapsed, "skipped": skipped}
+                "data_wait": self.sums["wait_s"] / world_size / elapsed, "skipped": skipped,
+                **({"cut": self.sums["cut"]} if self.sums["cut"] else {})}  # clips longer than a fixed window
 
 
 def banner(cfg: RunConfig, accelerator: Accelerator, model, loader, max_steps: int, start_step: int) -> dict:
@@ -607,6 +619,7 @@ class Trainer:
         self.evaluated_step = -1
         self.caption_tokens = start.caption_tokens  # this rank's longest training caption so far (None: not known)
         self.mel_bins = accelerator.unwrap_model(parts.model, keep_torch_compile=False).config.num_mel_bins
+        self.audio_window = cfg.model_config.window()
         self.logs: Logs | None = None
 
     def run(self, logs: Logs) -> bool:
@@ -692,7 +705,7 @@ class Trainer:
             stats[STATS.index("wait_s")] += time.perf_counter() - waited
             check_mel_bins(self.cfg, self.mel_bins, batch["input_features"].shape[1])
             epoch = self.parts.loader.epoch if epoch is None else epoch
-            train_step(self.parts.model, batch, self.accelerator, stats, self.tc.label_smoothing)
+            train_step(self.parts.model, batch, self.accelerator, stats, self.tc.label_smoothing, self.audio_window)
             if self.caption_tokens is not None:
                 self.caption_tokens = max(self.caption_tokens, batch["longest_caption_tokens"])
             keys += [key for key, pad in zip(batch["keys"], batch["is_pad"].tolist()) if not pad]
@@ -703,7 +716,8 @@ class Trainer:
             return
         metrics, rows = evaluate(self.parts.model, self.parts.val_loader, self.val_start, self.accelerator,
                                  self.parts.processor.tokenizer, self.tc, lambda batch: check_mel_bins(
-                                     self.cfg, self.mel_bins, batch["input_features"].shape[1], val=True))
+                                     self.cfg, self.mel_bins, batch["input_features"].shape[1], val=True),
+                                 self.audio_window)
         path = eval_file(self.output_dir, self.step)
         if self.accelerator.is_main_process and (failed := write_failure(
                 lambda: (path.parent.mkdir(exist_ok=True), write_json(path, rows)))):

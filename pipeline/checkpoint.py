@@ -185,7 +185,7 @@ def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, outpu
                caption_tokens: int | None) -> Path:
     """``output_dir/final``: ``save_pretrained`` model (LoRA adapters merged into a copy: a plain
     Whisper folder), tokenizer and feature extractor, the caption prefixes and ``caption_tokens``
-    (the longest caption trained on, over all ranks), plus the config."""
+    (the longest caption trained on, over all ranks) and the encoder window, plus the config."""
     final, tmp = output_dir / FINAL, output_dir / temporary(FINAL)
     if accelerator.is_main_process:
         if tmp.exists():
@@ -193,7 +193,8 @@ def save_final(model, processor, cfg: RunConfig, accelerator: Accelerator, outpu
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if cfg.model_config.lora_r:
             unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-        save_model(unwrapped, processor, tmp, prefixes=cfg.data_config.prefixes(), caption_tokens=caption_tokens)
+        save_model(unwrapped, processor, tmp, prefixes=cfg.data_config.prefixes(), caption_tokens=caption_tokens,
+                   window=cfg.model_config.window())
         save_config(cfg, tmp / CONFIG)
         if final.exists():
             shutil.rmtree(final)

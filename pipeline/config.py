@@ -203,6 +203,10 @@ class ModelConfig:
                             "recorded with the model for inference (docs/training.md: encoder windows)")
     audio_window_step: float = key(DEFAULT_STEP_SECONDS, "fit windows are multiples of this many seconds")
 
+    def window(self) -> AudioWindow:
+        """The encoder window policy (checked by ``validate``)."""
+        return AudioWindow.parse(self.audio_window, self.audio_window_step)
+
 
 @dataclass
 class TrainerConfig:

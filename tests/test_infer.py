@@ -256,7 +256,7 @@ def test_a_busy_or_unwritable_output_is_refused_before_any_clip(model_dir, shard
 
     out = tmp_path / "preds.jsonl"
     calls = []
-    monkeypatch.setattr(infer_stream, "run_generation", lambda *a, **k: calls.append(1) or (0, 0))
+    monkeypatch.setattr(infer_stream, "run_generation", lambda *a, **k: calls.append(1) or infer_stream.Generated(0, 0, 0))
     with hold_lock(f"{out}.lock"):  # a first run still at work on this output
         assert run("--model_name", model_dir, "--shards", shards[0], "--output", out, "--metrics", "bleu") == 2
     err = capsys.readouterr().err
@@ -355,14 +355,17 @@ def test_resume_refuses_other_settings_and_never_mixes_runs(model_dir, shards, t
     first = out.read_text()
     record = json.loads(Path(f"{out}.settings.json").read_text())
     assert record == {"settings": {"model": str(model_dir.resolve()), "prefix": "", "max_new_tokens": MAX_NEW,
-                                   "num_beams": 1, "decoder": "static", "dtype": "float32"}, "output_rows": True}
+                                   "num_beams": 1, "decoder": "static", "dtype": "float32", "audio_window": "full"},
+                      "output_rows": True}
     other = shutil.copytree(model_dir, tmp_path / "other-model")
     calls = []
     real_generation = infer_stream.run_generation
     monkeypatch.setattr(infer_stream, "run_generation", lambda *a, **k: calls.append(1) or (0, 0))
     for flags, differs in [(["--max_new_tokens", 4], f"max_new_tokens {MAX_NEW} (now 4)"),
                            (["--max_new_tokens", MAX_NEW, "--prefix", "a dog"], "prefix '' (now 'a dog')"),
-                           (["--max_new_tokens", MAX_NEW, "--num_beams", 2], "num_beams 1 (now 2)")]:
+                           (["--max_new_tokens", MAX_NEW, "--num_beams", 2], "num_beams 1 (now 2)"),
+                           (["--max_new_tokens", MAX_NEW, "--audio-window", "fit"],
+                            "audio_window 'full' (now 'fit (5-s steps)')")]:
         assert run("--model_name", model_dir, *flags, *common, "--resume") == 2
         err = capsys.readouterr().err
         assert differs in err and one_error(err) and "--resume" in err, err

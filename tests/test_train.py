@@ -1130,3 +1130,51 @@ def test_a_mix_of_sources_trains_and_reports_what_each_source_gave(tmp_path, sha
     assert [(s["name"], s["seen"]) for s in state["sources"]] == [("a", last["seen/a"]), ("b", last["seen/b"])]
     assert train_stream.main(run_args(tmp_path / "o2", shards[0], sources)) == 2
     assert "--shards and data_config.train_sources both name the training data" in capsys.readouterr().err
+
+
+def test_a_fit_window_trains_and_evaluates_on_its_frames_and_is_recorded_with_the_model(tmp_path, shards, monkeypatch):
+    """With ``audio_window=fit`` the encoder sees each batch's longest clip rounded up to the step:
+    the first loss is the HF model's on those frames, evaluation is HF ``generate`` on them, and
+    final/ records the window for inference; a fixed window shorter than the clips cuts and counts them."""
+    from pipeline.model import FittedWhisperEncoder, recorded_window
+    from pipeline.window import AudioWindow
+
+    batches, widths, forward = [], [], FittedWhisperEncoder.forward
+
+    def seen(self, input_features, *args, **kwargs):
+        widths.append(input_features.shape[-1])
+        return forward(self, input_features, *args, **kwargs)
+
+    def recording_make_loader(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        return KeyRecorder(loader, batches, keep_batches=True) if kwargs.get("train") else loader
+
+    monkeypatch.setattr(FittedWhisperEncoder, "forward", seen)
+    monkeypatch.setattr(train_stream, "make_loader", recording_make_loader)
+    out = tmp_path / "o"
+    assert train_stream.main(run_args(out, shards[0], "trainer_config.max_steps=1", "--val-shards", shards[1],
+                                      "model_config.audio_window=fit", "model_config.audio_window_step=0.1",
+                                      "++trainer_config.eval_metrics=[bleu]",
+                                      "++trainer_config.generation_max_new_tokens=4")) == 0
+    assert widths and all(w % 10 == 0 and w < 3000 for w in widths)  # 5-40 frames: windows of 10-40
+    batch, tok = batches[0], load_processor("tiny").tokenizer
+    window = -(-batch["input_features"].shape[-1] // 10) * 10
+    set_seed(load_config().trainer_config.seed)
+    logits = load_model("tiny")(input_features=expand_features(batch, window).float(),
+                                decoder_input_ids=batch["decoder_input_ids"]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert math.isclose(train_losses(out)[1], loss.item(), rel_tol=1e-5)
+
+    final = load_model(str(out / "final")).eval()
+    assert recorded_window(final) == AudioWindow("fit", None, 0.1)
+    rows = {r["key"]: r["prediction"] for r in json.loads((out / "eval" / "step-1.json").read_text())}
+    val = next(iter(make_loader(shards[1], tok, batch_size=5, train=False)))
+    with torch.no_grad():
+        encoded = final.get_encoder()(expand_features(val, -(-val["input_features"].shape[-1] // 10) * 10).float())
+        ids = final.generate(encoder_outputs=encoded, max_new_tokens=4, language=LANGUAGE, task=TASK, do_sample=False)
+    assert rows == {k: t.strip() for k, t in zip(val["keys"], tok.batch_decode(ids, skip_special_tokens=True))}
+
+    cut = tmp_path / "cut"
+    assert train_stream.main(run_args(cut, shards[0], "trainer_config.max_steps=2", "model_config.audio_window=0.04")) == 0
+    lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m.get("cut", 0) for m in lines if m["prefix"] == "train") > 0  # clips of 5-40 frames cut to 4
