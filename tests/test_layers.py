@@ -77,3 +77,40 @@ def test_the_packer_runs_with_torch_imports_blocked(tmp_path):
     assert packed.returncode == 0, packed.stderr
     index = parse_index((tmp_path / "out" / "train" / INDEX_FILE).read_bytes(), "index.json")
     assert [e.samples for e in index.entries] == [1] and (tmp_path / "out" / "train" / index.entries[0].name).is_file()
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules ``path`` imports, at any depth (``pipeline.x``, ``shard_tools.y``, the scripts)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_the_floors_import_downwards_only_and_without_a_circle():
+    """Scripts import ``pipeline`` and ``shard_tools``; ``pipeline`` imports ``shard_tools``; nothing
+    imports a floor above its own, and no module reaches itself through others."""
+    files = [*ROOT.glob("shard_tools/*.py"), *ROOT.glob("pipeline/*.py"), ROOT / "train_stream.py",
+             ROOT / "infer_stream.py"]
+    modules = {str(f.relative_to(ROOT).with_suffix("")).replace(os.sep, "."): f for f in files}
+    floor = {m: 0 if m.startswith("shard_tools.") else 1 if m.startswith("pipeline.") else 2 for m in modules}
+    graph = {m: (project_imports(f) & set(modules)) - {m} for m, f in modules.items()}
+    upward = [(m, d) for m, ds in graph.items() for d in ds if floor[d] > floor[m]]
+    assert not upward, upward
+    done, circles = set(), []
+
+    def visit(module, path):
+        if module in path:
+            circles.append(path[path.index(module):] + [module])
+        elif module not in done:
+            for dep in graph[module]:
+                visit(dep, path + [module])
+            done.add(module)
+
+    for module in graph:
+        visit(module, [])
+    assert not circles, circles
+    assert graph["pipeline.stream"] and graph["train_stream"]  # the check sees imports at all
