@@ -4,45 +4,9 @@
     accelerate launch infer_stream.py --model-name outputs/run/final --shards data/test --resume
     python infer_stream.py --model-name outputs/run/final --audio my_sounds/ --print
 
-Why it is built this way:
-- Shards come through ``pipeline.stream.make_loader(train=False)``, already split per rank; the rows
-  the loader adds as padding (``is_pad``) are dropped, so padding never reaches the output.
-- ``--audio`` decodes and featurises files in DataLoader workers with ``shard_tools.features`` — the
-  packer's own code — so a file captioned directly gets the caption its packed shard would.
-- Both hand over compact batches (cut after the longest clip, plus ``pad_values``), copied to the
-  device one batch ahead (``pipeline.device``) and padded there (``expand_features``) to the audio
-  window: recorded with the model (``--audio-window``), 30 s unless it was trained with another.
-- Each rank appends its rows to its own part file, flushed per batch; the main process merges the
-  parts into the output (atomically, each key once). A killed run leaves its part files behind and
-  ``--resume`` counts their keys as done, so nothing is generated twice.
-- The main process holds a lock on ``OUTPUT.lock`` for the whole run (the kernel drops it when the
-  process dies): a second run on the same output refuses at once instead of removing the first
-  run's part files under it. An output that is a folder or cannot be written is refused before any
-  clip is captioned, and so is one (or its lock, settings or part file) that is a symbolic link, a
-  device or a pipe: the atomic rename would put a regular file in its place. ``--output -`` writes
-  the rows to standard output instead (no lock or part files; the messages go to standard error).
-- The settings that decide the captions (model, prefix, caption length, beams, decoder, dtype) are
-  recorded in ``OUTPUT.settings.json``; ``--resume`` with other ones is refused, naming what
-  differs, so one output never mixes two runs' captions.
-- Captions come from ``generate_captions``: by default ``pipeline.decode``'s static-cache decoder
-  (cross-attention keys/values once per batch, the greedy step a CUDA graph on a GPU), token-identical
-  to HF ``generate`` in fp32, which ``--decoder hf`` runs instead; greedy unless ``--num-beams`` > 1.
-- On a GPU the model runs in bfloat16 unless ``--fp32``. Captions stop at ``--max-new-tokens``, by
-  default the longest caption the checkpoint was trained on (recorded with it by training,
-  ``pipeline.model.recorded_caption_tokens``), else the length its training evaluated with
-  (``CAPTION_LENGTH_KEY`` in the ``config.yaml`` beside it), else that setting's default
-  (``default_caption_length``): a model that has not learnt to stop costs what its data's longest
-  caption does per clip, not Whisper's 448.
-- The caption prefix a model was trained with (recorded in its generation config by training,
-  ``pipeline.model.recorded_prefixes``) is forced after the task tokens, as in training, and is
-  not part of the output caption; ``--prefix`` or ``--source`` pick another.
-
-Output: one JSON row per clip, ``{"key", "pred_caption", "gt_caption" (first reference or null),
-"gt_captions"}``; a fresh run writes them sorted by key, ``--resume`` keeps the earlier rows and appends
-the new ones. ``--audio`` keys are the file paths as found (links to folders followed; a file named
-twice, by another path or through a link, is captioned once under its first name). Rows with
-references are scored with ``pipeline.metrics`` (table on stdout, ``--metrics-out`` JSON);
-``--metrics`` picks metric groups (METEOR alone costs ~8 s of JVM start-up).
+Each rank captions its share into its own part file; the main process merges them into the output
+(each key once) under a lock, and ``--resume`` refuses other settings. Output rows, resume, caption
+length and prefixes, why it is built so: docs/inference.md, "How it is built".
 """
 
 from __future__ import annotations

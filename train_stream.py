@@ -3,47 +3,10 @@
     accelerate launch train_stream.py --shards 'data/train/<000..099>.tar' [--val-shards URLS] \
         [--config configs/main.yaml] [key=value | +key=value | ++key=value ...]
 
-Read it top to bottom, like nanoGPT's train.py: 1 command line, 2 build (accelerator, model, data,
-optimizer), 3 loss and step, 4 evaluation, 5 logging, 6 the loop, 7 the run and main. The run folder
-(names, who owns it, checkpoints, ``final/``) is ``pipeline.runs`` and ``pipeline.checkpoint``; the
-optimizer and schedule ``pipeline.optim``; the log files ``pipeline.train_logs``.
-
-Decisions, and why:
-- Loss: per micro-batch, the token mean of cross-entropy over labels != -100, which is exactly the loss
-  the HF model computes for that micro-batch (tests/test_train.py checks it). Under gradient
-  accumulation and DDP the gradient is the mean of the micro-batch means (every micro-batch weighs the
-  same however many tokens it holds), as in HF's Trainer before ``num_items_in_batch``. Padding samples
-  (``is_pad``) have only -100 labels, so they add nothing; an all-padding batch gives loss 0 whose
-  gradient is zero for every parameter, so DDP still sees every parameter in every step.
-  ``label_smoothing`` is torch's (``cross_entropy(label_smoothing=)``) on the training loss only; the
-  evaluation loss stays plain cross-entropy, comparable between runs. The decoder input is the
-  collator's (task tokens, a source's caption prefix, the caption), not the labels shifted right:
-  the prefix is -100 in the labels (``pipeline.collate``).
-- Data: ``make_loader`` is sharded per rank already and is not passed to ``accelerator.prepare``. It is
-  infinite: ``max_steps`` counts optimizer steps, and ``num_train_epochs`` is turned into steps from
-  ``len(loader)``. ``split_batches`` means the configured batch is the global one (divided by world size).
-  It hands over compact batches already on the device (copied one batch ahead, ``pipeline.device``);
-  the step pads them to 3000 frames there (``expand_features``).
-- No host sync per step: the host reads a step's reduced statistics one step later, while the
-  device runs the next one (``Trainer.run``), and at once only before an evaluation, a checkpoint
-  or the end. A step whose loss or gradient norm is NaN/inf on any rank is skipped on the device:
-  fused AdamW's ``found_inf`` (the flag ``GradScaler`` uses) is the all-reduced bad flag, the same
-  on every rank (fp16: the scaler's own, set by the same non-finite gradients, so the steps it drops
-  for overflow are skipped steps too, counted toward ``max_bad_steps``). Step number, learning-rate
-  position, ``save_steps``, logs, checkpoints and the audit log count applied steps only, as the
-  optimizer does: the learning rate is a device scalar, the in-flight step's skip flag choosing it.
-- The learning rate is set each step from ``lr_at(step)``, a pure function, so the scheduler's state is
-  the step number the checkpoint holds.
-- One all-reduce per optimizer step carries loss, sample/token counts, data-wait time, the bad-loss
-  and bad-gradient flags and the stop (signal) flag, so every rank skips, saves and stops at the same
-  step (a stop: at the end of the step after the signal, as the flag is read one step late).
-- The longest caption trained on, in tokens (each batch's ``longest_caption_tokens``, a host int: no
-  sync), is a running maximum per rank, taken over the ranks at each checkpoint (``trainer_state.json``)
-  and at the end, and recorded with the final model: inference's default caption length
-  (``pipeline.model.recorded_caption_tokens``). It counts every batch drawn for training, a step
-  skipped for a non-finite loss included, as the stream position does, so a resumed run records what
-  a straight one does. A run resumed from a checkpoint older than the record records none: it would
-  be the maximum over part of the data.
+Read it top to bottom, like nanoGPT's train.py: 1 command line, 2 build, 3 loss and step,
+4 evaluation, 5 logging, 6 the loop, 7 the run and main; the run folder is ``pipeline.runs`` and
+``pipeline.checkpoint``. The decisions (loss, no host sync per step, skipped steps, one all-reduce
+per step, the longest caption): docs/training.md, "How the loop is built".
 """
 
 from __future__ import annotations
@@ -626,7 +589,7 @@ class Trainer:
         """Train from the start step to ``max_steps``; True if stopped early by a signal. At most one
         step is in flight: its statistics are read after the next step is launched, so the host
         never waits for the device between steps, or at once when an evaluation, a checkpoint, the
-        end or a stop comes after it (module doc)."""
+        end or a stop comes after it (docs/training.md, 'No host sync per step')."""
         self.logs, self.bad_in_a_row = logs, 0
         self.window = Window(self.accelerator.num_processes * self.tc.gradient_accumulation_steps)
         batches, flight = iter(self.parts.loader), None

@@ -1,58 +1,9 @@
 """Batches from decoded samples: padded log-mels, labels, captions, padding marks.
 
-Why it looks like this:
-
-* Features are padded to Whisper's 3000 frames with each clip's own ``pad_value``
-  (``shard_tools.features.pad_mel``): that is exactly what ``WhisperFeatureExtractor`` gives the
-  silent rest of the 30-s window, and the encoder only accepts the full window. Batches travel in
-  the compact form (cut after the longest clip, float16, plus ``pad_values``) all the way to the
-  device; ``expand_features`` builds the 3000-frame batch there, in the step. Padding earlier costs
-  3000 / max_frames times the bytes through worker queues, pinning and the host-to-device copy, and
-  main-process time between steps (measured on an H100 host: 5-6 ms to pad 64 clips on the CPU,
-  0.57 ms to copy them padded against 0.08 ms compact).
-* Labels are the tokenizer ids *without* the leading ``<|startoftranscript|>``: the model shifts
-  labels right and prepends ``decoder_start_token_id`` itself, so keeping it would train on a doubled
-  start token. Padding is -100 chosen by each caption's *length*, never by token id, because
-  ``<|endoftext|>`` is both the end of every caption (which must be learned) and the pad id.
-* Prompts: a source's caption prefix (``DataSettings.prefixes``, looked up by the sample's
-  ``SOURCE_KEY``) is forced after ``<|startoftranscript|><|en|><|translate|><|notimestamps|>``, as
-  the prompt that tells the decoder which source's style to write. Its positions are -100 in the
-  labels (given, never trained on), so the batch also carries ``decoder_input_ids``: the model's
-  own right shift of the labels would turn the prefix into padding. The prefix is tokenized as
-  written (surrounding whitespace dropped, no leading space: a caption without prefix starts that
-  way here too), and a caption after a prefix gets one leading space, the BPE word boundary, so
-  ``prefix + caption`` tokenize exactly as the text ``"prefix caption"``. ``prompt_ids`` is the one
-  home of that rule; training, evaluation and inference force the same ids. A prefix that leaves no
-  room for a caption within ``max_label_tokens`` is a ``ConfigError`` when the collator is made.
-* Captions and prefixes are plain text (``text_ids``): a scraped caption that spells
-  ``<|endoftext|>`` is trained on as those characters, never as a control token.
-* Normalised captions (``normalize_captions``): the training targets are lower-cased with
-  punctuation dropped (``normalize_caption``); the references kept in the batch stay as written,
-  since the metrics tokenize both sides the same way (PTB tokenizer, lower-case, no punctuation).
-* Captions: training draws one caption per visit with a hash of ``(seed, epoch, key)``, so the
-  draw does not depend on worker count, batch position or process; evaluation labels use the first
-  caption and every batch keeps all captions as references.
-* SpecAugment (off by default) masks time and frequency bands with the clip's ``pad_value``: that
-  is the clip's own silence level, the value the encoder already sees in every padded tail, so a
-  mask looks like "no sound here" instead of a constant the model never meets (a clip mean would
-  also be dragged towards ``pad_value`` by the long padded tail of short clips). Time masks fall
-  inside the clip's valid frames; the masks are seeded by ``(seed, epoch, key)``.
-* ``longest_caption_tokens`` (a host int): the batch's longest caption as trained, in label tokens,
-  the end token included, the task tokens and the prefix not (cut ones counted as cut): what
-  ``max_new_tokens`` must allow for the model to write that caption. Training keeps the maximum
-  and records it with the final model (``pipeline.model.save_model``), inference's default length.
-* Padding samples (``"__pad__": True``: rank padding or replacements for skipped samples) give a
-  ``pad_value`` of silence, all -100 labels, no captions, key ``""`` and ``is_pad`` True.
-* Shapes ``torch.compile`` sees: the label width (each batch's longest row) is rounded up to the
-  next of ``LABEL_WIDTHS`` (capped at ``max_label_tokens``), and with ``full_batches`` a short batch
-  (an epoch's last) is filled with padding samples up to ``batch_size``, so a run compiles a few
-  graphs however its captions vary. Both leave the loss as it was: the extra label positions are
-  -100 and the extra decoder inputs the pad id after the row (the decoder is causal, so earlier
-  positions never see them), and padding rows have no label at all.
-
-A sample dict is ``{"__key__": str, "mel": float16 [n_mels, frames] (numpy or torch; "mel.npy" is
-also accepted), "json": dict with "captions" and "pad_value"}`` or ``{"__key__": "", "__pad__": True}``,
-either with an optional ``SOURCE_KEY`` (the source's name; missing: ``DEFAULT_SOURCE``).
+Batches stay compact (cut after the longest clip, plus ``pad_values``) up to the device, where
+``expand_features`` pads them to 3000 frames with each clip's ``pad_value``. Labels omit
+``<|startoftranscript|>`` and are -100 by caption length; a source's prefix is forced after the task
+tokens (``prompt_ids``). Every rule and why: docs/streaming.md, "Batches (collate)".
 """
 
 from __future__ import annotations
@@ -73,9 +24,10 @@ from shard_tools.shard_format import MEL_MEMBER, N_FRAMES
 
 IGNORE_INDEX = -100  # ignored by torch's cross-entropy and by the HF Whisper loss
 SILENCE_PAD_VALUE = (LOG_FLOOR + 4.0) / 4.0  # the extractor's value for an all-silent window (-1.5)
-# Label widths a batch is rounded up to (module doc): each at most 1.5x the one before, so a batch
-# pays at most 1.5x its decoder positions (little beside the encoder's 1500), and a run meets at most
-# len(LABEL_WIDTHS) + 1 widths (the +1: max_label_tokens), where multiples of 8 would allow 56.
+# Label widths a batch is rounded up to (docs/streaming.md#batches-collate): each at most 1.5x the
+# one before, so a batch pays at most 1.5x its decoder positions (little beside the encoder's 1500),
+# and a run meets at most len(LABEL_WIDTHS) + 1 widths (the +1: max_label_tokens), where multiples
+# of 8 would allow 56.
 LABEL_WIDTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
 
 
@@ -124,13 +76,13 @@ def text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def prompt_ids(tokenizer, prefix: str) -> list[int]:
-    """The ids of caption prefix ``prefix``, forced after the task tokens (module doc: the rule)."""
+    """The ids of ``prefix``, forced after the task tokens (the rule: docs/streaming.md#batches-collate)."""
     prefix = prefix.strip()
     return text_ids(tokenizer, [prefix])[0] if prefix else []
 
 
 class Collator:
-    """``Collator(tokenizer, settings)(samples, epoch)`` -> batch dict (see module doc):
+    """``Collator(tokenizer, settings)(samples, epoch)`` -> batch dict (docs/streaming.md#batches-collate):
     ``input_features`` float16 ``[B, n_mels, 3000]``, ``labels`` and ``decoder_input_ids`` int64
     ``[B, T]``, ``keys``, ``captions``, ``sources``, ``is_pad`` bool ``[B]``, ``meta``,
     ``longest_caption_tokens`` int (0 for padding only); ``compact`` gives

@@ -1,22 +1,8 @@
 """Typed run configuration: YAML files composed by a defaults list, then Hydra-style overrides.
 
-Why not Hydra itself: the seed's commands only need Hydra's override grammar and a defaults list, and
-Hydra takes over the working directory, logging and ``sys.argv``, which fights ``accelerate launch``.
-So the pieces are small and explicit:
-
-- ``configs/main.yaml`` has ``defaults: [data, model, trainer, paths, _self_]``; each entry names a
-  YAML file beside it; later entries (and ``_self_``, the main file's own keys, last by default) win.
-- The dataclasses below are OmegaConf structured schemas: every valid key, its type, its default and
-  (``key(default, meaning)``) its one-line meaning, which ``train_stream.py --help`` prints; the YAML
-  files repeat some defaults (tested to agree) and no meanings. ``data_config``'s loader keys are
-  ``DataSettings``' own fields, made into ``DataConfig`` here, with its policies as nested sections
-  (``data_config.retry.backoff``). An unknown key or a value of the wrong type is a ``ConfigError``
-  naming the key (and the nearest one) and listing the valid keys of its section.
-- Overrides follow Hydra's grammar: ``key=value`` sets a key, ``+key=value`` adds a key the YAML files
-  do not set (an error when they do, as in Hydra), ``++key=value`` sets it either way. Values are YAML
-  (``true``, ``16``, ``1e-5``, ``null``, ``[a, b]``); a value that is not valid YAML stays a string.
-- ``${paths.output_dir}/run`` interpolations resolve after all overrides, so ``paths.output_dir=X``
-  moves everything that refers to it.
+The dataclasses below are the schema: every key's type, default and one-line meaning (what
+``train_stream.py --help`` prints); ``data_config``'s loader keys are ``DataSettings``' own fields.
+Why not Hydra itself, and the grammar: docs/training.md, "How the configuration is built".
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The typed settings of the shard loader and the collator: one object, one home for every default.
 
-``make_loader`` and ``Collator`` take a ``DataSettings``. Its fields made with ``key`` (a default and a
-one-line meaning) are the ``data_config`` keys a user sets: ``pipeline.config.DataConfig`` is built from
-them under the same names, their policies (``SpecAugment``, ``RetryPolicy``) as nested sections, and
-``configs/data.yaml`` must agree with the defaults it repeats (a test checks). So a loader knob is one
-field here (and its line in configs/data.yaml, to show it there). The checks run when a ``DataSettings`` is made, and ``pipeline.config`` reports
-them under the config keys. No torch here: the config module imports it.
+``make_loader`` and ``Collator`` take a ``DataSettings``; its fields made with ``key`` (a default and a
+one-line meaning) are the ``data_config`` keys, under the same names (``pipeline.config.DataConfig``),
+their policies (``SpecAugment``, ``RetryPolicy``) as nested sections. No torch here: the config
+imports it. Adding a knob: docs/DESIGN.md, "What a maintainer touches".
 """
 
 from __future__ import annotations

@@ -1,32 +1,9 @@
 """Greedy and beam-search captioning with a static KV cache: the fast path of ``generate_captions``.
 
-HF ``generate`` spends most of a caption's time on the host (a dynamic cache grown by ``torch.cat``,
-logits processors, stopping criteria, Python bookkeeping per token): at batch 64 on an H100 about
-50 ms per token for whisper-small (issue 12). Here the decoder step drives the HF layers' own
-weights (projections, layer norms, fc1/fc2, positional embedding, ``proj_out``) on caches allocated
-once per batch:
-- self-attention keys/values preallocated for the whole caption (``[rows, heads, max_len, head_dim]``
-  per layer) and written in place at the step's position; the step attends to all ``max_len`` slots
-  with a mask, so every step has the same shapes;
-- cross-attention keys/values computed once per batch from the encoder output, shared by a clip's
-  beams (its beams' queries attend together to the clip's keys, so beams cost no extra copies);
-- on CUDA the greedy step (decoder, suppression, argmax, finished-row masking, next-token write) is
-  captured as a CUDA graph and replayed per token, so a token costs one graph launch instead of
-  hundreds of kernel launches from Python; finished rows stay in the batch, masked to the pad token,
-  and "all finished?" is read every ``SYNC_EVERY`` tokens. A captured step is kept with its buffers
-  (``GraphCache``) and replayed on later batches of its shape (or up to half fewer rows, padded). On
-  the CPU the step runs eagerly and finished rows are dropped from the batch (no graph to keep static);
-- beam search reads the host only every ``SYNC_EVERY`` tokens (has every clip stopped improving?).
-
-The output equals HF's (``tests/test_decode.py``: greedy token-identical in fp32, beams equal up to
-ties): the same prompt (``<|startoftranscript|><|en|><|translate|><|notimestamps|>`` + prefix), the
-same logits processors (``suppress_tokens`` at every step, ``begin_suppress_tokens`` at the first
-caption token; a generation config asking for anything else is refused, see ``check_supported``), HF's
-beam-search rules (top ``2 * beams`` candidates, finished hypotheses scored ``sum / length **
-length_penalty``, the ``early_stopping=False`` heuristic) and HF's output: the caption tokens without
-the prompt, the end token cut, rows right-padded with the pad token to the longest. Timestamp
-tokens are among ``suppress_tokens`` (``pipeline.model.caption_generation_config``): HF ``generate``
-would read one as a segment end and decode another 30-s window after it.
+The decoder step drives the HF layers' own weights on caches allocated once per batch (the greedy
+step a CUDA graph on a GPU); its output equals HF ``generate``'s (greedy token-identical in fp32,
+beams equal up to ties) under the generation configs ``check_supported`` accepts.
+Why and how: docs/inference.md, "The static-cache decoder".
 """
 
 from __future__ import annotations

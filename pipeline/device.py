@@ -1,22 +1,7 @@
 """Batches from the loader onto the device ahead of the step that needs them, so receiving them and
-copying them overlap the step before.
-
-Why it looks like this:
-
-* Loaders hand over compact batches (``pipeline.collate``: features cut after the longest clip,
-  plus ``pad_values``), pinned by the ``DataLoader``'s pin-memory thread when it has workers;
-  the 3000-frame batch is built on the device, in the step (``expand_features``).
-* Receiving a batch from a ``DataLoader`` worker costs the main process milliseconds (unpickling,
-  fetching its shared memory from the worker): ``in_background`` does it in a thread while the
-  step runs, so the step's ``next`` only takes a ready batch. The thread is the only user of the
-  loader's iterator, and closing the generator stops it and waits for it.
-* On CUDA the copy of batch k+1 is issued on a side stream when batch k is handed out, so it runs
-  while step k computes. The step's stream waits for it on the GPU (an event, no host sync), and
-  ``record_stream`` keeps the caching allocator from reusing that memory while the step reads it.
-* Anywhere else (CPU) there is no copy to overlap: batches are handed on as they come.
-* Only the tensors the step reads on the device move (``DEVICE_KEYS``). ``is_pad`` stays on the
-  host, where the loop reads it (real keys, rows to drop); reading a device tensor would wait for
-  the GPU. The step copies it itself, asynchronously from pinned memory.
+copying them overlap the step before: a background thread receives them, a side CUDA stream copies
+batch k+1 while step k runs (on the CPU batches pass as they come), and only ``DEVICE_KEYS`` move.
+Why: docs/streaming.md, "Onto the device".
 """
 
 from __future__ import annotations

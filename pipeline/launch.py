@@ -1,13 +1,7 @@
-"""One ``Accelerator`` set-up for training and inference, right on machines without a GPU too.
-
-accelerate 1.15 sets up a CPU process group (gloo) only when told ``cpu=True``. Under
-``accelerate launch --multi_gpu`` or ``torchrun`` on a machine without CUDA, a plain ``Accelerator()``
-leaves every process alone: each would train its own copy, or caption its share as if it were all.
-
-It also ignores ``mixed_precision="fp16"`` on a CPU without a word (no autocast, no gradient scaler:
-the run is silently fp32). torch has both for the CPU (``torch.autocast("cpu", dtype=float16)``,
-``torch.amp.GradScaler("cpu")``), so they are switched on here: fp16 then means the same thing on
-every device, and its scaler path (and the scaler's checkpointed state) runs without a GPU too.
+"""One ``Accelerator`` set-up for training and inference, right on machines without a GPU too: a gloo
+process group under a multi-process launch, and fp16 autocast with a gradient scaler on the CPU, both
+of which a plain ``Accelerator()`` leaves out there. Why: docs/training.md, "Several processes and
+machines".
 """
 
 from __future__ import annotations

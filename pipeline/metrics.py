@@ -1,24 +1,8 @@
 """Audio-captioning metrics: BLEU-1..4, ROUGE-L, CIDEr-D, METEOR, SPICE and SPIDEr.
 
-The numbers come from ``pycocoevalcap`` (the COCO caption toolkit that DCASE and the captioning
-literature report), called on the same tokenised text the toolkit's ``COCOEvalCap`` feeds them:
-- BLEU, ROUGE-L and CIDEr (the toolkit's CIDEr *is* CIDEr-D: clipped counts, Gaussian length
-  penalty, x10) are pure Python.
-- Tokenisation is the toolkit's Stanford ``PTBTokenizer`` (CoreNLP 3.4.1 jar, ``-lowerCase``,
-  punctuation tokens removed), run on Java when ``java`` works. We call the jar ourselves rather than
-  through ``PTBTokenizer.tokenize`` because that wrapper writes its temporary file into site-packages
-  and pairs output lines with captions by ``zip`` (a lost line would silently drop captions); the
-  command line and the punctuation list are the toolkit's own. Without Java a pure-Python
-  approximation (``python_ptb_tokenize``) is used and the result says so.
-- METEOR runs the toolkit's bundled ``meteor-1.5.jar`` on Java.
-- SPICE needs Stanford CoreNLP 3.6.0, which ``pycocoevalcap`` downloads on first use; offline it is
-  reported unavailable rather than attempted. SPIDEr = mean(CIDEr-D, SPICE) exists only with SPICE.
-
-``aac-metrics`` is not used: on this stack it downgrades transformers and numpy and pulls a
-torchaudio that does not load beside torch 2.13 (see FACTS.md).
-
-Every metric comes back as ``{"available": True, "value": x}`` or ``{"available": False, "reason":
-...}``: a metric that cannot run is reported with the reason, never dropped or faked.
+The numbers come from ``pycocoevalcap`` on the toolkit's own PTB tokenisation (its jar called
+directly); each metric is ``{"available": True, "value": x}`` or ``{"available": False, "reason": ...}``,
+never dropped or faked. Details: docs/inference.md, "How the metrics are computed".
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """Sample keys that two sources (or two shards of one) share, estimated at start-up from the shards'
-key sketches (``shard_format.key_sketch``: in ``index.json``, or built by the header scan of a shard
-no index lists), so nothing is read for it.
-
-Keys are unique within a packed split, so keys shared by two shards mean the same samples come
-twice per epoch: a copied shard, or a corpus packed twice with another shard size. Two datasets
-may also spell keys alike (both hold ``00001.wav``), so shared keys are evidence, not proof: the
-loader warns; it refuses only on proof (the same file, the same sha256).
-
-For two shards of n and m samples the bottom-k sketch of their union is the smallest k hashes of
-both sketches; the share of those found in both estimates the Jaccard index J, and the shared keys
-are J (n + m) / (1 + J): exact while both shards hold at most ``KEY_SKETCH_SIZE`` samples."""
+key sketches (``shard_format.key_sketch``), so nothing is read for it; shared keys are evidence, not
+proof, so the loader only warns. The estimate: docs/FORMAT.md, "Estimating shared keys".
+"""
 
 from __future__ import annotations
 
@@ -41,7 +33,7 @@ class Overlap:
 
 
 def shared_keys(a: Shard, b: Shard) -> float:
-    """Estimated keys shared by two shards with sketches (module doc)."""
+    """Estimated keys shared by two shards with sketches (docs/FORMAT.md#estimating-shared-keys)."""
     union = sorted(set(a.key_sketch) | set(b.key_sketch))[:KEY_SKETCH_SIZE]
     both = set(a.key_sketch) & set(b.key_sketch)
     jaccard = sum(h in both for h in union) / len(union)

@@ -1,11 +1,6 @@
 """infer_stream.py's output files: the rows (per-rank part files merged into one JSONL) and the
-settings recorded beside them.
-
-``OUTPUT.settings.json`` holds what decides the captions (``RunSettings``) and whether ``OUTPUT``
-holds rows made with them: a fresh run records its settings before its first clip, with
-``output_rows`` false where an earlier run's output is still there (its rows are replaced at the
-merge, never resumed as the new run's), and true once it has merged. ``--resume`` continues only
-when its settings equal the recorded ones (``resume_problem``).
+settings recorded beside them (``OUTPUT.settings.json``, ``RunSettings``), which ``--resume`` must
+match (``resume_problem``). docs/inference.md, "Resume".
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """The output folder of a training run, as one contract: the names of its files, the records in them
 (``TrainerState``, ``RunInfo``), which run owns the folder and which checkpoint a start resumes, the
-lock, checkpoint rotation, another run's files set aside (``previous-runs/``, never deleted), and what
-inference reads back from a trained model's folder (``caption_length``). Torch-free: the tensors a
-checkpoint holds are written and read by ``pipeline.checkpoint``.
-
-    OUTPUT_DIR/
-      .lock                     held by the run's main process while it runs
-      run_info.json             the run's id, the checkpoint it started from, its sizes (RunInfo)
-      config.yaml               the resolved config (also in each checkpoint and in final/)
-      checkpoint-STEP/          trainer_state.json (TrainerState), model.safetensors, optimizer.pt,
-                                [scaler.pt], rng_state_RANK.pt, loader_state_RANK.json, config.yaml
-      final/                    save_pretrained model, tokenizer, feature extractor, config.yaml
-      metrics.jsonl, eval/step-STEP.json, sample_keys/rank-RANK.jsonl, tensorboard/ (the default
-      logging_dir), previous-runs/LABEL-TIME/ (another run's files, or an abandoned line's checkpoints)
-    .tmp-NAME folders are a save or a removal under way: never taken for a checkpoint.
+lock, checkpoint rotation, ``previous-runs/``, and what inference reads back (``caption_length``).
+Torch-free: ``pipeline.checkpoint`` writes and reads the tensors. The folder, drawn:
+docs/training.md, "Run folders, checkpoints and resuming".
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """DataLoader workers that never outlive their loader or the process that started them.
 
-Workers share the main process's group, so a Ctrl-C or a preemption SIGTERM reaches them too; they
-ignore both, and the main process handles them (the trainer saves, then stops). Ignoring SIGTERM has
-two costs this module removes:
-
-* At exit, ``multiprocessing`` ends daemonic children with SIGTERM and then joins them: workers of a
-  loader still alive then (one held by a traceback, a failed test's frame) were never ended, and the
-  process hung in that join.
-* A main process killed outright (SIGKILL, a second signal) left its workers to torch's watchdog,
-  which looks only between batches and every 5 s.
-
-So each worker runs a thread that ends it (``os._exit``) as soon as its parent is gone or its
-loader's shared flag is set, and this process sets every loader's flag at exit, before
-``multiprocessing`` joins them. Not ``PR_SET_PDEATHSIG``: it fires when the *thread* that forked the
-worker ends, and a loader may be iterated from a thread that ends before it.
+Workers ignore SIGINT/SIGTERM (the main process handles them); each runs a thread that ends it as
+soon as its parent is gone or its loader's shared flag is set, and this process sets every flag at
+exit. Why not ``PR_SET_PDEATHSIG``, and what hung before: docs/streaming.md, "Worker lifetime".
 """
 
 from __future__ import annotations

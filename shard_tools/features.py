@@ -1,19 +1,8 @@
 """Audio decoding and Whisper log-mel features: pure functions shared by the packer and inference.
 
-Decoding follows ``librosa.load(path, sr=16000)`` exactly (soundfile first, channel mean, soxr at
-librosa's default ``soxr_hq``), so shards hold what the seed computed on the fly. Files libsndfile
-cannot read (m4a/aac, webm, ...) fall back to audioread, i.e. ffmpeg, as librosa does.
-
-The log-mel reproduces ``transformers.WhisperFeatureExtractor`` but computes only the frames that see
-audio. The extractor zero-pads every clip to 30 s (480,000 samples) before its STFT, so with ``n``
-samples of audio only the first ``valid_frames(n) = min(3000, ceil((n + 200) / 160))`` frames differ
-from silence; every later frame is log10(1e-10) = -10 before the dynamic-range floor, i.e. one
-constant per clip, ``pad_value``. Storing the valid frames plus ``pad_value`` is lossless with respect
-to the extractor and several times cheaper to compute and store.
-
-numpy, scipy, soundfile and soxr only, never torch: packing workers import this module and nothing
-heavier (torch's import alone costs seconds of CPU per process). The numbers equal the extractor's
-to float32 rounding (1e-4), not bit for bit: its FFT and window are torch's.
+Decoding follows ``librosa.load(path, sr=16000)``; the log-mel reproduces ``WhisperFeatureExtractor``
+on the valid frames only (the rest of the 30-s window is one constant per clip, ``pad_value``).
+Never imports torch. Details and accuracy: docs/FORMAT.md, "The log-mel".
 """
 
 from __future__ import annotations

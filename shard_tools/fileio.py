@@ -1,14 +1,8 @@
 """Atomic file writes and checksums, shared by the packer, the loader, training and inference.
 
-Every output file is written under a temporary name in its own folder, flushed to disk, then renamed
-into place (``os.replace`` is atomic within a file system): a reader or a resumed run sees either
-the old file or the whole new one, never half of it. The temporary is created with mode 0666 less
-the umask, as ``open`` creates any file (``mkstemp``'s 0600 would hide an index from other users).
-Only a regular file or a new path is replaced (``check_replaceable``): a rename over a symbolic
-link, a device (``/dev/stdout``) or a pipe would put a regular file in its place.
-
-``hold_lock`` is an exclusive ``flock`` on a lock file: the kernel releases it when its process dies,
-so a killed run never leaves a stale lock.
+A file is written under a temporary name beside it and renamed into place, replacing only a regular
+file or a new path (``check_replaceable``); ``hold_lock`` is a ``flock`` the kernel drops when its
+process dies. Why: docs/FORMAT.md, "Layout on disk".
 """
 
 from __future__ import annotations

@@ -5,46 +5,10 @@
     python -m shard_tools.pack --from-shards 'raw/{000..009}.tar' --audio-field flac --caption-field json.text
     python -m shard_tools.pack --hf-dataset NAME_OR_DIR --caption-field caption
 
-Output (docs/FORMAT.md): ``OUT/<split>/000.tar …`` for a dataset of split folders, ``OUT/000.tar …``
-for a flat one (or ``OUT/<--split>/``), each with ``index.json`` (written last) and ``rejects.jsonl``.
-
-Pipeline: the input layout's reader (``layouts``) lists the inputs of each split in a fixed order (cheap);
-a pool of ``--workers`` processes decodes, resamples and computes the features of each clip and sends
-back only the two members' bytes; the main process writes the shards in input order. The results
-come back in input order whatever the number of workers (``apply_async`` on chunks of inputs with a
-bounded number of chunks in flight: ordered like ``Pool.imap``, but it never reads the whole input
-ahead, which matters when raw-audio shards put the audio itself in the input stream), so the shards
-are byte-identical for any ``--workers``. Workers are forked from a forkserver that has imported the
-features once; ``--workers 1`` computes in-process. Nothing in the packer imports torch (2.5-3 s of
-CPU per process): a packing process starts in about 1 s of CPU, Python and numpy included.
-
-``--part I --num-parts N`` packs the I-th of N contiguous, disjoint slices of every split into
-``OUT/<split>/part-I-of-N/`` (its own ``000.tar …``, ``index.json`` and ``rejects.jsonl``), so parts
-never collide, wherever they run. The part that completes last (all N part indexes present) writes
-``OUT/<split>/index.json`` naming the shards ``part-I-of-N/000.tar`` (names are relative to the index)
-and the combined ``rejects.jsonl``; parts packed on other machines and copied together get it with
-one ``--resume`` of any part, which only verifies and merges.
-
-Crash safety: shards are renamed into place only when complete and ``.progress.jsonl`` records each
-one with a digest of its inputs (paths, captions, and each file's size and mtime); ``--resume`` keeps
-the leading shards whose bytes (size and sha256) and inputs still match and packs the rest, producing
-the same bytes as an uninterrupted run (see ``writer``). So fixing a rejected file and resuming repacks
-from that file on. A resume with other options (the input, its fields, the shard limits, ...) is refused
-before any split is touched: repacking under a mistyped option would replace every complete shard.
-A lock file (``.lock``, released when the process dies) keeps a second packer out of a split folder
-while one runs.
-
-The output folder is never an input: an ``--out`` inside the DATASET folder is skipped when the
-splits and folders are listed (so a run reads the same inputs with or without its earlier output),
-and an output that would be written among the inputs (``--out`` the DATASET folder itself, or a
-folder holding the ``--from-shards`` inputs) is refused before anything is written.
-
-Repeats (a second path to a folder, clip or manifest row already read: ``sources.Repeat``) lose no
-input: each gets a note on stderr and the summary counts them, but they are not rejected inputs.
-
-Exit status: 0; 1 when more than ``--max-reject-fraction`` of the inputs were rejected (all that
-could be packed still is); 2 for a usage error (bad arguments, missing input, unresumable output, an
-output folder that cannot be written, or one another packer is writing).
+The input layout's reader (``layouts``) lists each split's inputs in a fixed order, a worker pool
+computes the features, and this process writes the shards in input order, so they are byte-identical
+for any ``--workers``; ``--resume`` and ``--part`` build on that. Nothing here imports torch.
+Options, resume, parts, exit status: docs/packing.md ("How it runs", "Resume").
 """
 
 from __future__ import annotations
@@ -270,7 +234,7 @@ def check_resumable(directory: Path, record: dict) -> dict | None:
 def resume_state(directory: Path, record: dict, split_input: sources.SplitInput
                  ) -> tuple[list[dict], list[Reject], bool]:
     """``(kept shard entries, their rejects, complete)`` from an earlier run's progress file: the
-    leading shards whose bytes are intact and whose inputs are unchanged (module doc)."""
+    leading shards whose bytes are intact and whose inputs are unchanged (docs/packing.md, 'Resume')."""
     progress = check_resumable(directory, record)
     if progress is None:
         return [], [], False

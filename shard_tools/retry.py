@@ -1,27 +1,7 @@
 """Retries for network shard reads: a transient fault is retried with backoff and the read goes on
-from the byte it had reached, so the tar reader above never sees it.
-
-Why it is built this way:
-
-* A shard is streamed once, in order; a dropped connection used to lose the rest of the shard for
-  the epoch. ``open_http`` and ``open_fsspec`` return a stream that, on a transient fault, waits
-  (exponential backoff, jittered), reopens at the byte already delivered and carries on. Over http
-  the reopen asks for ``Range: bytes=N-`` and takes a 206 only if its ``Content-Range`` starts at N;
-  a server that ignores Range answers 200 with the whole shard, whose first N bytes are read and
-  dropped. A size or ETag that differs from the first answer means the shard changed under us:
-  an error, as splicing two versions would corrupt samples. fsspec files are reopened and seeked.
-* Transient: HTTP 5xx, 408 and 429 (also from fsspec backends that carry a ``status``/``code``);
-  refused, reset or dropped connections, a body that ends before its length; timeouts. Anything
-  else (404, 403, a bad URL, a TLS certificate error) is raised at once: retrying cannot fix it.
-* Limits, per shard: at most ``RetryPolicy.retries`` retries, and ``deadline`` seconds spent
-  *inside* the shard's reads (opening, reading, waiting to retry). Time between reads, while the
-  trainer consumes samples, does not count: an interleaving worker keeps a shard open for much of
-  an epoch. Each http read waits at most ``timeout`` for a byte, so a server that trickles bytes
-  is stopped by the deadline within one ``timeout``.
-* What finally fails raises ``RetryError`` (chained to the last fault); ``shard_tools.urls`` (opening)
-  and ``shard_tools.tar`` (reading) wrap it in ``ShardReadError`` with the URL and sample, and the
-  stream skips and counts what is lost.
-  Every retry is logged (logger ``shard_tools.retry``) and counted in the stream's ``retries``.
+from the byte it had reached, so the tar reader above never sees it. What counts as transient, the
+per-shard limits (``retries``, a ``deadline`` counted only inside reads) and the http Range rules:
+docs/streaming.md, "Retries".
 """
 
 from __future__ import annotations
@@ -87,7 +67,7 @@ class RetryError(OSError):
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a later try may not meet ``error`` (module doc)."""
+    """Whether a later try may not meet ``error`` (docs/streaming.md, "Retries")."""
     if isinstance(error, urllib.error.HTTPError):  # an answer: judged by its status, not as a URLError
         return error.code >= 500 or error.code in RETRY_STATUS
     if isinstance(error, urllib.error.URLError):  # urllib wraps refused connections and timeouts

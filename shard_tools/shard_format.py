@@ -1,14 +1,8 @@
 """The shard format of docs/FORMAT.md in code: the one contract between the packer (``shard_tools``)
-and the loader (``shard_tools.urls``, ``shard_tools.tar``, ``pipeline.stream``).
-
-Both ends import what is here and nothing else about the format: Whisper's front-end constants,
-member and file names, the version written and the versions read, the audio suffixes every input
-layout recognises, the dataclasses of a sample's metadata, an index, an index entry and a reject, and
-two symmetric pairs: ``Index.to_dict`` / ``parse_index``, and ``encode_sample`` / ``decode_sample``,
-which apply the same checks, so a sample the packer writes is one the loader accepts and a sample the
-loader refuses could never have been written. docs/FORMAT.md stays the human spec.
-
-This module imports numpy only: the packer's main process reads it without starting torch.
+and the loader (``shard_tools.urls``, ``shard_tools.tar``, ``pipeline.stream``). Both ends import
+what is here and nothing else about the format; ``encode_sample`` / ``decode_sample`` and
+``Index.to_dict`` / ``parse_index`` apply the same checks. numpy only. docs/FORMAT.md stays the
+human spec.
 """
 
 from __future__ import annotations

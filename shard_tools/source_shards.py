@@ -1,12 +1,7 @@
-"""Input layouts read from a dataset in a container format: raw-audio WebDataset shards and Hugging
-Face datasets (the item model, rejects and caption fields are ``shard_tools.sources``').
-
-- raw-audio WebDataset shards: the audio member chosen by extension, captions by a dotted path into
-  the sample (``json.text``), named and read by the loader's own ``shard_tools.urls`` and ``shard_tools.tar`` (one URL grammar,
-  one tar reader). They keep their order (shards as the pattern expands, members as stored), which
-  is deterministic and needs no buffering; part I takes the I-th contiguous slice of the shard list;
-- a Hugging Face dataset (optional ``datasets`` package), by Hub name or local directory, in row
-  order; part I takes the I-th contiguous slice of each split's rows.
+"""Input layouts read from a dataset in a container format: raw-audio WebDataset shards (through the
+loader's own ``shard_tools.urls`` and ``shard_tools.tar``) and Hugging Face datasets; the item
+model, rejects and caption fields are ``shard_tools.sources``'. Order and parts: docs/packing.md,
+"How the inputs are read".
 """
 
 from __future__ import annotations

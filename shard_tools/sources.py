@@ -1,42 +1,8 @@
-"""The packer's item model and its file-listing input layouts (folders and manifests); the layouts
-read from container formats are ``shard_tools.source_shards``, and ``shard_tools.layouts`` is the
-table of all of them.
-
-Every layout's reader takes an ``InputSpec`` and yields, per output split (a ``SplitInput``) and in
-a deterministic order, two kinds of input:
-
-- an ``Item``: one clip's source, split, undecoded audio (a path or bytes), captions and other fields;
-- a ``shard_tools.shard_format.Reject`` for an input that cannot be packed (no caption, no audio, an
-  empty caption, a JSON without the caption field, an unreadable caption file, folder, shard or
-  manifest row, a path that is not a regular file).
-
-A second path to something already read (a symlink loop, two paths to one folder or clip, a manifest
-row that repeats an earlier one) loses no input: it is a ``Repeat``, kept apart from the inputs
-(``SplitInput.repeats``) so that the packer reports it without counting it as a rejected input.
-
-Decoding failures (corrupt, zero-length or silent audio) only show when the audio is decoded, so the
-packer's workers turn those items into rejects.
-
-- folder: ``ROOT/<split>/**/clip.wav`` when ROOT holds no audio itself, else a flat folder (split "");
-  the caption sits beside the audio in ``clip.json`` or ``clip.txt`` (whole file); with both, each
-  gives references (the JSON's first, and its other fields are the extra). Names starting with a dot
-  are inputs like any other (``infer_stream.py --audio`` captions them too); only ROOT's own dot
-  folders are not splits. Symlinked folders are followed; a folder reached a second time (a symlink
-  loop, two paths to one place) is a repeat naming the first path; a clip reached by a second path
-  is packed once, under its first path, with the second path's new captions (as a manifest's rows;
-  a second path with no caption file is a repeat); the packer's own output folder (``skip``) is
-  never read, nor, with a note, any folder of an earlier packer's output (``packed_output``);
-- manifest: JSONL or CSV rows naming an audio file (relative to the manifest) and its caption(s);
-  rows naming the same audio file (by resolved path) are merged into one item with all their
-  distinct captions (AudioCaps lists one caption per row); a row that adds no new caption is a repeat.
-
-Both are sorted by ``source``. A ``--part I --num-parts N`` run takes the I-th contiguous slice of
-each split, so parts are disjoint and together cover every input.
-
-Caption fields are dotted paths (``meta.caption``: a literal key with dots wins); several fields may
-be joined with commas (``caption_1,caption_2`` for Clotho's CSV). A field holding a list gives
-several captions; blank entries of such a list are dropped, and a clip with no caption left is
-rejected as "empty caption".
+"""The packer's item model (``Item``, ``Repeat``, ``SplitInput``, caption fields) and its file-listing
+input layouts, folders and manifests; ``shard_tools.source_shards`` reads the container formats and
+``shard_tools.layouts`` is the table of all of them. Readers yield items and rejects per split in a
+deterministic order; a second path to an input already read is a ``Repeat``, never a reject.
+Each layout's rules: docs/packing.md, "How the inputs are read".
 """
 
 from __future__ import annotations

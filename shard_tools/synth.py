@@ -1,21 +1,10 @@
 """A synthetic audio-captioning corpus whose captions can be learnt from the sound.
 
-Each clip is one of four sound kinds (a steady tone, a rising chirp, noise, a click train) at a low or
-high pitch and a short or long duration; its captions name all three ("a short high rising chirp"),
-so a model that learns gets them right and the most common caption does not. ``--style keywords``
-writes the same facts as one terse keyword caption instead ("chirp, high, short"), as AudioSet-derived
-corpora do: a second source with its own caption style for mixing with task prefixes; with the same
-``--validation-seed`` both styles describe the same held-out clips. Clips come in mixed formats,
-sample rates and channel counts, as real corpora do, in the layout the packer reads:
+    python -m shard_tools.synth ROOT --train 480 --validation 64
 
-    ROOT/train/00000.flac + 00000.json  ({"text": [caption, paraphrase]})
-    ROOT/validation/...
-
-``python -m shard_tools.synth ROOT --train 480 --validation 64`` writes one; the same generator with
-``--min-seconds 1 --max-seconds 30`` makes the benchmark corpus.
-
-``write_mel_shards`` and ``write_uniform_shards`` skip the packer: shards of random float16 log-mels
-written with plain ``tarfile`` as docs/FORMAT.md specifies, for the loader's tests and benchmarks.
+Clips of four sound kinds at two pitches and two durations, captioned with all three, in the folder
+layout the packer reads; ``write_mel_shards`` / ``write_uniform_shards`` write log-mel shards directly
+for the loader's tests and benchmarks. Details: docs/packing.md, "A synthetic corpus".
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Shard URLs: what a user types, the index.json beside the shards, and opening a URL.
 
-Why each piece is here:
-
-* ``expand_urls`` turns what a user types (``data/{000..099}.tar``, ``data/<000..099>.tar``, comma
-  lists, globs, a split folder or its ``index.json``) into a flat list of shard URLs. The ``<a..b>``
-  form exists because braces are awkward in YAML and shells.
-* ``resolve_shards`` attaches per-shard sample counts. Exact counts are what lets every rank get the
-  same number of batches, so they come from the ``index.json`` beside the shards (written last by
-  the packer); only shards that no index lists are counted by a header scan, with a warning.
-* ``open_url`` opens local files, ``http(s)://`` (urllib, streamed, never downloaded whole),
-  ``pipe:CMD`` (the command's stdout, as in webdataset) and any other ``proto://`` through fsspec,
-  one opener per scheme (``OPENERS``). http(s) and fsspec reads retry transient faults and resume at
-  the byte reached (``shard_tools.retry``). ``shard_tools.tar`` reads what it opens.
+``expand_urls`` (brace ranges, ``<a..b>``, lists, globs, folders, ``index.json``), ``resolve_shards``
+(exact sample counts from the index, a header scan only for shards no index lists) and ``open_url``
+(one opener per scheme in ``OPENERS``). Why each: docs/streaming.md, "Shard URLs".
 """
 
 from __future__ import annotations

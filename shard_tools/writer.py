@@ -1,17 +1,7 @@
 """Deterministic, crash-safe output of the packer: tar shards, ``index.json``, ``rejects.jsonl`` and
-the progress file that makes an interrupted run resumable (docs/FORMAT.md is the contract).
-
-Tar members are written block by block from ``tarfile.TarInfo.tobuf`` (GNU format, so keys longer
-than 100 characters still fit; mtime 0, uid/gid 0, mode 0o444, no user names), which is exactly what
-``tarfile`` writes but lets the writer know a shard's final size before adding a sample, for
-``--max-shard-mb``. A shard is written as ``NAME.tmp``, hashed while written, fsynced and renamed to
-``NAME`` only when complete, so a killed run leaves whole shards and at most one ``.tmp``.
-
-After every completed shard the packer appends a line to ``.progress.jsonl`` beside the shards: the
-shard's index entry plus the position of the first input it does not hold, and the rejects among its
-inputs (the first line holds the settings).
-``--resume`` keeps the leading shards whose size and sha256 still match, skips their inputs and packs
-the rest, which gives the same bytes as an uninterrupted run. ``index.json`` is written last.
+the progress file that makes an interrupted run resumable (docs/FORMAT.md is the contract). Shards
+are written as ``NAME.tmp`` and renamed when complete; how that gives ``--resume`` the same bytes as
+an uninterrupted run: docs/packing.md, "Resume".
 """
 
 from __future__ import annotations
