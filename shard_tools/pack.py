@@ -85,11 +85,21 @@ class PackSettings:
 # The features (numpy, scipy, soundfile, soxr; never torch) are imported by the workers only
 # (init_worker first): with --workers > 1 the main process lists inputs and writes tars.
 
-def init_worker(n_mels: int) -> None:
-    """Once per worker: the features module loaded and the mel filters built up front."""
-    from shard_tools.features import mel_filters
+_START_ERROR: str | None = None  # why this worker process could not start, raised by its tasks
 
-    mel_filters(n_mels)
+
+def init_worker(n_mels: int) -> None:
+    """Once per worker: the features module loaded and the mel filters built up front. A failure is
+    kept for the worker's tasks to raise: ``Pool`` replaces a worker whose initializer raises, without
+    end, so raising here would hang the packer instead of stopping it."""
+    global _START_ERROR
+    _START_ERROR = None
+    try:
+        from shard_tools.features import mel_filters
+
+        mel_filters(n_mels)
+    except Exception as error:  # noqa: BLE001 - any failure: reported by every task of this worker
+        _START_ERROR = f"{type(error).__name__}: {error}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,9 @@ def encode(item: sources.Item | Reject, n_mels: int) -> Encoded | Reject:
 
 
 def encode_chunk(items: list, n_mels: int) -> list[Encoded | Reject]:
+    if _START_ERROR:
+        raise PackError(f"a packing worker could not start ({_START_ERROR}); try --workers 1 to see it in "
+                        f"this process")
     return [encode(item, n_mels) for item in items]
 
 
@@ -135,6 +148,8 @@ def worker_pool(workers: int, n_mels: int):
     """A pool of ``workers`` processes, or None to compute in this process (``workers <= 1``)."""
     if workers <= 1:
         init_worker(n_mels)
+        if _START_ERROR:
+            raise PackError(f"cannot compute features: {_START_ERROR}")
         yield None
         return
     context = multiprocessing.get_context("forkserver")  # never fork a caller's threads (torch, BLAS)

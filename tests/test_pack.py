@@ -647,3 +647,25 @@ def test_the_resume_record_holds_what_earlier_outputs_hold(tmp_path):
         progress = next(out.rglob(".progress.jsonl"))
         assert json.loads(progress.read_text().splitlines()[0]) == {"settings": expected[name]}
         assert main([*args, "--out", str(out), "--workers", "1", "--resume"]) == 0
+
+
+def test_workers_that_cannot_start_stop_the_packer_with_the_reason(tmp_path):
+    """A feature library that fails to import in the workers is one line and exit 2, with any number
+    of workers (``Pool`` would otherwise replace a failing worker without end: a hang)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import sys\n\n"
+        "class _Broken:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'soxr':\n"
+        "            raise ImportError('soxr is broken here')\n\n"
+        "sys.meta_path.insert(0, _Broken())\n")
+    write_audio(tmp_path / "clips" / "train" / "a.wav", seconds=0.5)
+    (tmp_path / "clips" / "train" / "a.txt").write_text("a tone")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    for workers, reason in [("2", "a packing worker could not start (ImportError: soxr is broken here)"),
+                            ("1", "cannot compute features: ImportError: soxr is broken here")]:
+        done = subprocess.run([sys.executable, "-m", "shard_tools.pack", str(tmp_path / "clips"), "--out",
+                               str(tmp_path / f"out{workers}"), "--workers", workers], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr
