@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.config import ConfigError, RunConfig, all_keys, keys_help, load_config, save_config
 from pipeline.hub import HubError, check_push
@@ -325,8 +325,16 @@ def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor
     stats[STATS.index("cut")] += int((batch["frames"] > window.frames(batch["input_features"].shape[-1])).sum())
 
 
+class Stepped(NamedTuple):
+    """What ``optimizer_step`` leaves on the device."""
+
+    reduced: torch.Tensor  # [len(STATS)]: the statistics summed over ranks
+    skip: torch.Tensor  # whether the optimizer skipped the step (a non-finite loss or gradient norm)
+    grad_norm: torch.Tensor  # before clipping
+
+
 def optimizer_step(model, optimizer, accelerator: Accelerator, stats: torch.Tensor, lr: float | torch.Tensor,
-                   max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   max_grad_norm: float) -> Stepped:
     """Clip (fp16: after unscaling); all-reduce ``stats`` (``STATS``) with this rank's flag for a
     non-finite gradient norm; step with ``lr`` unless a loss or the gradient norm was not finite on
     some rank (``skip``, decided on the device, never read on the host); zero. Returns the reduced
@@ -346,7 +354,7 @@ def optimizer_step(model, optimizer, accelerator: Accelerator, stats: torch.Tens
         optimizer.step()
         del inner.found_inf
     optimizer.zero_grad(set_to_none=True)
-    return reduced, skip, norm
+    return Stepped(reduced, skip, norm)
 
 
 # --------------------------------------------------------------------------------- 4. evaluation
@@ -620,11 +628,11 @@ class Trainer:
         stats, keys, epoch = self.accumulate(batches)
         stats[STATS.index("stop")] = float(self.stop.signum is not None)
         stats[STATS.index("skipped")] = float(loader.skipped)
-        reduced, skip, norm = optimizer_step(self.parts.model, self.parts.optimizer, self.accelerator, stats, lr,
-                                             self.tc.max_grad_norm)
-        values, copied = to_host(torch.cat([reduced, stats[STATS.index("bad")].view(1), norm.double().view(1),
-                                            lr.double().view(1)]))
-        return Launched(values=values, copied=copied, skip=skip, keys=keys, epoch=epoch, launched_at=launched_at,
+        stepped = optimizer_step(self.parts.model, self.parts.optimizer, self.accelerator, stats, lr,
+                                 self.tc.max_grad_norm)
+        values, copied = to_host(torch.cat([stepped.reduced, stats[STATS.index("bad")].view(1),
+                                            stepped.grad_norm.double().view(1), lr.double().view(1)]))
+        return Launched(values=values, copied=copied, skip=stepped.skip, keys=keys, epoch=epoch, launched_at=launched_at,
                         loader_epoch=loader.epoch, loader_batches=loader.batches)
 
     def settle(self, launched: Launched) -> bool:
