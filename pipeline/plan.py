@@ -1,7 +1,7 @@
 """The epoch plan of a shard stream: which positions of an epoch each source, rank, worker, shuffle
-block and length-bucketing pool has, in what order, and what a saved position has delivered. Pure numpy arithmetic on sample
-counts and seeds (no data read, no torch); ``pipeline.stream`` reads what it says. docs/streaming.md
-describes the plan.
+block and length-bucketing pool has, in what order, and what a saved position has delivered. Pure
+numpy arithmetic on sample counts and seeds (no data read, no torch); ``pipeline.stream`` reads what
+it says. docs/streaming.md describes the plan.
 """
 
 from __future__ import annotations

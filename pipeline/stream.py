@@ -46,6 +46,11 @@ class StreamWarning(UserWarning):
 # --------------------------------------------------------------------------------------- dataset
 
 
+def _frames(sample: dict) -> int:
+    """A decoded sample's valid frames, what bucketing sorts by (padding and skipped samples: 0)."""
+    return 0 if sample.get("__pad__") else int(sample["mel"].shape[1])
+
+
 class ShardStream(IterableDataset):
     """The per-rank iterable of collated batches for one epoch (docs/streaming.md). Iterated by a
     ``DataLoader(batch_size=None)``. Batches are in ``Collator.compact`` form (features cut after
@@ -326,11 +331,6 @@ class ShardStream(IterableDataset):
 
 
 # ---------------------------------------------------------------------------------------- loader
-
-
-def _frames(sample: dict) -> int:
-    """A decoded sample's valid frames, what bucketing sorts by (padding and skipped samples: 0)."""
-    return 0 if sample.get("__pad__") else int(sample["mel"].shape[1])
 
 
 class _Crossing:

@@ -896,7 +896,8 @@ def test_a_bucketed_stream_resumes_mid_pool_in_a_fresh_process_exactly(tmp_path,
 
 
 @pytest.mark.parametrize("old, new", [((2, 2, 3, 5, 4, 2), (3, 0, 2, 7, 4, 3)), ((3, 1, 2, 4, 2, 3), (1, 3, 5, 500, 4)),
-                                      ((1, 2, 4, 3, 1), (2, 2, 4, 3, 3, 2)), ((2, 0, 3, 500, 4, 2), (2, 2, 3, 500, 4, 2))])
+                                      ((1, 2, 4, 3, 1), (2, 2, 4, 3, 3, 2)),
+                                      ((2, 0, 3, 500, 4, 2), (2, 2, 3, 500, 4, 2))])
 def test_a_bucketed_stream_resumes_elastically_with_the_rest_once(tmp_path, tiny_processor, old, new):
     """Saved mid-pool on every rank under one layout (bucketing on or off), resumed from rank 0's state
     under another: what the old ranks handed out, pools part-delivered included (their lengths are
