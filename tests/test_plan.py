@@ -200,7 +200,7 @@ def test_bucketing_hands_out_every_position_once_with_equal_batches(layout):
 def test_delivered_mask_with_bucketing_is_what_the_workers_handed_out(layout):
     """After every batch count, pools part-delivered included: the positions the simulated workers
     handed out, the unfinished pools' batches read through ``frames_of``; without it the count stays
-    (but for padding)."""
+    (but for padding) and, at pool boundaries, the positions too."""
     size = 39
     frames = clip_frames(size, 1)
     batches = plan_epoch(size, 0, layout.world_size, layout.batch_size).num_batches
@@ -208,8 +208,11 @@ def test_delivered_mask_with_bucketing_is_what_the_workers_handed_out(layout):
         mask = delivered_mask(size, 3, 1, True, layout, delivered, frames_of=frames_reader(frames))
         expected = handed_out(size, 3, 1, True, layout, delivered, frames=frames)
         assert len(expected) == len(set(expected)) and np.flatnonzero(mask).tolist() == sorted(expected), delivered
-        stand_in = delivered_mask(size, 3, 1, True, layout, delivered).sum()  # padding aside (a slot per rank)
-        assert abs(stand_in - len(expected)) <= layout.world_size
+        stand_in = delivered_mask(size, 3, 1, True, layout, delivered)  # progress counts: no read
+        assert abs(stand_in.sum() - len(expected)) <= layout.world_size  # padding aside (a slot per rank)
+        _, done = resume_position(batches, layout.workers, delivered)
+        if all(d % layout.bucket_pool_batches == 0 for d in done):  # at pool boundaries: exact
+            assert np.flatnonzero(stand_in).tolist() == sorted(expected), delivered
 
 
 @pytest.mark.parametrize("old, new", [(Layout(2, 2, 3, 5, 4, 2), Layout(3, 1, 2, 7, 4, 3)),
