@@ -171,10 +171,11 @@ class ShardStream(IterableDataset):
         shards (``plan.FramesOf``: what an elastic resume needs of a bucketing layout's unfinished pools)."""
         order = np.argsort(slots, kind="stable")
         wanted = slots[order][slots[order] < plan.real]
-        frames = []
+        frames, extra = [], self._extra  # samples beyond an index count are counted where batches are read
         for run in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if len(wanted) else []:
             for first, end in plan.to_global(plan.start + int(run[0]), plan.start + int(run[-1]) + 1):
                 frames += [_frames(s) for s in self._samples(self._read_range(epoch, first, end))]
+        self._extra = extra
         out = np.zeros(len(slots), dtype=np.int64)
         out[order[:len(frames)]] = frames
         return out
