@@ -90,6 +90,8 @@ class DataSettings:
     persistent_workers: bool = False
     shuffle_buffer: int = key(500, "samples held for shuffling within a worker's shards")
     interleave: int = 4  # cursors a training worker reads its range with
+    bucket_pool_batches: int = key(0, "length bucketing (training): pools of this many batches, each sorted by clip "
+                                   "length, cut into batches and those shuffled (0: off)")
     on_error: str = key("skip", f"{' | '.join(ON_ERROR)}: what a damaged shard or sample does")
     max_skip_fraction: float = key(0.05, "more skipped samples than this fraction of the plan stops the run")
     verify: bool = key(False, "check local shards against index.json's sha256 first")
@@ -116,7 +118,7 @@ class DataSettings:
                for name in ("batch_size", "shuffle_buffer", "interleave", "max_label_tokens", "prefetch_factor")
                if getattr(self, name) < 1]
         out += [f"{name}={getattr(self, name)!r}: must be at least 0"
-                for name in ("seed", "num_workers") if getattr(self, name) < 0]
+                for name in ("seed", "num_workers", "bucket_pool_batches") if getattr(self, name) < 0]
         if self.max_label_tokens > MAX_TARGET_POSITIONS:  # the decoder row, task tokens and prefix included
             out.append(f"max_label_tokens={self.max_label_tokens!r}: must be at most {MAX_TARGET_POSITIONS}, "
                        f"the decoder's positions")

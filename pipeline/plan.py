@@ -1,7 +1,7 @@
-"""The epoch plan of a shard stream: which positions of an epoch each source, rank, worker and shuffle
-block has, in what order, and what a saved position has delivered. Pure numpy arithmetic on sample
-counts and seeds (no data read, no torch); ``pipeline.stream`` reads what it says. docs/streaming.md
-describes the plan.
+"""The epoch plan of a shard stream: which positions of an epoch each source, rank, worker, shuffle
+block and length-bucketing pool has, in what order, and what a saved position has delivered. Pure
+numpy arithmetic on sample counts and seeds (no data read, no torch); ``pipeline.stream`` reads what
+it says. docs/streaming.md describes the plan.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -180,6 +180,7 @@ class Layout:
     batch_size: int
     shuffle_buffer: int
     interleave: int
+    bucket_pool_batches: int = 0  # training only (0: off); a state saved before bucketing existed had none
 
 
 # ------------------------------------------------------------------------------- workers, shuffle
@@ -208,6 +209,18 @@ def block_order(seed: int, epoch: int, rank: int, worker: int, block: int, size:
     return _rng(seed, epoch, 1, rank, worker, block).permutation(size)
 
 
+def pool_batches(frames: np.ndarray, batch_size: int, seed: int, epoch: int, rank: int, worker: int, pool: int
+                 ) -> list[np.ndarray]:
+    """Length bucketing (docs/streaming.md, 'Length bucketing'): the items of pool ``pool`` of a worker
+    (``frames``: each one's valid frames, in delivery order) cut into batches of similar lengths,
+    as indices into the pool in delivery order. The items sorted stably by frames are cut into batches
+    of ``batch_size``; the full ones come in a seeded order, a short one (the rank's last) last."""
+    ordered = np.argsort(frames, kind="stable")
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    full = len(ordered) // batch_size
+    return [batches[i] for i in _rng(seed, epoch, 3, rank, worker, pool).permutation(full)] + batches[full:]
+
+
 def cursor_count(interleave: int, total: int) -> int:
     """Cursors a worker reads its ``total`` slots with: ``interleave``, at most one per slot."""
     return max(1, min(interleave, total))
@@ -226,11 +239,17 @@ def _interleaved_offsets(items: np.ndarray, total: int, cursors: int) -> np.ndar
 # ------------------------------------------------------------------------------------------ resume
 
 
+FramesOf = Callable[[RankPlan, np.ndarray], np.ndarray]  # (a rank's plan, its slots) -> their frames (padding: 0)
+
+
 def delivered_mask(positions: int, seed: int, epoch: int, train: bool, layout: Layout, delivered: int,
-                   sequence: np.ndarray | None = None) -> np.ndarray:
+                   sequence: np.ndarray | None = None, frames_of: FramesOf | None = None) -> np.ndarray:
     """``[N]`` bool over the epoch's sequence (of ``positions``, or ``sequence``): the samples every
     rank of ``layout`` had handed out after ``delivered`` batches (the same arithmetic as
-    ``ShardStream.worker_batches``, no data read; docs/streaming.md, 'Elastic resume')."""
+    ``ShardStream.worker_batches``; docs/streaming.md, 'Elastic resume'). With length bucketing, which
+    samples the batches delivered from a worker's unfinished pool hold depends on their lengths:
+    ``frames_of`` reads them; without it the pool's first items in plan order stand in for them
+    (the same count of slots, the right samples only at pool boundaries: enough for progress counts)."""
     mask = None
     for rank in range(layout.world_size):
         plan = plan_epoch(positions, rank, layout.world_size, layout.batch_size, sequence)
@@ -238,20 +257,39 @@ def delivered_mask(positions: int, seed: int, epoch: int, train: bool, layout: L
         _, done = resume_position(plan.num_batches, layout.workers, min(delivered, plan.num_batches))
         for worker in range(layout.workers):
             lo, hi = plan.worker_slots(layout.batch_size, layout.workers, worker)
-            taken = min(done[worker] * layout.batch_size, hi - lo)
+            total = hi - lo
+            taken = min(done[worker] * layout.batch_size, total)
             if taken <= 0:
                 continue
             if not train:
                 offsets = np.arange(taken)
-            else:  # whole shuffle blocks, then the first ``drop`` of the block's seeded permutation
-                total, size = hi - lo, layout.shuffle_buffer
-                block, drop = divmod(taken, size)
-                order = block_order(seed, epoch, rank, worker, block, min(size, total - block * size))
-                items = np.concatenate([np.arange(block * size), block * size + order[:drop]])
-                offsets = _interleaved_offsets(items, total, cursor_count(layout.interleave, total))
+            else:
+                pooled, extra = layout.bucket_pool_batches * layout.batch_size, np.zeros(0, dtype=np.int64)
+                if pooled and taken < total and frames_of is not None:
+                    pool, batches = divmod(done[worker], layout.bucket_pool_batches)
+                    items = np.arange(pool * pooled, min((pool + 1) * pooled, total))
+                    frames = frames_of(plan, lo + _delivery_offsets(seed, epoch, rank, worker, total, layout, 0, items))
+                    parts = pool_batches(frames, layout.batch_size, seed, epoch, rank, worker, pool)[:batches]
+                    taken, extra = pool * pooled, items[np.concatenate([np.zeros(0, dtype=np.int64), *parts])]
+                offsets = _delivery_offsets(seed, epoch, rank, worker, total, layout, taken, extra)
             slots = lo + offsets
             mask[plan.start + slots[slots < plan.real]] = True
     return mask
+
+
+def _delivery_offsets(seed: int, epoch: int, rank: int, worker: int, total: int, layout: Layout,
+                      prefix: int, more: np.ndarray) -> np.ndarray:
+    """Slot offsets (from the worker's first slot) of a training worker's items: the first
+    ``prefix`` of its delivery order (whole shuffle blocks and the seeded permutation prefix of the
+    block it stops in), then those at delivery indices ``more``."""
+    size = layout.shuffle_buffer
+    block, drop = divmod(prefix, size)
+    order = block_order(seed, epoch, rank, worker, block, min(size, total - block * size))
+    items = [np.arange(block * size), block * size + order[:drop]]
+    for b in np.unique(more // size).tolist():
+        inside = more[more // size == b] - b * size
+        items.append(b * size + block_order(seed, epoch, rank, worker, b, min(size, total - b * size))[inside])
+    return _interleaved_offsets(np.concatenate(items), total, cursor_count(layout.interleave, total))
 
 
 def undelivered(mask: np.ndarray, sequence: np.ndarray | None) -> np.ndarray:

@@ -22,7 +22,8 @@ from pipeline.device import in_background, to_device_ahead
 from shard_tools.fileio import file_sha256
 from pipeline.overlap import overlaps
 from pipeline.plan import (EpochPicks, Layout, Mix, RankPlan, Remainder, block_order, cursor_count, delivered_mask,
-                           plan_epoch, remaining_sequence, resume_position, seen_per_source, shard_order, worker_split)
+                           plan_epoch, pool_batches, remaining_sequence, resume_position, seen_per_source, shard_order,
+                           worker_split)
 from shard_tools.retry import RetryPolicy
 from shard_tools.shard_format import decode_sample
 from shard_tools.tar import ShardReadError, iter_samples
@@ -43,6 +44,11 @@ class StreamWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------- dataset
+
+
+def _frames(sample: dict) -> int:
+    """A decoded sample's valid frames, what bucketing sorts by (padding and skipped samples: 0)."""
+    return 0 if sample.get("__pad__") else int(sample["mel"].shape[1])
 
 
 class ShardStream(IterableDataset):
@@ -68,6 +74,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.train, self.seed = settings.batch_size, settings.train, settings.seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.interleave = settings.shuffle_buffer, settings.interleave
+        self.bucket_pool_batches = settings.bucket_pool_batches if settings.train else 0  # evaluation keeps its order
         self.on_error, self.verify, self.n_mels = settings.on_error, settings.verify, n_mels
         self.retry = settings.retry
         self._extra = 0  # samples found beyond a shard's index count since the last batch
@@ -122,19 +129,56 @@ class ShardStream(IterableDataset):
         turn, done = resume_position(plan.num_batches, workers, delivered)
         logical = (turn + physical) % workers
         lo, hi = plan.worker_slots(self.batch_size, workers, logical)
-        start = lo + done[logical] * self.batch_size
-        n_mels, batch = self.n_mels, []
-        for item in self._ordered(plan, epoch, logical, lo, hi, start):
-            sample = self._decode(item, n_mels)
-            sample[SOURCE_KEY] = item[SOURCE_KEY]
-            if n_mels is None and "mel" in sample:  # no index: the first sample sets it for the rest
-                n_mels = sample["mel"].shape[0]
+        if self.bucket_pool_batches:
+            yield from self._pooled(plan, epoch, logical, lo, hi, done[logical])
+            return
+        batch = []
+        for sample in self._samples(self._ordered(plan, epoch, logical, lo, hi, lo + done[logical] * self.batch_size)):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self._collate(batch, epoch)
                 batch = []
         if batch:
             yield self._collate(batch, epoch)
+
+    def _pooled(self, plan: RankPlan, epoch: int, worker: int, lo: int, hi: int, done: int) -> Iterator[dict]:
+        """Length bucketing (docs/streaming.md, 'Length bucketing'): the worker's delivery order in
+        pools of ``bucket_pool_batches`` batches, each cut into batches by ``pool_batches``; after
+        ``done`` batches, the current pool is read again from its start and its delivered batches
+        dropped."""
+        size = self.bucket_pool_batches * self.batch_size
+        pool, drop = divmod(done, self.bucket_pool_batches)
+        samples = self._samples(self._ordered(plan, epoch, worker, lo, hi, lo + pool * size))
+        for first in range(pool * size, hi - lo, size):
+            items = [next(samples) for _ in range(min(size, hi - lo - first))]
+            frames = np.array([_frames(s) for s in items], dtype=np.int64)
+            for batch in pool_batches(frames, self.batch_size, self.seed, epoch, self.rank, worker, pool)[drop:]:
+                yield self._collate([items[i] for i in batch], epoch)
+            pool, drop = pool + 1, 0
+
+    def _samples(self, items: Iterator[dict]) -> Iterator[dict]:
+        """Raw ``items`` decoded, each naming its source."""
+        n_mels = self.n_mels
+        for item in items:
+            sample = self._decode(item, n_mels)
+            sample[SOURCE_KEY] = item[SOURCE_KEY]
+            if n_mels is None and "mel" in sample:  # no index: the first sample sets it for the rest
+                n_mels = sample["mel"].shape[0]
+            yield sample
+
+    def slot_frames(self, epoch: int, plan: RankPlan, slots: np.ndarray) -> np.ndarray:
+        """Valid frames of the samples at rank slots ``slots`` of ``plan`` (padding: 0), read from the
+        shards (``plan.FramesOf``: what an elastic resume needs of a bucketing layout's unfinished pools)."""
+        order = np.argsort(slots, kind="stable")
+        wanted = slots[order][slots[order] < plan.real]
+        frames, extra = [], self._extra  # samples beyond an index count are counted where batches are read
+        for run in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if len(wanted) else []:
+            for first, end in plan.to_global(plan.start + int(run[0]), plan.start + int(run[-1]) + 1):
+                frames += [_frames(s) for s in self._samples(self._read_range(epoch, first, end))]
+        self._extra = extra
+        out = np.zeros(len(slots), dtype=np.int64)
+        out[order[:len(frames)]] = frames
+        return out
 
     def _collate(self, samples: list[dict], epoch: int) -> dict:
         batch = self.collator.compact(samples, epoch)
@@ -379,7 +423,8 @@ class StreamLoader:
     @property
     def layout(self) -> Layout:
         ds = self.dataset
-        return Layout(ds.world_size, max(1, self.num_workers), ds.batch_size, ds.shuffle_buffer, ds.interleave)
+        return Layout(ds.world_size, max(1, self.num_workers), ds.batch_size, ds.shuffle_buffer, ds.interleave,
+                      ds.bucket_pool_batches)
 
     def progress(self) -> list[dict]:
         """Per source: ``name``, ``samples`` (its size), ``per_epoch`` (its positions in each epoch of
@@ -413,7 +458,7 @@ class StreamLoader:
         mine = {"seed": ds.seed, "num_samples": ds.num_samples, "train": ds.train, "data_digest": ds.mix.digest(),
                 **dataclasses.asdict(self.layout)}
         saved = {"workers": max(1, int(state.get("num_workers", 0))), "data_digest": mine["data_digest"],
-                 **state}  # version 1 states hold neither
+                 "bucket_pool_batches": 0, **state}  # version 1 states hold neither; older ones no bucketing
         wrong = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in DATA_KEYS if saved.get(k) != mine[k]]
         if wrong and "sources" in state:  # which sources, and their share of an epoch
             was = [(s["name"], s["samples"], s["per_epoch"]) for s in state["sources"]]
@@ -430,7 +475,8 @@ class StreamLoader:
             if "data_digest" not in state:  # version 1 holds no digest to prove the shards are the same
                 raise StreamError(f"a version-1 loader state resumes only under the layout it was saved with "
                                   f"({old}), not {self.layout}")
-            delivered = delivered_mask(ds.num_samples, ds.seed, epoch, ds.train, old, batches, sequence)
+            delivered = delivered_mask(ds.num_samples, ds.seed, epoch, ds.train, old, batches, sequence,
+                                       functools.partial(ds.slot_frames, epoch))
             sequence, batches = remaining_sequence(delivered, sequence), 0
             warnings.warn(f"the stream was saved under {old} and resumes under {self.layout}: the "
                           f"{int((~delivered).sum())} samples left in epoch {epoch} are re-planned over the new "

@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--shuffle-buffer", type=int, default=7)
+    parser.add_argument("--bucket", type=int, default=0, help="bucket_pool_batches")
     parser.add_argument("--take", type=int, required=True)
     parser.add_argument("--state-in")
     parser.add_argument("--state-out")
@@ -52,7 +53,7 @@ def main() -> None:
     urls = [stream.Source(**source) for source in json.loads(args.sources)] if args.sources else args.urls
     loader = stream.make_loader(urls, load_processor("tiny").tokenizer, batch_size=args.batch_size,
                                 num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, seed=3, infinite=True,
-                                persistent_workers=args.persistent)
+                                persistent_workers=args.persistent, bucket_pool_batches=args.bucket)
     if args.state_in:
         loader.load_state_dict(json.loads(Path(args.state_in).read_text()))
     batches, alive, rss = [], [], []

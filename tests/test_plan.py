@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.plan import (STRIDE, Layout, Mix, delivered_mask, plan_epoch, remaining_sequence, resume_position,
-                           seen_per_source, shard_order, undelivered, worker_split)
+from pipeline.plan import (STRIDE, Layout, Mix, delivered_mask, plan_epoch, pool_batches, remaining_sequence,
+                           resume_position, seen_per_source, shard_order, undelivered, worker_split)
 
 
 def round_robin(counts: list[int]) -> list[int]:
@@ -35,24 +35,49 @@ def worker_order(seed: int, epoch: int, rank: int, worker: int, lo: int, hi: int
     return out
 
 
+def global_of(plan, slot: int) -> int:
+    return next(first for first, _ in plan.to_global(plan.start + slot, plan.start + slot + 1))
+
+
+def worker_batches(seed: int, epoch: int, rank: int, worker: int, plan, layout: Layout, train: bool,
+                   frames: np.ndarray | None) -> list[list[int]]:
+    """A worker's batches of rank slots: its delivery order cut into batches, or (length bucketing,
+    ``frames`` of every global position) into pools of ``bucket_pool_batches`` batches, each sorted by
+    frames (padding 0; ties in delivery order), cut, the full batches seeded-shuffled, a short one last."""
+    lo, hi = plan.worker_slots(layout.batch_size, layout.workers, worker)
+    slots, size = worker_order(seed, epoch, rank, worker, lo, hi, layout, train), layout.batch_size
+    if not (train and layout.bucket_pool_batches):
+        return [slots[i:i + size] for i in range(0, len(slots), size)]
+    out, pooled = [], layout.bucket_pool_batches * size
+    for pool, first in enumerate(range(0, len(slots), pooled)):
+        items = slots[first:first + pooled]
+        ordered = sorted(items, key=lambda s: (frames[global_of(plan, s)] if s < plan.real else 0, items.index(s)))
+        cut = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+        full = len(items) // size
+        out += [cut[i] for i in np.random.default_rng([seed, epoch, 3, rank, worker, pool]).permutation(full)]
+        out += cut[full:]
+    return out
+
+
 def handed_out(size: int, seed: int, epoch: int, train: bool, layout: Layout, delivered: int,
-               sequence: np.ndarray | None = None) -> list[int]:
+               sequence: np.ndarray | None = None, frames: np.ndarray | None = None) -> list[int]:
     """Global positions (of the epoch's sequence) every rank hands out in its first ``delivered``
     batches, simulated: per worker its batches in its order, the workers' batches round-robin."""
     out = []
     for rank in range(layout.world_size):
         plan = plan_epoch(size, rank, layout.world_size, layout.batch_size, sequence)
-        per_worker = []
-        for worker in range(layout.workers):
-            lo, hi = plan.worker_slots(layout.batch_size, layout.workers, worker)
-            slots = worker_order(seed, epoch, rank, worker, lo, hi, layout, train)
-            per_worker.append([slots[i:i + layout.batch_size] for i in range(0, len(slots), layout.batch_size)])
+        per_worker = [worker_batches(seed, epoch, rank, w, plan, layout, train, frames) for w in range(layout.workers)]
         turns = iter(round_robin([len(b) for b in per_worker]))
         taken = collections.Counter(next(turns) for _ in range(min(delivered, plan.num_batches)))
         for worker, batches in enumerate(per_worker):
-            for slot in (s for batch in batches[:taken[worker]] for s in batch if s < plan.real):
-                out += [first for first, _ in plan.to_global(plan.start + slot, plan.start + slot + 1)]
+            out += [global_of(plan, s) for batch in batches[:taken[worker]] for s in batch if s < plan.real]
     return out
+
+
+def frames_reader(frames: np.ndarray):
+    """``plan.FramesOf`` over ``frames`` of every global position (padding slots: 0)."""
+    return lambda plan, slots: np.array([frames[global_of(plan, s)] if s < plan.real else 0 for s in slots.tolist()],
+                                        dtype=np.int64)
 
 
 def sequence_positions(sequence: np.ndarray) -> list[int]:
@@ -132,6 +157,83 @@ def test_the_rest_of_an_epoch_replanned_under_another_layout_comes_once(old, new
         half = delivered_mask(size, 3, 0, True, new, plans[0].num_batches // 2, rest)  # and again, elsewhere
         later = remaining_sequence(half, rest)
         first_half = handed_out(size, 3, 0, True, new, plans[0].num_batches // 2, rest)
+        assert sorted(first_half + sequence_positions(later)) == sequence_positions(rest), k
+
+
+BUCKETED = [Layout(1, 1, 4, 500, 4, 2), Layout(2, 3, 3, 5, 4, 2), Layout(3, 2, 2, 4, 2, 3), Layout(2, 2, 4, 3, 9, 1),
+            Layout(1, 2, 3, 7, 1, 50)]
+
+
+def clip_frames(size: int, seed: int = 0) -> np.ndarray:
+    """Frames of every position: 5-40, as ``write_mel_shards`` gives, with ties."""
+    return np.random.default_rng(seed).integers(5, 41, size)
+
+
+def test_pool_batches_sort_each_pool_by_frames_and_shuffle_the_full_batches_seeded():
+    frames = clip_frames(23)
+    batches = pool_batches(frames, 4, 3, 1, 0, 2, 5)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(23))
+    assert [len(b) for b in batches] == [4] * 5 + [3]  # the short batch last
+    spans = sorted((frames[b].min(), frames[b].max()) for b in batches)
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # length-sorted: no two batches overlap
+    for b in batches:  # ties keep the delivery order
+        assert all(i < j for i, j in zip(b, b[1:]) if frames[i] == frames[j])
+    others = [pool_batches(frames, 4, *key) for key in [(4, 1, 0, 2, 5), (3, 2, 0, 2, 5), (3, 1, 1, 2, 5),
+                                                        (3, 1, 0, 3, 5), (3, 1, 0, 2, 6)]]
+    assert all([b.tolist() for b in o] != [b.tolist() for b in batches] for o in others)  # seeded by all of them
+    assert [b.tolist() for b in pool_batches(frames, 4, 3, 1, 0, 2, 5)] == [b.tolist() for b in batches]
+
+
+@pytest.mark.parametrize("layout", BUCKETED)
+def test_bucketing_hands_out_every_position_once_with_equal_batches(layout):
+    size = 39
+    frames = clip_frames(size)
+    plans = [plan_epoch(size, rank, layout.world_size, layout.batch_size) for rank in range(layout.world_size)]
+    got = handed_out(size, 7, 2, True, layout, plans[0].num_batches, frames=frames)
+    assert sorted(got) == list(range(size))
+    sizes = [[len(b) for w in range(layout.workers) for b in worker_batches(7, 2, r, w, p, layout, True, frames)]
+             for r, p in enumerate(plans)]
+    assert len({tuple(s) for s in sizes}) == 1  # the same batch sizes, in the same order, on every rank
+
+
+@pytest.mark.parametrize("layout", BUCKETED)
+def test_delivered_mask_with_bucketing_is_what_the_workers_handed_out(layout):
+    """After every batch count, pools part-delivered included: the positions the simulated workers
+    handed out, the unfinished pools' batches read through ``frames_of``; without it the count stays
+    (but for padding) and, at pool boundaries, the positions too."""
+    size = 39
+    frames = clip_frames(size, 1)
+    batches = plan_epoch(size, 0, layout.world_size, layout.batch_size).num_batches
+    for delivered in range(batches + 1):
+        mask = delivered_mask(size, 3, 1, True, layout, delivered, frames_of=frames_reader(frames))
+        expected = handed_out(size, 3, 1, True, layout, delivered, frames=frames)
+        assert len(expected) == len(set(expected)) and np.flatnonzero(mask).tolist() == sorted(expected), delivered
+        stand_in = delivered_mask(size, 3, 1, True, layout, delivered)  # progress counts: no read
+        assert abs(stand_in.sum() - len(expected)) <= layout.world_size  # padding aside (a slot per rank)
+        _, done = resume_position(batches, layout.workers, delivered)
+        if all(d % layout.bucket_pool_batches == 0 for d in done):  # at pool boundaries: exact
+            assert np.flatnonzero(stand_in).tolist() == sorted(expected), delivered
+
+
+@pytest.mark.parametrize("old, new", [(Layout(2, 2, 3, 5, 4, 2), Layout(3, 1, 2, 7, 4, 3)),
+                                      (Layout(3, 1, 2, 4, 2, 3), Layout(1, 3, 5, 500, 4, 0)),
+                                      (Layout(1, 2, 4, 3, 1, 0), Layout(2, 2, 4, 3, 3, 2))])
+def test_the_rest_of_a_bucketed_epoch_replanned_comes_once_and_bucketed(old, new):
+    size = 39
+    frames = clip_frames(size, 2)
+    read = frames_reader(frames)
+    full = plan_epoch(size, 0, old.world_size, old.batch_size).num_batches
+    for k in sorted({1, full // 2, full - 1}):
+        mask = delivered_mask(size, 3, 0, True, old, k, frames_of=read)
+        assert sorted(handed_out(size, 3, 0, True, old, k, frames=frames)) == np.flatnonzero(mask).tolist()
+        rest = remaining_sequence(mask, None)
+        plans = [plan_epoch(size, rank, new.world_size, new.batch_size, rest) for rank in range(new.world_size)]
+        assert len({p.num_batches for p in plans}) == 1
+        again = handed_out(size, 3, 0, True, new, plans[0].num_batches, rest, frames)
+        assert sorted(again) == sequence_positions(rest), k
+        half = plans[0].num_batches // 2  # and again, from inside a pool of the re-planned rest
+        later = remaining_sequence(delivered_mask(size, 3, 0, True, new, half, rest, read), rest)
+        first_half = handed_out(size, 3, 0, True, new, half, rest, frames)
         assert sorted(first_half + sequence_positions(later)) == sequence_positions(rest), k
 
 

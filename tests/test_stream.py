@@ -150,7 +150,7 @@ def test_resume_in_a_fresh_process_continues_exactly(tmp_path, tiny_processor, w
         assert tail["decoded"] == sum(b["is_pad"].count(False) for b in tail["batches"])
 
 
-LAYOUT = ("world_size", "num_workers", "batch_size", "shuffle_buffer", "interleave")
+LAYOUT = ("world_size", "num_workers", "batch_size", "shuffle_buffer", "interleave", "bucket_pool_batches")
 
 
 def resumed_epoch(urls, processor, layout: tuple, state: dict | None, take: int | None = None):
@@ -825,3 +825,133 @@ def test_shards_packed_by_an_earlier_release_still_load(tiny_processor):
         features, got_captions = seen[key]
         np.testing.assert_array_equal(features[:, :mel.shape[1]], mel.astype(np.float32))
         assert got_captions == captions
+
+
+# ------------------------------------------------------------------------- length bucketing
+
+
+def frame_spread(batches) -> float:
+    """Mean over batches of (longest - shortest) valid frames of their real clips."""
+    return float(np.mean([np.ptp(b["frames"][~b["is_pad"]].numpy()) for b in batches if (~b["is_pad"]).sum() > 1]))
+
+
+def test_bucketing_keeps_every_sample_once_with_equal_batches_and_narrows_the_batches(tmp_path, tiny_processor):
+    """Pools of batches sorted by clip length (5-40 frames here): still every sample once over ranks x
+    workers with the same batch sizes on every rank, each pool's batches cut from its samples sorted
+    by frames, and batches far narrower in length than without bucketing."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6, 0, 7])  # 39 samples
+    expected = collections.Counter(tar_keys(paths))
+    for world, workers in [(1, 1), (1, 3), (2, 2), (3, 1), (4, 3)]:
+        per_rank = [simulate(loader(paths, tiny_processor, rank=r, world_size=world, batch_size=3,
+                                    bucket_pool_batches=2).dataset, 0, workers) for r in range(world)]
+        assert collections.Counter(k for rank in per_rank for b in rank for k in real_keys(b)) == expected
+        assert len({tuple(len(b["keys"]) for b in rank) for rank in per_rank}) == 1, (world, workers)
+    paths = write_mel_shards(tmp_path / "big", [60] * 4)
+    plain = list(loader(paths, tiny_processor, batch_size=8, shuffle_buffer=40))
+    pooled = list(loader(paths, tiny_processor, batch_size=8, shuffle_buffer=40, bucket_pool_batches=10))
+    assert sorted(k for b in pooled for k in b["keys"]) == sorted(k for b in plain for k in b["keys"])
+    assert frame_spread(pooled) < frame_spread(plain) / 4, (frame_spread(pooled), frame_spread(plain))
+    for first in range(0, 30, 10):  # a pool's batches hold disjoint ranges of lengths
+        spans = sorted((int(b["frames"].min()), int(b["frames"].max())) for b in pooled[first:first + 10])
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:])), spans
+    assert [b["keys"] for b in pooled] != [b["keys"] for b in loader(paths, tiny_processor, batch_size=8,
+                                                                      shuffle_buffer=40, bucket_pool_batches=10,
+                                                                      seed=1)]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_bucketed_batches_are_the_plan_whatever_the_workers_do(tmp_path, tiny_processor, workers):
+    """The real DataLoader with 0, 1 or 2 workers hands out the simulated plan (0 and 1 worker the same
+    sequence: one logical worker), and evaluation ignores bucketing (its order stays)."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
+    settings = {"batch_size": 3, "bucket_pool_batches": 3, "seed": 2}
+    real = loader(paths, tiny_processor, num_workers=workers, **settings)
+    got = [b["keys"] for b in real]
+    assert got == [b["keys"] for b in simulate(real.dataset, 0, max(workers, 1))] and len(got) == len(real)
+    if workers < 2:
+        assert got == [b["keys"] for b in loader(paths, tiny_processor, num_workers=1 - workers, **settings)]
+    evaluation = {"train": False, "num_workers": workers, "batch_size": 3}
+    ordered = [b["keys"] for b in loader(paths, tiny_processor, bucket_pool_batches=3, **evaluation)]
+    assert ordered == [b["keys"] for b in loader(paths, tiny_processor, **evaluation)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bucketed_stream_resumes_mid_pool_in_a_fresh_process_exactly(tmp_path, tiny_processor, workers):
+    """Stopped inside a pool (its batches partly delivered), resumed from the state in a fresh process
+    with another hash seed: the uninterrupted run's batches, into the next epoch."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6], captions_per_clip=3)
+    urls, state = str(tmp_path / "train"), tmp_path / "state.json"
+    settings = {"batch_size": 4, "shuffle_buffer": 7, "seed": 3, "num_workers": workers, "infinite": True,
+                "bucket_pool_batches": 3}
+    endless = loader(urls, tiny_processor, **settings)
+    full = [fingerprint(b) | {"epoch": endless.epoch} for _, b in zip(range(12), endless)]
+    assert sorted(k for b in full[:8] for k in b["keys"]) == sorted(tar_keys(paths))
+    k = 5  # one worker: 2 of pool 1's batches delivered; two workers: 3 and 2, the second one mid-pool
+    head = loader(urls, tiny_processor, **settings)
+    assert [fingerprint(b) | {"epoch": 0} for _, b in zip(range(k), head)] == full[:k]
+    state.write_text(json.dumps(head.state_dict()))
+    tail = run_helper([urls, "--workers", workers, "--batch-size", 4, "--shuffle-buffer", 7, "--bucket", 3,
+                       "--take", len(full) - k, "--state-in", state])
+    assert tail["batches"] == full[k:] and tail["state"]["bucket_pool_batches"] == 3
+
+
+@pytest.mark.parametrize("old, new", [((2, 2, 3, 5, 4, 2), (3, 0, 2, 7, 4, 3)), ((3, 1, 2, 4, 2, 3), (1, 3, 5, 500, 4)),
+                                      ((1, 2, 4, 3, 1), (2, 2, 4, 3, 3, 2)),
+                                      ((2, 0, 3, 500, 4, 2), (2, 2, 3, 500, 4, 2))])
+def test_a_bucketed_stream_resumes_elastically_with_the_rest_once(tmp_path, tiny_processor, old, new):
+    """Saved mid-pool on every rank under one layout (bucketing on or off), resumed from rank 0's state
+    under another: what the old ranks handed out, pools part-delivered included (their lengths are
+    read again), plus the re-planned rest (bucketed too) is every sample once, with equal batch counts."""
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6, 0, 7])  # 39 samples
+    urls, expected = str(tmp_path / "train"), collections.Counter(tar_keys(paths))
+    _, (full, *_), _ = resumed_epoch(urls, tiny_processor, old, None)
+    for k in sorted({1, full // 2, full - 1}):
+        seen, _, state = resumed_epoch(urls, tiny_processor, old, None, take=k)
+        with pytest.warns(StreamWarning, match="re-planned over the new layout"):
+            rest, counts, _ = resumed_epoch(urls, tiny_processor, new, state)
+        assert len(set(counts)) == 1, (k, counts)
+        assert collections.Counter(seen + rest) == expected, k
+
+
+def test_a_state_saved_before_bucketing_resumes_exactly_and_elastically_into_bucketing(tmp_path, tiny_processor):
+    paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
+    settings = {"seed": 3, "batch_size": 3}
+    head = loader(paths, tiny_processor, **settings)
+    seen = [k for _, b in zip(range(4), head) for k in real_keys(b)]
+    state = {k: v for k, v in head.state_dict().items() if k != "bucket_pool_batches"}
+    same = loader(paths, tiny_processor, **settings)
+    same.load_state_dict(state)
+    assert [b["keys"] for b in same] == [b["keys"] for b in list(loader(paths, tiny_processor, **settings))[4:]]
+    bucketed = loader(paths, tiny_processor, bucket_pool_batches=2, **settings)
+    with pytest.warns(StreamWarning, match="re-planned"):
+        bucketed.load_state_dict(state)
+    assert collections.Counter(seen + [k for b in bucketed for k in real_keys(b)]) == collections.Counter(
+        tar_keys(paths))
+    with pytest.raises(ValueError, match=r"bucket_pool_batches=-1: must be at least 0"):
+        loader(paths, tiny_processor, bucket_pool_batches=-1)
+
+
+def test_a_bucketed_mix_keeps_its_sources_prefixes_and_resumes(tmp_path, tiny_processor):
+    """Two weighted sources with caption prefixes, bucketed: each source comes as often as its weight
+    says (once per its own epoch), every row carries its own source's prompt, and an elastic resume
+    from inside a pool delivers the rest of the epoch once."""
+    sources, keys = mixed(tmp_path, {"a": [5, 4], "b": [7, 6, 2]}, {"a": 2, "b": 1})  # a: 16 of 24, b: 8
+    sources = [dataclasses.replace(s, prefix=f"style {s.name}:") for s in sources]
+    collator = loader(sources, tiny_processor).dataset.collator
+    task, prompts = len(collator.task_ids), {s.name: collator.prompt(s.name) for s in sources}
+    assert all(prompts.values())
+    old, new = (2, 2, 3, 5, 4, 2), (3, 1, 2, 7, 2, 3)
+    whole, _, _ = resumed_epoch(sources, tiny_processor, old, None)
+    assert sorted(collections.Counter(whole)[k] for k in keys["a"]) == [1] * 2 + [2] * 7
+    assert sorted(collections.Counter(whole)[k] for k in keys["b"]) == [0] * 7 + [1] * 8
+    stream = loader(sources, tiny_processor, batch_size=3, bucket_pool_batches=2, seed=3)
+    for batch in stream:
+        assert all(source == (source_of(key) if key else "a") for key, source in zip(batch["keys"], batch["sources"]))
+        for row, source in enumerate(batch["sources"]):
+            if not batch["is_pad"][row]:
+                assert batch["decoder_input_ids"][row, task:task + len(prompts[source])].tolist() == prompts[source]
+    seen, _, state = resumed_epoch(sources, tiny_processor, old, None, take=3)
+    with pytest.warns(StreamWarning, match="re-planned"):
+        rest, counts, after = resumed_epoch(sources, tiny_processor, new, state)
+    assert len(set(counts)) == 1 and collections.Counter(seen + rest) == collections.Counter(whole)
+    assert [(s["seen"], s["epochs"]) for s in after["sources"]] == [(16, 16 / 9), (8, 8 / 15)]
