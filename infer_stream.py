@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline import metrics
 from pipeline.config import DECODE_METHODS
 from pipeline.runs import CAPTION_LENGTH_KEY, caption_length_default
-from pipeline.window import AudioWindow
+from pipeline.window import AudioWindow, loses_audio
 
 STDOUT = "-"  # --output: the rows to standard output
 
@@ -521,7 +521,7 @@ def run_generation(model, processor, batches, done: set, out, args, accelerator,
             if batch["input_features"].shape[1] != n_mels:
                 raise MelMismatch(mel_mismatch(batch["input_features"].shape[1], n_mels, args))
             window = args.window.frames(batch["input_features"].shape[-1])
-            cut += sum(int(batch["frames"][i]) > window for i in keep)
+            cut += sum(bool(loses_audio(int(batch["frames"][i]), window)) for i in keep)
             features = expand_features(batch, window, device=accelerator.device, dtype=dtype)  # [B, n_mels, window]
             if len(keep) < len(batch["keys"]):  # clips done before a --resume, rank padding
                 features = features[keep]  # [b, n_mels, window]

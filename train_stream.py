@@ -101,7 +101,7 @@ from pipeline.optim import make_optimizer, next_lr, set_lr
 from pipeline.runs import CONFIG, METRICS, Claim, RunInfo, TrainerState, eval_file
 from pipeline.stream import StreamError, make_loader
 from pipeline.train_logs import MetricsLog, SampleKeysLog, TrainingError, write_error
-from pipeline.window import AudioWindow
+from pipeline.window import AudioWindow, loses_audio
 from shard_tools.fileio import write_json
 
 log = logging.getLogger("train_stream")
@@ -322,7 +322,8 @@ def train_step(model, batch: dict, accelerator: Accelerator, stats: torch.Tensor
     stats[STATS.index("bad")] += (~torch.isfinite(loss)).double()
     stats[STATS.index("tokens")] += tokens
     stats[STATS.index("samples")] += len(batch["is_pad"]) - int(batch["is_pad"].sum())  # on the host: no sync
-    stats[STATS.index("cut")] += int((batch["frames"] > window.frames(batch["input_features"].shape[-1])).sum())
+    cut = loses_audio(batch["frames"], window.frames(batch["input_features"].shape[-1]))  # [B], on the host
+    stats[STATS.index("cut")] += int(cut.sum())
 
 
 class Stepped(NamedTuple):

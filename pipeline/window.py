@@ -7,12 +7,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shard_tools.shard_format import CHUNK_LENGTH, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from shard_tools.shard_format import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, SAMPLE_RATE
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 log-mel frames per second of audio
 FRAMES_PER_POSITION = 2  # conv2's stride: one encoder position per two frames
 WINDOWS = ("full", "fit")  # or a number of seconds: a fixed window
 DEFAULT_STEP_SECONDS = 5.0
+# A clip of s seconds has s x 100 + 2 valid frames: the centred STFT's last two frames are centred on
+# its end and 10 ms after it, and see only up to 12.5 ms of it. A window of W seconds holds W x 100
+# frames, as Whisper's 30-s window holds 3,000 of a 30-s clip's 3,001: those edge frames are left out
+# of the rounding (a 10-s clip fits a 10-s window) and are not counted as cut.
+EDGE_FRAMES = math.ceil(N_FFT / 2 / HOP_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -51,14 +56,21 @@ class AudioWindow:
 
     def frames(self, longest: int) -> int:
         """The window, in frames, for a batch whose longest clip has ``longest`` valid frames: even
-        (whole encoder positions), at least one step (fit) and at most ``N_FRAMES``."""
+        (whole encoder positions), at least one step (fit; the clip's two edge frames left out) and
+        at most ``N_FRAMES``."""
         if self.mode == "full":
             return N_FRAMES
         if self.mode == "fixed":
             return min(N_FRAMES, _even(self.seconds * FRAMES_PER_SECOND))
         step = _even(self.step_seconds * FRAMES_PER_SECOND)
-        return min(N_FRAMES, max(1, math.ceil(longest / step)) * step)
+        return min(N_FRAMES, max(1, math.ceil((longest - EDGE_FRAMES) / step)) * step)
 
 
 def _even(frames: float) -> int:
     return FRAMES_PER_POSITION * max(1, math.ceil(round(frames, 6) / FRAMES_PER_POSITION))
+
+
+def loses_audio(frames, window: int):
+    """Whether a clip of ``frames`` valid frames (an int, or a tensor of them) is cut by a ``window``
+    of frames: more than its edge frames fall outside."""
+    return frames > window + EDGE_FRAMES

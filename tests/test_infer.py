@@ -523,7 +523,7 @@ def test_the_window_recorded_with_a_model_is_followed_and_audio_window_overrides
     keys, features, _ = read_shards(shards)
     frames = {k: f.shape[-1] - int((f.flip(-1) == f[:, -1:]).all(0).int().cumprod(0).sum()) for k, f in
               zip(keys, features)}  # valid frames: before the trailing columns of the clip's pad value
-    window = {k: -(-n // 10) * 10 for k, n in frames.items()}
+    window = {k: AudioWindow.parse("fit", 0.1).frames(n) for k, n in frames.items()}  # 5-11 frames: 10, or 20 for 13+
     want = {k: reference_captions(fit_dir, f[None, :, :window[k]], max_new_tokens=MAX_NEW)[0]
             for k, f in zip(keys, features)}
     widths.clear()
@@ -539,10 +539,10 @@ def test_the_window_recorded_with_a_model_is_followed_and_audio_window_overrides
                "full", "--num-dataloader-workers", 0, "--max-new-tokens", MAX_NEW, "--output", full) == 0
     assert_rows_match(read_jsonl(full), expected)
     cut = tmp_path / "cut.jsonl"
-    assert run("--model-name", fit_dir, "--shards", Path(shards[0]).parent, "--audio-window", "0.1",
+    assert run("--model-name", fit_dir, "--shards", Path(shards[0]).parent, "--audio-window", "0.04",
                "--num-dataloader-workers", 0, "--max-new-tokens", MAX_NEW, "--output", cut) == 0
-    longer = sum(n > 10 for n in frames.values())  # 5-11 frames: one clip
-    assert longer and f"{longer} clips longer than the 0.1 s audio window were cut to it" in capsys.readouterr().err
+    longer = sum(n > 4 + 2 for n in frames.values())  # beyond the window and a clip's 2 edge frames
+    assert longer and f"{longer} clips longer than the 0.04 s audio window were cut to it" in capsys.readouterr().err
 
 
 def test_an_audio_window_outside_whispers_is_refused(capsys):

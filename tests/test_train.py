@@ -1158,7 +1158,7 @@ def test_a_fit_window_trains_and_evaluates_on_its_frames_and_is_recorded_with_th
                                       "++trainer_config.generation_max_new_tokens=4")) == 0
     assert widths and all(w % 10 == 0 and w < 3000 for w in widths)  # 5-40 frames: windows of 10-40
     batch, tok = batches[0], load_processor("tiny").tokenizer
-    window = -(-batch["input_features"].shape[-1] // 10) * 10
+    window = AudioWindow.parse("fit", 0.1).frames(batch["input_features"].shape[-1])
     set_seed(load_config().trainer_config.seed)
     logits = load_model("tiny")(input_features=expand_features(batch, window).float(),
                                 decoder_input_ids=batch["decoder_input_ids"]).logits
@@ -1170,11 +1170,12 @@ def test_a_fit_window_trains_and_evaluates_on_its_frames_and_is_recorded_with_th
     rows = {r["key"]: r["prediction"] for r in json.loads((out / "eval" / "step-1.json").read_text())}
     val = next(iter(make_loader(shards[1], tok, batch_size=5, train=False)))
     with torch.no_grad():
-        encoded = final.get_encoder()(expand_features(val, -(-val["input_features"].shape[-1] // 10) * 10).float())
+        window = recorded_window(final).frames(val["input_features"].shape[-1])
+        encoded = final.get_encoder()(expand_features(val, window).float())
         ids = final.generate(encoder_outputs=encoded, max_new_tokens=4, language=LANGUAGE, task=TASK, do_sample=False)
     assert rows == {k: t.strip() for k, t in zip(val["keys"], tok.batch_decode(ids, skip_special_tokens=True))}
 
     cut = tmp_path / "cut"
-    assert train_stream.main(run_args(cut, shards[0], "trainer_config.max_steps=2", "model_config.audio_window=0.04")) == 0
+    assert train_stream.main(run_args(cut, shards[0], "trainer_config.max_steps=2", "model_config.audio_window=0.02")) == 0
     lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert sum(m.get("cut", 0) for m in lines if m["prefix"] == "train") > 0  # clips of 5-40 frames cut to 4
+    assert sum(m.get("cut", 0) for m in lines if m["prefix"] == "train") > 0  # clips of 5-40 frames in 2

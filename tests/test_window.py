@@ -60,14 +60,28 @@ def test_the_fitted_encoder_trains_and_refuses_odd_or_overlong_windows(tiny_pair
 
 
 @pytest.mark.parametrize("value, longest, frames", [
-    ("full", 10, N_FRAMES), ("fit", 1, 500), ("fit", 500, 500), ("fit", 501, 1000), ("fit", 2999, N_FRAMES),
+    ("full", 10, N_FRAMES), ("fit", 1, 500), ("fit", 502, 500), ("fit", 503, 1000), ("fit", 2999, N_FRAMES),
     ("FIT", 3000, N_FRAMES), (10, 2999, 1000), ("7.5", 1, 750), (0.015, 1, 2), (30, 1, N_FRAMES)])
 def test_the_window_policy_picks_even_frames_within_whispers_window(value, longest, frames):
     assert AudioWindow.parse(value).frames(longest) == frames
 
 
+@pytest.mark.parametrize("seconds", [1, 2.5, 10, 25])
+def test_a_clip_of_whole_steps_fits_a_window_of_as_many_seconds_and_loses_nothing(seconds):
+    """A clip of s seconds has s x 100 + 2 valid frames (the packer's own count): a fit window of s
+    seconds holds it without a cut, as Whisper's 30-s window holds a 30-s clip."""
+    from pipeline.window import loses_audio
+    from shard_tools.features import valid_frames
+
+    frames = valid_frames(round(seconds * 16000))
+    window = AudioWindow.parse("fit", step_seconds=seconds).frames(frames)
+    assert window == min(N_FRAMES, 2 * -(-round(seconds * 100) // 2)) and not loses_audio(frames, window)
+    assert loses_audio(frames + 1, window) and AudioWindow.parse("fit", seconds).frames(frames + 1) > window
+
+
 def test_a_window_step_rounds_fit_windows_and_records_its_policy():
-    assert AudioWindow.parse("fit", step_seconds=2).frames(201) == 400
+    assert AudioWindow.parse("fit", step_seconds=2).frames(202) == 200
+    assert AudioWindow.parse("fit", step_seconds=2).frames(203) == 400
     assert AudioWindow.parse("fit", step_seconds=0.33).frames(1) == 34  # 33 frames rounded up to whole positions
     assert [AudioWindow.parse(v).record() for v in ("full", "fit", "12")] == ["full", "fit", 12.0]
 
