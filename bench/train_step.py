@@ -99,7 +99,6 @@ def check_window(spec: str) -> str:
 def build_run(shards: str, batch_size: int, workers: int, bf16: bool, model_dims: str, window: str = FULL):
     """Config, accelerator, model, optimizer and training loader exactly as ``prepare_run`` makes them,
     except that ``--model-dims whisper-base/-small`` swaps in a random-weight model of that size."""
-    import torch
     from accelerate.utils import set_seed
 
     import train_stream as ts
