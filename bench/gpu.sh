@@ -12,6 +12,10 @@
 #              decoder vs HF generate (dynamic cache, and static cache, which HF compiles on a GPU) vs
 #              the encoder alone, end to end and on the same batches; the seed's float32 loop too
 #   infer256   the same at batch 256, without the seed's loop (its float32 batch costs minutes)
+#   window     issue 23: bench/train_step.py on 10-s clips, whisper-small dims, bf16, batch 32, encoder
+#              windows full, fit (5-s steps: a 10-s clip's 1,002 frames take 15 s) and fit:1 side by side
+#   window-infer  bench/infer.py on the same clips: infer_stream.py --shards --audio-window full / fit /
+#              fit (1-s step), batch 64, 30 tokens, captions compared with the plain --shards row's
 #   bash bench/gpu.sh --cpu      the same parts, small and on the CPU, to know the script runs.
 # Each part runs under `timeout` (GPU_PART_TIMEOUT, default 480 s: with the install and the corpus, one
 # part fits one 600-s device command) in its own process and writes its table to $GPU_BENCH_TABLES
@@ -23,7 +27,7 @@
 # that reaches none; without one, scripts/install.sh (keeps the machine's torch when it meets setup.cfg).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=(tests tiny small handover train infer64 infer256)
+PARTS=(tests tiny small handover train infer64 infer256 window window-infer)
 mode=gpu parts=() inner=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -53,6 +57,9 @@ if [ "$mode" = --cpu ]; then  # whisper-small dims cost ~1 min a row on 2 cores:
   handover=(--batch-size 8 --batches 4 --repeats 1 --step-ms 50)
   decode=(--device cpu --model-dims tiny --max-new-tokens 5 --workers 0 --decode-batches 1); infer64=(--batch-size 8)
   infer256=(--batch-size 16 --no-seed)
+  # tiny sizes: the window parts only show that they run here
+  window=(--model-dims tiny --clips 8 --batch-size 4 --steps 1 --warmup 1)
+  window_infer=(--model-dims tiny --clips 8 --batch-size 4 --max-new-tokens 5 --workers 0)
 else
   device=(--device cuda --bf16 --peak-tflops 989); clips=1024
   small=(--batch-size 32 --workers 0 2 4 --seed-workers 4)
@@ -61,7 +68,10 @@ else
   handover=(--batch-size 64 --device cuda)
   decode=(--device cuda --model-dims whisper-small --max-new-tokens 30 --workers 4 --decode-batches 4)
   infer64=(--batch-size 64); infer256=(--batch-size 256 --no-seed)
+  window=(--model-dims whisper-small --clips 256 --batch-size 32 --steps 20 --warmup 5)
+  window_infer=(--model-dims whisper-small --clips 256 --batch-size 64 --max-new-tokens 30 --workers 4)
 fi
+windows=(--audio-window full fit fit:1)
 shards=$work/data/shards/train
 
 run_part() {  # the body of part $1, its tables in $tables/$1.md (tee: written as the rows come)
@@ -94,6 +104,13 @@ run_part() {  # the body of part $1, its tables in $tables/$1.md (tee: written a
         --output "$work/preds.jsonl" --metrics bleu "${infer[@]}" | tail -4
       echo "| infer_stream.py (${infer[*]}) | $(( $(date +%s) - t0 )) s, $(wc -l < "$work/preds.jsonl") captions |" \
         | tee -a "$tables/train.md" ;;
+    window)  # its 10-s clips in $work/data/clips-10s, which window-infer reads too
+      python3 bench/train_step.py --data "$work/data" --clip-seconds 10 --workers "${device[@]}" "${window[@]}" \
+        "${windows[@]}" | tee "$tables/window.md" ;;
+    window-infer)
+      python3 bench/infer.py --data "$work/data/clips-10s" --min-seconds 10 --max-seconds 10 --rounds 1 \
+        --only-windows "${device[0]}" "${device[1]}" "${window_infer[@]}" "${windows[@]}" \
+        | tee "$tables/window-infer.md" ;;
     infer64|infer256)
       local -n opts=$1
       python3 bench/infer.py --data "$work/data" --clips "$clips" --rounds 1 "${decode[@]}" "${opts[@]}" \
@@ -153,6 +170,8 @@ rows() { [ -f "$tables/$2.md" ] && grep -E "$1" "$tables/$2.md" || true; }  # a 
   done
   rows '^loader time' handover | sed 's/^/| handover | /; s/$/ |/'
   rows '^\| ' train
+  rows '^\| (in-memory|streamed)' window | sed "s/^| /| window: /"
+  rows '^\| infer_stream' window-infer | sed "s/^| /| window-infer: /"
   for name in infer64 infer256; do
     rows '^\| (seed|infer_stream|encoder only|generate_captions|HF generate)' "$name" | sed "s/^| /| $name: /"
     rows '^(static vs HF|HF generate)' "$name" | sed "s/^/| $name | /; s/$/ |/"

@@ -4,6 +4,7 @@ against HF ``generate`` on the same batches, same clips and model, one run.
     python bench/infer.py [--clips 200] [--batch-size 16] [--workers 2] [--max-new-tokens 30] [--rounds 3]
                           [--data DIR]
     python bench/infer.py --device cuda --model-dims whisper-small --batch-size 64 [--decode-batches 8]
+    python bench/infer.py --min-seconds 10 --max-seconds 10 --audio-window full fit [--only-windows] [--baseline REV]
 
 End-to-end rows, each in a fresh process, all over the same generated corpus (wav/flac/ogg/mp3,
 16-48 kHz, mono and stereo), the same model, greedy decoding with the same ``max_new_tokens``,
@@ -29,8 +30,17 @@ cost 70 s of warm-up for the tiny model on 2 cores and gave no gain. Token ids c
 Every caption is exactly ``max_new_tokens`` long in every row: the end token is added to the model's
 ``suppress_tokens`` (random models rarely end a caption, but may), so decoding costs the same per clip
 (timestamp tokens are suppressed for every captioning model: ``caption_generation_config``).
-Models: ``tiny`` is the built-in model; ``--model-dims whisper-small`` saves random weights with
-openai/whisper-small's dimensions (``bench.train_step.WHISPER_SMALL``) as a checkpoint in the work folder.
+Encoder windows: each ``--audio-window`` value adds the row ``infer_stream.py --shards --audio-window
+W`` (static decoder); ``fit:STEP`` runs ``--audio-window fit`` on a copy of the model that records
+``audio_window_step`` STEP (inference takes the step recorded with the model). The "vs full window"
+column divides by the ``full`` row (else the plain ``--shards`` row), and each window row's captions
+are compared with the plain ``--shards`` row's (the model records ``full``): the share of equal
+captions, 1.0000 where nothing changed. ``--baseline REV`` adds REV's own ``infer_stream.py
+--shards`` (e.g. the code before encoder windows), its captions compared the same way.
+``--only-windows`` leaves out the seed, ``--decoder hf``, ``--audio`` and decoding rows.
+Models: ``tiny`` is the built-in model; ``--model-dims whisper-base``/``whisper-small`` save random
+weights with openai/whisper-base's or whisper-small's dimensions (``bench.train_step.MODEL_DIMS``) as a
+checkpoint in the work folder.
 The rows run interleaved for ``--rounds`` rounds; the table gives the best and the median, since on a
 shared machine one row can land in a busy spell (we saw the same command take 10 s and 34 s).
 Every row runs with ``--threads`` torch threads (default 1): on 2 cores shared with other work, two
@@ -53,6 +63,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.train_step import FULL, MODEL_DIMS, check_window  # noqa: E402  (after the path: run as a script)
 
 ROWS = ("seed: DataLoader(librosa.load + WhisperFeatureExtractor) + generate",
         "infer_stream.py --shards --decoder hf (packed log-mel, HF generate)",
@@ -132,43 +144,54 @@ def decode_rows(model_name: str, device: str, fp32: bool, batch_size: int, batch
             "static_cache_graphs": int(counters["stats"]["unique_graphs"])}
 
 
-def forced_length_model(model_name: str, model_dims: str, data: Path) -> str:
+def forced_length_model(model_name: str, model_dims: str, data: Path, step: str = "") -> str:
     """A checkpoint that never ends a caption early (the end token suppressed): the built-in tiny
-    model's weights or random whisper-small-dims weights, saved once in ``data``."""
-    folder = data / f"model-{model_dims}-forced-v2"
+    model's weights or random whisper-base/-small-dims weights, saved once in ``data``; ``step``:
+    recording a fit window of that many seconds a step (else the default, full)."""
+    folder = data / (f"model-{model_dims}-forced-v2" + (f"-fit-step-{step}" if step else ""))
     if (folder / "config.json").exists():
         return str(folder)
     import torch
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from bench.train_step import WHISPER_SMALL
+    from bench.train_step import MODEL_DIMS, dims_model
     from pipeline.model import caption_generation_config, load_model, load_processor, save_model
+    from pipeline.window import AudioWindow
 
     processor = load_processor(model_name)
     tid = processor.tokenizer.convert_tokens_to_ids
-    if model_dims == "whisper-small":
-        eot = tid("<|endoftext|>")
+    if model_dims in MODEL_DIMS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = WhisperForConditionalGeneration(WhisperConfig(
-                **WHISPER_SMALL, decoder_start_token_id=tid("<|startoftranscript|>"), pad_token_id=eot,
-                bos_token_id=eot, eos_token_id=eot))
+            model = dims_model(model_dims, processor.tokenizer)
         model.generation_config = caption_generation_config(processor.tokenizer, model.generation_config)
     else:
         model = load_model(model_name, processor)
     # the end token too (timestamp tokens already are, by caption_generation_config)
     gen = model.generation_config
     gen.suppress_tokens = sorted({*gen.suppress_tokens, tid("<|endoftext|>")})
-    save_model(model, processor, folder)
+    save_model(model, processor, folder, window=AudioWindow.parse("fit", float(step)) if step else AudioWindow())
     return str(folder)
 
 
+def window_row(spec: str) -> str:
+    window, _, step = spec.partition(":")
+    return f"infer_stream.py --shards --audio-window {window}" + (f" (model recording a {step}-s step)" if step else "")
+
+
+def captions(path: Path) -> dict[str, str]:
+    """Each clip's caption in an ``infer_stream.py --output`` file."""
+    from pipeline.predictions import read_rows
+
+    return {row["key"]: row["pred_caption"] for row in read_rows(path)}
+
+
 def infer_stream_row(source: list[str], out: Path, env: dict, model: str, batch_size: int, workers: int,
-                     max_new_tokens: int, extra: tuple[str, ...] = ()) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "infer_stream.py"), "--model_name", model, *source,
+                     max_new_tokens: int, extra: tuple[str, ...] = (), root: Path = ROOT) -> dict:
+    """``root``: the tree whose ``infer_stream.py`` runs (another revision's for ``--baseline``)."""
+    proc = subprocess.run([sys.executable, str(root / "infer_stream.py"), "--model_name", model, *source,
                            "--batch_size", str(batch_size), "--num_dataloader_workers", str(workers),
                            "--max_new_tokens", str(max_new_tokens), "--output", str(out), "--metrics", "bleu", *extra],
-                          cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+                          cwd=root, env={**env, "PYTHONPATH": str(root)}, check=True, capture_output=True, text=True)
     clips, seconds, _ = FINAL_LINE.findall(proc.stdout)[-1]
     return {"clips": int(clips), "seconds": float(seconds)}
 
@@ -185,11 +208,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in every row (OMP_NUM_THREADS)")
     parser.add_argument("--data", type=Path, help="work folder to reuse (corpus/ and shards/)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every row runs")
-    parser.add_argument("--model-dims", choices=("tiny", "whisper-small"), default="tiny")
+    parser.add_argument("--model-dims", choices=("tiny", *MODEL_DIMS), default="tiny")
     parser.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default there: bfloat16)")
     parser.add_argument("--decode-batches", type=int, default=4, help="timed batches of the decoding rows")
     parser.add_argument("--seed", action=argparse.BooleanOptionalAction, default=True,
                         help="the seed's row (--no-seed: left out, e.g. where its float32 batch would not fit)")
+    parser.add_argument("--audio-window", type=check_window, nargs="+", default=[], metavar="W",
+                        help="a row per value: infer_stream.py --shards --audio-window W (full, fit, seconds, "
+                             "fit:STEP)")
+    parser.add_argument("--only-windows", action="store_true",
+                        help="only the plain --shards row, the --audio-window rows and --baseline's")
+    parser.add_argument("--baseline", help="git revision whose infer_stream.py --shards adds a row (e.g. main)")
     parser.add_argument("--seed-row", action="store_true", help=argparse.SUPPRESS)  # child process
     parser.add_argument("--decode-rows", action="store_true", help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model", help=argparse.SUPPRESS)  # child process: the checkpoint
@@ -212,32 +241,50 @@ def main() -> None:
     if not (data / "shards" / "train" / "index.json").exists():
         subprocess.run([sys.executable, "-m", "shard_tools.pack", str(data / "corpus"), "--out", str(data / "shards")],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    model = forced_length_model("tiny", args.model_dims, data)
+    models = {step: forced_length_model("tiny", args.model_dims, data, step)
+              for step in {"", *(spec.partition(":")[2] for spec in args.audio_window)}}
+    baseline = None
+    if args.baseline:
+        from bench.baseline import checkout
+
+        baseline = checkout(args.baseline)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    paths = ROWS if args.seed else ROWS[1:]
-    rows = {name: [] for name in paths + DECODE_ROWS}
+    paths = ([ROWS[2]] if args.only_windows else list(ROWS if args.seed else ROWS[1:]))
+    paths += [window_row(spec) for spec in args.audio_window] + ([baseline_row(args.baseline)] if baseline else [])
+    rows = {name: [] for name in paths + ([] if args.only_windows else list(DECODE_ROWS))}
+    agree = {}  # row: share of its captions equal to the plain --shards row's, the lowest over rounds
     identical, same_tokens, cached_same, graphs = [], [], [], 0
     for _ in range(args.rounds):  # rows interleaved, so a busy spell on the machine hits all of them
-        seconds, same, decoded = one_round(data, model, args)
+        seconds, same, decoded, shares = one_round(data, models, baseline, args)
         for name, value in seconds.items():
             rows[name].append(value)
-        identical += [same, decoded["identical"]]
-        same_tokens.append(decoded["same_tokens"])
-        cached_same.append(decoded["static_cache_same_tokens"])
-        graphs = max(graphs, decoded["static_cache_graphs"])
+        for name, share in shares.items():
+            agree[name] = min(share, agree.get(name, 1.0))
+        if decoded:
+            identical += [same, decoded["identical"]]
+            same_tokens.append(decoded["same_tokens"])
+            cached_same.append(decoded["static_cache_same_tokens"])
+            graphs = max(graphs, decoded["static_cache_graphs"])
 
     dtype = "bfloat16" if args.device == "cuda" and not args.fp32 else "float32"
     print(f"\n{args.clips} clips, model {args.model_dims} (random weights, every caption {args.max_new_tokens} "
           f"tokens), greedy, batch {args.batch_size}, {args.workers} DataLoader workers, device {args.device} "
           f"({dtype} in infer_stream.py and the decoding rows), {os.cpu_count()} cores, torch threads "
           f"{args.threads}, best and median of {args.rounds} interleaved rounds; load average before: {load}\n")
-    print(f"| path | best s | clips/s (best) | clips/s (median) | vs {paths[0].split(':')[0]} (best) |\n"
-          f"|---|---|---|---|---|")
+    windows = bool(args.audio_window or baseline)
+    print(f"| path | best s | clips/s (best) | clips/s (median) | vs {paths[0].split(':')[0]} (best) |"
+          + (" vs full window (best) | captions equal to --shards's |\n|---|---|---|---|---|---|---|" if windows
+             else "\n|---|---|---|---|---|"))
     first_best = min(rows[paths[0]])
+    full_best = min(rows[window_row(FULL)] if FULL in args.audio_window else rows[ROWS[2]])
     for name in paths:
         best, median = min(rows[name]), statistics.median(rows[name])
         print(f"| {name} | {best:.1f} | {args.clips / best:.1f} | {args.clips / median:.1f} "
-              f"| {first_best / best:.2f}x |")
+              f"| {first_best / best:.2f}x |" + (f" {full_best / best:.2f}x | {agreement(name, agree)} |"
+                                                 if windows else ""))
+    if args.only_windows:
+        print(f"(work folder: {data})")
+        return
     decode_clips = args.batch_size * args.decode_batches
     print(f"\nDecoding the same {args.decode_batches} batches of {args.batch_size} (in one process):\n")
     print("| path | best s | clips/s (best) | clips/s (median) | vs generate_captions hf (best) |\n"
@@ -256,9 +303,22 @@ def main() -> None:
     print(f"(work folder: {data})")
 
 
-def one_round(data: Path, model: str, args) -> tuple[dict, bool, dict]:
-    """``(seconds per row, --shards predictions identical, the decoding rows' result)``, each row
-    (the decoding rows together) in a fresh process."""
+def agreement(name: str, agree: dict[str, float]) -> str:
+    if name == ROWS[2]:
+        return "(the reference)"
+    return f"{agree[name]:.4f}" if name in agree else "-"
+
+
+def baseline_row(rev: str) -> str:
+    return f"infer_stream.py --shards ({rev})"
+
+
+def one_round(data: Path, models: dict[str, str], baseline: Path | None,
+              args) -> tuple[dict, bool | None, dict | None, dict]:
+    """``(seconds per row, --shards predictions identical, the decoding rows' result, each window and
+    baseline row's share of captions equal to the plain --shards row's)``, each row (the decoding rows
+    together) in a fresh process; ``--only-windows``: no comparison of decoders, no decoding rows."""
+    model = models[""]
     common = (model, args.batch_size, args.workers, args.max_new_tokens)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if args.device == "cpu":
@@ -266,25 +326,43 @@ def one_round(data: Path, model: str, args) -> tuple[dict, bool, dict]:
     child = [sys.executable, __file__, "--data", str(data), "--model", model, "--device", args.device,
              "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--max-new-tokens",
              str(args.max_new_tokens), "--decode-batches", str(args.decode_batches)] + (["--fp32"] if args.fp32 else [])
-    results = []
-    if args.seed:
+    results = {}
+    if args.seed and not args.only_windows:
         seed = subprocess.run(child + ["--seed-row"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-        results.append(json.loads(seed.stdout.strip().splitlines()[-1]))
+        results[ROWS[0]] = json.loads(seed.stdout.strip().splitlines()[-1])
     shards = ["--shards", str(data / "shards" / "train")]
     precision = ("--fp32",) if args.fp32 else ()
-    results += [infer_stream_row(shards, data / "shards-hf.jsonl", env, *common, ("--decoder", "hf", *precision)),
-                infer_stream_row(shards, data / "shards.jsonl", env, *common, precision),
-                infer_stream_row(["--audio", str(data / "corpus" / "train")], data / "audio.jsonl", env, *common,
-                                 precision)]
-    for result in results:
+    if not args.only_windows:
+        results[ROWS[1]] = infer_stream_row(shards, data / "shards-hf.jsonl", env, *common,
+                                            ("--decoder", "hf", *precision))
+    results[ROWS[2]] = infer_stream_row(shards, data / "shards.jsonl", env, *common, precision)
+    if not args.only_windows:
+        results[ROWS[3]] = infer_stream_row(["--audio", str(data / "corpus" / "train")], data / "audio.jsonl", env,
+                                            *common, precision)
+    outputs = {}  # row: its predictions file, compared with the plain --shards row's
+    for number, spec in enumerate(args.audio_window):
+        window, _, step = spec.partition(":")
+        outputs[window_row(spec)] = data / f"shards-window-{number}.jsonl"
+        results[window_row(spec)] = infer_stream_row(shards, outputs[window_row(spec)], env, models[step],
+                                                     *common[1:], ("--audio-window", window, *precision))
+    if baseline:
+        outputs[baseline_row(args.baseline)] = data / "shards-baseline.jsonl"
+        results[baseline_row(args.baseline)] = infer_stream_row(shards, outputs[baseline_row(args.baseline)], env,
+                                                                *common, precision, root=baseline)
+    for name, result in results.items():
         if result["clips"] != args.clips:
-            raise RuntimeError(f"a row captioned {result['clips']} clips, not {args.clips}: {result}")
+            raise RuntimeError(f"{name} captioned {result['clips']} clips, not {args.clips}: {result}")
+    reference = captions(data / "shards.jsonl")
+    shares = {name: sum(reference[key] == caption for key, caption in captions(path).items()) / len(reference)
+              for name, path in outputs.items()}
+    seconds = {name: result["seconds"] for name, result in results.items()}
+    if args.only_windows:
+        return seconds, None, None, shares
     same = (data / "shards-hf.jsonl").read_text() == (data / "shards.jsonl").read_text()
     # stderr passes through: each decoding row's time shows as it ends, kept if a later one runs out of time
     decode = subprocess.run(child + ["--decode-rows"], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True)
     decoded = json.loads(decode.stdout.strip().splitlines()[-1])
-    seconds = {name: result["seconds"] for name, result in zip(ROWS if args.seed else ROWS[1:], results)}
-    return seconds | decoded["seconds"], same, decoded
+    return seconds | decoded["seconds"], same, decoded, shares
 
 
 if __name__ == "__main__":
