@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what the encoder sees: full (Whisper's 30 s), fit (each batch's longest clip rounded "
                              "up to the model's window step) or seconds (a fixed window, longer clips cut). "
                              "Default: the window recorded with the model by train_stream.py; else full")
+    parser.add_argument("--bucket-pool-batches", dest="bucket_pool_batches", type=int, default=8,
+                        help="--shards: group clips of like lengths into batches, in pools of this many batches "
+                             "(a fit window then pads less); 0: the stream's order")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (the default on a GPU)")
     precision.add_argument("--fp32", action="store_true", help="run the model in float32 on a GPU too")
@@ -84,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--metrics: unknown group(s) {sorted(unknown)}; choose from {','.join(metrics.GROUPS)}")
     for option, value, least in (("--batch-size", args.batch_size, 1), ("--num-beams", args.num_beams, 1),
                                  ("--max-new-tokens", args.max_new_tokens, 1),
-                                 ("--num-dataloader-workers", args.num_dataloader_workers, 0)):
+                                 ("--num-dataloader-workers", args.num_dataloader_workers, 0),
+                                 ("--bucket-pool-batches", args.bucket_pool_batches, 0)):
         if value is not None and value < least:
             parser.error(f"{option} {value}: must be at least {least}")
     if args.audio_window is not None:
@@ -347,7 +351,7 @@ def make_batches(args, processor, accelerator, n_mels: int):
     pin = device.type == "cuda"
     if args.shards:
         settings = DataSettings(batch_size=args.batch_size, train=False, num_workers=args.num_dataloader_workers,
-                                pin_memory=pin)
+                                pin_memory=pin, bucket_pool_batches=args.bucket_pool_batches)
         loader = make_loader(args.shards, processor.tokenizer, settings, rank=rank, world_size=world, device=device)
         if loader.dataset.n_mels not in (None, n_mels):
             raise StreamError(mel_mismatch(loader.dataset.n_mels, n_mels, args))

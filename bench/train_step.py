@@ -79,20 +79,26 @@ FULL = "full"
 
 
 def window_overrides(spec: str) -> list[str]:
-    """The config overrides of an ``--audio-window`` value: ``full``, ``fit``, seconds, ``fit:STEP``."""
+    """The config overrides of an ``--audio-window`` value: ``full``, ``fit``, seconds, ``fit:STEP``,
+    each optionally with ``+bN``: length bucketing in pools of N batches (``data_config.bucket_pool_batches``)."""
+    spec, _, pools = spec.partition("+b")
     window, _, step = spec.partition(":")
-    return [f"model_config.audio_window={window}"] + ([f"model_config.audio_window_step={step}"] if step else [])
+    return ([f"model_config.audio_window={window}"] + ([f"model_config.audio_window_step={step}"] if step else [])
+            + ([f"data_config.bucket_pool_batches={pools}"] if pools else []))
 
 
 def check_window(spec: str) -> str:
     """argparse type: the value if ``AudioWindow.parse`` takes it, else the option and the reason."""
     from pipeline.window import AudioWindow
 
-    window, _, step = spec.partition(":")
+    window, _, pools = spec.partition("+b")
+    window, _, step = window.partition(":")
     try:
         AudioWindow.parse(window, *([float(step)] if step else []))
+        if pools and int(pools) < 1:
+            raise ValueError(f"+b{pools}: pools of at least 1 batch")
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{spec!r}: {error} (a fit step: fit:SECONDS)") from None
+        raise argparse.ArgumentTypeError(f"{spec!r}: {error} (a fit step: fit:SECONDS; bucketing: +bN)") from None
     return spec
 
 
@@ -346,7 +352,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1],
                         help="streamed rows' loader workers (none: the in-memory rows only)")
     parser.add_argument("--audio-window", type=check_window, nargs="+", default=[FULL], metavar="W",
-                        help="each value's rows: full, fit, seconds, or fit:STEP (model_config.audio_window[_step])")
+                        help="each value's rows: full, fit, seconds, or fit:STEP (model_config.audio_window[_step]), "
+                             "each with an optional +bN: length bucketing in pools of N batches")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model-dims", choices=("tiny", *MODEL_DIMS), default="tiny")
     parser.add_argument("--bf16", action="store_true", help="trainer_config.bf16=true (mixed precision)")

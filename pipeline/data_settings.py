@@ -90,8 +90,8 @@ class DataSettings:
     persistent_workers: bool = False
     shuffle_buffer: int = key(500, "samples held for shuffling within a worker's shards")
     interleave: int = 4  # cursors a training worker reads its range with
-    bucket_pool_batches: int = key(0, "length bucketing (training): pools of this many batches, each sorted by clip "
-                                   "length, cut into batches and those shuffled (0: off)")
+    bucket_pool_batches: int = key(0, "length bucketing (training and evaluation): pools of this many batches, "
+                                   "each sorted by clip length, cut into batches and those shuffled (0: off)")
     on_error: str = key("skip", f"{' | '.join(ON_ERROR)}: what a damaged shard or sample does")
     max_skip_fraction: float = key(0.05, "more skipped samples than this fraction of the plan stops the run")
     verify: bool = key(False, "check local shards against index.json's sha256 first")

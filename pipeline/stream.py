@@ -74,7 +74,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.train, self.seed = settings.batch_size, settings.train, settings.seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.interleave = settings.shuffle_buffer, settings.interleave
-        self.bucket_pool_batches = settings.bucket_pool_batches if settings.train else 0  # evaluation keeps its order
+        self.bucket_pool_batches = settings.bucket_pool_batches  # evaluation too: its rows are keyed, not ordered
         self.on_error, self.verify, self.n_mels = settings.on_error, settings.verify, n_mels
         self.retry = settings.retry
         self._extra = 0  # samples found beyond a shard's index count since the last batch

@@ -862,7 +862,7 @@ def test_bucketing_keeps_every_sample_once_with_equal_batches_and_narrows_the_ba
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_bucketed_batches_are_the_plan_whatever_the_workers_do(tmp_path, tiny_processor, workers):
     """The real DataLoader with 0, 1 or 2 workers hands out the simulated plan (0 and 1 worker the same
-    sequence: one logical worker), and evaluation ignores bucketing (its order stays)."""
+    sequence: one logical worker); evaluation buckets too, each sample once in narrower batches."""
     paths = write_mel_shards(tmp_path / "train", [9, 4, 13, 6])
     settings = {"batch_size": 3, "bucket_pool_batches": 3, "seed": 2}
     real = loader(paths, tiny_processor, num_workers=workers, **settings)
@@ -871,8 +871,14 @@ def test_bucketed_batches_are_the_plan_whatever_the_workers_do(tmp_path, tiny_pr
     if workers < 2:
         assert got == [b["keys"] for b in loader(paths, tiny_processor, num_workers=1 - workers, **settings)]
     evaluation = {"train": False, "num_workers": workers, "batch_size": 3}
-    ordered = [b["keys"] for b in loader(paths, tiny_processor, bucket_pool_batches=3, **evaluation)]
-    assert ordered == [b["keys"] for b in loader(paths, tiny_processor, **evaluation)]
+    wrapping = write_mel_shards(tmp_path / "eval", [25, 25])  # 5-40 frames, then 5-18: not sorted already
+    evaluation["batch_size"] = 5  # a plain batch across the wrap holds 40, 5, 6, 7 and 8 frames
+    pooled = list(loader(wrapping, tiny_processor, bucket_pool_batches=3, **evaluation))
+    plain = list(loader(wrapping, tiny_processor, **evaluation))
+    assert sorted(real_keys(b) for b in pooled) != sorted(real_keys(b) for b in plain)  # other batches,
+    assert sorted(k for b in pooled for k in real_keys(b)) == sorted(tar_keys(wrapping))  # each sample once
+    spread = [int(b["frames"][~b["is_pad"]].max() - b["frames"][~b["is_pad"]].min()) for b in pooled]
+    assert sum(spread) < sum(int(b["frames"][~b["is_pad"]].max() - b["frames"][~b["is_pad"]].min()) for b in plain)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
