@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "up to the model's window step) or seconds (a fixed window, longer clips cut). "
                              "Default: the window recorded with the model by train_stream.py; else full")
     parser.add_argument("--bucket-pool-batches", dest="bucket_pool_batches", type=int, default=8,
-                        help="--shards: group clips of like lengths into batches, in pools of this many batches "
-                             "(a fit window then pads less); 0: the stream's order")
+                        help="group clips of like lengths into batches (a fit window then pads less): --shards in "
+                             "pools of this many batches, --audio files sorted by duration; 0: the inputs' order")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (the default on a GPU)")
     precision.add_argument("--fp32", action="store_true", help="run the model in float32 on a GPU too")
@@ -107,6 +107,7 @@ if __name__ == "__main__":
     CLI_ARGS = parse_args(sys.argv[1:])
 
 import numpy as np
+import soundfile
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -356,7 +357,10 @@ def make_batches(args, processor, accelerator, n_mels: int):
         if loader.dataset.n_mels not in (None, n_mels):
             raise StreamError(mel_mismatch(loader.dataset.n_mels, n_mels, args))
         return loader, loader.dataset.rank_samples, lambda: loader.skipped
-    files = find_audio(args.audio)[rank::world]  # no collectives per batch, so ranks need not be even
+    files = find_audio(args.audio)
+    if args.bucket_pool_batches:  # clips of like lengths batched together: rows are keyed, not ordered
+        files.sort(key=header_seconds)
+    files = files[rank::world]  # no collectives per batch, so ranks need not be even
     loader = DataLoader(AudioFiles(files, processor.feature_extractor.feature_size), batch_size=args.batch_size,
                         num_workers=args.num_dataloader_workers, collate_fn=collate_audio, pin_memory=pin)
     batches = in_background(loader) if args.num_dataloader_workers > 0 else loader
@@ -366,6 +370,15 @@ def make_batches(args, processor, accelerator, n_mels: int):
 def mel_mismatch(found: int, n_mels: int, args) -> str:
     return (f"--shards {args.shards}: the features have {found} mel bins, model {args.model_name} reads "
             f"{n_mels} (num_mel_bins); pack the audio with --n-mels {n_mels} or use a model made for {found}")
+
+
+def header_seconds(path: str) -> float:
+    """A file's duration as its header tells it (cheap; MP3's is an estimate), 0 where soundfile
+    cannot read the header: only an ordering key, so such a file is decoded (or reported) as any other."""
+    try:
+        return soundfile.info(path).duration
+    except (soundfile.LibsndfileError, RuntimeError, OSError):
+        return 0.0
 
 
 def find_audio(inputs: list[str]) -> list[str]:

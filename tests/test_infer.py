@@ -549,3 +549,23 @@ def test_an_audio_window_outside_whispers_is_refused(capsys):
     with pytest.raises(SystemExit):
         infer_stream.parse_args(["--model-name", "tiny", "--shards", "x", "--audio-window", "45"])
     assert "--audio-window='45': must be 'full', 'fit' or seconds in (0, 30]" in capsys.readouterr().err
+
+
+def test_audio_files_are_batched_with_others_of_like_length_unless_told_not_to(tmp_path):
+    import types
+
+    seconds = {"a": 3.0, "b": 0.5, "c": 2.9, "d": 0.6, "e": 1.5, "f": 1.4}
+    for name, length in seconds.items():
+        write_audio(tmp_path / "clips" / f"{name}.wav", seconds=length)
+    accelerator = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    processor = load_processor("tiny")
+
+    def batches(*flags) -> list[list[str]]:
+        args = infer_stream.parse_args(["--model-name", "tiny", "--audio", str(tmp_path / "clips"), "--batch-size", "2",
+                                        "--num-dataloader-workers", "0", *flags])
+        loader, expected, _ = infer_stream.make_batches(args, processor, accelerator, 80)
+        assert expected == len(seconds)
+        return [[Path(key).stem for key in batch["keys"]] for batch in loader]
+
+    assert batches() == [["b", "d"], ["f", "e"], ["c", "a"]]  # by duration
+    assert batches("--bucket-pool-batches", "0") == [["a", "b"], ["c", "d"], ["e", "f"]]  # as found
